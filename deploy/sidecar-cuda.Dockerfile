@@ -1,0 +1,48 @@
+# syntax=docker/dockerfile:1
+# sluice-sidecar image, NVIDIA CUDA build (the operator's `--sidecar-cuda-image`). Build from the
+# repository root:
+#   docker build -f deploy/sidecar-cuda.Dockerfile -t ghcr.io/sluice-dev/sluice-sidecar-cuda:0.1.0 .
+# (or `make images`). No GPU is needed to build. CUDA_COMPUTE_CAP picks the GPU architecture the
+# kernels are compiled for (80: A100, and newer GPUs through PTX; 89: L4/L40; 90: H100/H200).
+
+ARG CUDA_VERSION=12.8.1
+ARG UBUNTU=ubuntu24.04
+ARG RUST_VERSION=1.95.0
+
+FROM docker.io/nvidia/cuda:${CUDA_VERSION}-devel-${UBUNTU} AS build
+ARG RUST_VERSION
+ARG CUDA_COMPUTE_CAP=80
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends build-essential ca-certificates curl pkg-config \
+ && rm -rf /var/lib/apt/lists/*
+ENV RUSTUP_HOME=/usr/local/rustup CARGO_HOME=/usr/local/cargo PATH=/usr/local/cargo/bin:$PATH
+RUN curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs \
+    | sh -s -- -y --profile minimal --default-toolchain ${RUST_VERSION}
+WORKDIR /src
+COPY rust-toolchain.toml Cargo.toml Cargo.lock ./
+COPY .cargo ./.cargo
+COPY crds ./crds
+COPY operator ./operator
+COPY sidecar ./sidecar
+# candle's build scripts read CUDA_COMPUTE_CAP instead of asking nvidia-smi (none in a build).
+ENV CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP}
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p sluice-sidecar --features cuda \
+ && install -D -m 0755 target/release/sluice-sidecar /out/sluice-sidecar
+
+# The CUDA runtime libraries (cuBLAS, cuRAND, NVRTC) without the compiler.
+FROM docker.io/nvidia/cuda:${CUDA_VERSION}-runtime-${UBUNTU}
+LABEL org.opencontainers.image.title="sluice-sidecar-cuda" \
+      org.opencontainers.image.description="sluice data plane: OpenAI API on mistral.rs (NVIDIA CUDA)" \
+      org.opencontainers.image.source="https://github.com/sluice-dev/sluice" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /out/sluice-sidecar /usr/local/bin/sluice-sidecar
+ENV NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
+USER 65532:65532
+EXPOSE 8080 9090
+ENTRYPOINT ["/usr/local/bin/sluice-sidecar"]
+CMD ["serve"]

@@ -1,0 +1,32 @@
+# syntax=docker/dockerfile:1
+# sluice-sidecar image, CPU build (the operator's `--sidecar-image`). Build from the repository
+# root:
+#   docker build -f deploy/sidecar.Dockerfile -t ghcr.io/sluice-dev/sluice-sidecar:0.1.0 .
+# (or `make images`). .cargo/config.toml sets the x86-64-v3 (AVX2+FMA) baseline candle's
+# quantized kernels need; the sidecar refuses to start on a CPU without it.
+
+ARG RUST_VERSION=1.95.0
+
+FROM docker.io/library/rust:${RUST_VERSION}-bookworm AS build
+WORKDIR /src
+COPY rust-toolchain.toml Cargo.toml Cargo.lock ./
+COPY .cargo ./.cargo
+COPY crds ./crds
+COPY operator ./operator
+COPY sidecar ./sidecar
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p sluice-sidecar \
+ && install -D -m 0755 target/release/sluice-sidecar /out/sluice-sidecar
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+LABEL org.opencontainers.image.title="sluice-sidecar" \
+      org.opencontainers.image.description="sluice data plane: OpenAI API on mistral.rs (CPU, x86-64-v3)" \
+      org.opencontainers.image.source="https://github.com/sluice-dev/sluice" \
+      org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=build /out/sluice-sidecar /usr/local/bin/sluice-sidecar
+USER 65532:65532
+# 8080: OpenAI API; 9090: admin (/metrics, /healthz, /readyz).
+EXPOSE 8080 9090
+ENTRYPOINT ["/usr/local/bin/sluice-sidecar"]
+CMD ["serve"]

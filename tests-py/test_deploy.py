@@ -1,0 +1,70 @@
+"""The container images' recipes. No container engine runs here, so these check what a reviewer
+would: multi-stage, the workspace's CPU baseline, a non-root distroless (or CUDA runtime) final
+stage, and the names `make images` and the chart agree on."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from helm_render import CHART, REPO
+
+DEPLOY = REPO / "deploy"
+IMAGES = {
+    "operator.Dockerfile": ("sluice-operator", "cargo build --release --locked -p sluice-operator"),
+    "sidecar.Dockerfile": ("sluice-sidecar", "cargo build --release --locked -p sluice-sidecar"),
+    "sidecar-cuda.Dockerfile": (
+        "sluice-sidecar", "cargo build --release --locked -p sluice-sidecar --features cuda"),
+}
+
+
+def stages(text: str) -> list[str]:
+    return re.findall(r"^FROM\s+(\S+)", text, re.M)
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_dockerfile_is_multi_stage_non_root_and_uses_the_cpu_baseline(name):
+    text = (DEPLOY / name).read_text()
+    binary, build = IMAGES[name]
+    froms = stages(text)
+    assert len(froms) == 2, froms
+    assert build in " ".join(text.split())
+    assert "COPY .cargo ./.cargo" in text  # x86-64-v3 RUSTFLAGS from .cargo/config.toml
+    assert "COPY rust-toolchain.toml Cargo.toml Cargo.lock ./" in text
+    final = text[text.rindex("\nFROM "):]
+    assert re.search(r"^USER 65532:65532$", final, re.M)
+    assert f'ENTRYPOINT ["/usr/local/bin/{binary}"]' in final
+    assert "--from=build" in final
+
+
+def test_cpu_images_are_distroless_and_cuda_image_is_cuda_runtime():
+    for name in ("operator.Dockerfile", "sidecar.Dockerfile"):
+        assert stages((DEPLOY / name).read_text())[-1] == "gcr.io/distroless/cc-debian12:nonroot"
+    cuda = stages((DEPLOY / "sidecar-cuda.Dockerfile").read_text())
+    assert "-devel-" in cuda[0] and "-runtime-" in cuda[1]
+
+
+def test_cuda_feature_exists_on_the_sidecar_crate():
+    cargo = (REPO / "sidecar" / "Cargo.toml").read_text()
+    assert re.search(r'^\[features\][^\[]*^cuda = \["mistralrs/cuda"\]', cargo, re.M | re.S)
+
+
+def test_rust_version_matches_the_pinned_toolchain():
+    toolchain = re.search(r'channel = "([^"]+)"', (REPO / "rust-toolchain.toml").read_text())[1]
+    for name in IMAGES:
+        assert f"ARG RUST_VERSION={toolchain}" in (DEPLOY / name).read_text(), name
+
+
+def test_make_images_builds_what_the_chart_deploys():
+    makefile = (REPO / "Makefile").read_text()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    registry = re.search(r"^IMAGE_REGISTRY \?= (\S+)", makefile, re.M)[1]
+    for dockerfile, repo in [("operator", values["image"]["repository"]),
+                             ("sidecar", values["sidecar"]["image"]["repository"]),
+                             ("sidecar-cuda", values["sidecar"]["cudaImage"]["repository"])]:
+        name = repo.removeprefix(registry + "/")
+        assert repo == f"{registry}/{name}"
+        assert re.search(rf"-f deploy/{dockerfile}\.Dockerfile -t \$\(IMAGE_REGISTRY\)/{name}:",
+                         makefile), dockerfile
