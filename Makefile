@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 export SLUICE_TEST_MODEL ?= $(abspath $(MODEL))
 export SLUICE_TEST_PYTHON ?= $(abspath $(PY))
 
-.PHONY: demo test model crds lint bench bench-anchor e2e images venv fmt test-py test-chart chart-crds argocd-cm-patch
+.PHONY: demo test model crds lint bench bench-anchor bench-operator render e2e images venv fmt test-py test-chart chart-crds argocd-cm-patch
 
 ## model: fetch the embedded default model once into $(MODEL_DIR)
 model: $(MODEL)
@@ -34,7 +34,7 @@ crds:
 
 ## test: every test (unit, integration against the real model and binary, lints of manifests)
 test: model venv test-py
-	$(CARGO) test --workspace --all-targets
+	$(CARGO) test --workspace
 
 ## lint: formatting, clippy, CRD freshness
 lint:
@@ -70,3 +70,34 @@ images:
 	$(DOCKER) build -f deploy/operator.Dockerfile -t $(IMAGE_REGISTRY)/sluice-operator:$(IMAGE_TAG) .
 	$(DOCKER) build -f deploy/sidecar.Dockerfile -t $(IMAGE_REGISTRY)/sluice-sidecar:$(IMAGE_TAG) .
 	$(DOCKER) build -f deploy/sidecar-cuda.Dockerfile -t $(IMAGE_REGISTRY)/sluice-sidecar-cuda:$(IMAGE_TAG) .
+
+## demo: start the sidecar on the embedded model and show a real chat completion
+# The dev profile already builds the engine and every dependency at opt-level 3 (see Cargo.toml),
+# so demo and bench reuse the test build instead of a second, release-profile build of mistral.rs.
+SIDECAR_BIN := $(or $(CARGO_TARGET_DIR),target)/debug/sluice-sidecar
+demo: model
+	$(CARGO) build -p sluice-sidecar
+	SIDECAR_BIN=$(SIDECAR_BIN) MODEL=$(abspath $(MODEL)) scripts/demo.sh
+
+## bench: engine in-process vs over HTTP (tok/s, TTFT, 8 streams, dtype and weight variants)
+bench: model
+	$(CARGO) bench --profile dev -p sluice-sidecar --bench throughput
+
+## bench-operator: desired-state computation for one InferenceModel (2 variants) vs an empty baseline
+bench: bench-operator
+bench-operator:
+	$(CARGO) bench -p sluice-operator --bench desired_state
+
+## render: print every object the operator would apply for FILES (default: the examples)
+FILES ?= $(wildcard examples/inferencemodel*.yaml)
+render:
+	$(CARGO) run --quiet -p sluice-operator -- render $(addprefix -f ,$(FILES))
+
+## e2e: against a real cluster (kind or the current kubeconfig); skips with a message when none is reachable
+e2e:
+	SLUICE_E2E=1 $(CARGO) test -p sluice-e2e -- --nocapture --test-threads=1
+
+## bench-anchor: llama.cpp reference numbers on the same model (builds llama.cpp once, cached)
+bench-anchor: model
+	$(CARGO) build -p sluice-sidecar
+	SIDECAR_BIN=$(SIDECAR_BIN) MODEL=$(abspath $(MODEL)) scripts/bench-anchor.sh

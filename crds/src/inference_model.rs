@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Weights", type_ = "string", json_path = ".status.weights", description = "Per variant: desired/effective weight"),
     printcolumn(name = "Status", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 40").message("metadata.name must be a DNS label of at most 40 characters starting with a letter: it names the model's Services and Deployments"),
+    validation = Rule::new("size(self.metadata.name) <= 40 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message("metadata.name must be a DNS label of at most 40 characters starting with a letter: it names the model's Services and Deployments"),
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!(has(self.replicas) && has(self.autoscaling))").message("set either replicas or autoscaling, not both"))]
@@ -79,7 +79,10 @@ pub struct InferenceModelSpec {
 #[serde(rename_all = "camelCase")]
 pub struct Variant {
     /// Unique within the model; a DNS label (it names the variant's Deployment and Service).
-    #[schemars(length(min = 1, max = 20), regex(pattern = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 20),
+        regex(pattern = r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
 
     /// Percentage of requests this variant serves, 0..=100. All weights sum to 100.
@@ -95,7 +98,7 @@ pub struct Variant {
 
     /// Overrides the sidecar image the operator is configured with (CPU or CUDA by GPU count).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 512))]
     pub image: Option<String>,
 }
 
@@ -108,7 +111,7 @@ pub struct Variant {
 pub struct ModelSource {
     /// An http(s) URL of a GGUF file, downloaded at pod start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^https?://"))]
+    #[schemars(length(max = 2048), regex(pattern = r"^https?://"))]
     pub url: Option<String>,
 
     /// Expected SHA-256 of the downloaded file (64 hex digits); the download fails on mismatch.
@@ -126,7 +129,7 @@ pub struct ModelSource {
 
     /// An absolute path on the node (for pre-provisioned nodes), mounted read-only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^/"))]
+    #[schemars(length(max = 4096), regex(pattern = r"^/"))]
     pub host_path: Option<String>,
 
     /// An OCI image that carries the file, mounted as an image volume (Kubernetes >= 1.31 with
@@ -144,13 +147,17 @@ pub struct ModelSource {
 #[serde(rename_all = "camelCase")]
 pub struct HuggingFaceSource {
     /// `owner/name` of the repository.
-    #[schemars(regex(pattern = r"^[A-Za-z0-9][-_.A-Za-z0-9]*/[-_.A-Za-z0-9]+$"))]
+    #[schemars(
+        length(max = 256),
+        regex(pattern = r"^[A-Za-z0-9][-_.A-Za-z0-9]*/[-_.A-Za-z0-9]+$")
+    )]
     pub repo: String,
     /// Path of the GGUF file inside the repository.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 1024))]
     pub file: String,
     /// Branch, tag or commit (default `main`); pin a commit for reproducible rollouts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
     pub revision: Option<String>,
 }
 
@@ -162,7 +169,7 @@ pub struct PvcSource {
     #[schemars(length(min = 1, max = 253))]
     pub claim_name: String,
     /// Path of the GGUF file relative to the volume root.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 4096))]
     pub path: String,
 }
 
@@ -171,15 +178,17 @@ pub struct PvcSource {
 #[serde(rename_all = "camelCase")]
 pub struct ImageSource {
     /// Image reference, e.g. `registry.example.com/models/smollm2:q4_1`.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 512))]
     pub reference: String,
     /// Path of the GGUF file inside the image.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 4096))]
     pub path: String,
 }
 
 /// The weights format.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelFormat {
     /// GGUF, quantized or not (tokenizer and chat template read from the file).
@@ -236,8 +245,9 @@ pub struct Gpu {
     #[schemars(range(min = 0, max = 16))]
     pub count: i32,
     /// GPU product, matched against the node label `nvidia.com/gpu.product`
-    /// (e.g. `NVIDIA-H100-80GB-HBM3`).
+    /// (e.g. `NVIDIA-H100-80GB-HBM3`). A label value: at most 63 characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
     pub product: Option<String>,
 }
 
@@ -256,6 +266,7 @@ pub struct Scheduling {
     pub affinity: Option<Affinity>,
     /// PriorityClass of the pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
     pub priority_class_name: Option<String>,
 }
 
@@ -284,7 +295,9 @@ pub struct Autoscaling {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct AutoscalingMetric {
-    /// The signal.
+    /// The signal: `CPU` (average utilisation, percent of the CPU request), `InFlightRequests`
+    /// (average requests in flight per pod) or `TokensPerSecond` (average generated tokens per
+    /// second per pod); the last two need a custom metrics adapter such as prometheus-adapter.
     #[serde(rename = "type")]
     pub type_: AutoscalingMetricType,
     /// Target per pod: percent of the CPU request for `CPU`, requests in flight for
@@ -313,11 +326,11 @@ pub struct Routing {
     /// Request header whose value pins a caller to a variant (consistent hashing: a weight change
     /// moves only the callers it must), e.g. `x-user-id`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[A-Za-z0-9-]+$"))]
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9-]+$"))]
     pub sticky_header: Option<String>,
     /// Request header that names the variant to use, for testers, e.g. `x-sluice-variant`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[A-Za-z0-9-]+$"))]
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9-]+$"))]
     pub override_header: Option<String>,
 }
 

@@ -15,8 +15,8 @@ pub use inference_model::{InferenceModel, InferenceModelSpec, InferenceModelStat
 pub use rate_limit_policy::{RateLimitPolicy, RateLimitPolicySpec, RateLimitPolicyStatus};
 pub use sidecar_config::SidecarConfig;
 
-use kube::CustomResourceExt;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
 
 /// The API group of every sluice kind.
 pub const GROUP: &str = "sluice.dev";

@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 /// Limits that apply to the requests of one or more InferenceModels, per tenant, API key,
 /// variant or pod. Every rule that matches a request applies: the request must pass all of them.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+// Every `printcolumn(..)` repeats keys such as `type_ = "string"`: not a duplicate.
+#[allow(clippy::duplicated_attributes)]
 #[kube(
     group = "sluice.dev",
     version = "v1alpha1",
@@ -18,11 +20,29 @@ use serde::{Deserialize, Serialize};
     status = "RateLimitPolicyStatus",
     derive = "PartialEq",
     doc = "Request, token and byte limits enforced by the sidecars of the targeted InferenceModels.",
-    printcolumn(name = "Target", type_ = "string", json_path = ".status.target", description = "Targeted InferenceModels"),
+    printcolumn(
+        name = "Target",
+        type_ = "string",
+        json_path = ".status.target",
+        description = "Targeted InferenceModels"
+    ),
     printcolumn(name = "Rules", type_ = "integer", json_path = ".status.rules"),
-    printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
-    printcolumn(name = "Converged", type_ = "string", json_path = ".status.converged", description = "Pods enforcing this generation / pods"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(
+        name = "Accepted",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
+    ),
+    printcolumn(
+        name = "Converged",
+        type_ = "string",
+        json_path = ".status.converged",
+        description = "Pods enforcing this generation / pods"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.targetRef) != has(self.selector)").message("set exactly one of targetRef or selector"))]
@@ -39,8 +59,10 @@ pub struct RateLimitPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<Identity>,
 
-    /// The limits. Names are unique within the policy.
-    #[schemars(length(min = 1, max = 1000))]
+    /// The limits, at most 100. Names are unique within the policy.
+    // maxItems bounds the API server's cost estimate of the uniqueness rule (quadratic in the
+    // list length): at 1000 it exceeded the per-rule budget and the CRD would be refused.
+    #[schemars(length(min = 1, max = 100))]
     #[x_kube(validation = Rule::new("self.all(r, self.exists_one(s, s.name == r.name))").message("rule names must be unique"))]
     pub rules: Vec<RateLimitRule>,
 }
@@ -58,7 +80,9 @@ pub struct TargetRef {
 }
 
 /// Kinds a policy can target.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
 pub enum TargetKind {
     /// An `InferenceModel` in the same namespace.
     #[default]
@@ -76,7 +100,7 @@ pub struct Identity {
     pub source: IdentitySource,
     /// Header carrying the key when source is `Header`, e.g. `x-api-key` or `x-tenant-id`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[A-Za-z0-9-]+$"))]
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9-]+$"))]
     pub header: Option<String>,
     /// A Secret listing the accepted API keys and their tenants. When set, unknown keys get 401.
     /// Without it every distinct key is its own tenant.
@@ -85,7 +109,9 @@ pub struct Identity {
 }
 
 /// Where a caller's key is read from.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
 pub enum IdentitySource {
     /// `Authorization: Bearer <key>`.
     #[default]
@@ -104,6 +130,7 @@ pub struct SecretKeysRef {
     pub secret_name: String,
     /// The Secret's data entry, default `keys.yaml`.
     #[serde(default = "default_keys_entry")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
     pub key: String,
 }
 
@@ -118,7 +145,10 @@ fn default_keys_entry() -> String {
 #[x_kube(validation = Rule::new("!has(self.burst) || has(self.requestsPerSecond) || has(self.requestsPerMinute) || has(self.tokensPerMinute) || has(self.bytesPerSecond)").message("burst applies only to rate limits"))]
 pub struct RateLimitRule {
     /// Unique within the policy; reported in the `x-sluice-rule` header of a refusal.
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
 
     /// Which requests the rule applies to. Empty: all requests.
@@ -176,19 +206,21 @@ pub struct RateLimitRule {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RuleMatch {
-    /// Tenants (from the API-key Secret, or the key itself without one).
+    /// Tenants (from the API-key Secret, or the key itself without one). Empty: any tenant.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tenants: Vec<String>,
-    /// Variants of the model.
+    /// Variants of the model. Empty: any variant.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub variants: Vec<String>,
-    /// Request priorities (as assigned by rules with `priority`).
+    /// Request priorities (as assigned by rules with `priority`). Empty: any priority.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub priorities: Vec<Priority>,
 }
 
 /// What one bucket counts.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, Hash,
+)]
 pub enum BucketKey {
     /// One bucket per tenant.
     #[default]
@@ -202,7 +234,20 @@ pub enum BucketKey {
 }
 
 /// Request priority under saturation.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, Hash, PartialOrd, Ord)]
+#[derive(
+    schemars::JsonSchema,
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Default,
+    Hash,
+    PartialOrd,
+    Ord,
+)]
 pub enum Priority {
     /// Refused first when the engine is saturated.
     Sheddable,
@@ -214,7 +259,9 @@ pub enum Priority {
 }
 
 /// Where a limit is counted.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
 pub enum Scope {
     /// Each pod enforces the whole limit.
     #[default]

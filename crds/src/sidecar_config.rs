@@ -192,7 +192,10 @@ impl SidecarConfig {
             validate_rule(r).map_err(|reason| Error::invalid(WHAT, reason))?;
         }
         if self.saturation.max_in_flight == Some(0) {
-            return Err(Error::invalid(WHAT, "saturation.maxInFlight must be positive"));
+            return Err(Error::invalid(
+                WHAT,
+                "saturation.maxInFlight must be positive",
+            ));
         }
         Ok(())
     }
@@ -211,7 +214,10 @@ impl SidecarConfig {
     }
 
     /// Builds the identity section from a policy's, given where its keys Secret is mounted.
-    pub fn identity_from_policy(identity: &PolicyIdentity, keys_file: Option<String>) -> IdentityConfig {
+    pub fn identity_from_policy(
+        identity: &PolicyIdentity,
+        keys_file: Option<String>,
+    ) -> IdentityConfig {
         IdentityConfig {
             source: identity.source,
             header: identity.header.clone(),
@@ -239,7 +245,9 @@ pub fn validate_rule(rule: &RateLimitRule) -> std::result::Result<(), String> {
         return Err(format!("rule {name:?}: burst must be positive"));
     }
     if limits.iter().all(|(_, v)| v.is_none()) && rule.priority.is_none() {
-        return Err(format!("rule {name:?}: needs at least one limit or a priority"));
+        return Err(format!(
+            "rule {name:?}: needs at least one limit or a priority"
+        ));
     }
     Ok(())
 }
@@ -253,7 +261,8 @@ mod tests {
     #[test]
     fn example_round_trips() {
         let config = SidecarConfig::from_yaml(EXAMPLE).expect("example parses");
-        let again = SidecarConfig::from_yaml(&config.to_yaml().expect("renders")).expect("reparses");
+        let again =
+            SidecarConfig::from_yaml(&config.to_yaml().expect("renders")).expect("reparses");
         assert_eq!(config, again);
     }
 
