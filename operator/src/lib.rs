@@ -1,1 +1,44 @@
-//! placeholder
+//! `sluice-operator`: turns each InferenceModel into Deployments, Services, autoscalers and the
+//! sidecar config, drift-free under GitOps (server-side apply, one field manager).
+//!
+//! - [`resources`]: the desired state, as pure functions (what `render` prints).
+//! - [`routing`]: effective weights and the sidecar config document.
+//! - [`status`]: conditions and transitions.
+//! - [`policy`]: RateLimitPolicy targeting, merging, shares and convergence.
+//! - [`controller`]: observe, apply, prune, patch status.
+//! - [`app`]: `run` (admin server, leader election, graceful shutdown).
+
+pub mod admin;
+pub mod app;
+pub mod controller;
+pub mod leader;
+pub mod metrics;
+pub mod policy;
+pub mod resources;
+pub mod routing;
+pub mod status;
+pub mod telemetry;
+
+mod error;
+#[cfg(test)]
+mod fixtures;
+
+pub use error::{Error, Result};
+
+use sluice_crds::InferenceModel;
+
+/// Reads every InferenceModel from a YAML stream (other kinds are skipped; `---` separated).
+pub fn models_from_yaml(text: &str) -> Result<Vec<InferenceModel>> {
+    use serde::Deserialize;
+    let mut out = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(text) {
+        let value = serde_yaml::Value::deserialize(doc)?;
+        if value.is_null() {
+            continue;
+        }
+        if value.get("kind").and_then(|k| k.as_str()) == Some("InferenceModel") {
+            out.push(serde_yaml::from_value(value)?);
+        }
+    }
+    Ok(out)
+}

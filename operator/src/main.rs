@@ -1,12 +1,29 @@
 //! `sluice-operator`: thin entry point; the work lives in the library.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use sluice_operator::app::{self, LeaseConfig, RunConfig};
+use sluice_operator::resources::Settings;
+use sluice_operator::telemetry::{self, LogFormat};
+
+const DEFAULT_SIDECAR_IMAGE: &str = concat!(
+    "ghcr.io/sluice-dev/sluice-sidecar:",
+    env!("CARGO_PKG_VERSION")
+);
+const DEFAULT_SIDECAR_CUDA_IMAGE: &str = concat!(
+    "ghcr.io/sluice-dev/sluice-sidecar-cuda:",
+    env!("CARGO_PKG_VERSION")
+);
 
 #[derive(Parser)]
-#[command(name = "sluice-operator", version, about = "Reconciles sluice InferenceModels and RateLimitPolicies")]
+#[command(
+    name = "sluice-operator",
+    version,
+    about = "Reconciles sluice InferenceModels and RateLimitPolicies"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -14,6 +31,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the controller (in a cluster, or against the current kubeconfig).
+    Run(RunArgs),
+    /// Print, as YAML, every object the operator would apply for the InferenceModels in FILEs.
+    Render {
+        /// YAML files with InferenceModels (other kinds are ignored); `-` reads stdin.
+        #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+        files: Vec<PathBuf>,
+        /// Namespace for models that name none.
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        #[command(flatten)]
+        images: ImageArgs,
+    },
     /// Print the CRDs as YAML, or write one file per CRD into a directory.
     Crds {
         /// Write `inferencemodels.yaml` and `ratelimitpolicies.yaml` here instead of stdout.
@@ -22,20 +52,132 @@ enum Command {
     },
 }
 
+#[derive(Args)]
+struct ImageArgs {
+    /// Sidecar image for CPU variants.
+    #[arg(long, env = "SLUICE_SIDECAR_IMAGE", default_value = DEFAULT_SIDECAR_IMAGE)]
+    sidecar_image: String,
+    /// Sidecar image for variants with `gpu.count > 0`.
+    #[arg(long, env = "SLUICE_SIDECAR_CUDA_IMAGE", default_value = DEFAULT_SIDECAR_CUDA_IMAGE)]
+    sidecar_cuda_image: String,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    images: ImageArgs,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    #[arg(long, env = "SLUICE_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    admin_listen: SocketAddr,
+    /// Compete for a Lease so only one replica writes.
+    #[arg(long, env = "SLUICE_LEADER_ELECTION")]
+    leader_election: bool,
+    /// The Lease's name (in POD_NAMESPACE).
+    #[arg(long, env = "SLUICE_LEASE_NAME", default_value = "sluice-operator")]
+    lease_name: String,
+    /// Namespace of the Lease (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pod_namespace: Option<String>,
+    /// This replica's name: Lease holder and Events' reporting instance.
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+    /// Log format.
+    #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    log_format: LogFormat,
+}
+
+impl ImageArgs {
+    fn settings(self) -> Settings {
+        Settings {
+            sidecar_image: self.sidecar_image,
+            sidecar_cuda_image: self.sidecar_cuda_image,
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Crds { out_dir } => {
-            for (file, crd) in sluice_crds::crds() {
-                let yaml = sluice_crds::crd_yaml(&crd)?;
-                match &out_dir {
-                    Some(dir) => {
-                        let path = dir.join(file);
-                        std::fs::write(&path, yaml)
-                            .with_context(|| format!("writing {}", path.display()))?;
-                    }
-                    None => print!("---\n{yaml}"),
-                }
+        Command::Run(args) => run(args),
+        Command::Render {
+            files,
+            namespace,
+            images,
+        } => render(&files, &namespace, &images.settings()),
+        Command::Crds { out_dir } => crds(out_dir),
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let instance = args
+        .pod_name
+        .clone()
+        .unwrap_or_else(|| "sluice-operator".to_owned());
+    let leader_election = if args.leader_election {
+        let namespace = args
+            .pod_namespace
+            .clone()
+            .context("--leader-election needs the operator's namespace: set POD_NAMESPACE (or --pod-namespace)")?;
+        anyhow::ensure!(
+            args.pod_name.is_some(),
+            "--leader-election needs a unique holder name: set POD_NAME (or --pod-name)"
+        );
+        Some(LeaseConfig {
+            namespace,
+            name: args.lease_name.clone(),
+        })
+    } else {
+        None
+    };
+    let config = RunConfig {
+        settings: args.images.settings(),
+        admin_listen: args.admin_listen,
+        leader_election,
+        instance,
+    };
+    telemetry::init(args.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(app::run(config))?;
+    Ok(())
+}
+
+fn render(files: &[PathBuf], namespace: &str, settings: &Settings) -> anyhow::Result<()> {
+    let mut out = String::new();
+    for file in files {
+        let text = if file.as_os_str() == "-" {
+            std::io::read_to_string(std::io::stdin()).context("reading stdin")?
+        } else {
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+        };
+        let models = sluice_operator::models_from_yaml(&text)
+            .with_context(|| format!("parsing {}", file.display()))?;
+        for model in models {
+            let desired = sluice_operator::controller::render(&model, namespace, settings)
+                .with_context(|| {
+                    format!(
+                        "{}: InferenceModel {}",
+                        file.display(),
+                        model.metadata.name.as_deref().unwrap_or("<unnamed>")
+                    )
+                })?;
+            out.push_str(&desired.to_yaml()?);
+        }
+    }
+    print!("{out}");
+    Ok(())
+}
+
+fn crds(out_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    for (file, crd) in sluice_crds::crds() {
+        let yaml = sluice_crds::crd_yaml(&crd)?;
+        match &out_dir {
+            Some(dir) => {
+                let path = dir.join(file);
+                std::fs::write(&path, yaml)
+                    .with_context(|| format!("writing {}", path.display()))?;
             }
+            None => print!("---\n{yaml}"),
         }
     }
     Ok(())

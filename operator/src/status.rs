@@ -1,0 +1,618 @@
+//! Status: what the operator observed, as conditions a user can act on, and the transitions
+//! between them (which become Events). Pure functions; the controller patches the result.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use sluice_crds::inference_model::VariantStatus;
+use sluice_crds::{InferenceModel, InferenceModelStatus};
+
+use crate::resources::{LABEL_VARIANT, endpoint, variant_object_name};
+use crate::routing::{EffectiveWeights, ReadyCounts};
+
+/// Condition type: the model serves requests (every variant that should run has a ready pod).
+pub const READY: &str = "Ready";
+/// Condition type: a rollout or scale-up is under way.
+pub const PROGRESSING: &str = "Progressing";
+/// Condition type: something needs a user's attention; the reason says what.
+pub const DEGRADED: &str = "Degraded";
+
+/// Longest condition message; pod messages (scheduler, fetch logs) can be long.
+const MAX_MESSAGE: usize = 1024;
+
+/// What the controller saw in the cluster for one model.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    /// The variants' Deployments (owned by the model).
+    pub deployments: Vec<Deployment>,
+    /// The model's pods.
+    pub pods: Vec<Pod>,
+}
+
+/// A problem found on the model's pods or Deployments: the Degraded reason and message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// Stable, CamelCase (`Unschedulable`, `WeightsFetchFailed`, ...).
+    pub reason: &'static str,
+    /// What happened and where, for `kubectl describe`.
+    pub message: String,
+}
+
+/// A condition that changed: the controller publishes one Event per transition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// The condition type.
+    pub type_: String,
+    /// The new status (`True`/`False`).
+    pub status: String,
+    /// The new reason.
+    pub reason: String,
+    /// The new message.
+    pub message: String,
+    /// Whether it deserves a Warning event (degraded, or no longer ready).
+    pub warning: bool,
+}
+
+// === impl Observed ===
+
+impl Observed {
+    /// Ready pods per variant, from the Deployments' status.
+    pub fn ready_counts(&self) -> ReadyCounts {
+        self.deployments
+            .iter()
+            .filter_map(|d| {
+                let variant = d.labels().get(LABEL_VARIANT)?.clone();
+                let ready = d
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.ready_replicas)
+                    .unwrap_or(0);
+                Some((variant, ready))
+            })
+            .collect()
+    }
+
+    fn deployment(&self, name: &str) -> Option<&Deployment> {
+        self.deployments
+            .iter()
+            .find(|d| d.metadata.name.as_deref() == Some(name))
+    }
+
+    /// The most pressing problem, if any (the order is the order a user should fix them in).
+    pub fn problem(&self) -> Option<Problem> {
+        let mut found: Vec<(u8, Problem)> = Vec::new();
+        for pod in &self.pods {
+            let pod_name = pod.name_any();
+            let variant = pod.labels().get(LABEL_VARIANT).cloned().unwrap_or_default();
+            let at = |m: &str| format!("variant {variant}, pod {pod_name}: {m}");
+            let Some(status) = &pod.status else { continue };
+            for c in status.init_container_statuses.iter().flatten() {
+                if c.name == "fetch"
+                    && let Some(msg) = failed_message(c)
+                {
+                    found.push((
+                        0,
+                        Problem {
+                            reason: "WeightsFetchFailed",
+                            message: at(&msg),
+                        },
+                    ));
+                }
+            }
+            for c in status
+                .init_container_statuses
+                .iter()
+                .flatten()
+                .chain(status.container_statuses.iter().flatten())
+            {
+                let waiting = c.state.as_ref().and_then(|s| s.waiting.as_ref());
+                if let Some(w) = waiting
+                    && matches!(
+                        w.reason.as_deref(),
+                        Some("ErrImagePull" | "ImagePullBackOff" | "InvalidImageName")
+                    )
+                {
+                    let msg = w
+                        .message
+                        .clone()
+                        .unwrap_or_else(|| "cannot pull image".into());
+                    found.push((
+                        1,
+                        Problem {
+                            reason: "ImagePullFailed",
+                            message: at(&msg),
+                        },
+                    ));
+                }
+            }
+            for c in status.conditions.iter().flatten() {
+                if c.type_ == "PodScheduled"
+                    && c.status == "False"
+                    && c.reason.as_deref() == Some("Unschedulable")
+                {
+                    let msg = c.message.clone().unwrap_or_else(|| "no node fits".into());
+                    found.push((
+                        2,
+                        Problem {
+                            reason: "Unschedulable",
+                            message: at(&msg),
+                        },
+                    ));
+                }
+            }
+            for c in status.container_statuses.iter().flatten() {
+                if c.name == "sidecar"
+                    && let Some(msg) = failed_message(c)
+                {
+                    found.push((
+                        3,
+                        Problem {
+                            reason: "SidecarCrashLooping",
+                            message: at(&msg),
+                        },
+                    ));
+                }
+            }
+        }
+        for d in &self.deployments {
+            for c in d
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .into_iter()
+                .flatten()
+            {
+                let msg = || {
+                    format!(
+                        "deployment {}: {}",
+                        d.name_any(),
+                        c.message.clone().unwrap_or_default()
+                    )
+                };
+                if c.type_ == "Progressing"
+                    && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+                {
+                    found.push((
+                        4,
+                        Problem {
+                            reason: "ProgressDeadlineExceeded",
+                            message: msg(),
+                        },
+                    ));
+                }
+                if c.type_ == "ReplicaFailure" && c.status == "True" {
+                    found.push((
+                        5,
+                        Problem {
+                            reason: "ReplicaFailure",
+                            message: msg(),
+                        },
+                    ));
+                }
+            }
+        }
+        found.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.message.cmp(&b.1.message)));
+        found.into_iter().next().map(|(_, p)| p)
+    }
+}
+
+/// Why a container failed (terminated non-zero now, or crash-looping after doing so).
+fn failed_message(c: &ContainerStatus) -> Option<String> {
+    let describe = |t: &k8s_openapi::api::core::v1::ContainerStateTerminated| {
+        let detail = t
+            .message
+            .as_deref()
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+            .or(t.reason.as_deref())
+            .unwrap_or("no message");
+        format!(
+            "container {} exited with code {}: {detail}",
+            c.name, t.exit_code
+        )
+    };
+    let state = c.state.as_ref()?;
+    if let Some(t) = &state.terminated
+        && t.exit_code != 0
+    {
+        return Some(describe(t));
+    }
+    let crash_looping =
+        state.waiting.as_ref().and_then(|w| w.reason.as_deref()) == Some("CrashLoopBackOff");
+    if crash_looping && let Some(t) = c.last_state.as_ref().and_then(|s| s.terminated.as_ref()) {
+        return Some(describe(t));
+    }
+    None
+}
+
+/// Pods each variant should run (the HPA's minimum when autoscaled).
+fn wanted_replicas(model: &InferenceModel) -> i32 {
+    match &model.spec.autoscaling {
+        Some(a) => a.min_replicas,
+        None => model.spec.replicas.unwrap_or(1),
+    }
+}
+
+/// The status of a valid model, from what was observed and the effective weights in force.
+pub fn compute(
+    model: &InferenceModel,
+    namespace: &str,
+    observed: &Observed,
+    weights: &EffectiveWeights,
+    now: Timestamp,
+) -> InferenceModelStatus {
+    let name = model.name_any();
+    let generation = model.metadata.generation;
+    let wanted = wanted_replicas(model);
+    let mut variants = Vec::new();
+    let mut not_ready = Vec::new();
+    let mut rolling = Vec::new();
+    for (variant, desired, effective) in &weights.weights {
+        let dep = observed.deployment(&variant_object_name(&name, variant));
+        let st = dep.and_then(|d| d.status.clone()).unwrap_or_default();
+        let ready = st.ready_replicas.unwrap_or(0);
+        let spec_replicas = dep
+            .and_then(|d| d.spec.as_ref())
+            .and_then(|s| s.replicas)
+            .unwrap_or(wanted);
+        variants.push(VariantStatus {
+            name: variant.clone(),
+            desired_weight: *desired,
+            effective_weight: *effective,
+            ready_replicas: ready,
+            replicas: st.replicas.unwrap_or(0),
+        });
+        if wanted > 0 && ready == 0 {
+            not_ready.push(variant.clone());
+        }
+        let up_to_date = dep.is_some_and(|d| {
+            st.observed_generation >= d.metadata.generation
+                && st.updated_replicas.unwrap_or(0) >= spec_replicas
+                && st.replicas.unwrap_or(0) <= spec_replicas
+                && ready >= spec_replicas
+        });
+        if !up_to_date {
+            rolling.push(variant.clone());
+        }
+    }
+
+    let problem = observed.problem();
+    let prev = model
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    let cond = |type_: &str, ok: bool, reason: &str, message: String| {
+        condition(prev, type_, ok, reason, message, generation, now)
+    };
+
+    let ready = if wanted == 0 {
+        cond(
+            READY,
+            false,
+            "ScaledToZero",
+            "replicas is 0: no pods serve the model".into(),
+        )
+    } else if not_ready.is_empty() {
+        let mut msg = format!("all {} variants have ready pods", variants.len());
+        if !weights.redistributed_from.is_empty() {
+            msg = format!(
+                "{msg}; traffic of {} moved to ready variants",
+                weights.redistributed_from.join(", ")
+            );
+        }
+        cond(READY, true, "AllVariantsReady", msg)
+    } else {
+        let mut msg = format!("no ready pods yet in: {}", not_ready.join(", "));
+        if !weights.redistributed_from.is_empty() && not_ready.len() < variants.len() {
+            msg = format!("{msg}; their traffic goes to the ready variants meanwhile");
+        }
+        match &problem {
+            Some(p) => cond(READY, false, p.reason, msg),
+            None if not_ready.len() < variants.len() => cond(READY, false, "VariantsNotReady", msg),
+            None => cond(READY, false, "NoReadyPods", msg),
+        }
+    };
+    let progressing = if rolling.is_empty() {
+        cond(
+            PROGRESSING,
+            false,
+            "RolloutComplete",
+            "every variant runs its current spec".into(),
+        )
+    } else {
+        cond(
+            PROGRESSING,
+            true,
+            "RollingOut",
+            format!("rolling out: {}", rolling.join(", ")),
+        )
+    };
+    let degraded = match problem {
+        Some(p) => cond(DEGRADED, true, p.reason, p.message),
+        None => cond(DEGRADED, false, "AsExpected", "no problems found".into()),
+    };
+
+    let ready_variants = variants.iter().filter(|v| v.ready_replicas > 0).count();
+    InferenceModelStatus {
+        observed_generation: generation,
+        conditions: vec![ready, progressing, degraded],
+        ready_variants: Some(format!("{ready_variants}/{}", variants.len())),
+        weights: Some(weights_summary(&variants)),
+        variants,
+        endpoint: Some(endpoint(&name, namespace)),
+    }
+}
+
+/// The status of a model whose spec is invalid: nothing is applied until it is fixed.
+pub fn invalid(model: &InferenceModel, reason: &str, now: Timestamp) -> InferenceModelStatus {
+    let generation = model.metadata.generation;
+    let prev = model
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    let message = format!("{reason}; fix the spec, nothing is applied until then");
+    let mut status = model.status.clone().unwrap_or_default();
+    status.observed_generation = generation;
+    status.conditions = vec![
+        condition(
+            prev,
+            READY,
+            false,
+            "InvalidSpec",
+            message.clone(),
+            generation,
+            now,
+        ),
+        condition(
+            prev,
+            PROGRESSING,
+            false,
+            "InvalidSpec",
+            message.clone(),
+            generation,
+            now,
+        ),
+        condition(
+            prev,
+            DEGRADED,
+            true,
+            "InvalidSpec",
+            message,
+            generation,
+            now,
+        ),
+    ];
+    status
+}
+
+/// `stable=90/90,canary=10/0`: desired/effective per variant, for `kubectl get im`.
+pub fn weights_summary(variants: &[VariantStatus]) -> String {
+    variants
+        .iter()
+        .map(|v| format!("{}={}/{}", v.name, v.desired_weight, v.effective_weight))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A condition; its `lastTransitionTime` moves only when the status does.
+fn condition(
+    prev: &[Condition],
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    mut message: String,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Condition {
+    let status = if ok { "True" } else { "False" };
+    let last_transition_time = prev
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map_or(Time(now), |c| c.last_transition_time.clone());
+    if message.len() > MAX_MESSAGE {
+        let mut cut = MAX_MESSAGE;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+    }
+    Condition {
+        type_: type_.to_owned(),
+        status: status.to_owned(),
+        reason: reason.to_owned(),
+        message,
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+/// Conditions whose status or reason changed (new ones included), one per reason (an
+/// `InvalidSpec` that flips all three conditions is one Event, a Warning).
+pub fn transitions(old: &[Condition], new: &[Condition]) -> Vec<Transition> {
+    let all: Vec<Transition> = new
+        .iter()
+        .filter(|n| {
+            let before = old.iter().find(|o| o.type_ == n.type_);
+            match before {
+                Some(o) => o.status != n.status || o.reason != n.reason,
+                // A model born healthy is not news.
+                None => !(n.type_ == DEGRADED && n.status == "False"),
+            }
+        })
+        .map(|n| {
+            let was_ready = old.iter().any(|o| o.type_ == READY && o.status == "True");
+            Transition {
+                type_: n.type_.clone(),
+                status: n.status.clone(),
+                reason: n.reason.clone(),
+                message: n.message.clone(),
+                warning: (n.type_ == DEGRADED && n.status == "True")
+                    || (n.type_ == READY && n.status == "False" && was_ready),
+            }
+        })
+        .collect();
+    let mut out: Vec<Transition> = Vec::new();
+    for t in all {
+        match out.iter_mut().find(|o| o.reason == t.reason) {
+            Some(o) if t.warning && !o.warning => *o = t,
+            Some(_) => {}
+            None => out.push(t),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{deployment_with_status, model_from_yaml, pod_from_yaml};
+    use crate::routing::model_effective_weights;
+
+    const MODEL: &str = r#"
+apiVersion: sluice.dev/v1alpha1
+kind: InferenceModel
+metadata: {name: chat, namespace: ns, uid: "1", generation: 3}
+spec:
+  variants:
+    - {name: stable, weight: 90, model: {url: "https://e.com/a.gguf"}}
+    - {name: canary, weight: 10, model: {url: "https://e.com/b.gguf"}}
+"#;
+
+    fn now() -> Timestamp {
+        Timestamp::from_second(1_700_000_000).expect("valid")
+    }
+
+    fn status_for(model: &InferenceModel, observed: &Observed) -> InferenceModelStatus {
+        let w = model_effective_weights(model, &observed.ready_counts());
+        compute(model, "ns", observed, &w, now())
+    }
+
+    fn cond<'a>(s: &'a InferenceModelStatus, t: &str) -> &'a Condition {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == t)
+            .expect("condition")
+    }
+
+    #[test]
+    fn ready_when_every_variant_has_a_ready_pod() {
+        let model = model_from_yaml(MODEL);
+        let observed = Observed {
+            deployments: vec![
+                deployment_with_status("chat", "stable", 1, 1),
+                deployment_with_status("chat", "canary", 1, 1),
+            ],
+            pods: vec![],
+        };
+        let s = status_for(&model, &observed);
+        assert_eq!(cond(&s, READY).status, "True");
+        assert_eq!(cond(&s, PROGRESSING).status, "False");
+        assert_eq!(cond(&s, DEGRADED).reason, "AsExpected");
+        assert_eq!(s.ready_variants.as_deref(), Some("2/2"));
+        assert_eq!(s.weights.as_deref(), Some("stable=90/90,canary=10/10"));
+        assert_eq!(s.observed_generation, Some(3));
+        assert_eq!(s.endpoint.as_deref(), Some("http://chat.ns.svc:8080/v1"));
+    }
+
+    #[test]
+    fn unready_canary_gets_no_traffic_and_status_says_so() {
+        let model = model_from_yaml(MODEL);
+        let observed = Observed {
+            deployments: vec![
+                deployment_with_status("chat", "stable", 1, 1),
+                deployment_with_status("chat", "canary", 1, 0),
+            ],
+            pods: vec![],
+        };
+        let s = status_for(&model, &observed);
+        assert_eq!(s.weights.as_deref(), Some("stable=90/100,canary=10/0"));
+        assert_eq!(s.ready_variants.as_deref(), Some("1/2"));
+        let ready = cond(&s, READY);
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "VariantsNotReady")
+        );
+        assert!(ready.message.contains("canary"), "{}", ready.message);
+        assert_eq!(cond(&s, PROGRESSING).status, "True");
+    }
+
+    #[test]
+    fn fetch_failure_and_unschedulable_are_actionable() {
+        let model = model_from_yaml(MODEL);
+        let fetch_failed = pod_from_yaml(
+            r#"
+metadata: {name: chat-stable-1, labels: {sluice.dev/variant: stable}}
+status:
+  initContainerStatuses:
+    - name: fetch
+      image: x
+      imageID: ""
+      ready: false
+      restartCount: 3
+      state: {waiting: {reason: CrashLoopBackOff}}
+      lastState: {terminated: {exitCode: 1, message: "download stalled: no bytes for 60s"}}
+"#,
+        );
+        let unschedulable = pod_from_yaml(
+            r#"
+metadata: {name: chat-canary-1, labels: {sluice.dev/variant: canary}}
+status:
+  conditions:
+    - {type: PodScheduled, status: "False", reason: Unschedulable, message: "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}
+"#,
+        );
+        let mut observed = Observed {
+            deployments: vec![deployment_with_status("chat", "stable", 1, 0)],
+            pods: vec![unschedulable.clone()],
+        };
+        let s = status_for(&model, &observed);
+        let d = cond(&s, DEGRADED);
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "Unschedulable")
+        );
+        assert!(d.message.contains("Insufficient nvidia.com/gpu"));
+
+        observed.pods.push(fetch_failed);
+        let s = status_for(&model, &observed);
+        let d = cond(&s, DEGRADED);
+        assert_eq!(d.reason, "WeightsFetchFailed");
+        assert!(d.message.contains("download stalled"), "{}", d.message);
+        assert_eq!(cond(&s, READY).reason, "WeightsFetchFailed");
+    }
+
+    #[test]
+    fn transition_time_moves_only_with_the_status_and_events_only_on_change() {
+        let mut model = model_from_yaml(MODEL);
+        let observed = Observed::default();
+        let first = status_for(&model, &observed);
+        assert_eq!(transitions(&[], &first.conditions).len(), 2);
+        model.status = Some(first.clone());
+        let w = model_effective_weights(&model, &observed.ready_counts());
+        let later = Timestamp::from_second(1_700_000_100).expect("valid");
+        let second = compute(&model, "ns", &observed, &w, later);
+        assert_eq!(
+            first, second,
+            "an unchanged model yields an identical status"
+        );
+        assert!(transitions(&first.conditions, &second.conditions).is_empty());
+    }
+
+    #[test]
+    fn invalid_spec_is_degraded() {
+        let model = model_from_yaml(MODEL);
+        let s = invalid(&model, "variant weights sum to 110, not 100", now());
+        let d = cond(&s, DEGRADED);
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "InvalidSpec")
+        );
+        assert!(d.message.contains("110"));
+        let t = transitions(&[], &s.conditions);
+        assert!(t.iter().any(|t| t.warning && t.reason == "InvalidSpec"));
+    }
+}
