@@ -39,7 +39,16 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("desired_state");
     group.bench_function("empty_baseline", |b| b.iter(|| black_box(&model)));
     group.bench_function("two_variants", |b| {
-        b.iter(|| desired(black_box(&model), "default", &settings, &[], &ready).expect("renders"))
+        b.iter(|| {
+            desired(
+                black_box(&model),
+                "default",
+                &settings,
+                &Default::default(),
+                &ready,
+            )
+            .expect("renders")
+        })
     });
     group.finish();
 }

@@ -22,7 +22,7 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use sluice_crds::{InferenceModel, InferenceModelStatus};
+use sluice_crds::{InferenceModel, InferenceModelStatus, RateLimitPolicy};
 use tracing::{debug, info, instrument, warn};
 
 use crate::metrics::Metrics;
@@ -133,8 +133,13 @@ pub async fn reconcile(model: Arc<InferenceModel>, ctx: Arc<Context>) -> Result<
     };
     let ready = observed.ready_counts();
 
-    // Desired (issue 6 passes the targeting RateLimitPolicies here).
-    let desired = resources::desired(&model, &ns, &ctx.settings, &[], &ready)?;
+    // The limits of the RateLimitPolicies that target the model (read fresh: a deleted policy's
+    // rules leave the sidecars at this reconcile).
+    let limits =
+        crate::policy::controller::model_limits(client, &model, &ns, &observed.deployments).await?;
+
+    // Desired.
+    let desired = resources::desired(&model, &ns, &ctx.settings, &limits, &ready)?;
 
     // Apply what differs; prune what no longer belongs.
     let mut applied = 0;
@@ -369,33 +374,64 @@ async fn publish(ctx: &Context, model: &InferenceModel, t: &Transition) {
 }
 
 /// Runs the controller until `shutdown` resolves, then finishes in-flight reconciles.
+/// Runs the RateLimitPolicy status controller beside it (same shutdown).
 pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    use futures::FutureExt;
+    let shutdown = shutdown.shared();
     let client = ctx.client.clone();
     let children =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
-    Controller::new(
+    let policy_ctx = Arc::new(
+        crate::policy::controller::PolicyContext::new(
+            client.clone(),
+            ctx.recorder.clone(),
+            Arc::new(crate::policy::HttpMetricsSource::new()),
+        )
+        .with_clock(ctx.now),
+    );
+    let policies = crate::policy::controller::run(policy_ctx, shutdown.clone());
+    let controller = Controller::new(
         Api::<InferenceModel>::all(client.clone()),
         watcher::Config::default().any_semantic(),
-    )
-    .owns(Api::<Deployment>::all(client.clone()), children.clone())
-    .owns(Api::<Service>::all(client.clone()), children.clone())
-    .owns(
-        Api::<HorizontalPodAutoscaler>::all(client.clone()),
-        children.clone(),
-    )
-    .owns(Api::<ConfigMap>::all(client.clone()), children.clone())
-    .owns(Api::<ServiceAccount>::all(client.clone()), children.clone())
-    .owns(Api::<Role>::all(client.clone()), children.clone())
-    .owns(Api::<RoleBinding>::all(client), children)
-    .graceful_shutdown_on(shutdown)
-    .run(reconcile, error_policy, ctx)
-    .for_each(|result| async move {
-        match result {
-            Ok((obj, _)) => debug!(model = %obj.name, "reconciled"),
-            Err(error) => debug!(%error, "reconcile error (counted and logged by error_policy)"),
-        }
-    })
-    .await;
+    );
+    // A policy change (or deletion) reconciles every model of its namespace: the ones it
+    // targets now and the ones it targeted before (the mapper cannot know those).
+    let store = controller.store();
+    let models = controller
+        .watches(
+            Api::<RateLimitPolicy>::all(client.clone()),
+            watcher::Config::default(),
+            move |policy: RateLimitPolicy| {
+                let ns = policy.namespace();
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|m| m.namespace() == ns)
+                    .map(|m| ObjectRef::from_obj(&*m))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .owns(Api::<Deployment>::all(client.clone()), children.clone())
+        .owns(Api::<Service>::all(client.clone()), children.clone())
+        .owns(
+            Api::<HorizontalPodAutoscaler>::all(client.clone()),
+            children.clone(),
+        )
+        .owns(Api::<ConfigMap>::all(client.clone()), children.clone())
+        .owns(Api::<ServiceAccount>::all(client.clone()), children.clone())
+        .owns(Api::<Role>::all(client.clone()), children.clone())
+        .owns(Api::<RoleBinding>::all(client), children)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((obj, _)) => debug!(model = %obj.name, "reconciled"),
+                Err(error) => {
+                    debug!(%error, "reconcile error (counted and logged by error_policy)")
+                }
+            }
+        });
+    futures::join!(models, policies);
 }
 
 /// Renders what `desired` would apply for one model without a cluster (`render`).
@@ -411,7 +447,7 @@ pub fn render(
         model,
         &ns,
         settings,
-        &[],
+        &crate::policy::ModelLimits::default(),
         &crate::routing::ReadyCounts::none(),
     )
 }

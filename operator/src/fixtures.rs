@@ -149,6 +149,16 @@ impl Step {
         }
     }
 
+    /// `PATCH path` as a forced server-side apply, answered with `reply` (for status patches of
+    /// other kinds, whose echoed body alone would not decode).
+    pub fn apply_replying(path: &str, reply: Value) -> Self {
+        Self {
+            method: Method::PATCH,
+            path: path.to_owned(),
+            reply: Reply::Json(reply),
+        }
+    }
+
     /// `GET path` of one object: `Some(body)`, or 404 for `None`.
     pub fn get(path: &str, body: Option<Value>) -> Self {
         let reply = match body {

@@ -4,11 +4,13 @@
 //! - [`resources`]: the desired state, as pure functions (what `render` prints).
 //! - [`routing`]: effective weights and the sidecar config document.
 //! - [`status`]: conditions and transitions.
+//! - [`analysis`]: canary analysis (sidecar metrics → verdict → rollback, progressive steps).
 //! - [`policy`]: RateLimitPolicy targeting, merging, shares and convergence.
 //! - [`controller`]: observe, apply, prune, patch status.
 //! - [`app`]: `run` (admin server, leader election, graceful shutdown).
 
 pub mod admin;
+pub mod analysis;
 pub mod app;
 pub mod controller;
 pub mod leader;

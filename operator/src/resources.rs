@@ -29,8 +29,9 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sluice_crds::inference_model::{AutoscalingMetricType, ModelSource, Variant};
 use sluice_crds::sidecar_config::SIDECAR_CONFIG_KEY;
-use sluice_crds::{InferenceModel, RateLimitPolicy, SidecarConfig};
+use sluice_crds::{InferenceModel, SidecarConfig};
 
+use crate::policy::{ModelLimits, key_secret_volumes};
 use crate::routing::{ReadyCounts, desired_sidecar_config};
 use crate::{Error, Result};
 
@@ -234,14 +235,15 @@ fn is_dns_label(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
 
-/// Everything the operator applies for `model` in `namespace`, given the RateLimitPolicies that
-/// target it and the observed ready pods per variant. Owner references are set when the model
+/// Everything the operator applies for `model` in `namespace`, given the effective limits of
+/// the RateLimitPolicies that target it (identity, rules, the key Secret to mount) and the
+/// observed ready pods per variant. Owner references are set when the model
 /// has a UID (it came from the cluster), so deleting the model deletes them.
 pub fn desired(
     model: &InferenceModel,
     namespace: &str,
     settings: &Settings,
-    policies: &[RateLimitPolicy],
+    limits: &ModelLimits,
     ready: &ReadyCounts,
 ) -> Result<Desired> {
     validate(model).map_err(Error::InvalidSpec)?;
@@ -250,12 +252,13 @@ pub fn desired(
         .name
         .as_deref()
         .ok_or(Error::MissingField("metadata.name"))?;
-    let sidecar_config = desired_sidecar_config(model, namespace, policies, ready)?;
+    let sidecar_config = desired_sidecar_config(model, namespace, limits, ready)?;
     let r = Renderer {
         model,
         name,
         namespace,
         settings,
+        limits,
     };
 
     let mut services = vec![r.service(None)];
@@ -316,6 +319,7 @@ struct Renderer<'a> {
     name: &'a str,
     namespace: &'a str,
     settings: &'a Settings,
+    limits: &'a ModelLimits,
 }
 
 // === impl Renderer ===
@@ -490,6 +494,12 @@ impl Renderer<'_> {
         let gpus = self.gpu_count();
         let (model_volume, model_path, fetch) = self.model_volume(v);
         let config_map = config_map_name(self.name);
+        // The API-key Secret of the model's identity, if any: only a change of that mount (not
+        // of limits) changes the pod template.
+        let (key_volumes, key_mounts): (Vec<Volume>, Vec<VolumeMount>) =
+            key_secret_volumes(self.limits.keys.as_ref())
+                .into_iter()
+                .unzip();
 
         let mut args = vec![
             "serve".to_owned(),
@@ -534,25 +544,30 @@ impl Renderer<'_> {
             readiness_probe: Some(probe("/readyz", 5, 3)),
             liveness_probe: Some(probe("/healthz", 10, 3)),
             security_context: Some(restricted_security_context()),
-            volume_mounts: Some(vec![
-                VolumeMount {
-                    name: "models".to_owned(),
-                    mount_path: model_volume.mount_path.clone(),
-                    read_only: Some(true),
-                    ..Default::default()
-                },
-                VolumeMount {
-                    name: "config".to_owned(),
-                    mount_path: CONFIG_DIR.to_owned(),
-                    read_only: Some(true),
-                    ..Default::default()
-                },
-                VolumeMount {
-                    name: "tmp".to_owned(),
-                    mount_path: "/tmp".to_owned(),
-                    ..Default::default()
-                },
-            ]),
+            volume_mounts: Some(
+                vec![
+                    VolumeMount {
+                        name: "models".to_owned(),
+                        mount_path: model_volume.mount_path.clone(),
+                        read_only: Some(true),
+                        ..Default::default()
+                    },
+                    VolumeMount {
+                        name: "config".to_owned(),
+                        mount_path: CONFIG_DIR.to_owned(),
+                        read_only: Some(true),
+                        ..Default::default()
+                    },
+                    VolumeMount {
+                        name: "tmp".to_owned(),
+                        mount_path: "/tmp".to_owned(),
+                        ..Default::default()
+                    },
+                ]
+                .into_iter()
+                .chain(key_mounts)
+                .collect(),
+            ),
             termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
             ..Default::default()
         };
@@ -613,22 +628,27 @@ impl Renderer<'_> {
             service_account_name: Some(sidecar_account_name(self.name)),
             init_containers,
             containers: vec![sidecar],
-            volumes: Some(vec![
-                model_volume.volume,
-                Volume {
-                    name: "config".to_owned(),
-                    config_map: Some(ConfigMapVolumeSource {
-                        name: config_map.clone(),
+            volumes: Some(
+                vec![
+                    model_volume.volume,
+                    Volume {
+                        name: "config".to_owned(),
+                        config_map: Some(ConfigMapVolumeSource {
+                            name: config_map.clone(),
+                            ..Default::default()
+                        }),
                         ..Default::default()
-                    }),
-                    ..Default::default()
-                },
-                Volume {
-                    name: "tmp".to_owned(),
-                    empty_dir: Some(EmptyDirVolumeSource::default()),
-                    ..Default::default()
-                },
-            ]),
+                    },
+                    Volume {
+                        name: "tmp".to_owned(),
+                        empty_dir: Some(EmptyDirVolumeSource::default()),
+                        ..Default::default()
+                    },
+                ]
+                .into_iter()
+                .chain(key_volumes)
+                .collect(),
+            ),
             security_context: Some(PodSecurityContext {
                 run_as_non_root: Some(true),
                 run_as_user: Some(SIDECAR_UID),
@@ -967,7 +987,7 @@ spec:
             &model_from_yaml(yaml),
             "ns",
             &settings(),
-            &[],
+            &Default::default(),
             &ReadyCounts::none(),
         )
         .expect("renders")
@@ -1136,7 +1156,7 @@ spec:
             &model_from_yaml(&bad),
             "ns",
             &settings(),
-            &[],
+            &Default::default(),
             &ReadyCounts::none(),
         )
         .expect_err("weights sum to 110");

@@ -1,16 +1,17 @@
 //! Effective routing weights and the sidecar config document, as pure functions.
 //!
 //! Today the effective weights are the desired ones with the traffic of variants that have no
-//! ready pod moved, proportionally, to the ready ones. Canary rollback (issue 7) and
-//! RateLimitPolicy merging (issue 6) plug in here: [`desired_sidecar_config`] already takes the
-//! policies and the observed readiness.
+//! ready pod moved, proportionally, to the ready ones. Canary rollback (issue 7)
+//! plugs in here; the limits of the RateLimitPolicies that target the model come resolved from
+//! [`crate::policy`].
 
 use std::collections::BTreeMap;
 
 use sluice_crds::sidecar_config::{RoutingConfig, SIDECAR_CONFIG_VERSION, VariantRoute};
-use sluice_crds::{InferenceModel, RateLimitPolicy, SidecarConfig};
+use sluice_crds::{InferenceModel, SidecarConfig};
 
 use crate::Result;
+use crate::policy::{ModelLimits, replica_share};
 use crate::resources::{API_PORT, variant_object_name};
 
 /// Ready pods per variant name, as observed on the variants' Deployments. A variant that is
@@ -120,25 +121,52 @@ pub fn effective_weights(desired: &[(&str, i32)], ready: &ReadyCounts) -> Effect
     }
 }
 
-/// Effective weights of a model's variants given what is ready.
+/// Effective weights of a model's variants given what is ready and what the canary analysis
+/// decided (`status.rollout` of the current generation, see [`crate::analysis`]): the step
+/// weights in force replace the desired ones, rolled-back variants get 0 (their share goes to
+/// the others in proportion), then unready variants' share moves to the ready ones. The
+/// reported desired weight is always spec's.
 pub fn model_effective_weights(model: &InferenceModel, ready: &ReadyCounts) -> EffectiveWeights {
-    let desired: Vec<(&str, i32)> = model
-        .spec
-        .variants
+    let (plan, rolled_back) = crate::analysis::route_plan(model);
+    let targets: Vec<(&str, i32)> = plan.iter().map(|(n, _, t)| (n.as_str(), *t)).collect();
+    let after_rollback = effective_weights_excluding(&targets, &rolled_back);
+    let routed: Vec<(&str, i32)> = after_rollback
         .iter()
-        .map(|v| (v.name.as_str(), v.weight))
+        .map(|(n, w)| (n.as_str(), *w))
         .collect();
-    effective_weights(&desired, ready)
+    let mut weights = effective_weights(&routed, ready);
+    for ((_, desired, _), (_, d, _)) in plan.iter().zip(weights.weights.iter_mut()) {
+        *d = *desired;
+    }
+    weights
+}
+
+/// `desired` with the `excluded` variants at 0 and their share moved to the others in proportion
+/// to their weights (unless no other variant has a positive weight: then nothing moves).
+pub fn effective_weights_excluding(
+    desired: &[(&str, i32)],
+    excluded: &std::collections::BTreeSet<String>,
+) -> Vec<(String, i32)> {
+    // The readiness redistribution with "excluded = no ready pod" is exactly this.
+    let available: ReadyCounts = desired
+        .iter()
+        .map(|(n, _)| (*n, i32::from(!excluded.contains(*n))))
+        .collect();
+    effective_weights(desired, &available)
+        .weights
+        .into_iter()
+        .map(|(n, _, e)| (n, e))
+        .collect()
 }
 
 /// The sidecar config document for a model: effective weights, each variant's in-cluster
-/// address, routing headers, and (from issue 6 on) the limits of the `policies` that target it.
+/// address, routing headers, the identity and rules of the policies that target it (`limits`,
+/// from [`crate::policy::resolve`]) and this pod's share of cluster-scoped limits.
 /// Sealed: `generation` is the content hash, so equal inputs give byte-identical ConfigMaps.
 pub fn desired_sidecar_config(
     model: &InferenceModel,
     namespace: &str,
-    // Issue 6 merges the targeting policies' rules and identity here.
-    _policies: &[RateLimitPolicy],
+    limits: &ModelLimits,
     ready: &ReadyCounts,
 ) -> Result<SidecarConfig> {
     let name = model.metadata.name.as_deref().unwrap_or_default();
@@ -164,11 +192,11 @@ pub fn desired_sidecar_config(
             sticky_header: routing.sticky_header,
             override_header: routing.override_header,
         },
-        identity: Default::default(),
-        rules: Vec::new(),
+        identity: limits.identity.clone(),
+        rules: limits.rules.clone(),
         // Cluster-scoped limits are split over the pods that serve; recomputed as pods come and
         // go (a ConfigMap change, never a restart).
-        replica_share: 1.0 / f64::from(ready.total().max(1)),
+        replica_share: replica_share(ready.total()),
         saturation: Default::default(),
     };
     Ok(config.sealed()?)

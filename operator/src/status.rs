@@ -330,9 +330,12 @@ pub fn compute(
             format!("rolling out: {}", rolling.join(", ")),
         )
     };
-    let degraded = match problem {
-        Some(p) => cond(DEGRADED, true, p.reason, p.message),
-        None => cond(DEGRADED, false, "AsExpected", "no problems found".into()),
+    // A rollback (or a breach that was not rolled back) explains the weights users see, so it
+    // comes first; pod problems follow.
+    let degraded = match (crate::analysis::problem(model), problem) {
+        (Some((reason, message)), _) => cond(DEGRADED, true, reason, message),
+        (None, Some(p)) => cond(DEGRADED, true, p.reason, p.message),
+        (None, None) => cond(DEGRADED, false, "AsExpected", "no problems found".into()),
     };
 
     let ready_variants = variants.iter().filter(|v| v.ready_replicas > 0).count();
@@ -343,6 +346,9 @@ pub fn compute(
         weights: Some(weights_summary(&variants)),
         variants,
         endpoint: Some(endpoint(&name, namespace)),
+        // Decided by the canary analysis before this status is computed (see
+        // `crate::analysis::decide`); carried as is.
+        rollout: model.status.as_ref().and_then(|s| s.rollout.clone()),
     }
 }
 

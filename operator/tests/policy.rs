@@ -67,8 +67,8 @@ fn sidecar_config(policies: &[RateLimitPolicy], ready: i32) -> SidecarConfig {
         &BTreeMap::new(),
     );
     let ready: ReadyCounts = [("default", ready)].into_iter().collect();
-    let base = desired_sidecar_config(&model, "default", &[], &ready).expect("renders");
-    policy::apply_limits(base, &resolution.models["smollm2"]).expect("valid")
+    desired_sidecar_config(&model, "default", &resolution.models["smollm2"], &ready)
+        .expect("renders")
 }
 
 #[test]
@@ -78,9 +78,30 @@ fn example_policies_match_golden_sidecar_configs() {
     let cases = [
         ("smollm2-free.sidecar.yaml", vec![free()], 1),
         ("smollm2-free-paid.sidecar.yaml", vec![paid(), free()], 1),
-        ("smollm2-free-paid-4-ready.sidecar.yaml", vec![free(), paid()], 4),
+        (
+            "smollm2-free-paid-4-ready.sidecar.yaml",
+            vec![free(), paid()],
+            4,
+        ),
     ];
     let mut stale = Vec::new();
+    // The share the operator writes for 1..=10 ready pods: the sidecar's cluster-share test
+    // (sidecar/tests/cluster_share.rs) drives its real limiters with these values.
+    let mut shares = String::from(
+        "# Golden: replicaShare the operator writes for N ready pods of examples/inferencemodel.yaml.\n\
+         # Read by sidecar/tests/cluster_share.rs. Regenerate with SLUICE_BLESS=1 cargo test -p sluice-operator --test policy.\n",
+    );
+    for n in 1..=10 {
+        let share = sidecar_config(&[free(), paid()], n).replica_share;
+        shares.push_str(&format!("{n}: {share:?}\n"));
+    }
+    let path = dir.join("replica-shares.yaml");
+    if bless {
+        std::fs::create_dir_all(&dir).expect("creates dir");
+        std::fs::write(&path, &shares).expect("writes golden");
+    } else if std::fs::read_to_string(&path).unwrap_or_default() != shares {
+        stale.push("replica-shares.yaml");
+    }
     for (file, policies, ready) in cases {
         let config = sidecar_config(&policies, ready);
         let yaml = format!(
@@ -105,7 +126,10 @@ fn example_policies_match_golden_sidecar_configs() {
         }
         // The golden document is what the sidecar reads: valid and sealed as is.
         let parsed = SidecarConfig::from_yaml(&want).expect("golden parses");
-        assert_eq!(parsed.clone().sealed().expect("seals").generation, parsed.generation);
+        assert_eq!(
+            parsed.clone().sealed().expect("seals").generation,
+            parsed.generation
+        );
     }
     assert!(
         stale.is_empty(),
@@ -139,10 +163,18 @@ fn example_policies_combine_with_the_older_identity_and_every_rule() {
     assert_eq!(scaled.rules, config.rules);
     assert_ne!(scaled.generation, config.generation);
     // Without the Secret, neither tier is accepted and nothing is enforced.
-    let r = policy::resolve(&[model()], &[free(), paid()], &KeysSecrets::default(), &BTreeMap::new());
+    let r = policy::resolve(
+        &[model()],
+        &[free(), paid()],
+        &KeysSecrets::default(),
+        &BTreeMap::new(),
+    );
     assert!(r.models["smollm2"].rules.is_empty());
     for v in r.policies.values() {
-        assert_eq!(v.rejection.as_ref().map(|r| r.reason), Some("KeysSecretNotFound"));
+        assert_eq!(
+            v.rejection.as_ref().map(|r| r.reason),
+            Some("KeysSecretNotFound")
+        );
     }
 }
 
@@ -171,7 +203,12 @@ fn condition<'a>(
 #[test]
 fn status_shows_convergence_pod_by_pod() {
     let free = free();
-    let r = policy::resolve(&[model()], &[free.clone(), paid()], &secrets(), &BTreeMap::new());
+    let r = policy::resolve(
+        &[model()],
+        &[free.clone(), paid()],
+        &secrets(),
+        &BTreeMap::new(),
+    );
     let verdict = &r.policies["free-tier"];
     let g = sidecar_config(&[free.clone(), paid()], 5).generation;
     let observe = |pods: Vec<PodGeneration>| TargetObservation {
@@ -184,7 +221,13 @@ fn status_shows_convergence_pod_by_pod() {
     let status = policy::policy_status(
         &free,
         verdict,
-        &[observe(pods(&[Ok(g), Ok(g), Ok(g), Ok(7), Err(ScrapeError::Timeout)]))],
+        &[observe(pods(&[
+            Ok(g),
+            Ok(g),
+            Ok(g),
+            Ok(7),
+            Err(ScrapeError::Timeout),
+        ]))],
         now(),
     );
     assert_eq!(status.converged.as_deref(), Some("3/5"));
@@ -192,15 +235,25 @@ fn status_shows_convergence_pod_by_pod() {
     assert_eq!(status.rules, Some(3));
     assert_eq!(status.observed_generation, Some(1));
     assert_eq!(status.targets[0].desired_generation, g as i64);
-    assert_eq!((status.targets[0].pods_applied, status.targets[0].pods_total), (3, 5));
+    assert_eq!(
+        (status.targets[0].pods_applied, status.targets[0].pods_total),
+        (3, 5)
+    );
     let accepted = condition(&status, policy::ACCEPTED);
-    assert_eq!((accepted.status.as_str(), accepted.reason.as_str()), ("True", "Accepted"));
+    assert_eq!(
+        (accepted.status.as_str(), accepted.reason.as_str()),
+        ("True", "Accepted")
+    );
     let converged = condition(&status, policy::CONVERGED);
     assert_eq!(converged.status, "False");
     assert_eq!(converged.reason, "Progressing");
     assert!(
-        converged.message.contains("smollm2-default-3 enforces generation 7")
-            && converged.message.contains("smollm2-default-4: metrics scrape timed out"),
+        converged
+            .message
+            .contains("smollm2-default-3 enforces generation 7")
+            && converged
+                .message
+                .contains("smollm2-default-4: metrics scrape timed out"),
         "{}",
         converged.message
     );
@@ -211,12 +264,21 @@ fn status_shows_convergence_pod_by_pod() {
     let done = policy::policy_status(&before, verdict, &[observe(pods(&vec![Ok(g); 5]))], now());
     assert_eq!(done.converged.as_deref(), Some("5/5"));
     let converged = condition(&done, policy::CONVERGED);
-    assert_eq!((converged.status.as_str(), converged.reason.as_str()), ("True", "Converged"));
+    assert_eq!(
+        (converged.status.as_str(), converged.reason.as_str()),
+        ("True", "Converged")
+    );
     // The Accepted condition kept its transition time.
-    assert_eq!(condition(&done, policy::ACCEPTED), condition(&status, policy::ACCEPTED));
+    assert_eq!(
+        condition(&done, policy::ACCEPTED),
+        condition(&status, policy::ACCEPTED)
+    );
     let events = policy::transitions(&status.conditions, &done.conditions);
     assert_eq!(events.len(), 1);
-    assert_eq!((events[0].type_.as_str(), events[0].warning), ("Converged", false));
+    assert_eq!(
+        (events[0].type_.as_str(), events[0].warning),
+        ("Converged", false)
+    );
 
     // The operator has not written the new rules yet: Pending, never a premature 5/5.
     let pending = TargetObservation {
@@ -249,9 +311,17 @@ fn status_reports_conflict_and_missing_targets_with_warning_events() {
         (&rival, "Conflict", "older policy \"free-tier\""),
         (&orphan, "TargetNotFound", "\"missing\" does not exist"),
     ] {
-        let status = policy::policy_status(p, &r.policies[p.metadata.name.as_deref().unwrap_or_default()], &[], now());
+        let status = policy::policy_status(
+            p,
+            &r.policies[p.metadata.name.as_deref().unwrap_or_default()],
+            &[],
+            now(),
+        );
         let accepted = condition(&status, policy::ACCEPTED);
-        assert_eq!((accepted.status.as_str(), accepted.reason.as_str()), ("False", reason));
+        assert_eq!(
+            (accepted.status.as_str(), accepted.reason.as_str()),
+            ("False", reason)
+        );
         assert!(accepted.message.contains(needle), "{}", accepted.message);
         assert_eq!(condition(&status, policy::CONVERGED).reason, "NotApplied");
         assert_eq!(status.converged, None);
@@ -266,7 +336,10 @@ fn status_reports_conflict_and_missing_targets_with_warning_events() {
 struct FakeSidecars(BTreeMap<String, Result<String, ScrapeError>>);
 
 impl MetricsSource for FakeSidecars {
-    fn scrape<'a>(&'a self, pod: &'a PodEndpoint) -> BoxFuture<'a, Result<Vec<Sample>, ScrapeError>> {
+    fn scrape<'a>(
+        &'a self,
+        pod: &'a PodEndpoint,
+    ) -> BoxFuture<'a, Result<Vec<Sample>, ScrapeError>> {
         Box::pin(async move {
             match self.0.get(&pod.name) {
                 Some(Ok(text)) => policy::parse_prometheus_text(text),
@@ -280,7 +353,13 @@ impl MetricsSource for FakeSidecars {
 #[tokio::test]
 async fn generations_are_read_through_the_metrics_source() {
     let source = FakeSidecars(BTreeMap::from([
-        ("a".to_owned(), Ok("# TYPE sluice_config_generation gauge\nsluice_config_generation 12345\n# EOF\n".to_owned())),
+        (
+            "a".to_owned(),
+            Ok(
+                "# TYPE sluice_config_generation gauge\nsluice_config_generation 12345\n# EOF\n"
+                    .to_owned(),
+            ),
+        ),
         ("b".to_owned(), Ok("sluice_requests_total 3\n".to_owned())),
         ("c".to_owned(), Err(ScrapeError::Status(500))),
     ]));

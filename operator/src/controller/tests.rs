@@ -30,9 +30,27 @@ const CORE: &str = "/api/v1/namespaces/ns";
 const APPS: &str = "/apis/apps/v1/namespaces/ns";
 const RBAC: &str = "/apis/rbac.authorization.k8s.io/v1/namespaces/ns";
 const HPA: &str = "/apis/autoscaling/v2/namespaces/ns/horizontalpodautoscalers";
+const POLICIES: &str = "/apis/sluice.dev/v1alpha1/namespaces/ns/ratelimitpolicies";
+
+/// The RateLimitPolicies of the namespace (none), read before the desired state.
+fn no_policies() -> Step {
+    Step::get(
+        POLICIES,
+        Some(
+            json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "RateLimitPolicyList", "metadata": {}, "items": []}),
+        ),
+    )
+}
 
 fn desired_for(model: &InferenceModel) -> Desired {
-    resources::desired(model, "ns", &settings(), &[], &ReadyCounts::none()).expect("renders")
+    resources::desired(
+        model,
+        "ns",
+        &settings(),
+        &Default::default(),
+        &ReadyCounts::none(),
+    )
+    .expect("renders")
 }
 
 /// As the API server returns an applied object: ours plus server-set fields.
@@ -66,6 +84,7 @@ fn create_steps(model: &InferenceModel) -> Vec<Step> {
     vec![
         Step::list(&format!("{APPS}/deployments"), vec![]),
         Step::list(&format!("{CORE}/pods"), vec![]),
+        no_policies(),
         Step::list(&format!("{CORE}/serviceaccounts"), vec![]),
         Step::apply(&format!("{CORE}/serviceaccounts/chat-sidecar")),
         Step::list(&format!("{RBAC}/roles"), vec![]),
@@ -94,6 +113,7 @@ fn steady_lists(d: &Desired) -> Vec<Step> {
     vec![
         Step::list(&format!("{APPS}/deployments"), lives(&d.deployments)),
         Step::list(&format!("{CORE}/pods"), vec![]),
+        no_policies(),
         Step::list(
             &format!("{CORE}/serviceaccounts"),
             vec![live(&d.service_account)],
@@ -119,19 +139,19 @@ async fn create_applies_everything_then_status_and_events() {
         "not ready yet: poll"
     );
 
-    let deployment = &seen[14].body;
+    let deployment = &seen[15].body;
     assert_eq!(deployment["metadata"]["ownerReferences"][0]["uid"], "uid-1");
     assert_eq!(
         deployment["metadata"]["ownerReferences"][0]["controller"],
         true
     );
     assert_eq!(deployment["spec"]["replicas"], 1);
-    let status = &seen[17].body["status"];
+    let status = &seen[18].body["status"];
     assert_eq!(status["observedGeneration"], 1);
     assert_eq!(status["readyVariants"], "0/2");
     assert_eq!(status["weights"], "stable=90/90,canary=10/10");
     assert_eq!(status["endpoint"], "http://chat.ns.svc:8080/v1");
-    let reasons: Vec<_> = seen[18..]
+    let reasons: Vec<_> = seen[19..]
         .iter()
         .map(|r| r.body["reason"].clone())
         .collect();
@@ -175,7 +195,7 @@ async fn weight_change_updates_only_the_config_map_and_status() {
 
     let mut steps = steady_lists(&d);
     steps.insert(
-        6,
+        7,
         Step::apply(&format!("{CORE}/configmaps/chat-sidecar-config")),
     );
     steps.push(Step::apply_status(&new));
@@ -183,7 +203,7 @@ async fn weight_change_updates_only_the_config_map_and_status() {
     reconcile(Arc::new(new), ctx).await.expect("reconciles");
     let seen = verifier.await.expect("verifier");
 
-    let cm = seen[6].body["data"]["sidecar.yaml"]
+    let cm = seen[7].body["data"]["sidecar.yaml"]
         .as_str()
         .expect("config")
         .to_owned();
@@ -215,12 +235,12 @@ async fn drifted_deployment_is_reapplied() {
     let model = Arc::new(with_status(model, &observed));
     let mut steps = steady_lists(&d);
     steps[0] = Step::list(&format!("{APPS}/deployments"), deployments);
-    steps.insert(7, Step::apply(&format!("{APPS}/deployments/chat-canary")));
+    steps.insert(8, Step::apply(&format!("{APPS}/deployments/chat-canary")));
     let verifier = server.run(steps);
     reconcile(model, ctx).await.expect("reconciles");
     let seen = verifier.await.expect("verifier");
     assert_eq!(
-        seen[7].body["spec"]["template"]["spec"]["containers"][0]["image"],
+        seen[8].body["spec"]["template"]["spec"]["containers"][0]["image"],
         "sidecar:test"
     );
 }
@@ -238,11 +258,11 @@ async fn removed_variant_is_pruned() {
     let mut steps = steady_lists(&d_old);
     // The config changes (one variant), the canary's Service and Deployment go.
     steps.insert(
-        6,
+        7,
         Step::apply(&format!("{CORE}/configmaps/chat-sidecar-config")),
     );
-    steps.insert(8, Step::delete(&format!("{CORE}/services/chat-canary")));
-    steps.insert(9, Step::delete(&format!("{APPS}/deployments/chat-canary")));
+    steps.insert(9, Step::delete(&format!("{CORE}/services/chat-canary")));
+    steps.insert(10, Step::delete(&format!("{APPS}/deployments/chat-canary")));
     steps.push(Step::apply_status(&new));
     steps.push(Step::event("ns"));
     steps.push(Step::event("ns"));
@@ -298,8 +318,8 @@ async fn conflict_fails_the_reconcile_and_backs_off() {
     let (ctx, server) = Context::test();
     let model = Arc::new(model_from_yaml(MODEL));
     let mut steps = create_steps(&model);
-    steps.truncate(4);
-    steps[3] = steps[3].clone().fails_with(409);
+    steps.truncate(5);
+    steps[4] = steps[4].clone().fails_with(409);
     let verifier = server.run(steps);
     let err = reconcile(model.clone(), ctx.clone())
         .await

@@ -81,7 +81,10 @@ pub enum ScrapeError {
 /// Reads the samples a pod exports. Object-safe so the controller can hold any source.
 pub trait MetricsSource: Send + Sync {
     /// Scrapes `pod`'s `/metrics`.
-    fn scrape<'a>(&'a self, pod: &'a PodEndpoint) -> BoxFuture<'a, Result<Vec<Sample>, ScrapeError>>;
+    fn scrape<'a>(
+        &'a self,
+        pod: &'a PodEndpoint,
+    ) -> BoxFuture<'a, Result<Vec<Sample>, ScrapeError>>;
 }
 
 /// Scrapes over plain HTTP (the admin port is cluster-internal), with a timeout per pod.
@@ -130,7 +133,10 @@ impl Default for HttpMetricsSource {
 }
 
 impl MetricsSource for HttpMetricsSource {
-    fn scrape<'a>(&'a self, pod: &'a PodEndpoint) -> BoxFuture<'a, Result<Vec<Sample>, ScrapeError>> {
+    fn scrape<'a>(
+        &'a self,
+        pod: &'a PodEndpoint,
+    ) -> BoxFuture<'a, Result<Vec<Sample>, ScrapeError>> {
         Box::pin(async move {
             let url = format!("{}/metrics", pod.admin_url);
             let text = tokio::time::timeout(self.timeout, self.fetch(&url))
@@ -168,7 +174,10 @@ pub fn pod_endpoints(pods: &[Pod]) -> Vec<PodEndpoint> {
 }
 
 /// Scrapes every pod at once and reads its config generation.
-pub async fn pod_generations(source: &dyn MetricsSource, pods: &[PodEndpoint]) -> Vec<PodGeneration> {
+pub async fn pod_generations(
+    source: &dyn MetricsSource,
+    pods: &[PodEndpoint],
+) -> Vec<PodGeneration> {
     futures::future::join_all(pods.iter().map(|pod| async move {
         PodGeneration {
             pod: pod.name.clone(),
@@ -265,11 +274,7 @@ fn parse_labels<'a>(
         }
         let eq = s.find('=').ok_or("label without '='")?;
         let key = s[..eq].trim();
-        if key.is_empty()
-            || !key
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_')
-        {
+        if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return Err(format!("bad label name {key:?}"));
         }
         s = s[eq + 1..].trim_start();
@@ -361,11 +366,20 @@ sluice_x{} NaN\n\
         let g = |text: &str| config_generation(&parse_prometheus_text(text).expect("parses"));
         assert_eq!(g("sluice_config_generation 0\n"), Ok(0));
         assert_eq!(g("other 1\n"), Err(ScrapeError::NoGeneration));
-        assert_eq!(g("sluice_config_generation 1.5\n"), Err(ScrapeError::NoGeneration));
-        assert_eq!(g("sluice_config_generation -1\n"), Err(ScrapeError::NoGeneration));
+        assert_eq!(
+            g("sluice_config_generation 1.5\n"),
+            Err(ScrapeError::NoGeneration)
+        );
+        assert_eq!(
+            g("sluice_config_generation -1\n"),
+            Err(ScrapeError::NoGeneration)
+        );
         // Every sealed generation (< 2^48) survives the float64 gauge exactly.
         let max = (1u64 << 48) - 1;
-        assert_eq!(g(&format!("sluice_config_generation {}\n", max as f64)), Ok(max));
+        assert_eq!(
+            g(&format!("sluice_config_generation {}\n", max as f64)),
+            Ok(max)
+        );
     }
 
     #[test]

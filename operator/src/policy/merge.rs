@@ -135,10 +135,7 @@ impl KeysMount {
 impl KeysSecrets {
     /// Records that Secret `name` exists with these entries.
     pub fn insert(&mut self, name: impl Into<String>, entries: impl IntoIterator<Item = String>) {
-        self.0
-            .entry(name.into())
-            .or_default()
-            .extend(entries);
+        self.0.entry(name.into()).or_default().extend(entries);
     }
 
     /// From Secrets read from the cluster (entry names of `data` and `stringData`).
@@ -276,7 +273,9 @@ pub fn check_policy(policy: &RateLimitPolicy) -> Result<(), String> {
     if let Some(header) = spec.identity.as_ref().and_then(|i| i.header.as_deref())
         && http::HeaderName::from_bytes(header.as_bytes()).is_err()
     {
-        return Err(format!("identity.header {header:?} is not a valid header name"));
+        return Err(format!(
+            "identity.header {header:?} is not a valid header name"
+        ));
     }
     Ok(())
 }
@@ -446,7 +445,8 @@ pub fn resolve(
                 .map(|(_, m)| m.as_str())
                 .collect::<Vec<_>>()
                 .join("; ");
-            message.push_str(": its rules are not applied there; declare the same identity or none");
+            message
+                .push_str(": its rules are not applied there; declare the same identity or none");
             if !v.applied_to.is_empty() {
                 message.push_str(&format!(" (applied to {})", v.applied_to.join(", ")));
             }

@@ -116,7 +116,10 @@ fn a_conflict_on_one_target_leaves_the_others_applied() {
             policy(
                 "wide",
                 2,
-                &format!("{}  selector: {{matchLabels: {{tier: a}}}}\n{RULE}", keys("keys-b")),
+                &format!(
+                    "{}  selector: {{matchLabels: {{tier: a}}}}\n{RULE}",
+                    keys("keys-b")
+                ),
             ),
         ],
     );
@@ -125,9 +128,16 @@ fn a_conflict_on_one_target_leaves_the_others_applied() {
     assert_eq!(wide.applied_to, ["n"]);
     let rejection = wide.rejection.as_ref().expect("conflict on m");
     assert_eq!(rejection.reason, REASON_CONFLICT);
-    assert!(rejection.message.contains("(applied to n)"), "{}", rejection.message);
+    assert!(
+        rejection.message.contains("(applied to n)"),
+        "{}",
+        rejection.message
+    );
     assert_eq!(rule_names(&r.models["n"]), ["wide/r"]);
-    assert_eq!(r.models["n"].keys.as_ref().map(|k| k.policy.as_str()), Some("wide"));
+    assert_eq!(
+        r.models["n"].keys.as_ref().map(|k| k.policy.as_str()),
+        Some("wide")
+    );
 }
 
 #[test]
@@ -157,10 +167,18 @@ fn a_missing_target_is_reported() {
     let r = run(&[model("m", "")], &[policy("p", 1, &to("gone"))]);
     let v = &r.policies["p"];
     assert_eq!(v.rejection.as_ref().map(|r| r.reason), Some(REASON_TARGET));
-    assert!(v.rejection.as_ref().is_some_and(|r| r.message.contains("gone")));
+    assert!(
+        v.rejection
+            .as_ref()
+            .is_some_and(|r| r.message.contains("gone"))
+    );
     let r = run(
         &[model("m", "")],
-        &[policy("p", 1, &format!("  selector: {{matchLabels: {{x: y}}}}\n{RULE}"))],
+        &[policy(
+            "p",
+            1,
+            &format!("  selector: {{matchLabels: {{x: y}}}}\n{RULE}"),
+        )],
     );
     assert_eq!(
         r.policies["p"].rejection.as_ref().map(|r| r.reason),
@@ -171,9 +189,18 @@ fn a_missing_target_is_reported() {
 #[test]
 fn invalid_policies_are_refused_with_the_reason_and_change_nothing_else() {
     let cases = [
-        ("  rules:\n    - {name: r, requestsPerMinute: 0}\n", "must be positive"),
-        ("  rules:\n    - {name: r, maxConcurrent: 2, burst: 5}\n", "burst applies only"),
-        ("  rules:\n    - {name: r, maxConcurrent: 2}\n    - {name: r, maxConcurrent: 3}\n", "unique"),
+        (
+            "  rules:\n    - {name: r, requestsPerMinute: 0}\n",
+            "must be positive",
+        ),
+        (
+            "  rules:\n    - {name: r, maxConcurrent: 2, burst: 5}\n",
+            "burst applies only",
+        ),
+        (
+            "  rules:\n    - {name: r, maxConcurrent: 2}\n    - {name: r, maxConcurrent: 3}\n",
+            "unique",
+        ),
         ("  rules:\n    - {name: r}\n", "at least one limit"),
         ("  rules: []\n", "at least one rule"),
     ];
@@ -183,7 +210,11 @@ fn invalid_policies_are_refused_with_the_reason_and_change_nothing_else() {
         let r = run(&[model("m", "")], &[bad, good]);
         let rejection = r.policies["bad"].rejection.clone().expect("rejected");
         assert_eq!(rejection.reason, REASON_INVALID, "{rules}");
-        assert!(rejection.message.contains(expected), "{}", rejection.message);
+        assert!(
+            rejection.message.contains(expected),
+            "{}",
+            rejection.message
+        );
         assert_eq!(rule_names(&r.models["m"]), ["good/r"], "{rules}");
     }
     let both = policy("both", 1, &format!("  selector: {{}}\n{}", to("m")));
@@ -212,10 +243,17 @@ fn a_missing_keys_secret_or_entry_is_reported() {
             ),
         ],
     );
-    for (name, expected) in [("p", "\"nope\" does not exist"), ("q", "no entry \"other.yaml\"")] {
+    for (name, expected) in [
+        ("p", "\"nope\" does not exist"),
+        ("q", "no entry \"other.yaml\""),
+    ] {
         let rejection = r.policies[name].rejection.clone().expect("rejected");
         assert_eq!(rejection.reason, REASON_KEYS_SECRET);
-        assert!(rejection.message.contains(expected), "{}", rejection.message);
+        assert!(
+            rejection.message.contains(expected),
+            "{}",
+            rejection.message
+        );
     }
     assert_eq!(r.models["m"], ModelLimits::default());
 }
@@ -283,7 +321,10 @@ fn shares_split_over_ready_pods() {
 #[test]
 fn key_volumes_depend_only_on_the_mount_and_round_trip() {
     let models = [model("m", "")];
-    let before = run(&models, &[policy("p", 1, &format!("{}{}", keys("keys-a"), to("m")))]);
+    let before = run(
+        &models,
+        &[policy("p", 1, &format!("{}{}", keys("keys-a"), to("m")))],
+    );
     let after = run(
         &models,
         &[policy(
@@ -297,7 +338,10 @@ fn key_volumes_depend_only_on_the_mount_and_round_trip() {
     );
     let (b, a) = (&before.models["m"], &after.models["m"]);
     assert_ne!(b.rules, a.rules);
-    assert_eq!(key_secret_volumes(b.keys.as_ref()), key_secret_volumes(a.keys.as_ref()));
+    assert_eq!(
+        key_secret_volumes(b.keys.as_ref()),
+        key_secret_volumes(a.keys.as_ref())
+    );
 
     let vols = key_secret_volumes(b.keys.as_ref());
     assert_eq!(vols.len(), 1);
@@ -344,14 +388,20 @@ fn applying_limits_reseals_the_generation() {
     let a = run(&models, &[policy("p", 1, &to("m"))]);
     let b = run(
         &models,
-        &[policy("p", 1, "  targetRef: {name: m}\n  rules:\n    - {name: r, per: Key, requestsPerMinute: 11}\n")],
+        &[policy(
+            "p",
+            1,
+            "  targetRef: {name: m}\n  rules:\n    - {name: r, per: Key, requestsPerMinute: 11}\n",
+        )],
     );
     let ca = apply_limits(base_config(), &a.models["m"]).expect("valid");
     let cb = apply_limits(base_config(), &b.models["m"]).expect("valid");
     assert_ne!(ca.generation, cb.generation);
     assert!(ca.generation > 0 && ca.generation < 1 << 48);
     assert_eq!(
-        apply_limits(ca.clone(), &a.models["m"]).expect("valid").generation,
+        apply_limits(ca.clone(), &a.models["m"])
+            .expect("valid")
+            .generation,
         ca.generation
     );
     let none = apply_limits(base_config(), &ModelLimits::default()).expect("valid");
