@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 export SLUICE_TEST_MODEL ?= $(abspath $(MODEL))
 export SLUICE_TEST_PYTHON ?= $(abspath $(PY))
 
-.PHONY: demo test model crds lint bench bench-anchor bench-operator render e2e images venv fmt test-py test-chart chart-crds argocd-cm-patch
+.PHONY: demo test model crds lint bench bench-anchor bench-limits bench-operator render e2e images venv fmt test-py test-chart chart-crds argocd-cm-patch
 
 ## model: fetch the embedded default model once into $(MODEL_DIR)
 model: $(MODEL)
@@ -82,6 +82,14 @@ demo: model
 ## bench: engine in-process vs over HTTP (tok/s, TTFT, 8 streams, dtype and weight variants)
 bench: model
 	$(CARGO) bench --profile dev -p sluice-sidecar --bench throughput
+	$(CARGO) bench --profile dev -p sluice-sidecar --bench forwarding
+
+## bench-limits: rate-limit admission (p99, vs governor), memory of 1M keys, 1,000-rule reload.
+# The dev profile builds only dependencies optimised; this one crate is rebuilt at opt-level 3
+# for it (its own artifacts; every dependency is reused).
+bench: bench-limits
+bench-limits:
+	$(CARGO) bench --profile dev --config 'profile.dev.package.sluice-sidecar.opt-level=3' -p sluice-sidecar --bench limits
 
 ## bench-operator: desired-state computation for one InferenceModel (2 variants) vs an empty baseline
 bench: bench-operator

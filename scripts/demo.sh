@@ -64,4 +64,4 @@ JSON
 
 echo
 echo "== a few metrics (http://$admin/metrics) =="
-curl -fsS "http://$admin/metrics" | grep -E '^sluice_(requests_total|completion_tokens_total|time_to_first_token_seconds_(sum|count)|cold_start_seconds|model_load_seconds) ' || true
+curl -fsS "http://$admin/metrics" | grep -E '^sluice_(requests_total\{|completion_tokens_total |time_to_first_token_seconds_(sum|count)|cold_start_seconds |model_load_seconds )' || true

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscalerBehavior;
 use k8s_openapi::api::core::v1::{Affinity, Toleration};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::core::Duration;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -204,11 +204,11 @@ pub struct EngineSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 16))]
     pub context_length: Option<u32>,
-    /// Sequences the engine batches at once (continuous batching). Default 8.
+    /// Sequences the engine batches at once (continuous batching). Default 16.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1024))]
     pub max_concurrent_sequences: Option<u32>,
-    /// Completion tokens when a request sets no `max_tokens`. Default 256.
+    /// Completion tokens when a request sets no `max_tokens`. Default 2048 (capped by the context length).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub default_max_tokens: Option<u32>,
@@ -421,6 +421,46 @@ pub struct InferenceModelStatus {
     /// `name=desired/effective` per variant, for `kubectl get im`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights: Option<String>,
+    /// What the canary analysis decided for the current spec generation: rolled-back variants
+    /// and the progressive step. Reset when the spec changes (a new `metadata.generation`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
+}
+
+/// Canary analysis and progressive rollout state for one spec generation. The operator keeps it
+/// in status (never in spec), so Git stays the source of truth.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// The `metadata.generation` this state belongs to; a newer generation starts a fresh
+    /// analysis (rollbacks cleared, steps restarted).
+    pub generation: i64,
+    /// Variants rolled back (effective weight 0) by the analysis, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rolled_back: Vec<RolledBackVariant>,
+    /// Index into `spec.rollout.steps` of the step in force; absent without steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<i32>,
+    /// When the step in force started; its pause counts from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_started_at: Option<Time>,
+    /// The variant the steps apply to (the one being rolled out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_variant: Option<String>,
+    /// A breach the analysis found but did not roll back (`autoRollback` off, or the variant is
+    /// the last one serving traffic), with the measured numbers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// A variant the analysis took out of traffic.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RolledBackVariant {
+    /// The variant's name.
+    pub name: String,
+    /// What was measured, e.g. `error rate 12.0% > 5.0% over 40 requests in 5m`.
+    pub reason: String,
 }
 
 /// A variant's weights and pods.

@@ -1,1 +1,78 @@
-fn main() {}
+//! `sluice-sidecar`: thin entry point; the work is in the library.
+
+use std::{process::ExitCode, time::Instant};
+
+use clap::{Parser, Subcommand};
+use sluice_sidecar::config::{self, Quant, ServeArgs};
+
+/// The sluice data plane.
+#[derive(Debug, Parser)]
+#[command(name = "sluice-sidecar", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve a GGUF model over the OpenAI API.
+    Serve(Box<ServeArgs>),
+    /// Download a model's weights (resuming, verified) before `serve` starts: the init container.
+    Fetch(Box<sluice_sidecar::fetch::FetchArgs>),
+    /// Convert a GGUF model's weights to Q4_0 or Q8_0 (fast CPU kernels) and write a new file.
+    Convert {
+        /// Source GGUF.
+        #[arg(long, env = "SLUICE_MODEL")]
+        model: std::path::PathBuf,
+        /// Target quantization.
+        #[arg(long, value_enum)]
+        to: Quant,
+        /// Output file.
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let process_start = Instant::now();
+    let cli = Cli::parse();
+    match run(cli, process_start) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, for humans and for pod status.
+            eprintln!("sluice-sidecar: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli, process_start: Instant) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            config::check_cpu()?;
+            let config = args.validate()?;
+            sluice_sidecar::init_tracing(config.log_format);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(sluice_sidecar::serve(config, process_start))?;
+            Ok(())
+        }
+        Command::Fetch(args) => {
+            let config = args.validate()?;
+            sluice_sidecar::init_tracing(config.log_format);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(sluice_sidecar::fetch::fetch(&config))?;
+            Ok(())
+        }
+        Command::Convert { model, to, out } => {
+            sluice_sidecar::init_tracing(config::LogFormat::Text);
+            config::check_gguf(&model)?;
+            sluice_sidecar::convert::convert(&model, &out, to)?;
+            Ok(())
+        }
+    }
+}

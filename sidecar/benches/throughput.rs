@@ -1,0 +1,460 @@
+//! `make bench`: the engine in-process and the sidecar over HTTP, side by side, on the demo model.
+//!
+//! For each weight/dtype variant (in-process): prompt tok/s (prefill of a ~128-token prompt),
+//! single-stream decode tok/s, aggregate tok/s of 8 concurrent streams, and median time to first
+//! token of a short chat. Then the same for the default variant through the real binary over
+//! HTTP (SSE), so the sidecar's overhead is the difference.
+//!
+//! Environment: `SLUICE_TEST_MODEL` (the GGUF; the Makefile exports it), `SLUICE_BENCH_VARIANTS`
+//! (default `q4_1:f32,q4_1:auto,q8_0:f32,q4_0:f32`), `SLUICE_BENCH_HTTP_VARIANT` (default
+//! `q8_0:f32`), `SLUICE_THREADS`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use serde_json::json;
+use sluice_sidecar::{
+    config::{Activations, Quant},
+    convert,
+    engine::{ChatTurn, Engine, EngineSettings, Event, GenerationParams, Prompt},
+};
+
+const DECODE_TOKENS: usize = 64;
+const STREAMS: usize = 8;
+const TTFT_RUNS: usize = 15;
+
+#[derive(Clone, Copy, Debug)]
+struct Variant {
+    quant: Option<Quant>,
+    dtype: Activations,
+}
+
+impl Variant {
+    fn parse(s: &str) -> Self {
+        let (q, d) = s.split_once(':').unwrap_or((s, "f32"));
+        let quant = match q {
+            "q4_1" | "orig" => None,
+            "q4_0" => Some(Quant::Q4_0),
+            "q8_0" => Some(Quant::Q8_0),
+            "f16" => Some(Quant::F16),
+            other => panic!("unknown weights {other}"),
+        };
+        let dtype = match d {
+            "f32" => Activations::F32,
+            "f16" => Activations::F16,
+            "auto" => Activations::Auto,
+            "bf16" => Activations::Bf16,
+            other => panic!("unknown dtype {other}"),
+        };
+        Self { quant, dtype }
+    }
+
+    fn label(&self) -> String {
+        let q = match self.quant {
+            None => "q4_1",
+            Some(Quant::Q4_0) => "q4_0",
+            Some(Quant::Q8_0) => "q8_0",
+            Some(Quant::F16) => "f16",
+        };
+        format!("{q}/{:?}", self.dtype).to_lowercase()
+    }
+}
+
+/// Numbers of one variant.
+#[derive(Debug, Default)]
+struct Numbers {
+    prompt_tps: f64,
+    decode_tps: f64,
+    aggregate_tps: f64,
+    ttft_median_ms: f64,
+}
+
+fn model() -> PathBuf {
+    let p = std::env::var_os("SLUICE_TEST_MODEL")
+        .map(PathBuf::from)
+        .expect("SLUICE_TEST_MODEL is not set: run `make bench` (after `make model`)");
+    assert!(p.is_file(), "{} missing: run `make model`", p.display());
+    p
+}
+
+fn cache_dir() -> PathBuf {
+    std::env::var_os("SLUICE_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(".cache/converted"))
+}
+
+fn weights(model: &Path, v: Variant) -> PathBuf {
+    match v.quant {
+        None => model.to_owned(),
+        Some(q) => convert::ensure_converted(
+            model,
+            q,
+            &std::fs::canonicalize(".").unwrap().join(cache_dir()),
+        )
+        .unwrap(),
+    }
+}
+
+fn threads() -> Option<usize> {
+    std::env::var("SLUICE_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+}
+
+/// A ~128-token prompt; `salt` keeps runs from sharing a prefix.
+fn long_prompt(salt: usize) -> String {
+    let mut s = format!("Document {salt}. ");
+    while s.split_whitespace().count() < 100 {
+        s.push_str(
+            "The quick brown fox jumps over the lazy dog while the river flows to the sea. ",
+        );
+    }
+    s
+}
+
+fn counting_prompt(salt: usize) -> String {
+    format!("Sequence {salt}: 1, 2, 3, 4, 5, 6, 7,")
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+// === in-process ===
+
+struct Run {
+    first: Option<Instant>,
+    last: Option<Instant>,
+    tokens: usize,
+}
+
+async fn run_engine(engine: &Engine, prompt: Prompt, max_tokens: usize) -> (Instant, Run) {
+    let params = GenerationParams {
+        max_tokens: Some(max_tokens),
+        temperature: Some(0.0),
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let mut g = engine.submit(prompt, &params, true).await.unwrap();
+    let mut run = Run {
+        first: None,
+        last: None,
+        tokens: 0,
+    };
+    while let Some(e) = g.next().await {
+        match e {
+            Event::Delta { finish_reason, .. } => {
+                let now = Instant::now();
+                run.first.get_or_insert(now);
+                run.last = Some(now);
+                run.tokens += 1;
+                if finish_reason.is_some() {
+                    break;
+                }
+            }
+            Event::Done { usage, .. } => {
+                run.tokens = usage.completion_tokens;
+                break;
+            }
+            Event::Failed(e) => panic!("{e}"),
+        }
+    }
+    (start, run)
+}
+
+async fn bench_engine(model: &Path, v: Variant) -> Numbers {
+    let engine = Engine::load(&EngineSettings {
+        model: weights(model, v),
+        served_name: "bench".into(),
+        dtype: v.dtype,
+        threads: threads(),
+        max_seqs: 16,
+        max_queue: 64,
+        prefix_cache: 0,
+        context_length: None,
+    })
+    .await
+    .unwrap();
+    // Warm up.
+    run_engine(&engine, Prompt::Text(counting_prompt(999)), 8).await;
+
+    let mut prompt_rates = Vec::new();
+    for i in 0..3 {
+        let prompt = Prompt::Text(long_prompt(i));
+        let n = engine.count_prompt_tokens(&prompt).await.unwrap();
+        let (start, run) = run_engine(&engine, prompt, 1).await;
+        prompt_rates.push(n as f64 / run.first.unwrap().duration_since(start).as_secs_f64());
+    }
+    let mut decode_rates = Vec::new();
+    for i in 0..3 {
+        let (_, run) = run_engine(&engine, Prompt::Text(counting_prompt(i)), DECODE_TOKENS).await;
+        let span = run
+            .last
+            .unwrap()
+            .duration_since(run.first.unwrap())
+            .as_secs_f64();
+        decode_rates.push((run.tokens - 1) as f64 / span);
+    }
+    let start = Instant::now();
+    let runs = futures::future::join_all((0..STREAMS).map(|i| {
+        run_engine(
+            &engine,
+            Prompt::Text(counting_prompt(100 + i)),
+            DECODE_TOKENS,
+        )
+    }))
+    .await;
+    let total: usize = runs.iter().map(|(_, r)| r.tokens).sum();
+    let aggregate = total as f64 / start.elapsed().as_secs_f64();
+    let mut ttfts = Vec::new();
+    for i in 0..TTFT_RUNS {
+        let prompt = Prompt::Chat(vec![ChatTurn {
+            role: "user".into(),
+            content: format!("Say hello to person {i}."),
+        }]);
+        let (start, run) = run_engine(&engine, prompt, 1).await;
+        ttfts.push(run.first.unwrap().duration_since(start).as_secs_f64() * 1e3);
+    }
+    Numbers {
+        prompt_tps: median(prompt_rates),
+        decode_tps: median(decode_rates),
+        aggregate_tps: aggregate,
+        ttft_median_ms: median(ttfts),
+    }
+}
+
+// === over HTTP ===
+
+struct Server {
+    child: Child,
+    api: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn start_server(model: &Path, v: Variant) -> Server {
+    let (api, admin) = (free_port(), free_port());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice-sidecar"));
+    cmd.arg("serve")
+        .arg("--model")
+        .arg(weights(model, v))
+        .args([
+            "--served-name",
+            "bench",
+            "--prefix-cache",
+            "0",
+            "--max-seqs",
+            "16",
+        ])
+        .args(["--listen", &format!("127.0.0.1:{api}")])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+        .args(["--dtype", &format!("{:?}", v.dtype).to_lowercase()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    if let Some(t) = threads() {
+        cmd.args(["--threads", &t.to_string()]);
+    }
+    let child = cmd.spawn().unwrap();
+    let server = Server {
+        child,
+        api: format!("http://127.0.0.1:{api}"),
+    };
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let req = Request::get(format!("http://127.0.0.1:{admin}/readyz"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        if let Ok(res) = client.request(req).await
+            && res.status().is_success()
+        {
+            return server;
+        }
+        assert!(Instant::now() < deadline, "server not ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn run_http(api: &str, body: serde_json::Value, chat: bool) -> (Instant, Run) {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let path = if chat {
+        "chat/completions"
+    } else {
+        "completions"
+    };
+    let req = Request::post(format!("{api}/v1/{path}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(serde_json::to_vec(&body).unwrap())))
+        .unwrap();
+    let start = Instant::now();
+    let res = client.request(req).await.unwrap();
+    assert!(res.status().is_success(), "{}", res.status());
+    let mut body = res.into_body();
+    let mut run = Run {
+        first: None,
+        last: None,
+        tokens: 0,
+    };
+    let mut buf = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.unwrap().into_data() else {
+            continue;
+        };
+        buf.extend_from_slice(&data);
+        while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = buf.drain(..pos + 2).collect();
+            if event.starts_with(b"data: {") {
+                let now = Instant::now();
+                run.first.get_or_insert(now);
+                run.last = Some(now);
+                run.tokens += 1;
+            }
+        }
+    }
+    (start, run)
+}
+
+async fn bench_http(model: &Path, v: Variant) -> Numbers {
+    let server = start_server(model, v).await;
+    let api = server.api.clone();
+    let completion = |prompt: String, max: usize| json!({"model": "bench", "prompt": prompt, "max_tokens": max, "temperature": 0, "stream": true});
+    run_http(&api, completion(counting_prompt(999), 8), false).await;
+    let mut prompt_rates = Vec::new();
+    for i in 0..3 {
+        let prompt = long_prompt(i);
+        // Same tokenizer as in-process: count there would need the engine; use the server's
+        // usage instead.
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let req = Request::post(format!("{api}/v1/completions"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(
+                serde_json::to_vec(&json!({"model": "bench", "prompt": prompt, "max_tokens": 1}))
+                    .unwrap(),
+            )))
+            .unwrap();
+        let res = client.request(req).await.unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        let n = v["usage"]["prompt_tokens"].as_u64().unwrap() as f64;
+        let (start, run) = run_http(&api, completion(long_prompt(i + 10), 1), false).await;
+        prompt_rates.push(n / run.first.unwrap().duration_since(start).as_secs_f64());
+    }
+    let mut decode_rates = Vec::new();
+    for i in 0..3 {
+        let (_, run) = run_http(&api, completion(counting_prompt(i), DECODE_TOKENS), false).await;
+        let span = run
+            .last
+            .unwrap()
+            .duration_since(run.first.unwrap())
+            .as_secs_f64();
+        decode_rates.push((run.tokens - 1) as f64 / span);
+    }
+    let start = Instant::now();
+    let runs = futures::future::join_all((0..STREAMS).map(|i| {
+        run_http(
+            &api,
+            completion(counting_prompt(100 + i), DECODE_TOKENS),
+            false,
+        )
+    }))
+    .await;
+    let total: usize = runs.iter().map(|(_, r)| r.tokens).sum();
+    let aggregate = total as f64 / start.elapsed().as_secs_f64();
+    let mut ttfts = Vec::new();
+    for i in 0..TTFT_RUNS {
+        let body = json!({"model": "bench", "max_tokens": 1, "temperature": 0, "stream": true,
+            "messages": [{"role": "user", "content": format!("Say hello to person {i}.")}]});
+        let (start, run) = run_http(&api, body, true).await;
+        ttfts.push(run.first.unwrap().duration_since(start).as_secs_f64() * 1e3);
+    }
+    Numbers {
+        prompt_tps: median(prompt_rates),
+        decode_tps: median(decode_rates),
+        aggregate_tps: aggregate,
+        ttft_median_ms: median(ttfts),
+    }
+}
+
+fn print_row(label: &str, n: &Numbers) {
+    println!(
+        "| {label:<22} | {:>9.1} | {:>9.1} | {:>12.1} | {:>6.2}x | {:>9.1} |",
+        n.prompt_tps,
+        n.decode_tps,
+        n.aggregate_tps,
+        n.aggregate_tps / n.decode_tps,
+        n.ttft_median_ms
+    );
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing else to parse.
+    let model = model();
+    let variants: Vec<Variant> = std::env::var("SLUICE_BENCH_VARIANTS")
+        .unwrap_or_else(|_| "q4_1:f32,q4_1:auto,q8_0:f32,q4_0:f32".into())
+        .split(',')
+        .map(Variant::parse)
+        .collect();
+    let http_variant = Variant::parse(
+        &std::env::var("SLUICE_BENCH_HTTP_VARIANT").unwrap_or_else(|_| "q8_0:f32".into()),
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    println!(
+        "model {} | threads {} | prompt ~128 tok, decode {DECODE_TOKENS} tok, {STREAMS} streams, prefix cache off",
+        model.display(),
+        threads().map_or("all".into(), |t| t.to_string())
+    );
+    println!(
+        "| variant                | prompt t/s | decode t/s | {STREAMS}-stream t/s | vs 1   | TTFT ms |"
+    );
+    println!(
+        "|------------------------|-----------:|-----------:|-------------:|-------:|--------:|"
+    );
+    let mut in_process = None;
+    for v in &variants {
+        let n = rt.block_on(bench_engine(&model, *v));
+        print_row(&format!("engine {}", v.label()), &n);
+        if v.label() == http_variant.label() {
+            in_process = Some(n);
+        }
+    }
+    let in_process = in_process.unwrap_or_else(|| {
+        let n = rt.block_on(bench_engine(&model, http_variant));
+        print_row(&format!("engine {}", http_variant.label()), &n);
+        n
+    });
+    let http = rt.block_on(bench_http(&model, http_variant));
+    print_row(&format!("http   {}", http_variant.label()), &http);
+    println!(
+        "sidecar overhead ({}): decode {:+.1}%, {STREAMS}-stream {:+.1}%, median TTFT {:+.2} ms",
+        http_variant.label(),
+        (http.decode_tps / in_process.decode_tps - 1.0) * 100.0,
+        (http.aggregate_tps / in_process.aggregate_tps - 1.0) * 100.0,
+        http.ttft_median_ms - in_process.ttft_median_ms
+    );
+}

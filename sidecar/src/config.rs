@@ -1,0 +1,590 @@
+//! Flags and environment variables, parsed once into typed configuration. Everything that can be
+//! checked before a port is bound is checked here, so a bad setting exits non-zero with a
+//! one-line reason.
+
+use std::{
+    io::Read,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use sluice_crds::SidecarConfig;
+use sluice_crds::sidecar_config::{SIDECAR_CONFIG_VERSION, VariantRoute};
+
+use crate::{
+    error::{Error, Result},
+    routing::ForwardToken,
+};
+
+/// `sluice-sidecar serve` flags. Every flag can also be set with the `SLUICE_*` variable named
+/// beside it.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ServeArgs {
+    /// GGUF model file to serve.
+    #[arg(long, env = "SLUICE_MODEL")]
+    pub model: PathBuf,
+
+    /// Model id clients send and `/v1/models` lists (default: the config's `model`, else the
+    /// file name without `.gguf`).
+    #[arg(long, env = "SLUICE_SERVED_NAME")]
+    pub served_name: Option<String>,
+
+    /// Sidecar config document (YAML, `sluice_crds::SidecarConfig`), e.g. the ConfigMap mounted
+    /// as a file; re-read on change (in-place writes and Kubernetes' `..data` symlink swaps).
+    #[arg(long, env = "SLUICE_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Watch the sidecar config in this ConfigMap (`NAMESPACE/NAME`, key `sidecar.yaml`) through
+    /// the Kubernetes API; the pod's service account needs get/list/watch on it only.
+    #[arg(long, env = "SLUICE_CONFIGMAP", value_name = "NAMESPACE/NAME")]
+    pub configmap: Option<String>,
+
+    /// While no valid config document is in force, serve without rate limits (instead of
+    /// staying unready and refusing requests).
+    #[arg(long, env = "SLUICE_ALLOW_UNLIMITED")]
+    pub allow_unlimited: bool,
+
+    /// Completion cap of requests that set no `max_tokens` (and what token limits reserve for
+    /// them); 0: the rest of the context window.
+    #[arg(long, env = "SLUICE_DEFAULT_MAX_TOKENS", default_value_t = 2048)]
+    pub default_max_tokens: usize,
+
+    /// Context window in tokens (prompt plus completion), at most the model's own; requests
+    /// that do not fit get 400 `context_length_exceeded`. Default: the model's.
+    #[arg(long, env = "SLUICE_CONTEXT_LENGTH")]
+    pub context_length: Option<usize>,
+
+    /// Sampling temperature of requests that set none (0 to 2; 0 is greedy). Default: greedy.
+    #[arg(long, env = "SLUICE_DEFAULT_TEMPERATURE")]
+    pub default_temperature: Option<f64>,
+
+    /// Nucleus sampling mass (`top_p`) of requests that set none (0 to 1; 0 keeps only the
+    /// most likely token, i.e. greedy). Default: no nucleus cut.
+    #[arg(long, env = "SLUICE_DEFAULT_TOP_P")]
+    pub default_top_p: Option<f64>,
+
+    /// Address of the OpenAI API.
+    #[arg(long, env = "SLUICE_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Address of the admin endpoints (`/healthz`, `/readyz`, `/metrics`).
+    #[arg(long, env = "SLUICE_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    pub admin_listen: SocketAddr,
+
+    /// Largest request body accepted, in bytes; larger bodies get 413.
+    #[arg(long, env = "SLUICE_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+
+    /// Sequences the engine batches at once (continuous batching); also the number of requests
+    /// in flight in the engine.
+    #[arg(long, env = "SLUICE_MAX_SEQS", default_value_t = 16)]
+    pub max_seqs: usize,
+
+    /// Requests that may wait for an engine slot; beyond that new requests get 503.
+    #[arg(long, env = "SLUICE_MAX_QUEUE", default_value_t = 64)]
+    pub max_queue: usize,
+
+    /// Per-request timeout in seconds (queueing plus generation); 503 when exceeded.
+    #[arg(long, env = "SLUICE_REQUEST_TIMEOUT_SECS", default_value_t = 300.0)]
+    pub request_timeout_secs: f64,
+
+    /// On SIGTERM, seconds in-flight requests get to finish before the process exits.
+    #[arg(long, env = "SLUICE_DRAIN_GRACE_SECS", default_value_t = 30.0)]
+    pub drain_grace_secs: f64,
+
+    /// CPU threads for the engine's kernels (default: all cores).
+    #[arg(long, env = "SLUICE_THREADS")]
+    pub threads: Option<usize>,
+
+    /// Activation dtype. On CPU `f32` is fastest (F16, which `auto` picks, is ~16% slower).
+    #[arg(long, env = "SLUICE_DTYPE", value_enum, default_value_t = Activations::F32)]
+    pub dtype: Activations,
+
+    /// Convert the weights once to a quantization with fast CPU kernels (cached beside
+    /// `--cache-dir`). Q4_1 has no AVX path in candle; Q4_0 and Q8_0 do.
+    #[arg(long, env = "SLUICE_CONVERT", value_enum)]
+    pub convert: Option<Quant>,
+
+    /// Where converted weights are cached (default: `$XDG_CACHE_HOME/sluice` or
+    /// `$HOME/.cache/sluice`).
+    #[arg(long, env = "SLUICE_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Sequences kept in the engine's prefix cache (0 disables it).
+    #[arg(long, env = "SLUICE_PREFIX_CACHE", default_value_t = 16)]
+    pub prefix_cache: usize,
+
+    /// Log format.
+    #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// The variant of the model this pod serves (default: the config's first variant).
+    #[arg(long, env = "SLUICE_VARIANT")]
+    pub variant: Option<String>,
+
+    /// File holding the model's forwarding token (a mounted Secret). Without it this sidecar
+    /// neither forwards requests to other variants nor accepts forwarded ones.
+    #[arg(long, env = "SLUICE_FORWARD_TOKEN_FILE")]
+    pub forward_token_file: Option<PathBuf>,
+
+    /// Seconds a forward to another variant may take to connect before the request falls back.
+    #[arg(
+        long,
+        env = "SLUICE_FORWARD_CONNECT_TIMEOUT_SECS",
+        default_value_t = 1.0
+    )]
+    pub forward_connect_timeout_secs: f64,
+}
+
+/// Activation dtype of the engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Activations {
+    /// Let mistral.rs choose (F16 on CPU).
+    Auto,
+    /// 32-bit floats: fastest on CPU.
+    F32,
+    /// 16-bit floats.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+/// Weight quantizations the sidecar can convert to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Quant {
+    /// 4-bit, block 32, one scale: AVX2 kernel, ~same size as Q4_1.
+    #[value(name = "q4_0")]
+    Q4_0,
+    /// 8-bit, block 32: AVX2 kernel, best quality, ~1.9x the size of Q4_1.
+    #[value(name = "q8_0")]
+    Q8_0,
+    /// Dense F16 weights (dequantized once, lossless w.r.t. the source): candle runs them
+    /// through its batched GEMM, so prefill and many concurrent streams scale, at ~4x the
+    /// memory of Q4_1 and a slower single stream.
+    #[value(name = "f16")]
+    F16,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Validated configuration of `serve`.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// The GGUF file as given.
+    pub model: PathBuf,
+    /// The id clients use.
+    pub served_name: String,
+    /// The initial sidecar config document (synthesised when no `--config` is given).
+    pub sidecar: Arc<SidecarConfig>,
+    /// Where the config came from, for the watcher.
+    pub config_path: Option<PathBuf>,
+    /// Where config documents come from (file, ConfigMap) and whether to serve unlimited
+    /// without one.
+    pub sources: crate::watch::Sources,
+    /// Completion cap of requests without `max_tokens` (`None`: the context window).
+    pub default_max_tokens: Option<usize>,
+    /// Cap on the engine's context window (`None`: the model's).
+    pub context_length: Option<usize>,
+    /// Sampling defaults of requests that set none.
+    pub sampling_defaults: crate::server::SamplingDefaults,
+    /// API address.
+    pub listen: SocketAddr,
+    /// Admin address.
+    pub admin_listen: SocketAddr,
+    /// Body size limit.
+    pub max_body_bytes: usize,
+    /// Engine batch size / engine slots.
+    pub max_seqs: usize,
+    /// Queue bound.
+    pub max_queue: usize,
+    /// Per-request timeout.
+    pub request_timeout: Duration,
+    /// Grace period on SIGTERM.
+    pub drain_grace: Duration,
+    /// Kernel threads.
+    pub threads: Option<usize>,
+    /// Activation dtype.
+    pub dtype: Activations,
+    /// Weight conversion, if any.
+    pub convert: Option<Quant>,
+    /// Cache for converted weights.
+    pub cache_dir: PathBuf,
+    /// Prefix cache size (0: off).
+    pub prefix_cache: usize,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// This pod's variant.
+    pub variant: String,
+    /// The forwarding token, when forwarding is enabled.
+    pub forward_token: Option<ForwardToken>,
+    /// Connect timeout of forwards.
+    pub forward_connect_timeout: Duration,
+}
+
+// === impl ServeArgs ===
+
+impl ServeArgs {
+    /// Checks every flag and reads the config file; errors name the flag.
+    pub fn validate(self) -> Result<ServeConfig> {
+        check_gguf(&self.model)?;
+        // An unreadable or invalid document is not fatal: the watcher reports it (log, metric)
+        // and the sidecar stays unready until a valid one arrives (or serves unlimited with
+        // --allow-unlimited).
+        let sidecar = self
+            .config
+            .as_deref()
+            .and_then(|path| std::fs::read_to_string(path).ok())
+            .and_then(|text| SidecarConfig::from_yaml(&text).ok());
+        let configmap = match self.configmap.as_deref() {
+            None => None,
+            Some(v) => match v.split_once('/') {
+                Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                    Some((ns.to_owned(), name.to_owned()))
+                }
+                _ => {
+                    return Err(Error::Config(format!(
+                        "--configmap {v:?}: expected NAMESPACE/NAME"
+                    )));
+                }
+            },
+        };
+        let served_name = match (&self.served_name, &sidecar) {
+            (Some(name), _) => name.clone(),
+            (None, Some(doc)) => doc.model.clone(),
+            (None, None) => default_served_name(&self.model),
+        };
+        if served_name.is_empty() {
+            return Err(Error::Config("--served-name must not be empty".into()));
+        }
+        let sidecar = sidecar.unwrap_or_else(|| default_sidecar_config(&served_name));
+        if self.max_seqs == 0 {
+            return Err(Error::Config("--max-seqs must be at least 1".into()));
+        }
+        if self.max_body_bytes < 1024 {
+            return Err(Error::Config(
+                "--max-body-bytes must be at least 1024".into(),
+            ));
+        }
+        if matches!(self.threads, Some(0)) {
+            return Err(Error::Config("--threads must be at least 1".into()));
+        }
+        if let Some(n) = self.context_length
+            && n < 16
+        {
+            return Err(Error::Config(format!(
+                "--context-length {n} is too small: it must be at least 16 tokens"
+            )));
+        }
+        if let Some(t) = self.default_temperature
+            && !(0.0..=2.0).contains(&t)
+        {
+            return Err(Error::Config(format!(
+                "--default-temperature {t} is out of range: it must be between 0 and 2"
+            )));
+        }
+        if let Some(p) = self.default_top_p
+            && !(0.0..=1.0).contains(&p)
+        {
+            return Err(Error::Config(format!(
+                "--default-top-p {p} is out of range: it must be between 0 and 1"
+            )));
+        }
+        let request_timeout = positive_secs("--request-timeout-secs", self.request_timeout_secs)?;
+        let drain_grace = positive_secs("--drain-grace-secs", self.drain_grace_secs)?;
+        let cache_dir = self.cache_dir.unwrap_or_else(default_cache_dir);
+        let variant = match self.variant {
+            Some(v) if v.is_empty() => {
+                return Err(Error::Config("--variant must not be empty".into()));
+            }
+            Some(v) => v,
+            // The config always has at least one variant (validated).
+            None => sidecar
+                .variants
+                .first()
+                .map_or_else(|| "default".to_owned(), |v| v.name.clone()),
+        };
+        let forward_token = self
+            .forward_token_file
+            .as_deref()
+            .map(ForwardToken::from_file)
+            .transpose()?;
+        let forward_connect_timeout = positive_secs(
+            "--forward-connect-timeout-secs",
+            self.forward_connect_timeout_secs,
+        )?;
+        Ok(ServeConfig {
+            model: self.model,
+            served_name,
+            sidecar: Arc::new(sidecar),
+            sources: crate::watch::Sources {
+                file: self.config.clone(),
+                configmap,
+                allow_unlimited: self.allow_unlimited,
+            },
+            default_max_tokens: (self.default_max_tokens > 0).then_some(self.default_max_tokens),
+            context_length: self.context_length,
+            sampling_defaults: crate::server::SamplingDefaults {
+                temperature: self.default_temperature,
+                top_p: self.default_top_p,
+            },
+            config_path: self.config,
+            listen: self.listen,
+            admin_listen: self.admin_listen,
+            max_body_bytes: self.max_body_bytes,
+            max_seqs: self.max_seqs,
+            max_queue: self.max_queue,
+            request_timeout,
+            drain_grace,
+            threads: self.threads,
+            dtype: self.dtype,
+            convert: self.convert,
+            cache_dir,
+            prefix_cache: self.prefix_cache,
+            log_format: self.log_format,
+            variant,
+            forward_token,
+            forward_connect_timeout,
+        })
+    }
+}
+
+fn positive_secs(flag: &str, secs: f64) -> Result<Duration> {
+    if !(secs.is_finite() && secs > 0.0) {
+        return Err(Error::Config(format!(
+            "{flag} must be a positive number of seconds"
+        )));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Checks that `path` is a readable GGUF file (magic bytes), so a wrong path fails at start-up
+/// with a clear reason instead of deep inside the loader.
+pub fn check_gguf(path: &Path) -> Result<()> {
+    let mut file = std::fs::File::open(path)
+        .map_err(|e| Error::Model(format!("cannot read --model {}: {e}", path.display())))?;
+    let mut magic = [0u8; 4];
+    let read = file.read_exact(&mut magic);
+    if let Err(e) = &read
+        && e.kind() != std::io::ErrorKind::UnexpectedEof
+    {
+        return Err(Error::Model(format!(
+            "cannot read --model {}: {e}",
+            path.display()
+        )));
+    }
+    if read.is_err() || &magic != b"GGUF" {
+        return Err(Error::Model(format!(
+            "--model {} is not a GGUF file",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// `SmolLM2-135M-Instruct.Q4_1.gguf` -> `SmolLM2-135M-Instruct.Q4_1`.
+pub fn default_served_name(model: &Path) -> String {
+    model
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".to_owned())
+}
+
+/// The config a sidecar runs with when none is given: one local variant, no limits.
+pub fn default_sidecar_config(model: &str) -> SidecarConfig {
+    SidecarConfig {
+        version: SIDECAR_CONFIG_VERSION.to_owned(),
+        generation: 0,
+        model: model.to_owned(),
+        variants: vec![VariantRoute {
+            name: "default".to_owned(),
+            weight: 100,
+            address: None,
+        }],
+        routing: Default::default(),
+        identity: Default::default(),
+        rules: Vec::new(),
+        replica_share: 1.0,
+        saturation: Default::default(),
+    }
+}
+
+fn default_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(dir).join("sluice");
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        return PathBuf::from(home).join(".cache").join("sluice");
+    }
+    std::env::temp_dir().join("sluice")
+}
+
+/// Refuses to run on an x86-64 CPU without AVX2 and FMA: the build targets x86-64-v3 and
+/// candle's quantized kernels need them.
+pub fn check_cpu() -> Result<()> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let missing: Vec<&str> = [
+            ("avx2", std::is_x86_feature_detected!("avx2")),
+            ("fma", std::is_x86_feature_detected!("fma")),
+            ("f16c", std::is_x86_feature_detected!("f16c")),
+        ]
+        .into_iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(name, _)| name)
+        .collect();
+        if !missing.is_empty() {
+            return Err(Error::Config(format!(
+                "this CPU lacks {}; sluice-sidecar is built for x86-64-v3 (AVX2+FMA+F16C) and \
+                 needs a CPU that has them",
+                missing.join("+")
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn gguf_file() -> tempfile_like::TempFile {
+        tempfile_like::TempFile::with_bytes(b"GGUF\x03\x00\x00\x00")
+    }
+
+    mod tempfile_like {
+        use std::path::PathBuf;
+        /// A file in the temp dir removed on drop (no extra dependency for one test helper).
+        pub struct TempFile(pub PathBuf);
+        impl TempFile {
+            pub fn with_bytes(bytes: &[u8]) -> Self {
+                static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+                let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let path = std::env::temp_dir()
+                    .join(format!("sluice-test-{}-{n}.gguf", std::process::id()));
+                std::fs::write(&path, bytes).unwrap();
+                Self(path)
+            }
+        }
+        impl Drop for TempFile {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn defaults_and_served_name_from_file() {
+        let f = gguf_file();
+        let cli = Cli::try_parse_from(["x", "--model", f.0.to_str().unwrap()]).unwrap();
+        let cfg = cli.serve.validate().unwrap();
+        assert_eq!(cfg.listen.port(), 8080);
+        assert_eq!(cfg.admin_listen.port(), 9090);
+        assert_eq!(cfg.dtype, Activations::F32);
+        assert!(cfg.served_name.starts_with("sluice-test-"));
+        assert_eq!(cfg.sidecar.model, cfg.served_name);
+        // Routing: the config's first variant, no forwarding.
+        assert_eq!(cfg.variant, "default");
+        assert!(cfg.forward_token.is_none());
+        let cli = Cli::try_parse_from(["x", "--model", f.0.to_str().unwrap(), "--variant", ""]);
+        assert!(cli.unwrap().serve.validate().is_err(), "empty --variant");
+    }
+
+    #[test]
+    fn rejects_non_gguf_and_missing_model() {
+        let f = tempfile_like::TempFile::with_bytes(b"nope");
+        let cli = Cli::try_parse_from(["x", "--model", f.0.to_str().unwrap()]).unwrap();
+        let err = cli.serve.validate().unwrap_err().to_string();
+        assert!(err.contains("not a GGUF file"), "{err}");
+        let cli = Cli::try_parse_from(["x", "--model", "/nonexistent.gguf"]).unwrap();
+        let err = cli.serve.validate().unwrap_err().to_string();
+        assert!(err.contains("cannot read --model"), "{err}");
+    }
+
+    #[test]
+    fn rejects_bad_numbers() {
+        let f = gguf_file();
+        let p = f.0.to_str().unwrap();
+        assert!(Cli::try_parse_from(["x", "--model", p, "--max-seqs", "abc"]).is_err());
+        let cli = Cli::try_parse_from(["x", "--model", p, "--request-timeout-secs=-1"]).unwrap();
+        assert!(cli.serve.validate().is_err());
+        assert!(Cli::try_parse_from(["x", "--model", p, "--convert", "q5_k"]).is_err());
+        let cli = Cli::try_parse_from(["x", "--model", p, "--convert", "q8_0"]).unwrap();
+        assert_eq!(cli.serve.convert, Some(Quant::Q8_0));
+    }
+
+    #[test]
+    fn engine_defaults_the_operator_renders() {
+        let f = gguf_file();
+        let p = f.0.to_str().unwrap();
+        let cli = Cli::try_parse_from([
+            "x",
+            "--model",
+            p,
+            "--context-length",
+            "512",
+            "--default-max-tokens",
+            "64",
+            "--default-temperature",
+            "0.7",
+            "--default-top-p",
+            "0.9",
+        ])
+        .unwrap();
+        let cfg = cli.serve.validate().unwrap();
+        assert_eq!(cfg.context_length, Some(512));
+        assert_eq!(cfg.default_max_tokens, Some(64));
+        assert_eq!(cfg.sampling_defaults.temperature, Some(0.7));
+        assert_eq!(cfg.sampling_defaults.top_p, Some(0.9));
+        // Unset: the model's window and the engine's sampling.
+        let cfg = Cli::try_parse_from(["x", "--model", p])
+            .unwrap()
+            .serve
+            .validate()
+            .unwrap();
+        assert_eq!(cfg.context_length, None);
+        assert_eq!(cfg.sampling_defaults, Default::default());
+        // Bounds are inclusive.
+        for ok in [
+            ["--context-length", "16"],
+            ["--default-temperature", "0"],
+            ["--default-temperature", "2"],
+            ["--default-top-p", "0"],
+            ["--default-top-p", "1"],
+        ] {
+            let cli = Cli::try_parse_from(["x", "--model", p, ok[0], ok[1]]).unwrap();
+            assert!(cli.serve.validate().is_ok(), "{ok:?}");
+        }
+        for bad in [
+            "--context-length=15",
+            "--default-temperature=2.5",
+            "--default-temperature=-0.1",
+            "--default-temperature=NaN",
+            "--default-top-p=1.5",
+            "--default-top-p=-1",
+        ] {
+            let cli = Cli::try_parse_from(["x", "--model", p, bad]).unwrap();
+            let err = cli.serve.validate().unwrap_err().to_string();
+            let flag = bad.split('=').next().unwrap_or_default();
+            assert!(err.contains(flag), "{bad}: {err}");
+        }
+        assert!(Cli::try_parse_from(["x", "--model", p, "--context-length", "-1"]).is_err());
+    }
+}

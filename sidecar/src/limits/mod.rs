@@ -1,0 +1,973 @@
+//! Rate limits: request-, token- and byte-level limits from the sidecar config document,
+//! enforced at admission with a reservation that is settled when the response ends.
+//!
+//! # Semantics
+//!
+//! - **Rules combine by conjunction.** A request must pass *every* rule that matches it (a rule
+//!   matches when each of its `match` conditions holds: the tenant is listed, the variant is
+//!   listed, the request's priority is listed; an absent condition always holds). A rule's
+//!   limits are all checked too. When any enforced limit refuses, what the request had already
+//!   taken from the other limits is given back, and the answer names the first refusing rule
+//!   (`x-sluice-rule`) and the moment every refusing limit would pass (`Retry-After`).
+//! - **Buckets.** Each limit keeps one bucket per tenant, API key, variant or for the whole pod
+//!   (`per`). Rate limits are token buckets refilled continuously; capacity is `burst` (the
+//!   first rate limit of the rule gets it) or one period's worth. `tokensPerDay` is a bucket of
+//!   a day's tokens refilled over the day (a rolling quota; refusals say `insufficient_quota`).
+//!   `maxConcurrent` counts requests in flight.
+//! - **Reservation.** Admission reserves prompt tokens (counted exactly with the engine's
+//!   tokenizer and chat template) plus the completion cap from every token limit, and the
+//!   request body's bytes from byte limits. When the response ends (or the client goes away)
+//!   the token reservation is settled to actual usage, refunding the rest, and the response
+//!   body's bytes are charged. A cost above a bucket's capacity can never pass: it is answered
+//!   400 (`request_too_large`) at once instead of an endless 429.
+//! - **Priority.** Rules with `priority` assign it to the requests they match (the highest
+//!   wins; default `Standard`; a `priorities` condition on an assigning rule is tested against
+//!   `Standard`). When requests in flight (running or queued) reach `saturation.maxInFlight`,
+//!   `Sheddable` requests are refused with 503; at twice the mark `Standard` ones too;
+//!   `Critical` ones are never shed.
+//! - **Shadow rules** take and settle like enforced ones but never refuse: what they would have
+//!   refused is counted in `sluice_ratelimit_shadow_total{rule}` (and not taken).
+//! - **Cluster scope.** A `scope: Cluster` limit is enforced per pod at `replicaShare` of its
+//!   rate, capacity and concurrency (request capacities at least one request).
+//! - **Reloads** swap the compiled [`Policy`] as a whole. Buckets are kept by rule name (and
+//!   limit and bucket key); a changed rate re-rates the kept bucket: what was used stays used
+//!   and drains at the new rate from the reload on. Requests in flight settle into the buckets
+//!   they reserved from.
+//! - **Memory.** Buckets live in bounded tables (see [`table`]): idle buckets are swept, and a
+//!   table never holds more than [`table::DEFAULT_MAX_ENTRIES`] entries of ~25 bytes (plus the
+//!   hash map's spare capacity: at most ~64 MB per per-key limit for 1M keys).
+
+pub mod admission;
+pub mod bucket;
+pub mod policy;
+pub mod table;
+
+use std::{
+    hash::BuildHasher,
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
+    time::Instant,
+};
+
+use http::{HeaderName, HeaderValue, StatusCode};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use sluice_crds::rate_limit_policy::{BucketKey, Priority};
+
+pub use self::policy::{Limit, Policy, Rule};
+use self::{
+    bucket::{Level, SCALE, SECOND, Shortfall},
+    policy::{LimitKind, priority_bit},
+};
+
+/// The rule name reported when a request is shed for saturation.
+pub const SATURATION_RULE: &str = "saturation";
+
+/// Shared limiter state: the clock, the key hasher, requests in flight, metrics. `Copy`: it is
+/// created once per process and lives as long (leaked on purpose, so that every ticket reaches
+/// it without a reference count that two cores would fight over).
+#[derive(Clone, Copy, Debug)]
+pub struct Limiter(&'static Shared);
+
+#[derive(Debug)]
+struct Shared {
+    epoch: Instant,
+    hasher: std::collections::hash_map::RandomState,
+    in_flight: Striped,
+    metrics: LimitMetrics,
+}
+
+/// A counter striped over cache lines by thread: admissions on different cores do not contend;
+/// only a saturation check (when configured) reads every stripe.
+#[derive(Debug)]
+struct Striped(Box<[Stripe]>);
+
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Stripe(AtomicI64);
+
+impl Striped {
+    fn new() -> Self {
+        Self((0..16).map(|_| Stripe::default()).collect())
+    }
+
+    fn mine(&self) -> &AtomicI64 {
+        use std::sync::atomic::AtomicUsize;
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+        }
+        let i = INDEX.with(|i| *i) % self.0.len();
+        &self.0[i].0
+    }
+
+    fn add(&self) {
+        self.mine().fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn sub(&self) {
+        self.mine().fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn sum(&self) -> u64 {
+        let total: i64 = self.0.iter().map(|s| s.0.load(Ordering::Relaxed)).sum();
+        u64::try_from(total).unwrap_or(0)
+    }
+}
+
+/// What admission needs to know about a request.
+#[derive(Clone, Copy, Debug)]
+pub struct Request<'a> {
+    /// The caller's tenant.
+    pub tenant: &'a str,
+    /// The caller's key (empty when none).
+    pub key: &'a str,
+    /// The variant serving it.
+    pub variant: &'a str,
+    /// Exact prompt tokens.
+    pub prompt_tokens: u64,
+    /// Most completion tokens it may generate.
+    pub max_tokens: u64,
+    /// Request body bytes.
+    pub request_bytes: u64,
+}
+
+/// An admitted request's hold on its buckets; settle it when the response ends. Dropping it
+/// unsettled releases concurrency but refunds no tokens.
+#[derive(Debug)]
+pub struct Ticket {
+    limiter: Limiter,
+    /// The policy the holds index into (`None` when nothing needs settling).
+    policy: Option<Arc<Policy>>,
+    held: Holds,
+    /// `x-ratelimit-*` values as of admission.
+    pub rate: RateInfo,
+    /// The priority the request was admitted at.
+    pub priority: Priority,
+    done: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Held {
+    rule: u32,
+    limit: u8,
+    key: u64,
+    cost: u64,
+}
+
+/// What a ticket holds: inline for the usual handful of limits (no allocation per request),
+/// spilling to the heap beyond.
+#[derive(Debug, Default)]
+struct Holds {
+    inline: [Held; INLINE_HOLDS],
+    len: usize,
+    spill: Vec<Held>,
+}
+
+const INLINE_HOLDS: usize = 6;
+
+impl Holds {
+    fn push(&mut self, h: Held) {
+        if self.len < INLINE_HOLDS {
+            self.inline[self.len] = h;
+            self.len += 1;
+        } else {
+            self.spill.push(h);
+        }
+    }
+
+    fn iter(&self) -> impl DoubleEndedIterator<Item = &Held> {
+        self.inline[..self.len].iter().chain(self.spill.iter())
+    }
+}
+
+/// One `x-ratelimit-*` trio: limit, remaining and time to full (worked out only when the
+/// headers are rendered, off the admission decision).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    /// Capacity in units.
+    pub limit: u64,
+    /// Units left.
+    pub remaining: u64,
+    level: Level,
+    rate: bucket::Rate,
+    now: u64,
+}
+
+impl Window {
+    /// Nanoseconds until the bucket is full again.
+    pub fn reset_ns(&self) -> u64 {
+        bucket::Spec::new(self.rate).until_full(&self.level, self.now)
+    }
+}
+
+/// The tightest request and token windows among the limits a request was checked against.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateInfo {
+    /// From `requestsPerSecond`/`requestsPerMinute` limits.
+    pub requests: Option<Window>,
+    /// From `tokensPerMinute`/`tokensPerDay` limits.
+    pub tokens: Option<Window>,
+}
+
+/// A refused request: everything its answer needs.
+#[derive(Clone, Debug)]
+pub struct Refusal {
+    /// 429, 400, 401 or 503.
+    pub status: StatusCode,
+    /// OpenAI error `type`: `requests`, `tokens`, `insufficient_quota`,
+    /// `invalid_request_error`, `server_error`.
+    pub kind: &'static str,
+    /// OpenAI error `code`.
+    pub code: &'static str,
+    /// The request field at fault, if any.
+    pub param: Option<&'static str>,
+    /// For a human: the limit, what is used and what was requested.
+    pub message: String,
+    /// The refusing rule (`x-sluice-rule`), if a rule refused.
+    pub rule: Option<Arc<str>>,
+    /// When the request would pass, in nanoseconds from now (429s and 503s).
+    pub retry_after_ns: Option<u64>,
+    /// `x-ratelimit-*` values.
+    pub rate: RateInfo,
+}
+
+/// What the limiter did with one limit while admitting.
+enum Check {
+    Taken(u64, Level),
+    Refused(Shortfall, Level),
+}
+
+// === impl Limiter ===
+
+impl Limiter {
+    /// A limiter whose metrics are registered in `registry`.
+    pub fn new(registry: &mut Registry) -> Self {
+        Self::with_metrics(LimitMetrics::register(registry))
+    }
+
+    /// A limiter with the given metrics.
+    pub fn with_metrics(metrics: LimitMetrics) -> Self {
+        Self(Box::leak(Box::new(Shared {
+            epoch: Instant::now(),
+            hasher: Default::default(),
+            in_flight: Striped::new(),
+            metrics,
+        })))
+    }
+
+    /// The limiter's clock: nanoseconds since it was created.
+    pub fn now(&self) -> u64 {
+        u64::try_from(self.0.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Its metrics.
+    pub fn metrics(&self) -> &LimitMetrics {
+        &self.0.metrics
+    }
+
+    /// Requests admitted and not yet settled.
+    pub fn in_flight(&self) -> u64 {
+        self.0.in_flight.sum()
+    }
+
+    /// Admits `req` under `policy` now.
+    pub fn admit(&self, policy: &Arc<Policy>, req: &Request<'_>) -> Result<Ticket, Box<Refusal>> {
+        self.admit_at(policy, req, self.now())
+    }
+
+    /// Admits `req` under `policy` at `now` (ns on this limiter's clock; tests pass their own).
+    pub fn admit_at(
+        &self,
+        policy: &Arc<Policy>,
+        req: &Request<'_>,
+        now: u64,
+    ) -> Result<Ticket, Box<Refusal>> {
+        let mut keys = Keys::new(&self.0.hasher, req);
+        let priority = assigned_priority(policy, req);
+
+        if let Some(mark) = policy.max_in_flight {
+            let in_flight = self.0.in_flight.sum();
+            let shed = match priority {
+                Priority::Sheddable => in_flight >= mark,
+                Priority::Standard => in_flight >= mark.saturating_mul(2),
+                Priority::Critical => false,
+            };
+            if shed {
+                self.0.metrics.refused(SATURATION_RULE, "saturated");
+                return Err(Box::new(Refusal::shed(priority, in_flight, mark)));
+            }
+        }
+
+        let mut held = Holds::default();
+        let mut rate = RateInfo::default();
+        let mut refused: Option<(u32, u8, Shortfall, Level)> = None;
+        for ri in policy.candidates(req.tenant) {
+            let rule = &policy.rules[ri as usize];
+            if !rule_applies(rule, req.variant, priority) {
+                continue;
+            }
+            let key = keys.get(rule.per);
+            for (li, limit) in rule.limits.iter().enumerate() {
+                let cost = cost_of(limit.kind, req);
+                match self.check(limit, key, cost, now) {
+                    Check::Taken(cost, level) => {
+                        held.push(Held {
+                            rule: ri,
+                            limit: li as u8,
+                            key,
+                            cost,
+                        });
+                        rate.observe(limit, &level, now);
+                    }
+                    Check::Refused(_, _) if rule.shadow => {
+                        self.0.metrics.shadow(&rule.name);
+                    }
+                    Check::Refused(short, level) => {
+                        refused = Some((ri, li as u8, short, level));
+                        break;
+                    }
+                }
+            }
+            if refused.is_some() {
+                break;
+            }
+        }
+
+        if let Some((ri, li, short, level)) = refused {
+            // Give back what was taken, then work out when every enforced limit would pass.
+            for h in held.iter().rev() {
+                release(
+                    &policy.rules[h.rule as usize].limits[h.limit as usize],
+                    h,
+                    None,
+                    now,
+                );
+            }
+            let rule = &policy.rules[ri as usize];
+            let limit = &rule.limits[li as usize];
+            let mut refusal =
+                Refusal::limited(rule, limit, short, &level, cost_of(limit.kind, req));
+            if refusal.status == StatusCode::TOO_MANY_REQUESTS {
+                let (wait, info) = self.when_all_pass(policy, req, priority, &mut keys, now);
+                refusal.retry_after_ns = Some(wait.max(refusal.retry_after_ns.unwrap_or(0)));
+                refusal.rate = info;
+                if let Some(w) = refusal.retry_after_ns {
+                    refusal
+                        .message
+                        .push_str(&format!(" Please try again in {}.", format_duration(w)));
+                }
+            }
+            self.0.metrics.refused(&rule.name, refusal.code);
+            return Err(Box::new(refusal));
+        }
+
+        self.0.in_flight.add();
+        // Request-rate limits need nothing at the end; only keep the policy alive for the rest.
+        let settles = held.iter().any(|h| {
+            !matches!(
+                policy.rules[h.rule as usize].limits[h.limit as usize].kind,
+                LimitKind::RequestsPerSecond | LimitKind::RequestsPerMinute
+            )
+        });
+        Ok(Ticket {
+            limiter: *self,
+            policy: settles.then(|| policy.clone()),
+            held,
+            rate,
+            priority,
+            done: false,
+        })
+    }
+
+    /// Tries to take `cost` from `limit`'s bucket for `key`.
+    fn check(&self, limit: &Limit, key: u64, cost: u64, now: u64) -> Check {
+        let spec = limit.spec;
+        let (result, evicted) = match limit.kind {
+            LimitKind::Concurrent => {
+                let max = limit.max_in_flight;
+                limit.table.with(
+                    key,
+                    |l| l.used == 0,
+                    |l| {
+                        if l.used < max {
+                            l.used += 1;
+                            l.at = now;
+                            Check::Taken(1, *l)
+                        } else {
+                            Check::Refused(Shortfall::Wait(SECOND), *l)
+                        }
+                    },
+                )
+            }
+            _ => limit.table.with(
+                key,
+                |l| spec.is_idle(l, now),
+                |l| match spec.try_take(l, cost, now) {
+                    Ok(()) => Check::Taken(cost, *l),
+                    Err(short) => Check::Refused(short, *l),
+                },
+            ),
+        };
+        if evicted > 0 {
+            self.0.metrics.evicted.inc_by(evicted as u64);
+        }
+        result
+    }
+
+    /// The longest wait among the enforced limits `req` would be refused by now (without taking
+    /// anything), and the rate windows as they stand.
+    fn when_all_pass(
+        &self,
+        policy: &Policy,
+        req: &Request<'_>,
+        priority: Priority,
+        keys: &mut Keys<'_>,
+        now: u64,
+    ) -> (u64, RateInfo) {
+        let mut wait = 0;
+        let mut info = RateInfo::default();
+        for ri in policy.candidates(req.tenant) {
+            let rule = &policy.rules[ri as usize];
+            if rule.shadow || !rule_applies(rule, req.variant, priority) {
+                continue;
+            }
+            let key = keys.get(rule.per);
+            for limit in &rule.limits {
+                if limit.kind == LimitKind::Concurrent {
+                    if limit
+                        .table
+                        .get(key)
+                        .is_some_and(|l| l.used >= limit.max_in_flight)
+                    {
+                        wait = wait.max(SECOND);
+                    }
+                    continue;
+                }
+                let mut level = limit.table.get(key).unwrap_or_default();
+                limit.spec.advance(&mut level, now);
+                if let Some(Shortfall::Wait(w)) =
+                    limit.spec.shortfall(&level, cost_of(limit.kind, req), now)
+                {
+                    wait = wait.max(w);
+                }
+                info.observe(limit, &level, now);
+            }
+        }
+        (wait, info)
+    }
+
+    /// Drops idle buckets from every table of `policy`; returns how many.
+    pub fn sweep(&self, policy: &Policy) -> usize {
+        self.sweep_at(policy, self.now())
+    }
+
+    /// [`Limiter::sweep`] at a given instant (tests).
+    pub fn sweep_at(&self, policy: &Policy, now: u64) -> usize {
+        let mut dropped = 0;
+        let mut entries = 0;
+        for limit in policy.limits() {
+            let spec = limit.spec;
+            dropped += match limit.kind {
+                LimitKind::Concurrent => limit.table.sweep(|l| l.used == 0),
+                _ => limit.table.sweep(|l| spec.is_idle(l, now)),
+            };
+            entries += limit.table.len();
+        }
+        self.0.metrics.buckets.set(entries as i64);
+        dropped
+    }
+}
+
+/// The highest priority assigned by a matching rule (default `Standard`).
+fn assigned_priority(policy: &Policy, req: &Request<'_>) -> Priority {
+    let mut best: Option<Priority> = None;
+    for &ri in &policy.assigners {
+        let rule = &policy.rules[ri as usize];
+        let tenant_ok = policy.any_tenant.binary_search(&ri).is_ok()
+            || policy
+                .by_tenant
+                .get(req.tenant)
+                .is_some_and(|l| l.binary_search(&ri).is_ok());
+        if tenant_ok
+            && rule_applies(rule, req.variant, Priority::Standard)
+            && let Some(p) = rule.assigns
+        {
+            best = Some(best.map_or(p, |b| b.max(p)));
+        }
+    }
+    best.unwrap_or_default()
+}
+
+fn rule_applies(rule: &Rule, variant: &str, priority: Priority) -> bool {
+    (rule.variants.is_empty() || rule.variants.iter().any(|v| v == variant))
+        && (rule.priorities == 0 || rule.priorities & priority_bit(priority) != 0)
+}
+
+/// What `req` costs against a limit of `kind`, in milli-units.
+fn cost_of(kind: LimitKind, req: &Request<'_>) -> u64 {
+    let units = match kind {
+        LimitKind::RequestsPerSecond | LimitKind::RequestsPerMinute | LimitKind::Concurrent => 1,
+        LimitKind::TokensPerMinute | LimitKind::TokensPerDay => {
+            req.prompt_tokens.saturating_add(req.max_tokens)
+        }
+        LimitKind::BytesPerSecond => req.request_bytes,
+    };
+    if kind == LimitKind::Concurrent {
+        units
+    } else {
+        units.saturating_mul(SCALE)
+    }
+}
+
+/// Gives back (`tokens: None`: everything) or settles what `h` holds.
+fn release(limit: &Limit, h: &Held, settle: Option<(u64, u64)>, now: u64) {
+    match (limit.kind, settle) {
+        (LimitKind::Concurrent, _) => {
+            limit
+                .table
+                .update(h.key, |l| l.used = l.used.saturating_sub(1));
+        }
+        (LimitKind::RequestsPerSecond | LimitKind::RequestsPerMinute, Some(_)) => {}
+        (LimitKind::TokensPerMinute | LimitKind::TokensPerDay, Some((tokens, _))) => {
+            let actual = tokens.saturating_mul(SCALE);
+            if actual < h.cost {
+                limit
+                    .table
+                    .update(h.key, |l| bucket::refund(l, h.cost - actual));
+            } else if actual > h.cost {
+                let spec = limit.spec;
+                limit
+                    .table
+                    .update(h.key, |l| bucket::charge(&spec, l, actual - h.cost, now));
+            }
+        }
+        (LimitKind::BytesPerSecond, Some((_, bytes))) => {
+            let spec = limit.spec;
+            let extra = bytes.saturating_mul(SCALE);
+            if extra > 0 {
+                limit
+                    .table
+                    .update(h.key, |l| bucket::charge(&spec, l, extra, now));
+            }
+        }
+        (_, None) => {
+            limit.table.update(h.key, |l| bucket::refund(l, h.cost));
+        }
+    }
+}
+
+/// Bucket keys of one request, hashed once each on first use.
+struct Keys<'a> {
+    hasher: &'a std::collections::hash_map::RandomState,
+    req: &'a Request<'a>,
+    tenant: Option<u64>,
+    key: Option<u64>,
+    variant: Option<u64>,
+}
+
+impl<'a> Keys<'a> {
+    fn new(hasher: &'a std::collections::hash_map::RandomState, req: &'a Request<'a>) -> Self {
+        Self {
+            hasher,
+            req,
+            tenant: None,
+            key: None,
+            variant: None,
+        }
+    }
+
+    fn get(&mut self, per: BucketKey) -> u64 {
+        // Tables are per limit, so a tenant and a key that are the same string (no key list)
+        // may share one hash.
+        let same = self.req.tenant == self.req.key;
+        let (slot, value) = match per {
+            BucketKey::Pod => return 0,
+            BucketKey::Tenant | BucketKey::Key if same => (&mut self.tenant, self.req.tenant),
+            BucketKey::Tenant => (&mut self.tenant, self.req.tenant),
+            BucketKey::Key => (&mut self.key, self.req.key),
+            BucketKey::Variant => (&mut self.variant, self.req.variant),
+        };
+        *slot.get_or_insert_with(|| self.hasher.hash_one(value))
+    }
+}
+
+// === impl Ticket ===
+
+impl Ticket {
+    /// Settles the reservation: `tokens` actually used (prompt + completion) and `response_bytes`
+    /// sent. Refunds the unused part of token reservations and releases concurrency.
+    pub fn settle(mut self, tokens: u64, response_bytes: u64) {
+        let now = self.limiter.now();
+        self.finish(Some((tokens, response_bytes)), now);
+    }
+
+    /// [`Ticket::settle`] at a given instant (tests).
+    pub fn settle_at(mut self, tokens: u64, response_bytes: u64, now: u64) {
+        self.finish(Some((tokens, response_bytes)), now);
+    }
+
+    fn finish(&mut self, usage: Option<(u64, u64)>, now: u64) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        if let Some(policy) = &self.policy {
+            for h in self.held.iter() {
+                let limit = &policy.rules[h.rule as usize].limits[h.limit as usize];
+                match usage {
+                    Some(u) => release(limit, h, Some(u), now),
+                    // Unsettled: tokens stay charged, concurrency is released.
+                    None if limit.kind == LimitKind::Concurrent => release(limit, h, None, now),
+                    None => {}
+                }
+            }
+        }
+        self.limiter.0.in_flight.sub();
+    }
+
+    /// The `x-ratelimit-*` headers for the response.
+    pub fn headers(&self) -> Vec<(HeaderName, HeaderValue)> {
+        self.rate.headers()
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let now = self.limiter.now();
+        self.finish(None, now);
+    }
+}
+
+// === impl RateInfo ===
+
+impl RateInfo {
+    /// Folds `level` (a bucket of `limit`, advanced to `now`) into the tightest windows.
+    fn observe(&mut self, limit: &Limit, level: &Level, now: u64) {
+        let slot = match limit.kind {
+            LimitKind::RequestsPerSecond | LimitKind::RequestsPerMinute => &mut self.requests,
+            LimitKind::TokensPerMinute | LimitKind::TokensPerDay => &mut self.tokens,
+            _ => return,
+        };
+        let w = Window {
+            limit: limit.spec.rate.capacity / SCALE,
+            remaining: limit.spec.remaining(level),
+            level: *level,
+            rate: limit.spec.rate,
+            now,
+        };
+        if slot.is_none_or(|s| (w.remaining, w.limit) < (s.remaining, s.limit)) {
+            *slot = Some(w);
+        }
+    }
+
+    /// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`.
+    pub fn headers(&self) -> Vec<(HeaderName, HeaderValue)> {
+        let mut out = Vec::with_capacity(6);
+        for (w, [limit, remaining, reset]) in [
+            (
+                self.requests,
+                [
+                    "x-ratelimit-limit-requests",
+                    "x-ratelimit-remaining-requests",
+                    "x-ratelimit-reset-requests",
+                ],
+            ),
+            (
+                self.tokens,
+                [
+                    "x-ratelimit-limit-tokens",
+                    "x-ratelimit-remaining-tokens",
+                    "x-ratelimit-reset-tokens",
+                ],
+            ),
+        ] {
+            if let Some(w) = w {
+                out.push((HeaderName::from_static(limit), HeaderValue::from(w.limit)));
+                out.push((
+                    HeaderName::from_static(remaining),
+                    HeaderValue::from(w.remaining),
+                ));
+                if let Ok(v) = HeaderValue::from_str(&format_duration(w.reset_ns())) {
+                    out.push((HeaderName::from_static(reset), v));
+                }
+            }
+        }
+        out
+    }
+}
+
+// === impl Refusal ===
+
+impl Refusal {
+    fn limited(rule: &Rule, limit: &Limit, short: Shortfall, level: &Level, cost: u64) -> Self {
+        let (what, unit_kind) = match limit.kind {
+            LimitKind::RequestsPerSecond => ("requests per second", "requests"),
+            LimitKind::RequestsPerMinute => ("requests per minute", "requests"),
+            LimitKind::TokensPerMinute => ("tokens per minute", "tokens"),
+            LimitKind::TokensPerDay => ("tokens per day", "tokens"),
+            LimitKind::BytesPerSecond => ("bytes per second", "requests"),
+            LimitKind::Concurrent => ("concurrent requests", "requests"),
+        };
+        let name = &rule.name;
+        let (limit_units, used, requested) = match limit.kind {
+            LimitKind::Concurrent => (limit.max_in_flight, level.used, 1),
+            _ => (
+                limit.spec.rate.capacity / SCALE,
+                level.used.div_ceil(SCALE),
+                cost.div_ceil(SCALE),
+            ),
+        };
+        let unit = match limit.kind {
+            LimitKind::TokensPerMinute | LimitKind::TokensPerDay => "tokens",
+            LimitKind::BytesPerSecond => "bytes",
+            _ => "requests",
+        };
+        match short {
+            Shortfall::Never => Self {
+                status: StatusCode::BAD_REQUEST,
+                kind: "invalid_request_error",
+                code: "request_too_large",
+                param: match limit.kind {
+                    LimitKind::TokensPerMinute | LimitKind::TokensPerDay => Some("max_tokens"),
+                    _ => None,
+                },
+                message: format!(
+                    "Request too large for {what} (rule {name}): the limit allows at most \
+                     {limit_units} {unit} at once and this request needs {requested}. It can \
+                     never be admitted: reduce the prompt or max_tokens."
+                ),
+                rule: Some(rule.name.clone()),
+                retry_after_ns: None,
+                rate: RateInfo::default(),
+            },
+            Shortfall::Wait(wait) => {
+                let quota = limit.kind == LimitKind::TokensPerDay;
+                Self {
+                    status: StatusCode::TOO_MANY_REQUESTS,
+                    kind: if quota {
+                        "insufficient_quota"
+                    } else {
+                        unit_kind
+                    },
+                    code: if quota {
+                        "insufficient_quota"
+                    } else {
+                        "rate_limit_exceeded"
+                    },
+                    param: None,
+                    message: if quota {
+                        format!(
+                            "You exceeded your current quota of {what} (rule {name}): Limit \
+                             {limit_units}, Used {used}, Requested {requested}."
+                        )
+                    } else {
+                        format!(
+                            "Rate limit reached for {what} (rule {name}): Limit {limit_units}, \
+                             Used {used}, Requested {requested}."
+                        )
+                    },
+                    rule: Some(rule.name.clone()),
+                    retry_after_ns: Some(wait),
+                    rate: RateInfo::default(),
+                }
+            }
+        }
+    }
+
+    fn shed(priority: Priority, in_flight: u64, mark: u64) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            kind: "server_error",
+            code: "overloaded",
+            param: None,
+            message: format!(
+                "The server is saturated ({in_flight} requests in flight, mark {mark}) and is \
+                 shedding {priority:?} requests; retry shortly."
+            ),
+            rule: Some(Arc::from(SATURATION_RULE)),
+            retry_after_ns: Some(SECOND),
+            rate: RateInfo::default(),
+        }
+    }
+
+    /// A 401 for a caller that is not in the key list.
+    pub fn unauthorized(reason: &crate::identity::Unauthorized) -> Self {
+        use crate::identity::Unauthorized;
+        let message = match reason {
+            Unauthorized::Missing => "You didn't provide an API key. You need to provide your API \
+                                      key in an Authorization header using Bearer auth (i.e. \
+                                      Authorization: Bearer YOUR_KEY)."
+                .to_owned(),
+            Unauthorized::Unknown(hash) => {
+                format!("Incorrect API key provided (key hash {hash}).")
+            }
+        };
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            kind: "invalid_request_error",
+            code: "invalid_api_key",
+            param: None,
+            message,
+            rule: None,
+            retry_after_ns: None,
+            rate: RateInfo::default(),
+        }
+    }
+
+    /// Whole seconds to wait (`Retry-After`), rounded up.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        self.retry_after_ns.map(|ns| ns.div_ceil(SECOND))
+    }
+
+    /// Every header of the answer but `Retry-After` (which the error renderer sets from
+    /// [`Refusal::retry_after_secs`]): `retry-after-ms`, `x-sluice-rule`, `x-ratelimit-*`, and
+    /// `x-should-retry: false` when the wait is too long for a client to sit out.
+    pub fn headers(&self) -> Vec<(HeaderName, HeaderValue)> {
+        let mut out = self.rate.headers();
+        if let Some(ns) = self.retry_after_ns {
+            out.push((
+                HeaderName::from_static("retry-after-ms"),
+                HeaderValue::from(ns.div_ceil(1_000_000)),
+            ));
+            if ns > 60 * SECOND {
+                out.push((
+                    HeaderName::from_static("x-should-retry"),
+                    HeaderValue::from_static("false"),
+                ));
+            }
+        }
+        if let Some(rule) = &self.rule
+            && let Ok(v) = HeaderValue::from_str(rule)
+        {
+            out.push((HeaderName::from_static("x-sluice-rule"), v));
+        }
+        out
+    }
+}
+
+/// Formats a duration as OpenAI does in `x-ratelimit-reset-*`: `250ms`, `1s`, `6m0s`, `1h2m3s`.
+pub fn format_duration(ns: u64) -> String {
+    let ms = ns.div_ceil(1_000_000);
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let (h, rest) = (ms / 3_600_000, ms % 3_600_000);
+    let (m, rest) = (rest / 60_000, rest % 60_000);
+    let secs = if rest % 1000 == 0 {
+        format!("{}s", rest / 1000)
+    } else {
+        let s = format!("{}.{:03}", rest / 1000, rest % 1000);
+        format!("{}s", s.trim_end_matches('0'))
+    };
+    match (h, m) {
+        (0, 0) => secs,
+        (0, m) => format!("{m}m{secs}"),
+        (h, m) => format!("{h}h{m}m{secs}"),
+    }
+}
+
+// === metrics ===
+
+/// Labels naming a rule.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabels {
+    /// The rule's name.
+    pub rule: String,
+}
+
+/// Labels of refusals.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// The refusing rule (or `saturation`).
+    pub rule: String,
+    /// The answer's code: `rate_limit_exceeded`, `insufficient_quota`, `request_too_large`,
+    /// `saturated`.
+    pub reason: String,
+}
+
+/// Metrics of the limiter and of config reloads.
+#[derive(Clone, Debug, Default)]
+pub struct LimitMetrics {
+    /// `sluice_ratelimit_shadow_total{rule}`.
+    pub shadow: Family<RuleLabels, Counter>,
+    /// `sluice_ratelimit_refused_total{rule,reason}`.
+    pub refused: Family<RefusalLabels, Counter>,
+    /// `sluice_ratelimit_buckets`: buckets held (as of the last sweep).
+    pub buckets: Gauge,
+    /// `sluice_ratelimit_buckets_evicted_total`: buckets dropped from full tables.
+    pub evicted: Counter,
+    /// `sluice_config_generation`: the generation of the config in force.
+    pub generation: Gauge,
+    /// `sluice_config_reloads_total`: documents applied.
+    pub reloads: Counter,
+    /// `sluice_config_reload_errors_total`: documents rejected.
+    pub reload_errors: Counter,
+}
+
+impl LimitMetrics {
+    /// Registers the metrics in `registry` (prefix `sluice_` comes from the registry).
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "ratelimit_shadow",
+            "Requests shadow rules would have refused, by rule",
+            m.shadow.clone(),
+        );
+        registry.register(
+            "ratelimit_refused",
+            "Requests refused by rate limits, by rule and reason",
+            m.refused.clone(),
+        );
+        registry.register(
+            "ratelimit_buckets",
+            "Rate-limit buckets held (as of the last sweep)",
+            m.buckets.clone(),
+        );
+        registry.register(
+            "ratelimit_buckets_evicted",
+            "Rate-limit buckets dropped because their table was full",
+            m.evicted.clone(),
+        );
+        registry.register(
+            "config_generation",
+            "Generation of the sidecar config in force",
+            m.generation.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Sidecar config documents applied",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "config_reload_errors",
+            "Sidecar config documents rejected (the last good one stays in force)",
+            m.reload_errors.clone(),
+        );
+        m
+    }
+
+    fn shadow(&self, rule: &str) {
+        self.shadow
+            .get_or_create(&RuleLabels {
+                rule: rule.to_owned(),
+            })
+            .inc();
+    }
+
+    fn refused(&self, rule: &str, reason: &str) {
+        self.refused
+            .get_or_create(&RefusalLabels {
+                rule: rule.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,186 @@
+//! The sidecar's metrics: one `prometheus_client` registry, every name prefixed `sluice_`, units
+//! in the names. mistral.rs has no metrics recorder of its own, so nothing needs merging.
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::{Registry, Unit},
+};
+use std::sync::atomic::AtomicU64;
+
+/// Labels of `sluice_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The API route, e.g. `/v1/chat/completions`.
+    pub route: String,
+    /// The HTTP status answered.
+    pub status: u16,
+}
+
+/// Every metric the request path and the engine wrapper update. Cloning shares the metrics.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    /// Requests answered, by route and status.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Requests admitted to the engine and not finished yet.
+    pub in_flight: Gauge,
+    /// Requests waiting for an engine slot.
+    pub queue_depth: Gauge,
+    /// Prompt tokens processed.
+    pub prompt_tokens: Counter,
+    /// Completion tokens generated.
+    pub completion_tokens: Counter,
+    /// Time from request arrival to the first generated token.
+    pub time_to_first_token: Histogram,
+    /// Mean time between output tokens after the first, per request.
+    pub time_per_output_token: Histogram,
+    /// End-to-end request duration.
+    pub request_duration: Histogram,
+    /// Generations stopped because the client went away.
+    pub cancelled: Counter,
+    /// Seconds the model took to load.
+    pub model_load: Gauge<f64, AtomicU64>,
+    /// Seconds from process start to ready.
+    pub cold_start: Gauge<f64, AtomicU64>,
+}
+
+// === impl Metrics ===
+
+impl Metrics {
+    /// Creates the metrics and registers them in `registry` (which should carry the `sluice`
+    /// prefix; see [`new_registry`]).
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            requests: Family::default(),
+            in_flight: Gauge::default(),
+            queue_depth: Gauge::default(),
+            prompt_tokens: Counter::default(),
+            completion_tokens: Counter::default(),
+            // 5 ms .. ~82 s
+            time_to_first_token: Histogram::new(exponential_buckets(0.005, 2.0, 15)),
+            // 0.5 ms .. ~8 s
+            time_per_output_token: Histogram::new(exponential_buckets(0.0005, 2.0, 15)),
+            request_duration: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
+            cancelled: Counter::default(),
+            model_load: Gauge::default(),
+            cold_start: Gauge::default(),
+        };
+        registry.register(
+            "requests",
+            "OpenAI API requests answered, by route and status",
+            m.requests.clone(),
+        );
+        registry.register(
+            "requests_in_flight",
+            "Requests admitted to the engine and not finished",
+            m.in_flight.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Requests waiting for an engine slot",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "prompt_tokens",
+            "Prompt tokens processed",
+            m.prompt_tokens.clone(),
+        );
+        registry.register(
+            "completion_tokens",
+            "Completion tokens generated",
+            m.completion_tokens.clone(),
+        );
+        registry.register_with_unit(
+            "time_to_first_token",
+            "Time from request arrival to the first generated token",
+            Unit::Seconds,
+            m.time_to_first_token.clone(),
+        );
+        registry.register_with_unit(
+            "time_per_output_token",
+            "Mean time between output tokens after the first, per request",
+            Unit::Seconds,
+            m.time_per_output_token.clone(),
+        );
+        registry.register_with_unit(
+            "request_duration",
+            "End-to-end duration of OpenAI API requests",
+            Unit::Seconds,
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "generations_cancelled",
+            "Generations stopped because the client disconnected",
+            m.cancelled.clone(),
+        );
+        registry.register_with_unit(
+            "model_load",
+            "Time the model took to load",
+            Unit::Seconds,
+            m.model_load.clone(),
+        );
+        registry.register_with_unit(
+            "cold_start",
+            "Time from process start to ready",
+            Unit::Seconds,
+            m.cold_start.clone(),
+        );
+        m
+    }
+
+    /// Counts one answered request.
+    pub fn record_request(&self, route: &str, status: u16) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: route.to_owned(),
+                status,
+            })
+            .inc();
+    }
+}
+
+/// The binary's one registry, prefix `sluice`.
+pub fn new_registry() -> Registry {
+    Registry::with_prefix("sluice")
+}
+
+/// Renders the registry in the Prometheus text format.
+pub fn encode(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_carry_prefix_and_units() {
+        let mut registry = new_registry();
+        let m = Metrics::register(&mut registry);
+        m.record_request("/v1/chat/completions", 200);
+        m.time_to_first_token.observe(0.1);
+        m.model_load.set(1.5);
+        let text = encode(&registry);
+        for name in [
+            "sluice_requests_total{route=\"/v1/chat/completions\",status=\"200\"} 1",
+            "sluice_requests_in_flight",
+            "sluice_queue_depth",
+            "sluice_prompt_tokens_total",
+            "sluice_completion_tokens_total",
+            "sluice_time_to_first_token_seconds_bucket",
+            "sluice_time_per_output_token_seconds",
+            "sluice_model_load_seconds 1.5",
+            "sluice_cold_start_seconds",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! Helpers for the integration tests: start the real `sluice-sidecar` binary on the real model
+//! and talk to it over real HTTP.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::{
+    net::TcpListener,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+
+/// The model the tests run on; a missing model is a failure that says how to get it.
+pub fn model_path() -> PathBuf {
+    let path = std::env::var_os("SLUICE_TEST_MODEL").map(PathBuf::from);
+    match path {
+        Some(p) if p.is_file() => p,
+        Some(p) => panic!(
+            "SLUICE_TEST_MODEL={} does not exist: run `make model` (or `make test`, which fetches it)",
+            p.display()
+        ),
+        None => panic!(
+            "SLUICE_TEST_MODEL is not set: run `make model` and the tests through `make test`, \
+             or export SLUICE_TEST_MODEL=$PWD/.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+        ),
+    }
+}
+
+/// A free localhost port (bound, then released for the sidecar).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running sidecar process; killed on drop.
+pub struct Sidecar {
+    pub child: Child,
+    pub api: String,
+    pub admin: String,
+    pub name: String,
+    log: PathBuf,
+}
+
+impl Sidecar {
+    /// Starts the binary with `extra` flags on free ports; does not wait for readiness.
+    pub fn spawn(extra: &[&str]) -> Self {
+        Self::spawn_at(free_port(), free_port(), extra)
+    }
+
+    /// Starts the binary with `extra` flags on the given API and admin ports.
+    pub fn spawn_at(api: u16, admin: u16, extra: &[&str]) -> Self {
+        let model = model_path();
+        let log = std::env::temp_dir().join(format!(
+            "sluice-sidecar-test-{}-{api}.log",
+            std::process::id()
+        ));
+        let log_file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_sluice-sidecar"))
+            .arg("serve")
+            .arg("--model")
+            .arg(&model)
+            .args(["--served-name", "smollm2"])
+            .args(["--listen", &format!("127.0.0.1:{api}")])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+            .args(extra)
+            .env("HF_HUB_OFFLINE", "1")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            api: format!("http://127.0.0.1:{api}"),
+            admin: format!("http://127.0.0.1:{admin}"),
+            name: "smollm2".into(),
+            log,
+        }
+    }
+
+    /// The sidecar's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for `/readyz` to answer 200; returns the readiness answers seen before that.
+    pub async fn wait_ready(&mut self) -> Vec<(u16, String)> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut seen = Vec::new();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("sidecar exited early ({status}):\n{}", self.log());
+            }
+            if let Ok((status, body)) = get(&format!("{}/readyz", self.admin)).await {
+                if status == StatusCode::OK {
+                    return seen;
+                }
+                seen.push((status.as_u16(), body));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not ready after 120s:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Sends SIGTERM.
+    pub fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// GET, whole body as text.
+pub async fn get(url: &str) -> Result<(StatusCode, String), String> {
+    let req = Request::get(url)
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let res = client().request(req).await.map_err(|e| e.to_string())?;
+    let status = res.status();
+    let body = res
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// POST raw bytes as JSON; whole response.
+pub async fn post_raw(url: &str, body: impl Into<Bytes>) -> (StatusCode, http::HeaderMap, String) {
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(url)
+        .header("content-type", "application/json")
+        .body(Full::new(body.into()))
+        .unwrap();
+    let res = client().request(req).await.unwrap();
+    let status = res.status();
+    let headers = res.headers().clone();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// POST JSON; status and parsed JSON body.
+pub async fn post_json(url: &str, body: &serde_json::Value) -> (StatusCode, serde_json::Value) {
+    let (status, _, text) = post_raw(url, serde_json::to_vec(body).unwrap()).await;
+    let json = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("response is not JSON ({e}): {text}"));
+    (status, json)
+}
+
+/// POST and return the streaming response (headers received, body unread).
+pub async fn post_stream(url: &str, body: &serde_json::Value) -> http::Response<Incoming> {
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(url)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(serde_json::to_vec(body).unwrap())))
+        .unwrap();
+    client().request(req).await.unwrap()
+}
+
+/// Splits an SSE body into its `data:` payloads.
+pub fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| {
+            e.strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("not a data event: {e:?}"))
+                .to_owned()
+        })
+        .collect()
+}
+
+/// Reads one metric's value from the Prometheus text.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (n, v) = l.rsplit_once(' ')?;
+        (n == name).then(|| v.parse().ok())?
+    })
+}
