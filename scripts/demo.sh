@@ -28,14 +28,16 @@ model_id="$(curl -fsS "http://$api/v1/models" | python3 -c 'import json,sys; pri
 
 echo
 echo "== POST /v1/chat/completions (model $model_id) =="
-curl -fsS "http://$api/v1/chat/completions" -H 'content-type: application/json' -d @- <<JSON | python3 -m json.tool
+curl -fsS "http://$api/v1/chat/completions" -H 'content-type: application/json' \
+  -H 'authorization: Bearer demo-key' -d @- <<JSON | python3 -m json.tool
 {"model": "$model_id", "max_tokens": 48, "temperature": 0,
  "messages": [{"role": "user", "content": "In one sentence: what is Kubernetes?"}]}
 JSON
 
 echo
 echo "== the same, streamed (SSE) =="
-curl -fsSN "http://$api/v1/chat/completions" -H 'content-type: application/json' -d @- <<JSON | python3 -c '
+curl -fsSN "http://$api/v1/chat/completions" -H 'content-type: application/json' \
+  -H 'authorization: Bearer demo-key' -d @- <<JSON | python3 -c '
 import json, sys
 for line in sys.stdin:
     line = line.strip()
@@ -57,10 +59,19 @@ for line in sys.stdin:
 JSON
 
 # == rate limits ==
-# Once the limiter is in (examples/sidecar-config.yaml: 2 requests per minute per key), a third
-# quick request with the same key is answered 429 with Retry-After and x-ratelimit-* headers:
-#   curl -si http://$api/v1/chat/completions -H 'authorization: Bearer demo-key' ...
-# This is the spot for that part of the demo.
+echo
+echo "== a third request within the minute: refused by the example's 2-requests-per-minute rule =="
+status="$(curl -sS -o "$log.body" -D "$log.headers" -w '%{http_code}' "http://$api/v1/chat/completions" \
+  -H 'content-type: application/json' -H 'authorization: Bearer demo-key' \
+  -d "{\"model\": \"$model_id\", \"max_tokens\": 8, \"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}")"
+echo "HTTP $status"
+grep -iE '^(retry-after|retry-after-ms|x-ratelimit-[a-z-]+|x-sluice-rule):' "$log.headers" || true
+python3 -m json.tool "$log.body"
+rm -f "$log.body" "$log.headers"
+if [[ "$status" != 429 ]]; then
+  echo "expected 429 from the example rate limit, got $status" >&2
+  exit 1
+fi
 
 echo
 echo "== a few metrics (http://$admin/metrics) =="
