@@ -752,4 +752,6 @@ pub async fn analyze(
 }
 
 #[cfg(test)]
+mod reconcile_tests;
+#[cfg(test)]
 mod tests;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
@@ -26,6 +26,7 @@ use sluice_crds::{InferenceModel, InferenceModelStatus, RateLimitPolicy};
 use tracing::{debug, info, instrument, warn};
 
 use crate::metrics::Metrics;
+use crate::policy::{HttpMetricsSource, MetricsSource};
 use crate::resources::{self, Desired, FIELD_MANAGER, LABEL_MODEL, MANAGED_BY, Settings};
 use crate::status::{self, Observed, Transition};
 use crate::{Error, Result};
@@ -53,6 +54,10 @@ pub struct Context {
     failures: Mutex<HashMap<ObjectRef<InferenceModel>, u32>>,
     /// The clock conditions are stamped with (fixed in tests).
     now: fn() -> Timestamp,
+    /// Reads the sidecars' `/metrics` for the canary analysis (faked in tests).
+    metrics_source: Arc<dyn MetricsSource>,
+    /// The counters the canary analysis read from each pod, over one window.
+    analysis: crate::analysis::History,
 }
 
 // === impl Context ===
@@ -67,7 +72,15 @@ impl Context {
             metrics,
             failures: Mutex::default(),
             now: Timestamp::now,
+            metrics_source: Arc::new(HttpMetricsSource::new()),
+            analysis: crate::analysis::History::default(),
         }
+    }
+
+    /// Replaces the source of sidecar metrics the canary analysis reads (tests).
+    pub fn with_metrics_source(mut self, source: Arc<dyn MetricsSource>) -> Self {
+        self.metrics_source = source;
+        self
     }
 
     /// Replaces the clock (tests).
@@ -99,6 +112,11 @@ pub async fn reconcile(model: Arc<InferenceModel>, ctx: Arc<Context>) -> Result<
     let _timer = ctx.metrics.reconcile_started();
     if model.metadata.deletion_timestamp.is_some() {
         // Owner references: the garbage collector deletes every child.
+        ctx.analysis.forget(&format!(
+            "{}/{}",
+            model.namespace().unwrap_or_default(),
+            model.name_any()
+        ));
         return Ok(Action::await_change());
     }
     let ns = model
@@ -138,8 +156,19 @@ pub async fn reconcile(model: Arc<InferenceModel>, ctx: Arc<Context>) -> Result<
     let limits =
         crate::policy::controller::model_limits(client, &model, &ns, &observed.deployments).await?;
 
+    // Canary analysis: rollbacks and steps, decided into `status.rollout` (never spec). The
+    // planned model carries them; the desired state and the status are computed from it.
+    let (planned, _) = crate::analysis::analyze(
+        ctx.metrics_source.as_ref(),
+        &ctx.analysis,
+        &model,
+        &observed.pods,
+        now,
+    )
+    .await;
+
     // Desired.
-    let desired = resources::desired(&model, &ns, &ctx.settings, &limits, &ready)?;
+    let desired = resources::desired(&planned, &ns, &ctx.settings, &limits, &ready)?;
 
     // Apply what differs; prune what no longer belongs.
     let mut applied = 0;
@@ -180,14 +209,16 @@ pub async fn reconcile(model: Arc<InferenceModel>, ctx: Arc<Context>) -> Result<
     )
     .await?;
     applied += sync(client, &ns, &model, &owned, &desired.services, true).await?;
+    // The pods mount the forwarding Secret: it exists before they do.
+    applied += u64::from(crate::forwarding::ensure(client, &model, &ns).await?);
     applied += apply_all(&deployments, &desired.deployments, &observed.deployments).await?;
     prune(&deployments, &desired.deployments, &observed.deployments).await?;
     applied += sync(client, &ns, &model, &owned, &desired.autoscalers, true).await?;
     ctx.metrics.applies.inc_by(applied);
 
     // Status.
-    let weights = crate::routing::model_effective_weights(&model, &ready);
-    let status = status::compute(&model, &ns, &observed, &weights, now);
+    let weights = crate::routing::model_effective_weights(&planned, &ready);
+    let status = status::compute(&planned, &ns, &observed, &weights, now);
     let settled = status.conditions.iter().all(|c| match c.type_.as_str() {
         status::READY => c.status == "True",
         _ => c.status == "False",
@@ -195,11 +226,12 @@ pub async fn reconcile(model: Arc<InferenceModel>, ctx: Arc<Context>) -> Result<
     write_status(&ctx, &model, &ns, status).await?;
     ctx.backoff(ObjectRef::from_obj(&*model), true);
     debug!(applied, settled, "reconciled");
-    Ok(Action::requeue(if settled {
-        RESYNC
-    } else {
-        PROGRESS_POLL
-    }))
+    let mut requeue = if settled { RESYNC } else { PROGRESS_POLL };
+    if let Some(every) = crate::analysis::requeue(&model) {
+        // The analysis reads metrics every interval (and steps wait out their pauses).
+        requeue = requeue.min(every);
+    }
+    Ok(Action::requeue(requeue))
 }
 
 /// Requeues a failed reconcile with exponential backoff per model (5s doubling to 5 min).
@@ -420,6 +452,8 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         .owns(Api::<ConfigMap>::all(client.clone()), children.clone())
         .owns(Api::<ServiceAccount>::all(client.clone()), children.clone())
         .owns(Api::<Role>::all(client.clone()), children.clone())
+        // The forwarding Secret: recreated at once if someone deletes it.
+        .owns(Api::<Secret>::all(client.clone()), children.clone())
         .owns(Api::<RoleBinding>::all(client), children)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
@@ -434,22 +468,46 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
     futures::join!(models, policies);
 }
 
-/// Renders what `desired` would apply for one model without a cluster (`render`).
+/// Renders what `desired` would apply for one model without a cluster (`render`): with the
+/// limits the controller would compute from the RateLimitPolicies among `policies` (the key
+/// Secrets among `secrets` exist, no others; no live config to keep), and every desired
+/// replica ready. Objects that name no namespace are in `default_namespace`.
 pub fn render(
     model: &InferenceModel,
     default_namespace: &str,
     settings: &Settings,
+    policies: &[RateLimitPolicy],
+    secrets: &[k8s_openapi::api::core::v1::Secret],
 ) -> Result<Desired> {
-    let ns = model
-        .namespace()
-        .unwrap_or_else(|| default_namespace.to_owned());
-    resources::desired(
-        model,
-        &ns,
-        settings,
-        &crate::policy::ModelLimits::default(),
-        &crate::routing::ReadyCounts::none(),
+    use crate::policy::{KeysSecrets, resolve};
+    let ns_of = |o: Option<String>| o.unwrap_or_else(|| default_namespace.to_owned());
+    let ns = ns_of(model.namespace());
+    let policies: Vec<RateLimitPolicy> = policies
+        .iter()
+        .filter(|p| ns_of(p.namespace()) == ns)
+        .cloned()
+        .collect();
+    let secrets = KeysSecrets::from_secrets(secrets.iter().filter(|s| ns_of(s.namespace()) == ns));
+    let limits = resolve(
+        std::slice::from_ref(model),
+        &policies,
+        &secrets,
+        &Default::default(),
     )
+    .models
+    .remove(&model.name_any())
+    .unwrap_or_default();
+    let replicas = match &model.spec.autoscaling {
+        Some(a) => a.min_replicas,
+        None => model.spec.replicas.unwrap_or(1),
+    };
+    let ready = model
+        .spec
+        .variants
+        .iter()
+        .map(|v| (v.name.clone(), replicas))
+        .collect();
+    resources::desired(model, &ns, settings, &limits, &ready)
 }
 
 #[cfg(test)]

@@ -89,6 +89,17 @@ impl Context {
             Context::new(client, settings(), Metrics::default(), reporter).with_clock(test_now);
         (Arc::new(ctx), ApiServerVerifier(handle))
     }
+
+    /// [`Context::test`] whose canary analysis reads sidecar metrics from `source`.
+    pub fn test_with_metrics(
+        source: Arc<dyn crate::policy::MetricsSource>,
+    ) -> (Arc<Self>, ApiServerVerifier) {
+        let (ctx, server) = Self::test();
+        let ctx = Arc::into_inner(ctx)
+            .expect("just created: one reference")
+            .with_metrics_source(source);
+        (Arc::new(ctx), server)
+    }
 }
 
 /// One expected request and the answer the mocked API server gives.
@@ -206,6 +217,20 @@ impl Step {
             path: format!("/apis/events.k8s.io/v1/namespaces/{ns}/events"),
             reply: Reply::Echo,
         }
+    }
+
+    /// `GET` of `model`'s forwarding Secret in `ns`, found (the reconcile leaves it alone).
+    pub fn forwarding_secret(ns: &str, model: &str) -> Self {
+        let name = crate::resources::forwarding_secret_name(model);
+        Self::get(
+            &format!("/api/v1/namespaces/{ns}/secrets/{name}"),
+            Some(json!({
+                "apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": name, "namespace": ns, "resourceVersion": "3"},
+                "type": "Opaque",
+                "data": {"token": "MDEyMzQ1Njc4OWFiY2RlZg=="},
+            })),
+        )
     }
 
     /// Answers this step with an error Status instead.

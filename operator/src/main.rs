@@ -35,7 +35,8 @@ enum Command {
     Run(RunArgs),
     /// Print, as YAML, every object the operator would apply for the InferenceModels in FILEs.
     Render {
-        /// YAML files with InferenceModels (other kinds are ignored); `-` reads stdin.
+        /// YAML files with InferenceModels, and the RateLimitPolicies and API-key Secrets their
+        /// limits come from (other kinds are ignored); `-` reads stdin.
         #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
         files: Vec<PathBuf>,
         /// Namespace for models that name none.
@@ -143,24 +144,41 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 fn render(files: &[PathBuf], namespace: &str, settings: &Settings) -> anyhow::Result<()> {
-    let mut out = String::new();
+    // Every file first: a policy or Secret may come after the models it applies to.
+    let mut inputs = Vec::new();
+    let mut all = sluice_operator::Manifests::default();
     for file in files {
         let text = if file.as_os_str() == "-" {
             std::io::read_to_string(std::io::stdin()).context("reading stdin")?
         } else {
             std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
         };
-        let models = sluice_operator::models_from_yaml(&text)
+        let manifests = sluice_operator::manifests_from_yaml(&text)
             .with_context(|| format!("parsing {}", file.display()))?;
+        all.policies.extend(manifests.policies);
+        all.secrets.extend(manifests.secrets);
+        inputs.push((file, manifests.models));
+    }
+    let mut out = String::new();
+    for (file, models) in inputs {
         for model in models {
-            let desired = sluice_operator::controller::render(&model, namespace, settings)
-                .with_context(|| {
-                    format!(
-                        "{}: InferenceModel {}",
-                        file.display(),
-                        model.metadata.name.as_deref().unwrap_or("<unnamed>")
-                    )
-                })?;
+            let name = model.metadata.name.as_deref().unwrap_or("<unnamed>");
+            let desired = sluice_operator::controller::render(
+                &model,
+                namespace,
+                settings,
+                &all.policies,
+                &all.secrets,
+            )
+            .with_context(|| format!("{}: InferenceModel {name}", file.display()))?;
+            let ns = model.metadata.namespace.as_deref().unwrap_or(namespace);
+            // Its value is random and made once, in the cluster: never rendered.
+            out.push_str(&format!(
+                "# Secret {ns}/{} (entry `{}`, mounted by every variant) is created by the \
+                 operator with a random token; not rendered.\n",
+                sluice_operator::resources::forwarding_secret_name(name),
+                sluice_operator::resources::FORWARDING_KEY,
+            ));
             out.push_str(&desired.to_yaml()?);
         }
     }

@@ -15,10 +15,11 @@ use k8s_openapi::api::autoscaling::v2::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvVar, EnvVarSource, HTTPGetAction, HostPathVolumeSource, ImageVolumeSource,
+    EnvVar, EnvVarSource, HTTPGetAction, HostPathVolumeSource, ImageVolumeSource, KeyToPath,
     ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext, Service,
-    ServiceAccount, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource,
+    SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Toleration, Volume,
+    VolumeMount,
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -57,6 +58,15 @@ pub const ADMIN_PORT: i32 = 9090;
 pub const MODELS_DIR: &str = "/models";
 /// Where the sidecar config ConfigMap is mounted (for `--config`).
 pub const CONFIG_DIR: &str = "/etc/sluice/config";
+/// Where the model's forwarding Secret is mounted (only its `token` entry).
+pub const FORWARDING_DIR: &str = "/etc/sluice/forwarding";
+/// The forwarding Secret's entry holding the token.
+pub const FORWARDING_KEY: &str = "token";
+/// Pod volume of the forwarding Secret.
+pub const FORWARDING_VOLUME: &str = "forwarding";
+/// Where the sidecar caches converted weights: the root filesystem is read-only, `/tmp` is an
+/// emptyDir.
+pub const CACHE_DIR: &str = "/tmp/sluice-cache";
 /// The node label the GPU product is matched against.
 pub const GPU_PRODUCT_LABEL: &str = "nvidia.com/gpu.product";
 /// The extended resource (and taint key) of NVIDIA GPUs.
@@ -138,6 +148,12 @@ pub fn variant_object_name(model: &str, variant: &str) -> String {
 /// Name of the model's sidecar config ConfigMap.
 pub fn config_map_name(model: &str) -> String {
     format!("{model}-sidecar-config")
+}
+
+/// Name of the model's forwarding Secret (created once by the operator with a random token,
+/// never rendered: see [`crate::forwarding`]).
+pub fn forwarding_secret_name(model: &str) -> String {
+    format!("{model}-forwarding")
 }
 
 /// Name of the sidecars' ServiceAccount, Role and RoleBinding.
@@ -515,6 +531,10 @@ impl Renderer<'_> {
             format!("0.0.0.0:{API_PORT}"),
             "--admin-listen".to_owned(),
             format!("0.0.0.0:{ADMIN_PORT}"),
+            "--forward-token-file".to_owned(),
+            format!("{FORWARDING_DIR}/{FORWARDING_KEY}"),
+            "--cache-dir".to_owned(),
+            CACHE_DIR.to_owned(),
         ];
         args.extend(engine_args(v));
 
@@ -533,7 +553,17 @@ impl Renderer<'_> {
             name: "sidecar".to_owned(),
             image: Some(image),
             args: Some(args),
-            env: Some(downward_env()),
+            env: Some(
+                downward_env()
+                    .into_iter()
+                    // The engine (mistral.rs) never contacts a model hub: weights are local.
+                    .chain([EnvVar {
+                        name: "HF_HUB_OFFLINE".to_owned(),
+                        value: Some("1".to_owned()),
+                        ..Default::default()
+                    }])
+                    .collect(),
+            ),
             ports: Some(vec![
                 container_port("http", API_PORT),
                 container_port("admin", ADMIN_PORT),
@@ -561,6 +591,12 @@ impl Renderer<'_> {
                     VolumeMount {
                         name: "tmp".to_owned(),
                         mount_path: "/tmp".to_owned(),
+                        ..Default::default()
+                    },
+                    VolumeMount {
+                        name: FORWARDING_VOLUME.to_owned(),
+                        mount_path: FORWARDING_DIR.to_owned(),
+                        read_only: Some(true),
                         ..Default::default()
                     },
                 ]
@@ -642,6 +678,21 @@ impl Renderer<'_> {
                     Volume {
                         name: "tmp".to_owned(),
                         empty_dir: Some(EmptyDirVolumeSource::default()),
+                        ..Default::default()
+                    },
+                    // Only the token: the sidecars of every variant read the same one.
+                    Volume {
+                        name: FORWARDING_VOLUME.to_owned(),
+                        secret: Some(SecretVolumeSource {
+                            secret_name: Some(forwarding_secret_name(self.name)),
+                            items: Some(vec![KeyToPath {
+                                key: FORWARDING_KEY.to_owned(),
+                                path: FORWARDING_KEY.to_owned(),
+                                ..Default::default()
+                            }]),
+                            default_mode: Some(0o440),
+                            ..Default::default()
+                        }),
                         ..Default::default()
                     },
                 ]
@@ -1026,6 +1077,7 @@ spec:
             args.join(" "),
             "serve --model /models/model.gguf --served-name chat --variant stable \
              --configmap ns/chat-sidecar-config --listen 0.0.0.0:8080 --admin-listen 0.0.0.0:9090 \
+             --forward-token-file /etc/sluice/forwarding/token --cache-dir /tmp/sluice-cache \
              --context-length 2048"
         );
         let canary = container(&d.deployments[1]).args.clone().expect("args");

@@ -33,7 +33,10 @@ struct FakeSidecars(Mutex<HashMap<String, (u64, u64)>>);
 
 impl FakeSidecars {
     fn set(&self, pod: &str, ok: u64, errors: u64) {
-        self.0.lock().expect("lock").insert(pod.to_owned(), (ok, errors));
+        self.0
+            .lock()
+            .expect("lock")
+            .insert(pod.to_owned(), (ok, errors));
     }
 }
 
@@ -109,7 +112,9 @@ async fn reconcile(
         pod("chat-stable-1", "stable", "10.0.0.2"),
         pod("chat-canary-0", "canary", "10.0.0.3"),
     ];
-    analysis::analyze(sidecars, history, model, &pods, now).await.0
+    analysis::analyze(sidecars, history, model, &pods, now)
+        .await
+        .0
 }
 
 #[tokio::test]
@@ -122,18 +127,31 @@ async fn a_breaching_canary_is_rolled_back_in_the_config_and_status_only() {
         sidecars.set(p, 1000, 0);
     }
     let model = reconcile(&sidecars, &history, &model, at(0)).await;
-    assert_eq!(routed(&model), [("stable".into(), 90), ("canary".into(), 10)]);
+    assert_eq!(
+        routed(&model),
+        [("stable".into(), 90), ("canary".into(), 10)]
+    );
 
     // 30s later the canary answered 35 more, 5 of them 503; stable is fine.
     sidecars.set("chat-stable-0", 1300, 0);
     sidecars.set("chat-stable-1", 1300, 1);
     sidecars.set("chat-canary-0", 1035, 5);
     let model = reconcile(&sidecars, &history, &model, at(30)).await;
-    assert_eq!(routed(&model), [("stable".into(), 100), ("canary".into(), 0)]);
+    assert_eq!(
+        routed(&model),
+        [("stable".into(), 100), ("canary".into(), 0)]
+    );
     let (status, reason, weights) = degraded(&model);
-    assert_eq!((status.as_str(), reason.as_str()), ("True", REASON_ROLLED_BACK));
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", REASON_ROLLED_BACK)
+    );
     assert_eq!(weights, "stable=90/100,canary=10/0");
-    let rollout = model.status.as_ref().and_then(|s| s.rollout.clone()).expect("state");
+    let rollout = model
+        .status
+        .as_ref()
+        .and_then(|s| s.rollout.clone())
+        .expect("state");
     assert_eq!(
         rollout.rolled_back[0].reason,
         "error rate 12.5% > 5.0% over 40 requests in 5m"
@@ -142,19 +160,28 @@ async fn a_breaching_canary_is_rolled_back_in_the_config_and_status_only() {
 
     // The canary gets no traffic any more: it stays rolled back.
     let model = reconcile(&sidecars, &history, &model, at(60)).await;
-    assert_eq!(routed(&model), [("stable".into(), 100), ("canary".into(), 0)]);
+    assert_eq!(
+        routed(&model),
+        [("stable".into(), 100), ("canary".into(), 0)]
+    );
 
     // The user ships a fix: a new generation analyses it afresh, from its traffic after the edit.
     let mut edited = model.clone();
     edited.metadata.generation = Some(2);
     let model = reconcile(&sidecars, &history, &edited, at(90)).await;
-    assert_eq!(routed(&model), [("stable".into(), 90), ("canary".into(), 10)]);
+    assert_eq!(
+        routed(&model),
+        [("stable".into(), 90), ("canary".into(), 10)]
+    );
     let (status, _, weights) = degraded(&model);
     assert_eq!(status, "False");
     assert_eq!(weights, "stable=90/90,canary=10/10");
     sidecars.set("chat-canary-0", 1075, 5);
     let model = reconcile(&sidecars, &history, &model, at(120)).await;
-    assert_eq!(routed(&model), [("stable".into(), 90), ("canary".into(), 10)]);
+    assert_eq!(
+        routed(&model),
+        [("stable".into(), 90), ("canary".into(), 10)]
+    );
 }
 
 #[tokio::test]
@@ -168,7 +195,10 @@ async fn a_healthy_canary_keeps_its_weight_and_unscrapable_pods_do_not_count() {
     sidecars.set("chat-stable-0", 500, 2);
     sidecars.set("chat-canary-0", 60, 1);
     let model = reconcile(&sidecars, &history, &model, at(30)).await;
-    assert_eq!(routed(&model), [("stable".into(), 90), ("canary".into(), 10)]);
+    assert_eq!(
+        routed(&model),
+        [("stable".into(), 90), ("canary".into(), 10)]
+    );
     assert_eq!(degraded(&model).0, "False");
 }
 

@@ -134,7 +134,9 @@ fn steady_lists(d: &Desired) -> Vec<Step> {
         Step::list(&format!("{CORE}/pods"), pods()),
         Step::get(
             POLICIES,
-            Some(json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "RateLimitPolicyList", "metadata": {}, "items": []})),
+            Some(
+                json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "RateLimitPolicyList", "metadata": {}, "items": []}),
+            ),
         ),
         Step::list(
             &format!("{CORE}/serviceaccounts"),
@@ -144,6 +146,7 @@ fn steady_lists(d: &Desired) -> Vec<Step> {
         Step::list(&format!("{RBAC}/rolebindings"), vec![live(&d.role_binding)]),
         Step::list(&format!("{CORE}/configmaps"), vec![live(&d.config_map)]),
         Step::list(&format!("{CORE}/services"), lives(&d.services)),
+        Step::forwarding_secret("ns", "chat"),
         Step::list(HPA, lives(&d.autoscalers)),
     ]
 }
@@ -219,10 +222,16 @@ async fn a_breaching_canary_is_rolled_back_in_config_status_and_event() {
         .await
         .expect("reconciles");
     let seen = verifier.await.expect("verifier");
-    assert!(seen[..n].iter().all(|r| r.method == Method::GET), "{seen:#?}");
+    assert!(
+        seen[..n].iter().all(|r| r.method == Method::GET),
+        "{seen:#?}"
+    );
     let seen = seen[n..].to_vec();
 
-    assert_eq!(weights_in(&seen[CONFIG_MAP_LIST + 1]), "stable=100,canary=0");
+    assert_eq!(
+        weights_in(&seen[CONFIG_MAP_LIST + 1]),
+        "stable=100,canary=0"
+    );
     let status = &seen[seen.len() - 2].body["status"];
     assert_eq!(status["weights"], "stable=90/100,canary=10/0");
     let degraded = status["conditions"]
@@ -235,10 +244,9 @@ async fn a_breaching_canary_is_rolled_back_in_config_status_and_event() {
     assert_eq!(degraded["status"], "True");
     assert_eq!(degraded["reason"], "CanaryRolledBack");
     assert!(
-        degraded["message"]
-            .as_str()
-            .expect("message")
-            .starts_with("variant canary rolled back: error rate 12.5% > 5.0% over 40 requests in 5m"),
+        degraded["message"].as_str().expect("message").starts_with(
+            "variant canary rolled back: error rate 12.5% > 5.0% over 40 requests in 5m"
+        ),
         "{degraded}"
     );
     assert_eq!(status["rollout"]["rolledBack"][0]["name"], "canary");
@@ -270,7 +278,9 @@ async fn a_healthy_canary_keeps_its_weight() {
         .expect("reconciles");
     sidecars.set("chat-stable-0", 1400, 1);
     sidecars.set("chat-canary-0", 199, 1);
-    reconcile(Arc::new(model.clone()), ctx).await.expect("reconciles");
+    reconcile(Arc::new(model.clone()), ctx)
+        .await
+        .expect("reconciles");
     let seen = verifier.await.expect("verifier");
     assert!(
         seen.iter().all(|r| r.method == Method::GET),
@@ -304,15 +314,19 @@ async fn a_new_generation_resets_the_verdict_and_restores_the_weights() {
     let mut steps = steady_lists(&d);
     // The canary's Deployment changes for the new file; the config gets its weight back.
     steps.insert(CONFIG_MAP_LIST + 1, Step::apply(CONFIG_MAP));
+    // After the Services list and the forwarding Secret read.
     steps.insert(
-        CONFIG_MAP_LIST + 3,
+        CONFIG_MAP_LIST + 4,
         Step::apply(&format!("{APPS}/deployments/chat-canary")),
     );
     steps.push(Step::apply_status(&model));
     // Degraded=False (AsExpected) again.
     steps.push(Step::event("ns"));
     let seen = run(&ctx, server, &[&model], steps).await;
-    assert_eq!(weights_in(&seen[CONFIG_MAP_LIST + 1]), "stable=90,canary=10");
+    assert_eq!(
+        weights_in(&seen[CONFIG_MAP_LIST + 1]),
+        "stable=90,canary=10"
+    );
     let status = &seen[seen.len() - 2].body["status"];
     assert_eq!(status["weights"], "stable=90/90,canary=10/10");
     assert_eq!(status["rollout"]["generation"], 2);
@@ -320,4 +334,3 @@ async fn a_new_generation_resets_the_verdict_and_restores_the_weights() {
     let event = &seen[seen.len() - 1].body;
     assert_eq!(event["reason"], "AsExpected");
 }
-

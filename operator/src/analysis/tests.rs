@@ -411,8 +411,14 @@ fn step_weights_split_the_rest_proportionally() {
 fn a_full_progressive_rollout_moves_stable_traffic_step_by_step() {
     let m: InferenceModel = serde_yaml::from_str(
         &STEPPED
-            .replace("weight: 50, model: {url: \"https://example.com/a", "weight: 0, model: {url: \"https://example.com/a")
-            .replace("weight: 50, model: {url: \"https://example.com/b", "weight: 100, model: {url: \"https://example.com/b"),
+            .replace(
+                "weight: 50, model: {url: \"https://example.com/a",
+                "weight: 0, model: {url: \"https://example.com/a",
+            )
+            .replace(
+                "weight: 50, model: {url: \"https://example.com/b",
+                "weight: 100, model: {url: \"https://example.com/b",
+            ),
     )
     .expect("valid");
     assert_eq!(step_variant(&m), Some("canary"));
@@ -426,7 +432,11 @@ fn a_full_progressive_rollout_moves_stable_traffic_step_by_step() {
     let mut single = m.clone();
     single.spec.variants.truncate(1);
     single.spec.variants[0].weight = 100;
-    assert_eq!(step_variant(&single), None, "a lone variant has nothing to roll out");
+    assert_eq!(
+        step_variant(&single),
+        None,
+        "a lone variant has nothing to roll out"
+    );
 }
 
 #[test]

@@ -97,6 +97,9 @@ fn create_steps(model: &InferenceModel) -> Vec<Step> {
         Step::apply(&format!("{CORE}/services/chat")),
         Step::apply(&format!("{CORE}/services/chat-stable")),
         Step::apply(&format!("{CORE}/services/chat-canary")),
+        // The forwarding Secret: absent, so created (before the pods that mount it).
+        Step::get(&format!("{CORE}/secrets/chat-forwarding"), None),
+        Step::create(&format!("{CORE}/secrets")),
         Step::apply(&format!("{APPS}/deployments/chat-stable")),
         Step::apply(&format!("{APPS}/deployments/chat-canary")),
         Step::list(HPA, vec![]),
@@ -122,6 +125,7 @@ fn steady_lists(d: &Desired) -> Vec<Step> {
         Step::list(&format!("{RBAC}/rolebindings"), vec![live(&d.role_binding)]),
         Step::list(&format!("{CORE}/configmaps"), vec![live(&d.config_map)]),
         Step::list(&format!("{CORE}/services"), lives(&d.services)),
+        Step::forwarding_secret("ns", "chat"),
         Step::list(HPA, lives(&d.autoscalers)),
     ]
 }
@@ -139,23 +143,139 @@ async fn create_applies_everything_then_status_and_events() {
         "not ready yet: poll"
     );
 
-    let deployment = &seen[15].body;
+    let deployment = &seen[17].body;
     assert_eq!(deployment["metadata"]["ownerReferences"][0]["uid"], "uid-1");
     assert_eq!(
         deployment["metadata"]["ownerReferences"][0]["controller"],
         true
     );
     assert_eq!(deployment["spec"]["replicas"], 1);
-    let status = &seen[18].body["status"];
+    let status = &seen[20].body["status"];
     assert_eq!(status["observedGeneration"], 1);
     assert_eq!(status["readyVariants"], "0/2");
     assert_eq!(status["weights"], "stable=90/90,canary=10/10");
     assert_eq!(status["endpoint"], "http://chat.ns.svc:8080/v1");
-    let reasons: Vec<_> = seen[19..]
+    let reasons: Vec<_> = seen[21..]
         .iter()
         .map(|r| r.body["reason"].clone())
         .collect();
     assert_eq!(reasons, [json!("NoReadyPods"), json!("RollingOut")]);
+}
+
+#[tokio::test]
+async fn first_reconcile_creates_the_forwarding_secret_every_pod_mounts() {
+    let (ctx, server) = Context::test();
+    let model = Arc::new(model_from_yaml(MODEL));
+    let verifier = server.run(create_steps(&model));
+    reconcile(model, ctx).await.expect("reconciles");
+    let seen = verifier.await.expect("verifier");
+
+    // Created (POST, not an apply that would re-send a new value) after the 404 GET.
+    assert_eq!(
+        (&seen[16].method, seen[16].path.as_str()),
+        (&http::Method::POST, "/api/v1/namespaces/ns/secrets")
+    );
+    assert!(seen[16].query.contains("fieldManager=sluice-operator"));
+    let secret: k8s_openapi::api::core::v1::Secret =
+        serde_json::from_value(seen[16].body.clone()).expect("a Secret");
+    assert_eq!(secret.metadata.name.as_deref(), Some("chat-forwarding"));
+    let owner = &secret.metadata.owner_references.as_ref().expect("owner")[0];
+    assert_eq!(
+        (owner.uid.as_str(), owner.controller),
+        ("uid-1", Some(true))
+    );
+    let data = secret.data.expect("data");
+    assert_eq!(data.keys().collect::<Vec<_>>(), ["token"]);
+    let token = String::from_utf8(data["token"].0.clone()).expect("UTF-8");
+    assert_eq!(token.len(), 64, "32 random bytes, hex");
+    assert!(token.bytes().all(|c| c.is_ascii_hexdigit()), "{token}");
+
+    for deployment in [&seen[17].body, &seen[18].body] {
+        let pod = &deployment["spec"]["template"]["spec"];
+        let volume = pod["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["name"] == "forwarding")
+            .expect("forwarding volume");
+        assert_eq!(volume["secret"]["secretName"], "chat-forwarding");
+        assert_eq!(
+            volume["secret"]["items"],
+            json!([{"key": "token", "path": "token"}])
+        );
+        let sidecar = &pod["containers"][0];
+        let mount = sidecar["volumeMounts"]
+            .as_array()
+            .expect("mounts")
+            .iter()
+            .find(|m| m["name"] == "forwarding")
+            .expect("forwarding mount");
+        assert_eq!(mount["mountPath"], "/etc/sluice/forwarding");
+        assert_eq!(mount["readOnly"], true);
+        let args: Vec<&str> = sidecar["args"]
+            .as_array()
+            .expect("args")
+            .iter()
+            .filter_map(|a| a.as_str())
+            .collect();
+        assert!(
+            args.windows(2)
+                .any(|w| w == ["--forward-token-file", "/etc/sluice/forwarding/token"]),
+            "{args:?}"
+        );
+        assert!(
+            args.windows(2)
+                .any(|w| w == ["--cache-dir", "/tmp/sluice-cache"]),
+            "{args:?}"
+        );
+        assert!(
+            sidecar["env"]
+                .as_array()
+                .expect("env")
+                .contains(&json!({"name": "HF_HUB_OFFLINE", "value": "1"})),
+            "{sidecar}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn forwarding_secret_created_meanwhile_is_kept() {
+    let (ctx, server) = Context::test();
+    let model = Arc::new(model_from_yaml(MODEL));
+    let mut steps = create_steps(&model);
+    // Another replica (or reconcile) created it between the GET and the POST: theirs stands.
+    steps[16] = steps[16].clone().fails_with(409);
+    let verifier = server.run(steps);
+    reconcile(model, ctx).await.expect("reconciles");
+    verifier.await.expect("verifier");
+}
+
+#[tokio::test]
+async fn present_forwarding_secret_is_only_read() {
+    let (ctx, server) = Context::test();
+    let model = model_from_yaml(MODEL);
+    let d = desired_for(&model);
+    let observed = Observed {
+        deployments: serde_json::from_value(json!(lives(&d.deployments))).expect("deployments"),
+        pods: vec![],
+    };
+    let model = Arc::new(with_status(model, &observed));
+    let verifier = server.run(steady_lists(&d));
+    reconcile(model, ctx).await.expect("reconciles");
+    let seen = verifier.await.expect("verifier");
+    let secrets: Vec<_> = seen
+        .iter()
+        .filter(|r| r.path.contains("/secrets"))
+        .map(|r| (r.method.clone(), r.path.as_str()))
+        .collect();
+    assert_eq!(
+        secrets,
+        [(
+            http::Method::GET,
+            "/api/v1/namespaces/ns/secrets/chat-forwarding"
+        )],
+        "never rotated, never re-applied"
+    );
 }
 
 #[tokio::test]
@@ -235,12 +355,13 @@ async fn drifted_deployment_is_reapplied() {
     let model = Arc::new(with_status(model, &observed));
     let mut steps = steady_lists(&d);
     steps[0] = Step::list(&format!("{APPS}/deployments"), deployments);
-    steps.insert(8, Step::apply(&format!("{APPS}/deployments/chat-canary")));
+    // After the Services list and the forwarding Secret read.
+    steps.insert(9, Step::apply(&format!("{APPS}/deployments/chat-canary")));
     let verifier = server.run(steps);
     reconcile(model, ctx).await.expect("reconciles");
     let seen = verifier.await.expect("verifier");
     assert_eq!(
-        seen[8].body["spec"]["template"]["spec"]["containers"][0]["image"],
+        seen[9].body["spec"]["template"]["spec"]["containers"][0]["image"],
         "sidecar:test"
     );
 }
@@ -262,7 +383,8 @@ async fn removed_variant_is_pruned() {
         Step::apply(&format!("{CORE}/configmaps/chat-sidecar-config")),
     );
     steps.insert(9, Step::delete(&format!("{CORE}/services/chat-canary")));
-    steps.insert(10, Step::delete(&format!("{APPS}/deployments/chat-canary")));
+    // After the forwarding Secret read.
+    steps.insert(11, Step::delete(&format!("{APPS}/deployments/chat-canary")));
     steps.push(Step::apply_status(&new));
     steps.push(Step::event("ns"));
     steps.push(Step::event("ns"));

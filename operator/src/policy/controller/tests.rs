@@ -139,6 +139,8 @@ async fn policy_rules_reach_the_config_map_and_the_keys_secret_the_pods() {
         Step::list(&format!("{NS}/services"), vec![]),
         Step::apply(&format!("{NS}/services/smollm2")),
         Step::apply(&format!("{NS}/services/smollm2-default")),
+        Step::get(&format!("{NS}/secrets/smollm2-forwarding"), None),
+        Step::create(&format!("{NS}/secrets")),
         Step::apply(&format!("{APPS}/deployments/smollm2-default")),
         Step::list(HPA, vec![]),
         Step::apply_status(&model()),
@@ -165,7 +167,7 @@ async fn policy_rules_reach_the_config_map_and_the_keys_secret_the_pods() {
         config.identity.keys_file.as_deref(),
         Some("/etc/sluice/keys/free-tier/keys.yaml")
     );
-    let pod = &seen[15].body["spec"]["template"]["spec"];
+    let pod = &seen[17].body["spec"]["template"]["spec"];
     let volume = pod["volumes"]
         .as_array()
         .expect("volumes")
@@ -208,6 +210,7 @@ fn steady(d: &Desired, policies: &[RateLimitPolicy], with_secret: bool) -> Vec<S
             &format!("{NS}/services"),
             d.services.iter().map(live).collect(),
         ),
+        Step::forwarding_secret("ns", "smollm2"),
         Step::list(HPA, vec![]),
     ]);
     steps

@@ -1,0 +1,103 @@
+//! The per-model forwarding Secret: a random token (key `token`) every variant's sidecars
+//! mount (`--forward-token-file`) to authenticate requests forwarded between variants.
+//!
+//! Created once, when absent (GET, then `create` on 404), never applied: a server-side apply
+//! would re-send a fresh random value each reconcile, and pods started at different times would
+//! disagree. Owned by the InferenceModel, so deleting the model deletes it. `render` never
+//! prints it (the value is random); it renders only the volume and mount.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, PostParams};
+use kube::{Client, Resource, ResourceExt};
+use sluice_crds::InferenceModel;
+use tracing::{info, warn};
+
+use crate::resources::{FIELD_MANAGER, FORWARDING_KEY, LABEL_MODEL, MANAGED_BY};
+use crate::{Error, Result};
+
+/// Random bytes in a token (hex-encoded in the Secret: 64 characters).
+pub const TOKEN_BYTES: usize = 32;
+
+/// A fresh random token: [`TOKEN_BYTES`] bytes from the OS, hex-encoded.
+pub fn new_token() -> Result<String> {
+    let mut bytes = [0u8; TOKEN_BYTES];
+    getrandom::fill(&mut bytes).map_err(|e| {
+        Error::Io(std::io::Error::other(format!(
+            "no OS randomness for the forwarding token: {e}"
+        )))
+    })?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The forwarding Secret of `model` in `ns`, holding `token`.
+pub fn forwarding_secret(model: &InferenceModel, ns: &str, token: &str) -> Secret {
+    let name = model.name_any();
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(crate::resources::forwarding_secret_name(&name)),
+            namespace: Some(ns.to_owned()),
+            labels: Some(BTreeMap::from([
+                (LABEL_MODEL.to_owned(), name),
+                (
+                    "app.kubernetes.io/managed-by".to_owned(),
+                    MANAGED_BY.to_owned(),
+                ),
+            ])),
+            owner_references: model.controller_owner_ref(&()).map(|o| vec![o]),
+            ..Default::default()
+        },
+        type_: Some("Opaque".to_owned()),
+        data: Some(BTreeMap::from([(
+            FORWARDING_KEY.to_owned(),
+            ByteString(token.as_bytes().to_vec()),
+        )])),
+        ..Default::default()
+    }
+}
+
+/// Creates `model`'s forwarding Secret when it does not exist; an existing one is left as it
+/// is (never rotated). Returns whether it was created.
+pub async fn ensure(client: &Client, model: &InferenceModel, ns: &str) -> Result<bool> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let name = crate::resources::forwarding_secret_name(&model.name_any());
+    if let Some(existing) = api.get_opt(&name).await? {
+        let token = existing.data.as_ref().and_then(|d| d.get(FORWARDING_KEY));
+        if token.is_none_or(|v| v.0.is_empty()) {
+            // Pods cannot mount it; rotating someone's Secret is not ours to decide.
+            warn!(secret = %name, "forwarding Secret has no `{FORWARDING_KEY}` entry; delete it to have a new one created");
+        }
+        return Ok(false);
+    }
+    let secret = forwarding_secret(model, ns, &new_token()?);
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+        ..Default::default()
+    };
+    match api.create(&params, &secret).await {
+        Ok(_) => {
+            info!(secret = %name, "created the forwarding Secret");
+            Ok(true)
+        }
+        // Another reconcile (or replica) created it in between: theirs stands.
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_32_random_bytes_in_hex() {
+        let a = new_token().expect("randomness");
+        let b = new_token().expect("randomness");
+        assert_eq!(a.len(), 2 * TOKEN_BYTES);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+}
