@@ -18,6 +18,8 @@ use std::sync::atomic::AtomicU64;
 pub struct RequestLabels {
     /// The API route, e.g. `/v1/chat/completions`.
     pub route: String,
+    /// The variant that served the request (this pod's, or the one it was forwarded to).
+    pub variant: String,
     /// The HTTP status answered.
     pub status: u16,
 }
@@ -134,10 +136,11 @@ impl Metrics {
     }
 
     /// Counts one answered request.
-    pub fn record_request(&self, route: &str, status: u16) {
+    pub fn record_request(&self, route: &str, variant: &str, status: u16) {
         self.requests
             .get_or_create(&RequestLabels {
                 route: route.to_owned(),
+                variant: variant.to_owned(),
                 status,
             })
             .inc();
@@ -165,12 +168,12 @@ mod tests {
     fn names_carry_prefix_and_units() {
         let mut registry = new_registry();
         let m = Metrics::register(&mut registry);
-        m.record_request("/v1/chat/completions", 200);
+        m.record_request("/v1/chat/completions", "default", 200);
         m.time_to_first_token.observe(0.1);
         m.model_load.set(1.5);
         let text = encode(&registry);
         for name in [
-            "sluice_requests_total{route=\"/v1/chat/completions\",status=\"200\"} 1",
+            "sluice_requests_total{route=\"/v1/chat/completions\",variant=\"default\",status=\"200\"} 1",
             "sluice_requests_in_flight",
             "sluice_queue_depth",
             "sluice_prompt_tokens_total",

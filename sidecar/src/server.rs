@@ -855,7 +855,6 @@ pub async fn api(state: Arc<AppState>, req: Request<Incoming>) -> Response<Respo
     }
     .instrument(span)
     .await;
-    state.metrics.record_request(route, res.status().as_u16());
     if let Ok(v) = HeaderValue::from_str(&id) {
         res.headers_mut().insert("x-request-id", v);
     }
@@ -865,6 +864,16 @@ pub async fn api(state: Arc<AppState>, req: Request<Incoming>) -> Response<Respo
     {
         res.headers_mut().insert(crate::routing::VARIANT_HEADER, v);
     }
+    // Labelled with the variant that served the request, so the operator's canary analysis
+    // does not blame the entry pod's variant for what another variant answered.
+    let served_by = res
+        .headers()
+        .get(crate::routing::VARIANT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    state
+        .metrics
+        .record_request(route, served_by, res.status().as_u16());
     res
 }
 

@@ -252,8 +252,8 @@ async fn openai_api_end_to_end() {
     let (status, text) = get(&metrics_url).await.unwrap();
     assert_eq!(status, StatusCode::OK);
     for name in [
-        "sluice_requests_total{route=\"/v1/chat/completions\",status=\"200\"}",
-        "sluice_requests_total{route=\"/v1/chat/completions\",status=\"400\"}",
+        "sluice_requests_total{route=\"/v1/chat/completions\",variant=\"default\",status=\"200\"}",
+        "sluice_requests_total{route=\"/v1/chat/completions\",variant=\"default\",status=\"400\"}",
         "sluice_prompt_tokens_total",
         "sluice_completion_tokens_total",
         "sluice_time_to_first_token_seconds_count",
