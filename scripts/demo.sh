@@ -11,7 +11,7 @@ log="$(mktemp -t sluice-demo.XXXXXX.log)"
 
 config_args=()
 [[ -f "$config" ]] && config_args=(--config "$config")
-HF_HUB_OFFLINE=1 "$bin" serve --model "$model" "${config_args[@]}" \
+HF_HUB_OFFLINE=1 "$bin" serve --model "$model" --served-name smollm2 "${config_args[@]}" \
   --listen "$api" --admin-listen "$admin" >"$log" 2>&1 &
 pid=$!
 trap 'kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null || true; rm -f "$log"' EXIT
