@@ -96,6 +96,11 @@ bench: bench-operator
 bench-operator:
 	$(CARGO) bench -p sluice-operator --bench desired_state
 
+## bench-operator-memory: operator RSS with 1,000 InferenceModels watched (target <= 100 MB) vs an empty baseline
+bench: bench-operator-memory
+bench-operator-memory:
+	$(CARGO) bench --profile dev -p sluice-operator --bench memory
+
 ## render: print every object the operator would apply for FILES (default: the examples)
 FILES ?= $(wildcard examples/inferencemodel*.yaml)
 render:
