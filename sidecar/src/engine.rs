@@ -305,6 +305,18 @@ impl Engine {
             .map_err(|e| Error::Engine(format!("tokenizer task failed: {e}")))?
     }
 
+    /// Hands a request to the engine's scheduler.
+    async fn send(&self, request: Request) -> Result<()> {
+        let sender = self
+            .runner
+            .get_sender(None)
+            .map_err(|e| Error::Engine(e.to_string()))?;
+        sender
+            .send(request)
+            .await
+            .map_err(|_| Error::Engine("engine stopped".into()))
+    }
+
     /// Submits a generation. `stream` asks for one event per token; chat generations always
     /// stream inside the engine (so a dropped client cancels them), `/v1/completions` without
     /// streaming comes back as one [`Event::Done`].
@@ -314,24 +326,8 @@ impl Engine {
         params: &GenerationParams,
         stream: bool,
     ) -> Result<Generation> {
-        let (messages, engine_streams) = match prompt {
-            Prompt::Chat(turns) => (
-                RequestMessage::Chat {
-                    messages: chat_messages(&turns),
-                    enable_thinking: None,
-                    reasoning_effort: None,
-                },
-                true,
-            ),
-            Prompt::Text(text) => (
-                RequestMessage::Completion {
-                    text,
-                    echo_prompt: false,
-                    best_of: None,
-                },
-                stream,
-            ),
-        };
+        let engine_streams = stream || matches!(prompt, Prompt::Chat(_));
+        let messages = request_message(prompt);
         let sampling_params = SamplingParams {
             temperature: params.temperature,
             top_p: params.top_p,
@@ -356,32 +352,14 @@ impl Engine {
                 None,
             )
         }));
-        let sender = self
-            .runner
-            .get_sender(None)
-            .map_err(|e| Error::Engine(e.to_string()))?;
-        sender
-            .send(request)
-            .await
-            .map_err(|_| Error::Engine("engine stopped".into()))?;
+        self.send(request).await?;
         Ok(Generation { rx })
     }
 
     /// Log-probabilities over the vocabulary of the token that follows `prompt` (raw logits of
     /// one forward pass, log-softmaxed). Used to check converted weights against the original.
     pub async fn next_token_logprobs(&self, prompt: Prompt) -> Result<Vec<f32>> {
-        let messages = match prompt {
-            Prompt::Chat(turns) => RequestMessage::Chat {
-                messages: chat_messages(&turns),
-                enable_thinking: None,
-                reasoning_effort: None,
-            },
-            Prompt::Text(text) => RequestMessage::Completion {
-                text,
-                echo_prompt: false,
-                best_of: None,
-            },
-        };
+        let messages = request_message(prompt);
         let sampling_params = SamplingParams {
             max_len: Some(1),
             n_choices: 1,
@@ -399,14 +377,7 @@ impl Engine {
                 None,
             )
         }));
-        let sender = self
-            .runner
-            .get_sender(None)
-            .map_err(|e| Error::Engine(e.to_string()))?;
-        sender
-            .send(request)
-            .await
-            .map_err(|_| Error::Engine("engine stopped".into()))?;
+        self.send(request).await?;
         let logits = match rx.recv().await {
             Some(Response::Raw { logits_chunks, .. }) => logits_chunks
                 .last()
@@ -451,6 +422,22 @@ fn split_model_path(path: &Path) -> Result<(String, String)> {
         dir.to_string_lossy().into_owned(),
         file.to_string_lossy().into_owned(),
     ))
+}
+
+/// The engine's message for a prompt: chat turns go through the model's chat template.
+fn request_message(prompt: Prompt) -> RequestMessage {
+    match prompt {
+        Prompt::Chat(turns) => RequestMessage::Chat {
+            messages: chat_messages(&turns),
+            enable_thinking: None,
+            reasoning_effort: None,
+        },
+        Prompt::Text(text) => RequestMessage::Completion {
+            text,
+            echo_prompt: false,
+            best_of: None,
+        },
+    }
 }
 
 fn chat_messages(turns: &[ChatTurn]) -> Vec<IndexMap<String, MessageContent>> {
