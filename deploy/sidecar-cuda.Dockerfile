@@ -24,6 +24,9 @@ COPY .cargo ./.cargo
 COPY crds ./crds
 COPY operator ./operator
 COPY sidecar ./sidecar
+COPY e2e ./e2e
+# Patched upstream crates ([patch.crates-io] in Cargo.toml).
+COPY vendor ./vendor
 # candle's build scripts read CUDA_COMPUTE_CAP instead of asking nvidia-smi (none in a build).
 ENV CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP}
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

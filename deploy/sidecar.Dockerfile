@@ -14,6 +14,9 @@ COPY .cargo ./.cargo
 COPY crds ./crds
 COPY operator ./operator
 COPY sidecar ./sidecar
+COPY e2e ./e2e
+# Patched upstream crates ([patch.crates-io] in Cargo.toml).
+COPY vendor ./vendor
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p sluice-sidecar \

@@ -68,3 +68,26 @@ def test_make_images_builds_what_the_chart_deploys():
         assert repo == f"{registry}/{name}"
         assert re.search(rf"-f deploy/{dockerfile}\.Dockerfile -t \$\(IMAGE_REGISTRY\)/{name}:",
                          makefile), dockerfile
+
+
+def workspace_paths() -> set[str]:
+    """The directories cargo needs to read the workspace: its members and the patched crates."""
+    import tomllib
+
+    manifest = tomllib.loads((REPO / "Cargo.toml").read_text())
+    paths = set(manifest["workspace"]["members"])
+    for crates in manifest.get("patch", {}).values():
+        paths |= {spec["path"].split("/")[0] for spec in crates.values() if "path" in spec}
+    return paths
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_build_stage_gets_every_crate_the_workspace_names(name):
+    # cargo refuses to build a workspace whose members or [patch] paths are missing, so an image
+    # build would fail at `cargo build` without them.
+    text = (DEPLOY / name).read_text()
+    ignored = {line.strip().rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    for path in sorted(workspace_paths()):
+        assert f"COPY {path} ./{path}" in text, f"{name} does not copy {path}/"
+        assert path not in ignored, f".dockerignore leaves {path}/ out of the build context"
