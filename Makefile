@@ -79,9 +79,12 @@ demo: model
 	$(CARGO) build -p sluice-sidecar
 	SIDECAR_BIN=$(SIDECAR_BIN) MODEL=$(abspath $(MODEL)) scripts/demo.sh
 
-## bench: engine in-process vs over HTTP (tok/s, TTFT, 8 streams, dtype and weight variants)
+## bench: engine in-process vs over HTTP (tok/s, TTFT, 8 streams, dtype and weight variants);
+## beside llama.cpp on the same files once `make bench-anchor` has built it
+ANCHOR_BIN := .cache/anchor/build/bin/llama-bench
 bench: model
-	$(CARGO) bench --profile dev -p sluice-sidecar --bench throughput
+	$(if $(wildcard $(ANCHOR_BIN)),SLUICE_BENCH_ANCHOR=$(abspath $(ANCHOR_BIN))) $(CARGO) bench --profile dev -p sluice-sidecar --bench throughput
+	$(CARGO) bench --profile dev -p sluice-sidecar --bench kernels
 	$(CARGO) bench --profile dev -p sluice-sidecar --bench forwarding
 
 ## bench-limits: rate-limit admission (p99, vs governor), memory of 1M keys, 1,000-rule reload.
@@ -110,7 +113,6 @@ render:
 e2e:
 	SLUICE_E2E=1 $(CARGO) test -p sluice-e2e -- --nocapture --test-threads=1
 
-## bench-anchor: llama.cpp reference numbers on the same model (builds llama.cpp once, cached)
-bench-anchor: model
-	$(CARGO) build -p sluice-sidecar
-	SIDECAR_BIN=$(SIDECAR_BIN) MODEL=$(abspath $(MODEL)) scripts/bench-anchor.sh
+## bench-anchor: the throughput bench side by side with llama.cpp on the same files (builds llama.cpp once, cached)
+bench-anchor: model venv
+	CARGO=$(CARGO) VENV=$(VENV) scripts/bench-anchor.sh

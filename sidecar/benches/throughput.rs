@@ -5,9 +5,13 @@
 //! token of a short chat. Then the same for the default variant through the real binary over
 //! HTTP (SSE), so the sidecar's overhead is the difference.
 //!
+//! With `SLUICE_BENCH_ANCHOR` (a llama-bench binary; `make bench-anchor` builds one) every
+//! variant is also run through llama.cpp on the very same GGUF file, prompt 128 and decode 64
+//! tokens on the same threads, and the ratios are printed beside the sidecar's numbers.
+//!
 //! Environment: `SLUICE_TEST_MODEL` (the GGUF; the Makefile exports it), `SLUICE_BENCH_VARIANTS`
-//! (default `q4_1:f32,q4_1:auto,q8_0:f32,q4_0:f32`), `SLUICE_BENCH_HTTP_VARIANT` (default
-//! `q8_0:f32`), `SLUICE_THREADS`.
+//! (default `q4_1:f32,q8_0:f32,q4_0:f32`), `SLUICE_BENCH_HTTP_VARIANT` (default `q8_0:f32`),
+//! `SLUICE_THREADS`, `SLUICE_BENCH_ANCHOR`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
@@ -107,6 +111,40 @@ fn threads() -> Option<usize> {
     std::env::var("SLUICE_THREADS")
         .ok()
         .and_then(|s| s.parse().ok())
+}
+
+/// llama.cpp's prompt and decode tokens/s on `file` (llama-bench: 128-token prompt, 64 decoded
+/// tokens, 3 repetitions, the sidecar's thread count), when `SLUICE_BENCH_ANCHOR` names it.
+fn anchor(file: &Path) -> Option<(f64, f64)> {
+    let bin = std::env::var_os("SLUICE_BENCH_ANCHOR")?;
+    let threads = threads().unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let out = Command::new(bin)
+        .arg("-m")
+        .arg(file)
+        .args(["-p", "128", "-n", "64", "-r", "3", "-o", "json"])
+        .args(["-t", &threads.to_string()])
+        .stderr(Stdio::null())
+        .output()
+        .expect("run llama-bench");
+    assert!(
+        out.status.success(),
+        "llama-bench failed on {}",
+        file.display()
+    );
+    let tests: Vec<serde_json::Value> =
+        serde_json::from_slice(&out.stdout).expect("llama-bench json");
+    let rate = |prompt: bool| {
+        tests
+            .iter()
+            .find(|t| (t["n_prompt"].as_u64().unwrap_or(0) > 0) == prompt)
+            .and_then(|t| t["avg_ts"].as_f64())
+            .expect("llama-bench result")
+    };
+    Some((rate(true), rate(false)))
 }
 
 /// A ~128-token prompt; `salt` keeps runs from sharing a prefix.
@@ -413,7 +451,7 @@ fn main() {
     // `cargo bench` passes `--bench`; nothing else to parse.
     let model = model();
     let variants: Vec<Variant> = std::env::var("SLUICE_BENCH_VARIANTS")
-        .unwrap_or_else(|_| "q4_1:f32,q4_1:auto,q8_0:f32,q4_0:f32".into())
+        .unwrap_or_else(|_| "q4_1:f32,q8_0:f32,q4_0:f32".into())
         .split(',')
         .map(Variant::parse)
         .collect();
@@ -436,9 +474,19 @@ fn main() {
         "|------------------------|-----------:|-----------:|-------------:|-------:|--------:|"
     );
     let mut in_process = None;
+    let mut anchors = Vec::new();
     for v in &variants {
         let n = rt.block_on(bench_engine(&model, *v));
         print_row(&format!("engine {}", v.label()), &n);
+        if let Some((prompt, decode)) = anchor(&weights(&model, *v)) {
+            anchors.push(format!(
+                "| {:<6} | {prompt:>9.1} | {decode:>9.1} | {:>9.2}x | {:>9.2}x | {:>9.2}x |",
+                v.label().split('/').next().unwrap_or_default(),
+                n.prompt_tps / prompt,
+                n.decode_tps / decode,
+                n.aggregate_tps / decode,
+            ));
+        }
         if v.label() == http_variant.label() {
             in_process = Some(n);
         }
@@ -448,6 +496,17 @@ fn main() {
         print_row(&format!("engine {}", http_variant.label()), &n);
         n
     });
+    if !anchors.is_empty() {
+        println!(
+            "\nllama.cpp (llama-bench) on the same files, and the sidecar engine's ratio to it:"
+        );
+        println!("| file   | llama pp t/s | llama tg t/s | prompt | decode | {STREAMS}-stream |");
+        println!("|--------|----------:|----------:|----------:|----------:|----------:|");
+        for line in &anchors {
+            println!("{line}");
+        }
+        println!();
+    }
     let http = rt.block_on(bench_http(&model, http_variant));
     print_row(&format!("http   {}", http_variant.label()), &http);
     println!(
