@@ -174,9 +174,15 @@ def test_operator_args_carry_the_sidecar_images():
         "run",
         "--sidecar-image=registry.example/sluice/sidecar:1.2.3",
         "--sidecar-cuda-image=registry.example:5000/sluice/sidecar-cuda:1.2.3-cuda12",
+        "--reconcile-concurrency=16",
         "--leader-election",
         "--canary-interval=30s",
     ]
+
+
+def test_reconcile_concurrency_is_passed_on():
+    rendered = helm_render.render({"reconcileConcurrency": 4})
+    assert "--reconcile-concurrency=4" in operator_container(rendered)["args"]
 
 
 def test_default_images_follow_the_chart_version(default_render):
@@ -328,6 +334,8 @@ BAD_VALUES = [
     ({"serviceMonitor": {"interval": "often"}}, "at '/serviceMonitor/interval'"),
     ({"leaderElection": {"enabled": 1}}, "at '/leaderElection/enabled': got number, want boolean"),
     ({"metrics": {"port": 70000}}, "at '/metrics/port': maximum"),
+    ({"reconcileConcurrency": -1}, "at '/reconcileConcurrency': minimum: got -1, want 0"),
+    ({"reconcileConcurrency": 70000}, "at '/reconcileConcurrency': maximum"),
     ({"replicas": 3}, "additional properties 'replicas' not allowed"),
     ({"sidecar": {"imag": {}}}, "additional properties 'imag' not allowed"),
 ]

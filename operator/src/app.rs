@@ -29,6 +29,8 @@ pub struct RunConfig {
     pub leader_election: Option<LeaseConfig>,
     /// This replica's name (Events' reporting instance, Lease holder).
     pub instance: String,
+    /// At most this many reconciles at once, per controller (0: unbounded).
+    pub reconcile_concurrency: u16,
 }
 
 /// Where the leader Lease lives.
@@ -87,12 +89,15 @@ pub async fn run(config: RunConfig) -> Result<()> {
         controller: FIELD_MANAGER.to_owned(),
         instance: Some(config.instance.clone()),
     };
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        config.settings.clone(),
-        metrics.clone(),
-        reporter,
-    ));
+    let ctx = Arc::new(
+        Context::new(
+            client.clone(),
+            config.settings.clone(),
+            metrics.clone(),
+            reporter,
+        )
+        .with_reconcile_concurrency(config.reconcile_concurrency),
+    );
 
     let result = match &config.leader_election {
         None => {

@@ -39,6 +39,10 @@ const PROGRESS_POLL: Duration = Duration::from_secs(15);
 /// First and longest error backoff.
 const BACKOFF_MIN: Duration = Duration::from_secs(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// Reconciles that run at once unless configured otherwise (`--reconcile-concurrency`). A cold
+/// start lists every model and queues each; unbounded, every reconcile would hold its observed
+/// objects and desired state at the same time, and send its requests to the API server at once.
+pub const DEFAULT_RECONCILE_CONCURRENCY: u16 = 16;
 
 /// What every reconcile shares.
 pub struct Context {
@@ -58,6 +62,8 @@ pub struct Context {
     metrics_source: Arc<dyn MetricsSource>,
     /// The counters the canary analysis read from each pod, over one window.
     analysis: crate::analysis::History,
+    /// At most this many reconciles run at once, per controller (0: unbounded).
+    reconcile_concurrency: u16,
 }
 
 // === impl Context ===
@@ -74,7 +80,14 @@ impl Context {
             now: Timestamp::now,
             metrics_source: Arc::new(HttpMetricsSource::new()),
             analysis: crate::analysis::History::default(),
+            reconcile_concurrency: DEFAULT_RECONCILE_CONCURRENCY,
         }
+    }
+
+    /// Runs at most `n` reconciles at once in each controller of [`run`] (0: unbounded).
+    pub fn with_reconcile_concurrency(mut self, n: u16) -> Self {
+        self.reconcile_concurrency = n;
+        self
     }
 
     /// Replaces the source of sidecar metrics the canary analysis reads (tests).
@@ -406,7 +419,8 @@ async fn publish(ctx: &Context, model: &InferenceModel, t: &Transition) {
 }
 
 /// Runs the controller until `shutdown` resolves, then finishes in-flight reconciles.
-/// Runs the RateLimitPolicy status controller beside it (same shutdown).
+/// Runs the RateLimitPolicy status controller beside it (same shutdown). Each runs at most
+/// [`Context::with_reconcile_concurrency`] reconciles at once.
 pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
     use futures::FutureExt;
     let shutdown = shutdown.shared();
@@ -421,11 +435,14 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         )
         .with_clock(ctx.now),
     );
-    let policies = crate::policy::controller::run(policy_ctx, shutdown.clone());
+    let config =
+        kube::runtime::controller::Config::default().concurrency(ctx.reconcile_concurrency);
+    let policies = crate::policy::controller::run(policy_ctx, config.clone(), shutdown.clone());
     let controller = Controller::new(
         Api::<InferenceModel>::all(client.clone()),
         watcher::Config::default().any_semantic(),
-    );
+    )
+    .with_config(config);
     // A policy change (or deletion) reconciles every model of its namespace: the ones it
     // targets now and the ones it targeted before (the mapper cannot know those).
     let store = controller.store();

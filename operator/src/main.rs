@@ -82,6 +82,16 @@ struct RunArgs {
     /// This replica's name: Lease holder and Events' reporting instance.
     #[arg(long, env = "POD_NAME")]
     pod_name: Option<String>,
+    /// At most this many reconciles run at once (InferenceModels; RateLimitPolicies likewise);
+    /// 0 is unbounded. Bounds memory and API-server load on a cold start with many models, when
+    /// every model is queued at once and each reconcile holds what it listed and its desired
+    /// state until it is done.
+    #[arg(
+        long,
+        env = "SLUICE_RECONCILE_CONCURRENCY",
+        default_value_t = sluice_operator::controller::DEFAULT_RECONCILE_CONCURRENCY
+    )]
+    reconcile_concurrency: u16,
     /// Log format.
     #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     log_format: LogFormat,
@@ -134,6 +144,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         admin_listen: args.admin_listen,
         leader_election,
         instance,
+        reconcile_concurrency: args.reconcile_concurrency,
     };
     telemetry::init(args.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -277,15 +277,17 @@ pub fn policy_error_policy(
     Action::requeue(ERROR_RETRY)
 }
 
-/// Runs the policy status controller until `shutdown` resolves.
+/// Runs the policy status controller until `shutdown` resolves, with `config`'s concurrency.
 pub async fn run(
     ctx: Arc<PolicyContext>,
+    config: kube::runtime::controller::Config,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     Controller::new(
         Api::<RateLimitPolicy>::all(ctx.client.clone()),
         watcher::Config::default(),
     )
+    .with_config(config)
     .graceful_shutdown_on(shutdown)
     .run(reconcile_policy, policy_error_policy, ctx)
     .for_each(|result| async move {
