@@ -5,6 +5,10 @@ pub enum Error {
     #[error("invalid document: {0}")]
     Parse(#[from] serde_yaml::Error),
 
+    /// The document, written as JSON, is not valid for its type.
+    #[error("invalid document: {0}")]
+    ParseJson(serde_json::Error),
+
     /// JSON encoding failed (only for types that cannot be represented, an invariant).
     #[error("cannot encode document: {0}")]
     Encode(#[from] serde_json::Error),

@@ -21,7 +21,8 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::Reporter;
 use kube::{Client, ResourceExt};
-use sluice_crds::InferenceModel;
+use sluice_crds::sidecar_config::SIDECAR_CONFIG_KEY;
+use sluice_crds::{InferenceModel, SidecarConfig};
 use sluice_operator::controller::{self, Context};
 use sluice_operator::metrics::Metrics;
 use sluice_operator::resources::{LABEL_MODEL, Settings, config_map_name};
@@ -226,7 +227,12 @@ async fn scenario(
     changed.spec.variants[0].weight -= 10;
     changed.spec.variants[1].weight += 10;
     models.patch(&name, apply, &Patch::Apply(&changed)).await?;
-    let want = format!("weight: {}", changed.spec.variants[1].weight);
+    let want: Vec<u32> = changed
+        .spec
+        .variants
+        .iter()
+        .map(|v| u32::try_from(v.weight).unwrap_or(0))
+        .collect();
     wait_until(
         "the ConfigMap to carry the new weights",
         Duration::from_secs(60),
@@ -237,7 +243,11 @@ async fn scenario(
             let want = want.clone();
             async move {
                 let data = configs.get(&cm_name).await?.data.unwrap_or_default();
-                Ok(data != old_config && data.values().any(|v| v.contains(&want)))
+                let weights = data
+                    .get(SIDECAR_CONFIG_KEY)
+                    .and_then(|text| SidecarConfig::from_yaml(text).ok())
+                    .map(|c| c.variants.iter().map(|v| v.weight).collect::<Vec<_>>());
+                Ok(data != old_config && weights.as_ref() == Some(&want))
             }
         },
     )

@@ -429,7 +429,7 @@ impl Renderer<'_> {
             metadata: self.meta(config_map_name(self.name), None),
             data: Some(BTreeMap::from([(
                 SIDECAR_CONFIG_KEY.to_owned(),
-                config.to_yaml()?,
+                config.to_json()?,
             )])),
             ..Default::default()
         })
