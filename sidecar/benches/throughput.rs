@@ -2,8 +2,9 @@
 //!
 //! For each weight/dtype variant (in-process): prompt tok/s (prefill of a ~128-token prompt),
 //! single-stream decode tok/s, aggregate tok/s of 8 concurrent streams, and median time to first
-//! token of a short chat. Then the same for the default variant through the real binary over
-//! HTTP (SSE), so the sidecar's overhead is the difference.
+//! token of a short chat. Then the sidecar's overhead: one variant in-process and through the
+//! real binary over HTTP (SSE), loaded side by side and measured run by run, interleaved:
+//! decode and aggregate tokens/s and median time to first token at 1 and 8 streams.
 //!
 //! With `SLUICE_BENCH_ANCHOR` (a llama-bench binary; `make bench-anchor` builds one) every
 //! variant is also run through llama.cpp on the very same GGUF file, prompt 128 and decode 64
@@ -209,7 +210,8 @@ async fn run_engine(engine: &Engine, prompt: Prompt, max_tokens: usize) -> (Inst
     (start, run)
 }
 
-async fn bench_engine(model: &Path, v: Variant) -> Numbers {
+/// The engine in-process with the settings the HTTP server runs with, warmed up.
+async fn load_engine(model: &Path, v: Variant) -> Engine {
     let engine = Engine::load(&EngineSettings {
         model: weights(model, v),
         served_name: "bench".into(),
@@ -222,8 +224,12 @@ async fn bench_engine(model: &Path, v: Variant) -> Numbers {
     })
     .await
     .unwrap();
-    // Warm up.
     run_engine(&engine, Prompt::Text(counting_prompt(999)), 8).await;
+    engine
+}
+
+async fn bench_engine(model: &Path, v: Variant) -> Numbers {
+    let engine = load_engine(model, v).await;
 
     let mut prompt_rates = Vec::new();
     for i in 0..3 {
@@ -375,65 +381,144 @@ async fn run_http(api: &str, body: serde_json::Value, chat: bool) -> (Instant, R
     (start, run)
 }
 
-async fn bench_http(model: &Path, v: Variant) -> Numbers {
-    let server = start_server(model, v).await;
-    let api = server.api.clone();
-    let completion = |prompt: String, max: usize| json!({"model": "bench", "prompt": prompt, "max_tokens": max, "temperature": 0, "stream": true});
-    run_http(&api, completion(counting_prompt(999), 8), false).await;
-    let mut prompt_rates = Vec::new();
-    for i in 0..3 {
-        let prompt = long_prompt(i);
-        // Same tokenizer as in-process: count there would need the engine; use the server's
-        // usage instead.
-        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-        let req = Request::post(format!("{api}/v1/completions"))
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(
-                serde_json::to_vec(&json!({"model": "bench", "prompt": prompt, "max_tokens": 1}))
-                    .unwrap(),
-            )))
-            .unwrap();
-        let res = client.request(req).await.unwrap();
-        let v: serde_json::Value =
-            serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
-        let n = v["usage"]["prompt_tokens"].as_u64().unwrap() as f64;
-        let (start, run) = run_http(&api, completion(long_prompt(i + 10), 1), false).await;
-        prompt_rates.push(n / run.first.unwrap().duration_since(start).as_secs_f64());
+/// One way of reaching the model: the engine called in-process, or the sidecar's HTTP API.
+#[derive(Clone, Copy)]
+enum Target<'a> {
+    Engine(&'a Engine),
+    Http(&'a str),
+}
+
+impl Target<'_> {
+    /// A streamed completion of `prompt` (a chat turn when `chat`), greedy, `max_tokens` long.
+    async fn run(self, prompt: String, chat: bool, max_tokens: usize) -> (Instant, Run) {
+        match self {
+            Target::Engine(engine) => {
+                let prompt = if chat {
+                    Prompt::Chat(vec![ChatTurn {
+                        role: "user".into(),
+                        content: prompt,
+                    }])
+                } else {
+                    Prompt::Text(prompt)
+                };
+                run_engine(engine, prompt, max_tokens).await
+            }
+            Target::Http(api) => {
+                let body = if chat {
+                    json!({"model": "bench", "max_tokens": max_tokens, "temperature": 0,
+                        "stream": true, "messages": [{"role": "user", "content": prompt}]})
+                } else {
+                    json!({"model": "bench", "prompt": prompt, "max_tokens": max_tokens,
+                        "temperature": 0, "stream": true})
+                };
+                run_http(api, body, chat).await
+            }
+        }
     }
-    let mut decode_rates = Vec::new();
-    for i in 0..3 {
-        let (_, run) = run_http(&api, completion(counting_prompt(i), DECODE_TOKENS), false).await;
-        let span = run
-            .last
-            .unwrap()
-            .duration_since(run.first.unwrap())
-            .as_secs_f64();
-        decode_rates.push((run.tokens - 1) as f64 / span);
+
+    /// Single-stream decode tokens/s.
+    async fn decode(self, salt: usize) -> f64 {
+        let (_, run) = self.run(counting_prompt(salt), false, DECODE_TOKENS).await;
+        let span = run.last.unwrap().duration_since(run.first.unwrap());
+        (run.tokens - 1) as f64 / span.as_secs_f64()
     }
-    let start = Instant::now();
-    let runs = futures::future::join_all((0..STREAMS).map(|i| {
-        run_http(
-            &api,
-            completion(counting_prompt(100 + i), DECODE_TOKENS),
-            false,
+
+    /// [`STREAMS`] concurrent streams: aggregate tokens/s and their median time to first token.
+    async fn concurrent(self, salt: usize) -> (f64, f64) {
+        let start = Instant::now();
+        let runs = futures::future::join_all(
+            (0..STREAMS).map(|i| self.run(counting_prompt(salt + i), false, DECODE_TOKENS)),
         )
-    }))
-    .await;
-    let total: usize = runs.iter().map(|(_, r)| r.tokens).sum();
-    let aggregate = total as f64 / start.elapsed().as_secs_f64();
-    let mut ttfts = Vec::new();
+        .await;
+        let aggregate = runs.iter().map(|(_, r)| r.tokens).sum::<usize>() as f64
+            / start.elapsed().as_secs_f64();
+        let ttfts = runs
+            .iter()
+            .map(|(s, r)| r.first.unwrap().duration_since(*s).as_secs_f64() * 1e3)
+            .collect();
+        (aggregate, median(ttfts))
+    }
+
+    /// Time to first token of a short chat, ms.
+    async fn ttft(self, salt: usize) -> f64 {
+        let (start, run) = self
+            .run(format!("Say hello to person {salt}."), true, 1)
+            .await;
+        run.first.unwrap().duration_since(start).as_secs_f64() * 1e3
+    }
+}
+
+/// Medians of one target's samples.
+#[derive(Debug, Default)]
+struct Samples {
+    decode: Vec<f64>,
+    aggregate: Vec<f64>,
+    ttft: Vec<f64>,
+    ttft_concurrent: Vec<f64>,
+}
+
+/// The sidecar's overhead: the same workload in-process and over HTTP (SSE), interleaved run by
+/// run so that both see the same machine; prints medians and the differences.
+async fn overhead(model: &Path, v: Variant) {
+    let engine = load_engine(model, v).await;
+    let server = start_server(model, v).await;
+    let targets = [Target::Engine(&engine), Target::Http(&server.api)];
+    targets[1].run(counting_prompt(999), false, 8).await;
+    let mut samples = [Samples::default(), Samples::default()];
+    for round in 0..5 {
+        for (t, s) in targets.iter().zip(samples.iter_mut()) {
+            s.decode.push(t.decode(round).await);
+            let (aggregate, ttft) = t.concurrent(100 + round * STREAMS).await;
+            s.aggregate.push(aggregate);
+            s.ttft_concurrent.push(ttft);
+        }
+    }
     for i in 0..TTFT_RUNS {
-        let body = json!({"model": "bench", "max_tokens": 1, "temperature": 0, "stream": true,
-            "messages": [{"role": "user", "content": format!("Say hello to person {i}.")}]});
-        let (start, run) = run_http(&api, body, true).await;
-        ttfts.push(run.first.unwrap().duration_since(start).as_secs_f64() * 1e3);
+        for (t, s) in targets.iter().zip(samples.iter_mut()) {
+            s.ttft.push(t.ttft(i).await);
+        }
     }
-    Numbers {
-        prompt_tps: median(prompt_rates),
-        decode_tps: median(decode_rates),
-        aggregate_tps: aggregate,
-        ttft_median_ms: median(ttfts),
-    }
+    let [engine, http] = samples.map(|s| {
+        [
+            median(s.decode),
+            median(s.aggregate),
+            median(s.ttft),
+            median(s.ttft_concurrent),
+        ]
+    });
+    println!(
+        "\nsidecar overhead ({}), in-process vs HTTP interleaved, medians of 5 rounds ({TTFT_RUNS} for TTFT):",
+        v.label()
+    );
+    println!("|                      | in-process |    HTTP | difference |");
+    println!("|----------------------|-----------:|--------:|-----------:|");
+    let pct = |i: usize| (http[i] / engine[i] - 1.0) * 100.0;
+    let ms = |i: usize| http[i] - engine[i];
+    println!(
+        "| decode t/s, 1 stream | {:>10.1} | {:>7.1} | {:>+9.1}% |",
+        engine[0],
+        http[0],
+        pct(0)
+    );
+    println!(
+        "| t/s, {STREAMS} streams        | {:>10.1} | {:>7.1} | {:>+9.1}% |",
+        engine[1],
+        http[1],
+        pct(1)
+    );
+    println!(
+        "| TTFT ms, 1 stream    | {:>10.1} | {:>7.1} | {:>+7.2} ms |",
+        engine[2],
+        http[2],
+        ms(2)
+    );
+    println!(
+        "| TTFT ms, {STREAMS} streams    | {:>10.1} | {:>7.1} | {:>+7.2} ms |",
+        engine[3],
+        http[3],
+        ms(3)
+    );
+    println!("targets: throughput at most 3% lower, median TTFT at most 2 ms more");
 }
 
 fn print_row(label: &str, n: &Numbers) {
@@ -473,7 +558,6 @@ fn main() {
     println!(
         "|------------------------|-----------:|-----------:|-------------:|-------:|--------:|"
     );
-    let mut in_process = None;
     let mut anchors = Vec::new();
     for v in &variants {
         let n = rt.block_on(bench_engine(&model, *v));
@@ -487,15 +571,7 @@ fn main() {
                 n.aggregate_tps / decode,
             ));
         }
-        if v.label() == http_variant.label() {
-            in_process = Some(n);
-        }
     }
-    let in_process = in_process.unwrap_or_else(|| {
-        let n = rt.block_on(bench_engine(&model, http_variant));
-        print_row(&format!("engine {}", http_variant.label()), &n);
-        n
-    });
     if !anchors.is_empty() {
         println!(
             "\nllama.cpp (llama-bench) on the same files, and the sidecar engine's ratio to it:"
@@ -507,13 +583,5 @@ fn main() {
         }
         println!();
     }
-    let http = rt.block_on(bench_http(&model, http_variant));
-    print_row(&format!("http   {}", http_variant.label()), &http);
-    println!(
-        "sidecar overhead ({}): decode {:+.1}%, {STREAMS}-stream {:+.1}%, median TTFT {:+.2} ms",
-        http_variant.label(),
-        (http.decode_tps / in_process.decode_tps - 1.0) * 100.0,
-        (http.aggregate_tps / in_process.aggregate_tps - 1.0) * 100.0,
-        http.ttft_median_ms - in_process.ttft_median_ms
-    );
+    rt.block_on(overhead(&model, http_variant));
 }
