@@ -159,6 +159,18 @@ fn long_prompt(salt: usize) -> String {
     s
 }
 
+/// The short chat turn time to first token is measured on.
+fn hello(salt: usize) -> String {
+    format!("Say hello to person {salt}.")
+}
+
+fn chat_turn(content: String) -> Prompt {
+    Prompt::Chat(vec![ChatTurn {
+        role: "user".into(),
+        content,
+    }])
+}
+
 fn counting_prompt(salt: usize) -> String {
     format!("Sequence {salt}: 1, 2, 3, 4, 5, 6, 7,")
 }
@@ -238,35 +250,15 @@ async fn bench_engine(model: &Path, v: Variant) -> Numbers {
         let (start, run) = run_engine(&engine, prompt, 1).await;
         prompt_rates.push(n as f64 / run.first.unwrap().duration_since(start).as_secs_f64());
     }
+    let target = Target::Engine(&engine);
     let mut decode_rates = Vec::new();
     for i in 0..3 {
-        let (_, run) = run_engine(&engine, Prompt::Text(counting_prompt(i)), DECODE_TOKENS).await;
-        let span = run
-            .last
-            .unwrap()
-            .duration_since(run.first.unwrap())
-            .as_secs_f64();
-        decode_rates.push((run.tokens - 1) as f64 / span);
+        decode_rates.push(target.decode(i).await);
     }
-    let start = Instant::now();
-    let runs = futures::future::join_all((0..STREAMS).map(|i| {
-        run_engine(
-            &engine,
-            Prompt::Text(counting_prompt(100 + i)),
-            DECODE_TOKENS,
-        )
-    }))
-    .await;
-    let total: usize = runs.iter().map(|(_, r)| r.tokens).sum();
-    let aggregate = total as f64 / start.elapsed().as_secs_f64();
+    let (aggregate, _) = target.concurrent(100).await;
     let mut ttfts = Vec::new();
     for i in 0..TTFT_RUNS {
-        let prompt = Prompt::Chat(vec![ChatTurn {
-            role: "user".into(),
-            content: format!("Say hello to person {i}."),
-        }]);
-        let (start, run) = run_engine(&engine, prompt, 1).await;
-        ttfts.push(run.first.unwrap().duration_since(start).as_secs_f64() * 1e3);
+        ttfts.push(target.ttft(i).await);
     }
     Numbers {
         prompt_tps: median(prompt_rates),
@@ -394,10 +386,7 @@ impl Target<'_> {
         match self {
             Target::Engine(engine) => {
                 let prompt = if chat {
-                    Prompt::Chat(vec![ChatTurn {
-                        role: "user".into(),
-                        content: prompt,
-                    }])
+                    chat_turn(prompt)
                 } else {
                     Prompt::Text(prompt)
                 };
@@ -441,9 +430,7 @@ impl Target<'_> {
 
     /// Time to first token of a short chat, ms.
     async fn ttft(self, salt: usize) -> f64 {
-        let (start, run) = self
-            .run(format!("Say hello to person {salt}."), true, 1)
-            .await;
+        let (start, run) = self.run(hello(salt), true, 1).await;
         run.first.unwrap().duration_since(start).as_secs_f64() * 1e3
     }
 }
@@ -462,7 +449,6 @@ struct Samples {
 async fn overhead(model: &Path, v: Variant) {
     let engine = load_engine(model, v).await;
     let server = start_server(model, v).await;
-    let engine_ref = &engine;
     let targets = [Target::Engine(&engine), Target::Http(&server.api)];
     targets[1].run(counting_prompt(999), false, 8).await;
     let mut samples = [Samples::default(), Samples::default()];
@@ -479,7 +465,7 @@ async fn overhead(model: &Path, v: Variant) {
             s.ttft.push(t.ttft(i).await);
         }
     }
-    let [engine, http] = samples.map(|s| {
+    let [in_process, http] = samples.map(|s| {
         [
             median(s.decode),
             median(s.aggregate),
@@ -493,29 +479,29 @@ async fn overhead(model: &Path, v: Variant) {
     );
     println!("|                      | in-process |    HTTP | difference |");
     println!("|----------------------|-----------:|--------:|-----------:|");
-    let pct = |i: usize| (http[i] / engine[i] - 1.0) * 100.0;
-    let ms = |i: usize| http[i] - engine[i];
+    let pct = |i: usize| (http[i] / in_process[i] - 1.0) * 100.0;
+    let ms = |i: usize| http[i] - in_process[i];
     println!(
         "| decode t/s, 1 stream | {:>10.1} | {:>7.1} | {:>+9.1}% |",
-        engine[0],
+        in_process[0],
         http[0],
         pct(0)
     );
     println!(
         "| t/s, {STREAMS} streams        | {:>10.1} | {:>7.1} | {:>+9.1}% |",
-        engine[1],
+        in_process[1],
         http[1],
         pct(1)
     );
     println!(
         "| TTFT ms, 1 stream    | {:>10.1} | {:>7.1} | {:>+7.2} ms |",
-        engine[2],
+        in_process[2],
         http[2],
         ms(2)
     );
     println!(
         "| TTFT ms, {STREAMS} streams    | {:>10.1} | {:>7.1} | {:>+7.2} ms |",
-        engine[3],
+        in_process[3],
         http[3],
         ms(3)
     );
@@ -524,12 +510,11 @@ async fn overhead(model: &Path, v: Variant) {
     // through the engine's queue.
     let mut counts = Vec::new();
     for i in 0..TTFT_RUNS {
-        let prompt = Prompt::Chat(vec![ChatTurn {
-            role: "user".into(),
-            content: format!("Say hello to person {i}."),
-        }]);
         let start = Instant::now();
-        engine_ref.count_prompt_tokens(&prompt).await.unwrap();
+        engine
+            .count_prompt_tokens(&chat_turn(hello(i)))
+            .await
+            .unwrap();
         counts.push(start.elapsed().as_secs_f64() * 1e3);
     }
     println!(

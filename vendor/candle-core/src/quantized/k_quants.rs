@@ -53,9 +53,6 @@ pub trait GgmlType: Sized + Clone + Send + Sync {
     /// Generic implementation of the dot product without simd optimizations.
     fn vec_dot_unopt(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32;
 
-    /// sluice: whether [`GgmlType::vec_dot_rows`] has a kernel of its own for this type.
-    const HAS_ROWS_KERNEL: bool = false;
-
     /// sluice: the dot products of one weight row `xs` with `R` activation rows `ys`
     /// (`out[r] = vec_dot(n, xs, ys[r])`, bit for bit), in one pass over the blocks so that each
     /// weight block is loaded (and unpacked) once for all `R` rows.
@@ -263,9 +260,6 @@ impl GgmlType for BlockQ4_0 {
 
         Self::vec_dot_unopt(n, xs, ys)
     }
-
-    #[cfg(target_feature = "avx2")]
-    const HAS_ROWS_KERNEL: bool = true;
 
     #[cfg(target_feature = "avx2")]
     fn vec_dot_rows<const R: usize>(
@@ -684,9 +678,6 @@ impl GgmlType for BlockQ8_0 {
 
         Self::vec_dot_unopt(n, xs, ys)
     }
-
-    #[cfg(target_feature = "avx2")]
-    const HAS_ROWS_KERNEL: bool = true;
 
     #[cfg(target_feature = "avx2")]
     fn vec_dot_rows<const R: usize>(
@@ -2373,46 +2364,47 @@ pub fn matmul<T: GgmlType>(
         .for_each(|block_idx| {
             let col0 = block_idx * COLS_PER_TASK;
             let col1 = (col0 + COLS_PER_TASK).min(n);
-            let rhs_col = |c: usize| &rhs_t[c * k_in_blocks..(c + 1) * k_in_blocks];
-            let lhs_row = |r: usize| &lhs_b[r * k_in_blocks..(r + 1) * k_in_blocks];
             // SAFETY: r < m and c < n, inside `dst` (m * n long).
             let store =
                 |r: usize, c: usize, value: f32| unsafe { *dst_ptr.get().add(r * n + c) = value };
+            let dot = |row0: usize, rows: usize| match rows {
+                8 => dot_rows::<T, 8>((k, k_in_blocks), &lhs_b, rhs_t, row0, col0..col1, &store),
+                4 => dot_rows::<T, 4>((k, k_in_blocks), &lhs_b, rhs_t, row0, col0..col1, &store),
+                _ => dot_rows::<T, 1>((k, k_in_blocks), &lhs_b, rhs_t, row0, col0..col1, &store),
+            };
+            // Eight rows per pass over a weight row, then four, then the rest one by one.
             let mut row0 = 0;
-            if T::HAS_ROWS_KERNEL {
-                // Eight rows at a time, then four, then the rest one by one.
-                while row0 + 8 <= m {
-                    for c in col0..col1 {
-                        let ys = std::array::from_fn(|i| lhs_row(row0 + i));
-                        for (i, value) in T::vec_dot_rows::<8>(k, rhs_col(c), ys)
-                            .into_iter()
-                            .enumerate()
-                        {
-                            store(row0 + i, c, value);
-                        }
-                    }
-                    row0 += 8;
-                }
-                if row0 + 4 <= m {
-                    for c in col0..col1 {
-                        let ys = std::array::from_fn(|i| lhs_row(row0 + i));
-                        for (i, value) in T::vec_dot_rows::<4>(k, rhs_col(c), ys)
-                            .into_iter()
-                            .enumerate()
-                        {
-                            store(row0 + i, c, value);
-                        }
-                    }
-                    row0 += 4;
-                }
-            }
-            for r in row0..m {
-                for c in col0..col1 {
-                    store(r, c, T::vec_dot(k, rhs_col(c), lhs_row(r)));
+            for rows in [8, 4, 1] {
+                while row0 + rows <= m {
+                    dot(row0, rows);
+                    row0 += rows;
                 }
             }
         });
     Ok(())
+}
+
+/// sluice: the products of rows `row0..row0 + R` of `lhs_b` with the weight rows `cols` of
+/// `rhs_t`, `R` activation rows per pass over each weight row; `store(row, col, value)` writes
+/// each.
+fn dot_rows<T: GgmlType, const R: usize>(
+    (k, k_in_blocks): (usize, usize),
+    lhs_b: &[T::VecDotType],
+    rhs_t: &[T],
+    row0: usize,
+    cols: std::ops::Range<usize>,
+    store: &impl Fn(usize, usize, f32),
+) {
+    let blocks = |i: usize| i * k_in_blocks..(i + 1) * k_in_blocks;
+    for c in cols {
+        let ys = std::array::from_fn(|i| &lhs_b[blocks(row0 + i)]);
+        for (i, value) in T::vec_dot_rows::<R>(k, &rhs_t[blocks(c)], ys)
+            .into_iter()
+            .enumerate()
+        {
+            store(row0 + i, c, value);
+        }
+    }
 }
 
 pub fn matmul_f16<T: GgmlType>(
