@@ -83,16 +83,16 @@ demo: model
 ## beside llama.cpp on the same files once `make bench-anchor` has built it
 ANCHOR_BIN := .cache/anchor/build/bin/llama-bench
 bench: model
-	$(if $(wildcard $(ANCHOR_BIN)),SLUICE_BENCH_ANCHOR=$(abspath $(ANCHOR_BIN))) $(CARGO) bench --profile dev -p sluice-sidecar --bench throughput
-	$(CARGO) bench --profile dev -p sluice-sidecar --bench kernels
-	$(CARGO) bench --profile dev -p sluice-sidecar --bench forwarding
+	$(if $(wildcard $(ANCHOR_BIN)),SLUICE_BENCH_ANCHOR=$(abspath $(ANCHOR_BIN))) $(CARGO) bench --profile dev --workspace --bench throughput
+	$(CARGO) bench --profile dev --workspace --bench kernels
+	$(CARGO) bench --profile dev --workspace --bench forwarding
 
 ## bench-limits: rate-limit admission (p99, vs governor), memory of 1M keys, 1,000-rule reload.
 # The dev profile builds only dependencies optimised; this one crate is rebuilt at opt-level 3
 # for it (its own artifacts; every dependency is reused).
 bench: bench-limits
 bench-limits:
-	$(CARGO) bench --profile dev --config 'profile.dev.package.sluice-sidecar.opt-level=3' -p sluice-sidecar --bench limits
+	$(CARGO) bench --profile dev --config 'profile.dev.package.sluice-sidecar.opt-level=3' --workspace --bench limits
 
 ## bench-operator: desired-state computation for one InferenceModel (2 variants) vs an empty baseline
 bench: bench-operator

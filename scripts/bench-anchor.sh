@@ -35,4 +35,4 @@ if [[ ! -x "$bench" ]]; then
   "$cmake" --build "$dir/build" --target llama-bench -j"$(nproc)" >"$dir/build.log"
 fi
 echo "bench-anchor: $("$bench" --version 2>&1 | head -n1)"
-SLUICE_BENCH_ANCHOR="$(realpath "$bench")" "${CARGO:-cargo}" bench --profile dev -p sluice-sidecar --bench throughput
+SLUICE_BENCH_ANCHOR="$(realpath "$bench")" "${CARGO:-cargo}" bench --profile dev --workspace --bench throughput
