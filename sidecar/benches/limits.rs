@@ -125,82 +125,6 @@ fn percentiles(mut ns: Vec<u64>) -> Percentiles {
     }
 }
 
-/// Runs `call` on [`threads`] threads over the key stream, timing each call; `after` (untimed)
-/// receives what an admitted call returned (the ticket to settle).
-fn timed<T, F, A>(keys: &Arc<Vec<String>>, call: F, after: A) -> Percentiles
-where
-    F: Fn(&str) -> Option<T> + Send + Sync + 'static,
-    A: Fn(T) + Send + Sync + 'static,
-{
-    let (call, after) = (Arc::new(call), Arc::new(after));
-    let barrier = Arc::new(Barrier::new(threads()));
-    let handles: Vec<_> = (0..threads())
-        .map(|t| {
-            let (keys, call, after, barrier) =
-                (keys.clone(), call.clone(), after.clone(), barrier.clone());
-            std::thread::spawn(move || {
-                let mut stream = Stream(0x9E37_79B9_7F4A_7C15 ^ (t as u64 + 1));
-                let mut out = Vec::with_capacity(CALLS_PER_THREAD);
-                let mut admitted = 0usize;
-                barrier.wait();
-                for _ in 0..CALLS_PER_THREAD {
-                    let key = &keys[stream.next() % keys.len()];
-                    let start = Instant::now();
-                    let result = call(key);
-                    out.push(start.elapsed().as_nanos() as u64);
-                    if let Some(r) = result {
-                        admitted += 1;
-                        after(r);
-                    }
-                }
-                assert!(
-                    admitted > CALLS_PER_THREAD * 9 / 10,
-                    "the stream is mostly admitted"
-                );
-                out
-            })
-        })
-        .collect();
-    let all: Vec<u64> = handles
-        .into_iter()
-        .flat_map(|h| h.join().expect("bench thread"))
-        .collect();
-    percentiles(all)
-}
-
-/// [`timed`] for governor, whose keyed store takes `&K` (`&String`): the same stream, the
-/// same timing, no allocation per call on either side.
-fn timed_owned<F>(keys: &Arc<Vec<String>>, call: F) -> Percentiles
-where
-    F: Fn(&String) -> bool + Send + Sync + 'static,
-{
-    let call = Arc::new(call);
-    let barrier = Arc::new(Barrier::new(threads()));
-    let handles: Vec<_> = (0..threads())
-        .map(|t| {
-            let (keys, call, barrier) = (keys.clone(), call.clone(), barrier.clone());
-            std::thread::spawn(move || {
-                let mut stream = Stream(0x9E37_79B9_7F4A_7C15 ^ (t as u64 + 1));
-                let mut out = Vec::with_capacity(CALLS_PER_THREAD);
-                barrier.wait();
-                for _ in 0..CALLS_PER_THREAD {
-                    let key = &keys[stream.next() % keys.len()];
-                    let start = Instant::now();
-                    let ok = call(key);
-                    out.push(start.elapsed().as_nanos() as u64);
-                    std::hint::black_box(ok);
-                }
-                out
-            })
-        })
-        .collect();
-    let all: Vec<u64> = handles
-        .into_iter()
-        .flat_map(|h| h.join().expect("bench thread"))
-        .collect();
-    percentiles(all)
-}
-
 /// One per-key rule, the same limit governor gets: the like-for-like comparison.
 const ONE_RULE: &str = r#"
 version: v1alpha1
@@ -214,28 +138,94 @@ rules:
     requestsPerMinute: 100000
 "#;
 
-/// Times sluice's admission under `rules` on the key stream (buckets warmed for every key).
-fn sluice(rules: &str, keys: &Arc<Vec<String>>) -> Percentiles {
-    let config = Arc::new(SidecarConfig::from_yaml(rules).expect("bench config"));
-    let policy = Arc::new(Policy::compile(
-        config,
-        Arc::new(Identity::open()),
-        None,
-        0,
-        1 << 20,
-    ));
-    let limiter = Limiter::with_metrics(LimitMetrics::default());
-    for k in keys.iter() {
-        let t = limiter.admit(&policy, &request(k)).expect("warm-up admits");
-        t.settle(150, 0);
-    }
-    timed(
-        keys,
-        move |key| limiter.admit(&policy, &request(key)).ok(),
-        // Settling belongs to the end of the request, not to the decision.
-        |ticket| ticket.settle(150, 0),
-    )
+/// What the admission bench compares: sluice's limiter under a policy, and governor.
+enum Contender {
+    Sluice(Limiter, Arc<Policy>),
+    Governor(Arc<governor::DefaultKeyedRateLimiter<String>>),
 }
+
+impl Contender {
+    /// sluice's admission under `rules`, its buckets warmed for every key.
+    fn sluice(rules: &str, keys: &[String]) -> Self {
+        let config = Arc::new(SidecarConfig::from_yaml(rules).expect("bench config"));
+        let policy = Arc::new(Policy::compile(
+            config,
+            Arc::new(Identity::open()),
+            None,
+            0,
+            1 << 20,
+        ));
+        let limiter = Limiter::with_metrics(LimitMetrics::default());
+        for k in keys {
+            let t = limiter.admit(&policy, &request(k)).expect("warm-up admits");
+            t.settle(150, 0);
+        }
+        Self::Sluice(limiter, policy)
+    }
+
+    /// governor with the same per-key quota as [`ONE_RULE`], warmed for every key.
+    fn governor(keys: &[String]) -> Self {
+        let quota = governor::Quota::per_minute(NonZeroU32::new(100_000).expect("non-zero"));
+        let gov = governor::RateLimiter::keyed(quota);
+        for k in keys {
+            let _ = gov.check_key(k);
+        }
+        Self::Governor(Arc::new(gov))
+    }
+
+    /// `calls` timed decisions on each of [`threads`] threads over the key streams `streams`
+    /// (one per thread, continued from round to round). Settling a sluice ticket belongs to
+    /// the end of the request, not to the decision: it is done after the clock stops.
+    fn round(
+        self: &Arc<Self>,
+        keys: &Arc<Vec<String>>,
+        streams: &mut [Stream],
+        calls: usize,
+    ) -> Vec<u64> {
+        let barrier = Arc::new(Barrier::new(streams.len()));
+        let handles: Vec<_> = streams
+            .iter()
+            .map(|stream| {
+                let (me, keys, barrier) = (self.clone(), keys.clone(), barrier.clone());
+                let mut stream = Stream(stream.0);
+                std::thread::spawn(move || {
+                    let mut out = Vec::with_capacity(calls);
+                    let mut admitted = 0usize;
+                    barrier.wait();
+                    for _ in 0..calls {
+                        let key = &keys[stream.next() % keys.len()];
+                        let start = Instant::now();
+                        let ok = match &*me {
+                            Self::Sluice(limiter, policy) => {
+                                let ticket = limiter.admit(policy, &request(key)).ok();
+                                out.push(start.elapsed().as_nanos() as u64);
+                                ticket.map(|t| t.settle(150, 0)).is_some()
+                            }
+                            Self::Governor(gov) => {
+                                let ok = gov.check_key(key).is_ok();
+                                out.push(start.elapsed().as_nanos() as u64);
+                                ok
+                            }
+                        };
+                        admitted += usize::from(ok);
+                    }
+                    assert!(admitted > calls * 9 / 10, "the stream is mostly admitted");
+                    (out, stream)
+                })
+            })
+            .collect();
+        let mut all = Vec::with_capacity(calls * streams.len());
+        for (h, slot) in handles.into_iter().zip(streams.iter_mut()) {
+            let (out, stream) = h.join().expect("bench thread");
+            all.extend(out);
+            *slot = stream;
+        }
+        all
+    }
+}
+
+/// Rounds the contenders take turns in, so that a noisy neighbour's phase hits them alike.
+const ROUNDS: usize = 10;
 
 fn admission() {
     let keys = keys();
@@ -247,20 +237,29 @@ fn admission() {
         }
         percentiles(v)
     };
-    let one = sluice(ONE_RULE, &keys);
-    let ours = sluice(RULES, &keys);
-
-    let governor = {
-        let quota = governor::Quota::per_minute(NonZeroU32::new(100_000).expect("non-zero"));
-        let gov = Arc::new(governor::RateLimiter::<String, _, _>::keyed(quota));
-        for k in keys.iter() {
-            let _ = gov.check_key(k);
+    let contenders = [
+        Arc::new(Contender::governor(&keys)),
+        Arc::new(Contender::sluice(ONE_RULE, &keys)),
+        Arc::new(Contender::sluice(RULES, &keys)),
+    ];
+    let mut samples: [Vec<u64>; 3] = Default::default();
+    let mut streams: Vec<Vec<Stream>> = contenders
+        .iter()
+        .map(|_| {
+            (0..threads())
+                .map(|t| Stream(0x9E37_79B9_7F4A_7C15 ^ (t as u64 + 1)))
+                .collect()
+        })
+        .collect();
+    for _ in 0..ROUNDS {
+        for (i, c) in contenders.iter().enumerate() {
+            samples[i].extend(c.round(&keys, &mut streams[i], CALLS_PER_THREAD / ROUNDS));
         }
-        timed_owned(&keys, move |key: &String| gov.check_key(key).is_ok())
-    };
+    }
+    let [governor, one, ours] = samples.map(percentiles);
 
     println!(
-        "admission decision (timer overhead p50 {} ns, included below)",
+        "admission decision (timer overhead p50 {} ns, included below; {ROUNDS} interleaved rounds)",
         timer.p50
     );
     let line = |name: &str, p: &Percentiles| {

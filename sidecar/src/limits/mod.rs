@@ -34,8 +34,8 @@
 //!   and drains at the new rate from the reload on. Requests in flight settle into the buckets
 //!   they reserved from.
 //! - **Memory.** Buckets live in bounded tables (see [`table`]): idle buckets are swept, and a
-//!   table never holds more than [`table::DEFAULT_MAX_ENTRIES`] entries of ~25 bytes (plus the
-//!   hash map's spare capacity: at most ~64 MB per per-key limit for 1M keys).
+//!   table never holds more than [`table::DEFAULT_MAX_ENTRIES`] entries in 24-byte slots, at
+//!   most half full: at most 48 MB per per-key limit for 1M keys.
 
 pub mod admission;
 pub mod bucket;
@@ -638,8 +638,10 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let now = self.limiter.now();
-        self.finish(None, now);
+        if !self.done {
+            let now = self.limiter.now();
+            self.finish(None, now);
+        }
     }
 }
 

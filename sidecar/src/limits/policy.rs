@@ -305,6 +305,7 @@ fn compile_rule(
                         prev: Some((old.spec.rate, now)),
                     },
                 ),
+                None if r.per == BucketKey::Pod => (Arc::new(Table::single()), Spec::new(rate)),
                 None => (Arc::new(Table::new(shards, max_entries)), Spec::new(rate)),
             };
             Limit {

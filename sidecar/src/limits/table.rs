@@ -1,10 +1,14 @@
-//! The bucket store of one limit: a sharded hash map from a 64-bit bucket key (a keyed hash of
+//! The bucket store of one limit: a sharded hash table from a 64-bit bucket key (a keyed hash of
 //! the tenant, API key or variant) to a 16-byte [`Level`], bounded in size.
 //!
-//! Why not `dashmap` or `papaya`: an admission is a read-modify-write of one small value that
-//! must happen under one lock anyway, and eviction needs to look at a whole shard; a fixed array
-//! of `Mutex<HashMap>` shards does both with no extra dependency and a known footprint of about
-//! 25 bytes per entry (8 key + 16 level + 1 control byte) before the map's spare capacity.
+//! Why a table of our own rather than `HashMap`, `dashmap` or `papaya`: an admission is a
+//! read-modify-write of one small value under one lock, and with 100k active keys that value is
+//! almost never in cache. A Swiss table (std's `HashMap`) keeps its control bytes and its entries
+//! in two arrays, so a lookup is two dependent cache misses; here key and value sit side by side
+//! in one 24-byte slot of an open-addressed (linear probing, at most half full) array, so a
+//! lookup is one miss, and admission takes one lookup per per-key limit. Eviction needs to look
+//! at a whole shard; a fixed array of `Mutex` shards does both with no extra dependency and a
+//! known footprint: 24 bytes per slot, 48 to 96 bytes per entry.
 //! With 64 shards two threads almost never meet on one lock.
 //!
 //! Memory stays bounded under a key-cardinality attack in two ways: an entry whose bucket has
@@ -14,11 +18,7 @@
 //! dropped (a dropped entry forgets what its key used, which only favours that key; with an
 //! attacker minting keys, the dropped keys are overwhelmingly the attacker's).
 
-use std::{
-    collections::HashMap,
-    hash::{BuildHasherDefault, Hasher},
-    sync::{Mutex, MutexGuard},
-};
+use std::sync::{Mutex, MutexGuard};
 
 use super::bucket::Level;
 
@@ -27,37 +27,140 @@ pub const DEFAULT_MAX_ENTRIES: usize = 1 << 20;
 
 /// One table: the buckets of one limit of one rule, by key.
 #[derive(Debug)]
-pub struct Table {
-    shards: Box<[Shard]>,
-    per_shard: usize,
+pub struct Table(Store);
+
+#[derive(Debug)]
+enum Store {
+    /// Buckets by key.
+    Sharded {
+        shards: Box<[Shard]>,
+        per_shard: usize,
+    },
+    /// The one bucket of a pod-wide limit. Every request on every core takes it, so the cache
+    /// line it lives in moves between cores on each admission: the lock and the level share
+    /// that one line.
+    Single(Box<One>),
 }
+
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct One(Mutex<Option<Level>>);
 
 /// A cache-line aligned shard, so that two shards' locks never share a line.
 #[derive(Debug, Default)]
 #[repr(align(64))]
 struct Shard(Mutex<Map>);
 
-type Map = HashMap<u64, Level, BuildHasherDefault<KeyHasher>>;
+/// Marks a free slot. A key equal to it is stored as `EMPTY - 1` (keys are 64-bit hashes: the
+/// two would share a bucket with odds of one in 2^64).
+const EMPTY: u64 = u64::MAX;
 
-/// The keys already are uniformly distributed keyed hashes: hashing them again would only cost.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    key: u64,
+    level: Level,
+}
+
+const FREE: Slot = Slot {
+    key: EMPTY,
+    level: Level { used: 0, at: 0 },
+};
+
+/// One shard's entries: open addressing with linear probing over a power-of-two array that is
+/// never more than half full (so a lookup almost always ends in the slot it starts at).
+/// Entries are only ever removed all at once ([`Map::retain`] rebuilds the array), so probing
+/// needs no tombstones.
 #[derive(Debug, Default)]
-struct KeyHasher(u64);
+struct Map {
+    slots: Vec<Slot>,
+    len: usize,
+}
 
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `write_u64` is used (keys are u64); fold anything else in for completeness.
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+impl Map {
+    /// The slot holding `key`, or the free slot where it would go. `slots` must not be empty.
+    fn find(&self, key: u64) -> Result<usize, usize> {
+        let mask = self.slots.len() - 1;
+        // The shard was picked with bits 32 and up; the slot takes the low bits.
+        let mut i = key as usize & mask;
+        loop {
+            match self.slots[i].key {
+                k if k == key => return Ok(i),
+                EMPTY => return Err(i),
+                _ => i = (i + 1) & mask,
+            }
         }
     }
 
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
+    fn get_mut(&mut self, key: u64) -> Option<&mut Level> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let i = self.find(key).ok()?;
+        Some(&mut self.slots[i].level)
     }
+
+    /// Inserts `key` (known to be missing) with an empty bucket.
+    fn insert(&mut self, key: u64) -> &mut Level {
+        if (self.len + 1) * 2 > self.slots.len() {
+            self.rebuild((self.slots.len() * 2).max(8), |_| true);
+        }
+        let i = match self.find(key) {
+            Ok(i) | Err(i) => i,
+        };
+        self.slots[i] = Slot {
+            key,
+            level: Level::default(),
+        };
+        self.len += 1;
+        &mut self.slots[i].level
+    }
+
+    /// Re-inserts the entries `keep` holds for into an array of `capacity` slots; returns how
+    /// many were dropped.
+    fn rebuild(&mut self, capacity: usize, mut keep: impl FnMut(&Slot) -> bool) -> usize {
+        let old = std::mem::take(&mut self.slots);
+        let before = self.len;
+        self.len = 0;
+        if capacity > 0 {
+            self.slots = vec![FREE; capacity];
+        }
+        for slot in old.into_iter().filter(|s| s.key != EMPTY) {
+            if keep(&slot) {
+                if let Err(i) = self.find(slot.key) {
+                    self.slots[i] = slot;
+                }
+                self.len += 1;
+            }
+        }
+        before - self.len
+    }
+
+    /// Drops the entries for which `idle` holds (and frees the array when none is left).
+    fn retain_busy(&mut self, idle: impl Fn(&Level) -> bool) -> usize {
+        if self.len == 0 || !self.slots.iter().any(|s| s.key != EMPTY && idle(&s.level)) {
+            return 0;
+        }
+        let busy = self
+            .slots
+            .iter()
+            .filter(|s| s.key != EMPTY && !idle(&s.level))
+            .count();
+        let capacity = if busy == 0 {
+            0
+        } else {
+            // Half full at most, but not below the array it replaces halved twice (so a shard
+            // that churns does not shrink and regrow on every sweep).
+            (busy * 2)
+                .next_power_of_two()
+                .max(self.slots.len() / 4)
+                .max(8)
+        };
+        self.rebuild(capacity, |s| !idle(&s.level))
+    }
+}
+
+fn stored(key: u64) -> u64 {
+    if key == EMPTY { EMPTY - 1 } else { key }
 }
 
 // === impl Table ===
@@ -66,24 +169,23 @@ impl Table {
     /// A table of `shards` shards (a power of two) holding at most about `max_entries` entries.
     pub fn new(shards: usize, max_entries: usize) -> Self {
         let shards = shards.next_power_of_two().max(1);
-        Self {
+        Self(Store::Sharded {
             shards: (0..shards).map(|_| Shard::default()).collect(),
             per_shard: max_entries.div_ceil(shards).max(1),
-        }
+        })
+    }
+
+    /// The table of a pod-wide limit: one bucket, whatever the key.
+    pub fn single() -> Self {
+        Self(Store::Single(Box::default()))
     }
 
     /// The bound on entries.
     pub fn max_entries(&self) -> usize {
-        self.per_shard * self.shards.len()
-    }
-
-    fn shard(&self, key: u64) -> MutexGuard<'_, Map> {
-        // hashbrown uses the low bits for the slot and the top 7 for the tag: pick the shard
-        // with bits from the middle so that neither loses entropy within a shard.
-        let i = ((key >> 32) as usize) & (self.shards.len() - 1);
-        // A panic while holding a shard lock cannot leave a `Level` half-written (it is Copy and
-        // written whole), so a poisoned lock is safe to keep using.
-        self.shards[i].0.lock().unwrap_or_else(|p| p.into_inner())
+        match &self.0 {
+            Store::Sharded { shards, per_shard } => per_shard * shards.len(),
+            Store::Single(_) => 1,
+        }
     }
 
     /// Runs `f` on the entry for `key`, creating it (as a new, empty bucket) when missing. When
@@ -95,49 +197,60 @@ impl Table {
         idle: impl Fn(&Level) -> bool,
         f: impl FnOnce(&mut Level) -> R,
     ) -> (R, usize) {
-        let mut map = self.shard(key);
-        let mut evicted = 0;
-        if !map.contains_key(&key) && map.len() >= self.per_shard {
-            evicted = make_room(&mut map, self.per_shard, &idle);
+        let (shards, per_shard) = match &self.0 {
+            Store::Sharded { shards, per_shard } => (shards, *per_shard),
+            Store::Single(one) => return (f(lock(&one.0).get_or_insert_default()), 0),
+        };
+        let key = stored(key);
+        let mut map = shard(shards, key);
+        if let Some(level) = map.get_mut(key) {
+            return (f(level), 0);
         }
-        let level = map.entry(key).or_default();
-        (f(level), evicted)
+        let mut evicted = 0;
+        if map.len >= per_shard {
+            evicted = make_room(&mut map, per_shard, &idle);
+        }
+        (f(map.insert(key)), evicted)
     }
 
     /// Runs `f` on the entry for `key` if present (refunds, releases: a missing entry was evicted
     /// and is already "empty").
     pub fn update<R>(&self, key: u64, f: impl FnOnce(&mut Level) -> R) -> Option<R> {
-        let mut map = self.shard(key);
-        map.get_mut(&key).map(f)
+        match &self.0 {
+            Store::Sharded { shards, .. } => {
+                let key = stored(key);
+                shard(shards, key).get_mut(key).map(f)
+            }
+            Store::Single(one) => lock(&one.0).as_mut().map(f),
+        }
     }
 
     /// Reads the entry for `key` (a copy), if present.
     pub fn get(&self, key: u64) -> Option<Level> {
-        self.shard(key).get(&key).copied()
+        self.update(key, |l| *l)
     }
 
     /// Drops every entry for which `idle` holds; returns how many. Takes one shard lock at a
     /// time.
     pub fn sweep(&self, idle: impl Fn(&Level) -> bool) -> usize {
-        let mut dropped = 0;
-        for shard in self.shards.iter() {
-            let mut map = shard.0.lock().unwrap_or_else(|p| p.into_inner());
-            let before = map.len();
-            map.retain(|_, l| !idle(l));
-            dropped += before - map.len();
-            if map.is_empty() && map.capacity() > 0 {
-                map.shrink_to_fit();
+        match &self.0 {
+            Store::Sharded { shards, .. } => shards
+                .iter()
+                .map(|shard| lock(&shard.0).retain_busy(&idle))
+                .sum(),
+            Store::Single(one) => {
+                let mut level = lock(&one.0);
+                usize::from(level.take_if(|l| idle(l)).is_some())
             }
         }
-        dropped
     }
 
     /// Entries held now.
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.0.lock().unwrap_or_else(|p| p.into_inner()).len())
-            .sum()
+        match &self.0 {
+            Store::Sharded { shards, .. } => shards.iter().map(|s| lock(&s.0).len).sum(),
+            Store::Single(one) => usize::from(lock(&one.0).is_some()),
+        }
     }
 
     /// Whether the table holds no entry.
@@ -146,21 +259,30 @@ impl Table {
     }
 }
 
+fn shard(shards: &[Shard], key: u64) -> MutexGuard<'_, Map> {
+    // Bits from the middle pick the shard, so that the slot index (the low bits) keeps its
+    // entropy within a shard.
+    lock(&shards[((key >> 32) as usize) & (shards.len() - 1)].0)
+}
+
+/// A panic while holding a table lock cannot leave a `Level` half-written (it is Copy and
+/// written whole), so a poisoned lock is safe to keep using.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Frees room in a full shard: idle entries first; if that frees less than an eighth of the
-/// shard, arbitrary entries (the map's order is effectively random) until an eighth is free, so
+/// shard, arbitrary entries (the slot order is effectively random) until an eighth is free, so
 /// that the cost of a full scan is shared by many inserts.
 fn make_room(map: &mut Map, per_shard: usize, idle: &impl Fn(&Level) -> bool) -> usize {
-    let before = map.len();
-    map.retain(|_, l| !idle(l));
     let target = per_shard - per_shard / 8;
-    if map.len() > target {
-        let excess = map.len() - target;
-        let victims: Vec<u64> = map.keys().take(excess).copied().collect();
-        for k in victims {
-            map.remove(&k);
-        }
-    }
-    before - map.len()
+    let mut kept = 0;
+    let capacity = map.slots.len();
+    map.rebuild(capacity, |s| {
+        let keep = !idle(&s.level) && kept < target;
+        kept += usize::from(keep);
+        keep
+    })
 }
 
 #[cfg(test)]
@@ -191,6 +313,18 @@ mod tests {
     }
 
     #[test]
+    fn a_single_table_holds_one_bucket_for_every_key() {
+        let t = Table::single();
+        assert!(t.is_empty());
+        assert_eq!(t.update(0, |l| l.used), None, "update never creates");
+        t.with(0, |_| false, |l| l.used = 3);
+        assert_eq!(t.get(12345).map(|l| l.used), Some(3));
+        assert_eq!((t.len(), t.max_entries()), (1, 1));
+        assert_eq!(t.sweep(|l| l.used == 3), 1);
+        assert!(t.is_empty());
+    }
+
+    #[test]
     fn a_full_table_stays_bounded_and_prefers_idle_victims() {
         let t = Table::new(1, 64);
         for k in 0..64u64 {
@@ -208,5 +342,33 @@ mod tests {
             t.with(k, |l| l.used == 0, |l| l.used = 1);
             assert!(t.len() <= 64);
         }
+    }
+
+    #[test]
+    fn colliding_keys_probe_past_each_other_and_survive_sweeps() {
+        let t = Table::new(1, 10_000);
+        // Every key starts probing at slot 0; u64::MAX is the free-slot marker.
+        let keys: Vec<u64> = (1..=300u64).map(|k| k << 40).chain([u64::MAX]).collect();
+        for (i, &k) in keys.iter().enumerate() {
+            t.with(k, |_| false, |l| l.used = i as u64 % 3);
+        }
+        assert_eq!(t.len(), keys.len());
+        for (i, &k) in keys.iter().enumerate() {
+            assert_eq!(t.get(k).map(|l| l.used), Some(i as u64 % 3), "key {k:#x}");
+        }
+        let idle = keys.iter().enumerate().filter(|(i, _)| i % 3 == 0).count();
+        assert_eq!(t.sweep(|l| l.used == 0), idle);
+        for (i, &k) in keys.iter().enumerate() {
+            let expected = (i % 3 != 0).then_some(i as u64 % 3);
+            assert_eq!(t.get(k).map(|l| l.used), expected, "key {k:#x}");
+        }
+        assert_eq!(t.sweep(|_| true), keys.len() - idle);
+        assert!(t.is_empty());
+        t.with(5, |_| false, |l| l.used = 9);
+        assert_eq!(
+            t.get(5).map(|l| l.used),
+            Some(9),
+            "an emptied shard takes entries again"
+        );
     }
 }
