@@ -138,6 +138,16 @@ rules:
     requestsPerMinute: 100000
 "#;
 
+/// A fresh limiter and `rules` compiled for it (with the default bound on keys).
+fn compiled(rules: &str) -> (Limiter, Arc<Policy>) {
+    let config = Arc::new(SidecarConfig::from_yaml(rules).expect("bench config"));
+    let policy = Policy::compile(config, Arc::new(Identity::open()), None, 0, 1 << 20);
+    (
+        Limiter::with_metrics(LimitMetrics::default()),
+        Arc::new(policy),
+    )
+}
+
 /// What the admission bench compares: sluice's limiter under a policy, and governor.
 enum Contender {
     Sluice(Limiter, Arc<Policy>),
@@ -147,15 +157,7 @@ enum Contender {
 impl Contender {
     /// sluice's admission under `rules`, its buckets warmed for every key.
     fn sluice(rules: &str, keys: &[String]) -> Self {
-        let config = Arc::new(SidecarConfig::from_yaml(rules).expect("bench config"));
-        let policy = Arc::new(Policy::compile(
-            config,
-            Arc::new(Identity::open()),
-            None,
-            0,
-            1 << 20,
-        ));
-        let limiter = Limiter::with_metrics(LimitMetrics::default());
+        let (limiter, policy) = compiled(rules);
         for k in keys {
             let t = limiter.admit(&policy, &request(k)).expect("warm-up admits");
             t.settle(150, 0);
@@ -307,15 +309,7 @@ fn rss_bytes() -> u64 {
 
 fn memory() {
     const KEYS: usize = 1_000_000;
-    let config = Arc::new(SidecarConfig::from_yaml(RULES).expect("bench config"));
-    let policy = Arc::new(Policy::compile(
-        config,
-        Arc::new(Identity::open()),
-        None,
-        0,
-        1 << 20,
-    ));
-    let limiter = Limiter::with_metrics(LimitMetrics::default());
+    let (limiter, policy) = compiled(RULES);
     let before = rss_bytes();
     let mut key = String::new();
     let started = Instant::now();
