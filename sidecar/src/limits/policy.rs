@@ -271,14 +271,15 @@ fn compile_rule(
         let v = u64::from(v);
         wanted.push((LimitKind::Concurrent, v, 1, v));
     }
-    // Tables of rules that name their tenants hold few buckets; only open rules need many
-    // shards (64 keep two threads apart; each empty shard costs 64 bytes).
+    // A pod-wide limit has one bucket; tables of rules that name their tenants hold few; only
+    // open rules need many shards (64 keep two threads apart; each empty shard costs 64 bytes).
     let named = r.match_.as_ref().is_some_and(|m| !m.tenants.is_empty());
-    let shards = match r.per {
-        BucketKey::Pod | BucketKey::Variant => 1,
-        BucketKey::Tenant if named => 1,
-        BucketKey::Key if named => 8,
-        BucketKey::Tenant | BucketKey::Key => 64,
+    let new_table = || match r.per {
+        BucketKey::Pod => Table::single(),
+        BucketKey::Variant => Table::new(1, max_entries),
+        BucketKey::Tenant if named => Table::new(1, max_entries),
+        BucketKey::Key if named => Table::new(8, max_entries),
+        BucketKey::Tenant | BucketKey::Key => Table::new(64, max_entries),
     };
     let limits = wanted
         .into_iter()
@@ -305,8 +306,7 @@ fn compile_rule(
                         prev: Some((old.spec.rate, now)),
                     },
                 ),
-                None if r.per == BucketKey::Pod => (Arc::new(Table::single()), Spec::new(rate)),
-                None => (Arc::new(Table::new(shards, max_entries)), Spec::new(rate)),
+                None => (Arc::new(new_table()), Spec::new(rate)),
             };
             Limit {
                 kind,

@@ -137,14 +137,14 @@ impl Map {
 
     /// Drops the entries for which `idle` holds (and frees the array when none is left).
     fn retain_busy(&mut self, idle: impl Fn(&Level) -> bool) -> usize {
-        if self.len == 0 || !self.slots.iter().any(|s| s.key != EMPTY && idle(&s.level)) {
-            return 0;
-        }
         let busy = self
             .slots
             .iter()
             .filter(|s| s.key != EMPTY && !idle(&s.level))
             .count();
+        if busy == self.len {
+            return 0;
+        }
         let capacity = if busy == 0 {
             0
         } else {
