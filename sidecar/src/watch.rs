@@ -93,7 +93,7 @@ impl Reloader {
                 let generation = policy.config.generation;
                 let rules = policy.rules.len();
                 let config = policy.config.clone();
-                self.policy.send_replace(Some(Arc::new(policy)));
+                self.limiter.publish(&self.policy, policy);
                 self.config.send_replace(config);
                 {
                     let mut state = self.state();
@@ -163,7 +163,7 @@ impl Reloader {
             self.limiter.now(),
             self.max_entries,
         );
-        self.policy.send_replace(Some(Arc::new(policy)));
+        self.limiter.publish(&self.policy, policy);
         self.config.send_replace(config);
         self.readiness.set_config_valid(true);
         tracing::info!(reason, "serving without rate limits");

@@ -29,7 +29,7 @@ impl LimitAdmission {
 
 impl Admission for LimitAdmission {
     fn admit(&self, req: &AdmissionRequest<'_>) -> Result<Box<dyn Reservation>> {
-        let Some(policy) = self.policy.borrow().clone() else {
+        let Some(policy) = self.limiter.in_force(&self.policy) else {
             return Err(Error::Limited(Box::new(no_config())));
         };
         let caller = policy.identity.identify(req.headers).map_err(|reason| {

@@ -43,10 +43,11 @@ pub mod policy;
 pub mod table;
 
 use std::{
-    hash::BuildHasher,
+    cell::RefCell,
+    hash::{BuildHasher, BuildHasherDefault},
     sync::{
         Arc,
-        atomic::{AtomicI64, Ordering},
+        atomic::{AtomicI64, AtomicU64, Ordering},
     },
     time::Instant,
 };
@@ -58,12 +59,14 @@ use prometheus_client::{
     registry::Registry,
 };
 use sluice_crds::rate_limit_policy::{BucketKey, Priority};
+use tokio::sync::watch;
 
 pub use self::policy::{Limit, Policy, Rule};
 use self::{
     bucket::{Level, SCALE, SECOND, Shortfall},
     policy::{LimitKind, priority_bit},
 };
+use crate::watch::PolicySlot;
 
 /// The rule name reported when a request is shed for saturation.
 pub const SATURATION_RULE: &str = "saturation";
@@ -79,7 +82,28 @@ struct Shared {
     epoch: Instant,
     hasher: std::collections::hash_map::RandomState,
     in_flight: Striped,
+    /// [`Policy::stamp`] of the policy last published (0: none).
+    published: AtomicU64,
     metrics: LimitMetrics,
+}
+
+/// A policy as one thread holds it: the policy's reference count is shared by every core, so
+/// counting each admission on it would move its cache line between cores twice per request;
+/// a ticket counts on its thread's own handle instead (see [`local_handle`]).
+pub type Handle = Arc<Arc<Policy>>;
+
+thread_local! {
+    /// The policy this thread last admitted under. Keeps it alive until the thread admits under
+    /// another one (a few superseded policies at most, one per thread).
+    static LOCAL: RefCell<Option<Handle>> = const { RefCell::new(None) };
+}
+
+/// This thread's handle on `policy`.
+fn local_handle(policy: &Arc<Policy>) -> Handle {
+    LOCAL.with_borrow_mut(|local| match local {
+        Some(h) if Arc::ptr_eq(h.as_ref(), policy) => h.clone(),
+        _ => local.insert(Arc::new(policy.clone())).clone(),
+    })
 }
 
 /// A counter striped over cache lines by thread: admissions on different cores do not contend;
@@ -143,7 +167,7 @@ pub struct Request<'a> {
 pub struct Ticket {
     limiter: Limiter,
     /// The policy the holds index into (`None` when nothing needs settling).
-    policy: Option<Arc<Policy>>,
+    policy: Option<Handle>,
     held: Holds,
     /// `x-ratelimit-*` values as of admission.
     pub rate: RateInfo,
@@ -257,6 +281,7 @@ impl Limiter {
             epoch: Instant::now(),
             hasher: Default::default(),
             in_flight: Striped::new(),
+            published: AtomicU64::new(0),
             metrics,
         })))
     }
@@ -274,6 +299,27 @@ impl Limiter {
     /// Requests admitted and not yet settled.
     pub fn in_flight(&self) -> u64 {
         self.0.in_flight.sum()
+    }
+
+    /// Puts `policy` in force on `slot`.
+    pub fn publish(&self, slot: &watch::Sender<PolicySlot>, policy: Policy) {
+        let stamp = policy.stamp;
+        slot.send_replace(Some(Arc::new(policy)));
+        // After the send: a thread that sees the new stamp finds the new policy in the slot.
+        self.0.published.store(stamp, Ordering::Release);
+    }
+
+    /// The policy in force on `slot` (published with [`Limiter::publish`]), as this thread
+    /// holds it: only when it changed does this read the slot (whose lock every core shares).
+    pub fn in_force(&self, slot: &watch::Receiver<PolicySlot>) -> Option<Handle> {
+        let stamp = self.0.published.load(Ordering::Acquire);
+        let cached = LOCAL.with_borrow(|local| {
+            local
+                .as_ref()
+                .filter(|h| stamp != 0 && h.stamp == stamp)
+                .cloned()
+        });
+        cached.or_else(|| slot.borrow().as_ref().map(local_handle))
     }
 
     /// Admits `req` under `policy` now.
@@ -377,7 +423,7 @@ impl Limiter {
         });
         Ok(Ticket {
             limiter: *self,
-            policy: settles.then(|| policy.clone()),
+            policy: settles.then(|| local_handle(policy)),
             held,
             rate,
             priority,
@@ -566,6 +612,9 @@ fn release(limit: &Limit, h: &Held, settle: Option<(u64, u64)>, now: u64) {
 struct Keys<'a> {
     hasher: &'a std::collections::hash_map::RandomState,
     req: &'a Request<'a>,
+    /// Tables are per limit, so a tenant and a key that are the same string (no key list) may
+    /// share one hash.
+    same: bool,
     tenant: Option<u64>,
     key: Option<u64>,
     variant: Option<u64>,
@@ -576,6 +625,7 @@ impl<'a> Keys<'a> {
         Self {
             hasher,
             req,
+            same: req.tenant == req.key,
             tenant: None,
             key: None,
             variant: None,
@@ -583,15 +633,17 @@ impl<'a> Keys<'a> {
     }
 
     fn get(&mut self, per: BucketKey) -> u64 {
-        // Tables are per limit, so a tenant and a key that are the same string (no key list)
-        // may share one hash.
-        let same = self.req.tenant == self.req.key;
         let (slot, value) = match per {
             BucketKey::Pod => return 0,
-            BucketKey::Tenant | BucketKey::Key if same => (&mut self.tenant, self.req.tenant),
+            // Variants are the config's, not the caller's: an unkeyed hash will do.
+            BucketKey::Variant => {
+                return *self.variant.get_or_insert_with(|| {
+                    BuildHasherDefault::<policy::FxHasher>::default().hash_one(self.req.variant)
+                });
+            }
+            BucketKey::Tenant | BucketKey::Key if self.same => (&mut self.tenant, self.req.tenant),
             BucketKey::Tenant => (&mut self.tenant, self.req.tenant),
             BucketKey::Key => (&mut self.key, self.req.key),
-            BucketKey::Variant => (&mut self.variant, self.req.variant),
         };
         *slot.get_or_insert_with(|| self.hasher.hash_one(value))
     }

@@ -5,7 +5,10 @@
 use std::{
     collections::HashMap,
     hash::{BuildHasherDefault, Hasher},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use sluice_crds::{
@@ -79,6 +82,9 @@ pub struct Rule {
 /// and hands it over as a whole, so a request sees the old rules or the new, never a mix.
 #[derive(Debug)]
 pub struct Policy {
+    /// Unique in the process (from 1), so that a thread can tell whether the policy it holds is
+    /// the one in force without reading the slot it is published in.
+    pub stamp: u64,
     /// The document it was compiled from.
     pub config: Arc<SidecarConfig>,
     /// Who callers are (the keys file, when configured).
@@ -147,9 +153,18 @@ impl Policy {
                 assigners.push(i);
             }
             let previous = old.get(r.name.as_str()).copied();
-            rules.push(compile_rule(r, share, previous, now, max_entries));
+            rules.push(compile_rule(
+                r,
+                share,
+                config.variants.len(),
+                previous,
+                now,
+                max_entries,
+            ));
         }
+        static STAMPS: AtomicU64 = AtomicU64::new(1);
         Self {
+            stamp: STAMPS.fetch_add(1, Ordering::Relaxed),
             max_in_flight: config.saturation.max_in_flight.map(u64::from),
             config,
             identity,
@@ -237,6 +252,7 @@ impl Iterator for Merge<'_> {
 fn compile_rule(
     r: &RateLimitRule,
     share: f64,
+    variants: usize,
     prev: Option<&Rule>,
     now: u64,
     max_entries: usize,
@@ -271,12 +287,18 @@ fn compile_rule(
         let v = u64::from(v);
         wanted.push((LimitKind::Concurrent, v, 1, v));
     }
-    // A pod-wide limit has one bucket; tables of rules that name their tenants hold few; only
-    // open rules need many shards (64 keep two threads apart; each empty shard costs 64 bytes).
-    let named = r.match_.as_ref().is_some_and(|m| !m.tenants.is_empty());
+    // A pod-wide limit has one bucket, a per-variant one a bucket per variant it matches;
+    // tables of rules that name their tenants hold few; only open rules need many shards (64
+    // keep two threads apart; each empty shard costs 64 bytes).
+    let m = r.match_.as_ref();
+    let named = m.is_some_and(|m| !m.tenants.is_empty());
+    let variants = match m.map_or(0, |m| m.variants.len()) {
+        0 => variants,
+        matched => matched,
+    };
     let new_table = || match r.per {
         BucketKey::Pod => Table::single(),
-        BucketKey::Variant => Table::new(1, max_entries),
+        BucketKey::Variant => Table::few(variants),
         BucketKey::Tenant if named => Table::new(1, max_entries),
         BucketKey::Key if named => Table::new(8, max_entries),
         BucketKey::Tenant | BucketKey::Key => Table::new(64, max_entries),
@@ -294,9 +316,11 @@ fn compile_rule(
                 rate.capacity = rate.capacity.max(SCALE);
             }
             let max_in_flight = ((units as f64) * share).ceil().max(1.0) as u64;
+            // A per-variant table sized for fewer variants than the rule now sees starts afresh.
             let old = prev
                 .filter(|p| p.per == r.per)
-                .and_then(|p| p.limits.iter().find(|l| l.kind == kind));
+                .and_then(|p| p.limits.iter().find(|l| l.kind == kind))
+                .filter(|l| r.per != BucketKey::Variant || l.table.holds_few(variants));
             let (table, spec) = match old {
                 Some(old) if old.spec.rate == rate => (old.table.clone(), old.spec),
                 Some(old) => (
@@ -317,7 +341,6 @@ fn compile_rule(
             }
         })
         .collect();
-    let m = r.match_.as_ref();
     Rule {
         name: Arc::from(r.name.as_str()),
         per: r.per,

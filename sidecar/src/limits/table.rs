@@ -22,6 +22,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use super::bucket::Level;
 
+/// Buckets of the smallest [`Table::few`] table (1 KiB): a variant added later finds room.
+const MIN_FEW: usize = 16;
+
 /// Default bound on the entries of one table (one limit of one rule): 1,048,576.
 pub const DEFAULT_MAX_ENTRIES: usize = 1 << 20;
 
@@ -40,11 +43,18 @@ enum Store {
     /// line it lives in moves between cores on each admission: the lock and the level share
     /// that one line.
     Single(Box<One>),
+    /// The buckets of a limit with a handful of keys (one per variant), each with its lock and
+    /// key in a line of its own, for the same reason as [`Store::Single`]; probed linearly.
+    Few(Box<[Keyed]>),
 }
 
 #[derive(Debug, Default)]
 #[repr(align(64))]
 struct One(Mutex<Option<Level>>);
+
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Keyed(Mutex<Option<Slot>>);
 
 /// A cache-line aligned shard, so that two shards' locks never share a line.
 #[derive(Debug, Default)]
@@ -180,11 +190,25 @@ impl Table {
         Self(Store::Single(Box::default()))
     }
 
+    /// The table of a limit with at most about `keys` keys (the variants of a model): twice as
+    /// many buckets (at least 16), each in a cache line of its own. It never holds more: a key
+    /// that finds every bucket taken replaces an idle one, or else the one it hashes to.
+    pub fn few(keys: usize) -> Self {
+        let slots = (keys * 2).next_power_of_two().max(MIN_FEW);
+        Self(Store::Few((0..slots).map(|_| Keyed::default()).collect()))
+    }
+
+    /// Whether this is a [`Table::few`] table with room for `keys` keys.
+    pub fn holds_few(&self, keys: usize) -> bool {
+        matches!(&self.0, Store::Few(slots) if slots.len() >= keys * 2)
+    }
+
     /// The bound on entries.
     pub fn max_entries(&self) -> usize {
         match &self.0 {
             Store::Sharded { shards, per_shard } => per_shard * shards.len(),
             Store::Single(_) => 1,
+            Store::Few(slots) => slots.len(),
         }
     }
 
@@ -200,6 +224,7 @@ impl Table {
         let (shards, per_shard) = match &self.0 {
             Store::Sharded { shards, per_shard } => (shards, *per_shard),
             Store::Single(one) => return (f(lock(&one.0).get_or_insert_default()), 0),
+            Store::Few(slots) => return few_with(slots, stored(key), idle, f),
         };
         let key = stored(key);
         let mut map = shard(shards, key);
@@ -222,6 +247,11 @@ impl Table {
                 shard(shards, key).get_mut(key).map(f)
             }
             Store::Single(one) => lock(&one.0).as_mut().map(f),
+            Store::Few(slots) => {
+                let key = stored(key);
+                let mut slot = few_find(slots, key)?;
+                slot.as_mut().map(|s| f(&mut s.level))
+            }
         }
     }
 
@@ -242,6 +272,32 @@ impl Table {
                 let mut level = lock(&one.0);
                 usize::from(level.take_if(|l| idle(l)).is_some())
             }
+            Store::Few(slots) => {
+                // Taking an entry out could cut the probe path of a key stored past it, so the
+                // survivors are re-inserted, with every bucket locked (in index order; admission
+                // holds one lock at a time) so that no admission sees the table half rebuilt.
+                let mut guards: Vec<_> = slots.iter().map(|s| lock(&s.0)).collect();
+                let mut kept = Vec::new();
+                let mut dropped = 0;
+                for slot in guards.iter_mut().filter_map(|g| g.take()) {
+                    if idle(&slot.level) {
+                        dropped += 1;
+                    } else {
+                        kept.push(slot);
+                    }
+                }
+                let mask = guards.len() - 1;
+                for slot in kept {
+                    let home = slot.key as usize & mask;
+                    if let Some(free) = (0..guards.len())
+                        .map(|n| (home + n) & mask)
+                        .find(|&i| guards[i].is_none())
+                    {
+                        *guards[free] = Some(slot);
+                    }
+                }
+                dropped
+            }
         }
     }
 
@@ -250,6 +306,7 @@ impl Table {
         match &self.0 {
             Store::Sharded { shards, .. } => shards.iter().map(|s| lock(&s.0).len).sum(),
             Store::Single(one) => usize::from(lock(&one.0).is_some()),
+            Store::Few(slots) => slots.iter().filter(|s| lock(&s.0).is_some()).count(),
         }
     }
 
@@ -263,6 +320,58 @@ fn shard(shards: &[Shard], key: u64) -> MutexGuard<'_, Map> {
     // Bits from the middle pick the shard, so that the slot index (the low bits) keeps its
     // entropy within a shard.
     lock(&shards[((key >> 32) as usize) & (shards.len() - 1)].0)
+}
+
+/// The locked bucket holding `key` in a [`Store::Few`] table, or `None` when it is missing.
+fn few_find(slots: &[Keyed], key: u64) -> Option<MutexGuard<'_, Option<Slot>>> {
+    let mask = slots.len() - 1;
+    let home = key as usize & mask;
+    for i in (0..slots.len()).map(|n| (home + n) & mask) {
+        let slot = lock(&slots[i].0);
+        match &*slot {
+            Some(s) if s.key == key => return Some(slot),
+            Some(_) => {}
+            None => return None,
+        }
+    }
+    None
+}
+
+fn few_with<R>(
+    slots: &[Keyed],
+    key: u64,
+    idle: impl Fn(&Level) -> bool,
+    f: impl FnOnce(&mut Level) -> R,
+) -> (R, usize) {
+    let mask = slots.len() - 1;
+    let home = key as usize & mask;
+    let mut victim = None;
+    for i in (0..slots.len()).map(|n| (home + n) & mask) {
+        let mut slot = lock(&slots[i].0);
+        match &mut *slot {
+            Some(s) if s.key == key => return (f(&mut s.level), 0),
+            Some(s) => {
+                if victim.is_none() && idle(&s.level) {
+                    victim = Some(i);
+                }
+            }
+            None => {
+                let s = slot.insert(Slot {
+                    key,
+                    level: Level::default(),
+                });
+                return (f(&mut s.level), 0);
+            }
+        }
+    }
+    // Every bucket holds another key (more keys than the table was sized for): the new one
+    // replaces an idle bucket, or else the one it hashes to, forgetting what that key used.
+    let mut slot = lock(&slots[victim.unwrap_or(home)].0);
+    let s = slot.insert(Slot {
+        key,
+        level: Level::default(),
+    });
+    (f(&mut s.level), 1)
 }
 
 /// A panic while holding a table lock cannot leave a `Level` half-written (it is Copy and
@@ -322,6 +431,36 @@ mod tests {
         assert_eq!((t.len(), t.max_entries()), (1, 1));
         assert_eq!(t.sweep(|l| l.used == 3), 1);
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn a_few_table_keeps_a_bucket_per_key_and_stays_bounded() {
+        let t = Table::few(2);
+        assert_eq!(t.max_entries(), MIN_FEW);
+        assert!(t.holds_few(8) && !t.holds_few(9) && !Table::single().holds_few(1));
+        // Keys that all start probing at the same bucket.
+        let keys: Vec<u64> = (1..=6u64).map(|k| k << 40).chain([u64::MAX]).collect();
+        for (i, &k) in keys.iter().enumerate() {
+            t.with(k, |_| false, |l| l.used = i as u64);
+        }
+        for (i, &k) in keys.iter().enumerate() {
+            assert_eq!(t.get(k).map(|l| l.used), Some(i as u64), "key {k:#x}");
+        }
+        assert_eq!(t.update(99, |l| l.used), None, "update never creates");
+        // Sweeping the first keys must not hide the ones that probed past them.
+        assert_eq!(t.sweep(|l| l.used < 3), 3);
+        for (i, &k) in keys.iter().enumerate() {
+            assert_eq!(t.get(k).map(|l| l.used), (i >= 3).then_some(i as u64));
+        }
+        // More keys than buckets: each new one replaces an idle bucket first.
+        for k in 0..100u64 {
+            t.with(k, |l| l.used == 0, |l| l.used = 0);
+        }
+        assert_eq!(t.len(), MIN_FEW);
+        assert!(
+            keys[3..].iter().all(|&k| t.get(k).is_some()),
+            "busy buckets kept"
+        );
     }
 
     #[test]
