@@ -22,8 +22,8 @@ use indexmap::IndexMap;
 use mistralrs::core::{
     AutoDeviceMapParams, DefaultSchedulerMethod, DeviceMapSetting, GGUFLoaderBuilder,
     GGUFSpecificConfig, MessageContent, MistralRs, MistralRsBuilder, ModelDType, NormalRequest,
-    Request, RequestMessage, Response, SamplingParams, SchedulerConfig, StopTokens, TokenSource,
-    TokenizationRequest,
+    PromptTokenizer, Request, RequestMessage, Response, SamplingParams, SchedulerConfig,
+    StopTokens, TokenSource, TokenizationRequest,
 };
 use tokio::sync::{Semaphore, mpsc};
 
@@ -57,9 +57,19 @@ pub struct EngineSettings {
 #[derive(Clone)]
 pub struct Engine {
     runner: Arc<MistralRs>,
+    /// Counts prompt tokens without a round trip through the engine loop (text models).
+    prompt_tokenizer: Option<PromptTokenizer>,
     served_name: Arc<str>,
     max_context: usize,
     slots: Slots,
+}
+
+/// A prompt as a tokenization request takes it.
+fn prompt_text(prompt: &Prompt) -> Either<Vec<IndexMap<String, MessageContent>>, String> {
+    match prompt {
+        Prompt::Chat(turns) => Either::Left(chat_messages(turns)),
+        Prompt::Text(text) => Either::Right(text.clone()),
+    }
 }
 
 /// A prompt as the engine takes it.
@@ -210,6 +220,7 @@ impl Engine {
         let scheduler = SchedulerConfig::DefaultScheduler {
             method: DefaultSchedulerMethod::Fixed(max_seqs),
         };
+        let prompt_tokenizer = PromptTokenizer::new(&*pipeline.lock().await);
         let runner = MistralRsBuilder::new(pipeline, scheduler, false, None)
             .with_model_id(settings.served_name.clone())
             .with_no_kv_cache(false)
@@ -242,6 +253,7 @@ impl Engine {
         );
         Ok(Self {
             runner,
+            prompt_tokenizer,
             served_name: settings.served_name.as_str().into(),
             max_context,
             slots: Slots::new(settings.max_seqs, settings.max_queue),
@@ -265,12 +277,31 @@ impl Engine {
 
     /// Counts the tokens `prompt` occupies exactly as the engine will see it (chat template
     /// applied, generation prompt and special tokens added). The rate limiter calls this
-    /// before admission.
+    /// before admission. It uses the model's chat template and tokenizer directly: asking the
+    /// engine ([`Engine::count_prompt_tokens_in_engine`]) waits for the step in progress.
     pub async fn count_prompt_tokens(&self, prompt: &Prompt) -> Result<usize> {
-        let text = match prompt {
-            Prompt::Chat(turns) => Either::Left(chat_messages(turns)),
-            Prompt::Text(text) => Either::Right(text.clone()),
+        let Some(tokenizer) = self.prompt_tokenizer.clone() else {
+            return self.count_prompt_tokens_in_engine(prompt).await;
         };
+        let text = prompt_text(prompt);
+        // Off the async workers: a long prompt takes milliseconds to template and tokenize.
+        let tokens = tokio::task::spawn_blocking(move || match text {
+            Either::Left(messages) => {
+                tokenizer.tokenize_chat(messages, true, true, None, None, Vec::new())
+            }
+            Either::Right(text) => tokenizer.tokenize_text(text, true),
+        })
+        .await
+        .map_err(|e| Error::Engine(format!("tokenizer task failed: {e}")))?;
+        tokens
+            .map(|t| t.len())
+            .map_err(|e| Error::invalid("messages", format!("{e:#}")))
+    }
+
+    /// [`Engine::count_prompt_tokens`] as the engine's own tokenization request answers it
+    /// (between engine steps).
+    pub async fn count_prompt_tokens_in_engine(&self, prompt: &Prompt) -> Result<usize> {
+        let text = prompt_text(prompt);
         let sender = self
             .runner
             .get_sender(None)

@@ -118,6 +118,7 @@ pub use pipeline::{
     Modalities, ModelKind, ModelPaths, MultimodalLoader, MultimodalLoaderBuilder,
     MultimodalLoaderType, MultimodalPromptPrefixer, MultimodalSpecificConfig, NormalLoader,
     NormalLoaderBuilder, NormalLoaderType, NormalSpecificConfig, Phi2Loader, Phi3Loader,
+    PromptTokenizer,
     Phi3VLoader, Qwen2Loader, SpeculativeConfig, SpeculativeLoader, SpeculativePipeline,
     SpeechLoader, SpeechPipeline, Starcoder2Loader, SupportedModality, TokenSource,
     UQFF_MULTI_FILE_DELIMITER,

@@ -5,6 +5,7 @@ use either::Either;
 use indexmap::IndexMap;
 
 use crate::{
+    pipeline::chat_template::ChatTemplate,
     request::ReasoningEffort,
     vision_models::{preprocessor_config::PreProcessorConfig, processor_config::ProcessorConfig},
     MessageContent, Pipeline, Tool,
@@ -139,7 +140,29 @@ pub(crate) fn apply_chat_template(
     let chat_template = pipeline
         .get_chat_template()
         .with_context(|| "`apply_chat_template` expects the pipeline to have a chat template.")?;
-    let template = chat_template.chat_template.as_ref().unwrap();
+    apply_chat_template_with(
+        &chat_template,
+        messages,
+        add_generation_prompt,
+        enable_thinking,
+        reasoning_effort,
+        tools,
+    )
+}
+
+/// sluice: the part of [`apply_chat_template`] after the template is read from the pipeline.
+fn apply_chat_template_with(
+    chat_template: &ChatTemplate,
+    messages: Vec<IndexMap<String, MessageContent>>,
+    add_generation_prompt: bool,
+    enable_thinking: Option<bool>,
+    reasoning_effort: Option<ReasoningEffort>,
+    tools: Vec<Tool>,
+) -> Result<String> {
+    let template = chat_template
+        .chat_template
+        .as_ref()
+        .with_context(|| "`apply_chat_template` expects the pipeline to have a chat template.")?;
 
     let bos_tok = chat_template.bos_token.as_ref().map(extract_token_string);
     let eos_tok = chat_template.eos_token.as_ref().map(extract_token_string);
@@ -156,6 +179,64 @@ pub(crate) fn apply_chat_template(
         unk_tok,
         tools,
     )
+}
+
+/// sluice: tokenizes prompts exactly as a text pipeline's default [`Processor::process`] and
+/// `Request::Tokenize` do, from the chat template and tokenizer taken from the pipeline once.
+/// `Request::Tokenize` is answered by the engine loop between steps, under the pipeline's lock,
+/// so a server that counts each prompt's tokens before admitting it made every request wait
+/// for the step in progress (and then for the next one to be scheduled); this needs neither.
+#[derive(Clone)]
+pub struct PromptTokenizer {
+    chat_template: Option<Arc<ChatTemplate>>,
+    tokenizer: Arc<tokenizers::Tokenizer>,
+}
+
+impl PromptTokenizer {
+    /// The tokenizer of a text pipeline (`None` for other kinds, whose processors tokenize
+    /// differently, and for pipelines without a tokenizer).
+    pub fn new(pipeline: &dyn Pipeline) -> Option<Self> {
+        if !matches!(pipeline.category(), crate::ModelCategory::Text) {
+            return None;
+        }
+        Some(Self {
+            chat_template: pipeline.get_chat_template(),
+            tokenizer: pipeline.tokenizer()?,
+        })
+    }
+
+    /// The tokens of chat `messages` with the chat template applied.
+    pub fn tokenize_chat(
+        &self,
+        messages: Vec<IndexMap<String, MessageContent>>,
+        add_generation_prompt: bool,
+        add_special_tokens: bool,
+        enable_thinking: Option<bool>,
+        reasoning_effort: Option<ReasoningEffort>,
+        tools: Vec<Tool>,
+    ) -> Result<Vec<u32>> {
+        let chat_template = self.chat_template.as_ref().with_context(|| {
+            "`apply_chat_template` expects the pipeline to have a chat template."
+        })?;
+        let prompt = apply_chat_template_with(
+            chat_template,
+            messages,
+            add_generation_prompt,
+            enable_thinking,
+            reasoning_effort,
+            tools,
+        )?;
+        self.tokenize_text(prompt, add_special_tokens)
+    }
+
+    /// The tokens of plain `text`.
+    pub fn tokenize_text(&self, text: String, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let encoding = self
+            .tokenizer
+            .encode_fast(text, add_special_tokens)
+            .map_err(anyhow::Error::msg)?;
+        Ok(encoding.get_ids().to_vec())
+    }
 }
 
 pub struct BasicProcessor;
