@@ -5,9 +5,9 @@
 mod common;
 
 use sluice_sidecar::{
-    config::{Activations, Quant},
+    config::Quant,
     convert,
-    engine::{ChatTurn, Engine, EngineSettings, Prompt},
+    engine::{ChatTurn, Prompt},
 };
 
 fn prompts() -> Vec<Prompt> {
@@ -20,21 +20,6 @@ fn prompts() -> Vec<Prompt> {
             content: "What color is the sky on a clear day?".into(),
         }]),
     ]
-}
-
-async fn load(path: std::path::PathBuf) -> Engine {
-    Engine::load(&EngineSettings {
-        model: path,
-        served_name: "m".into(),
-        dtype: Activations::F32,
-        threads: None,
-        max_seqs: 4,
-        max_queue: 4,
-        prefix_cache: 0,
-        context_length: None,
-    })
-    .await
-    .unwrap()
 }
 
 fn argmax(v: &[f32]) -> usize {
@@ -58,7 +43,7 @@ fn kl(reference: &[f32], candidate: &[f32]) -> f64 {
 async fn converted_weights_keep_next_token_predictions() {
     let model = common::model_path();
     let dir = std::env::temp_dir().join(format!("sluice-convert-test-{}", std::process::id()));
-    let reference = load(model.clone()).await;
+    let reference = common::load_engine(model.clone()).await;
     let mut expected = Vec::new();
     for p in prompts() {
         let lp = reference.next_token_logprobs(p).await.unwrap();
@@ -80,7 +65,7 @@ async fn converted_weights_keep_next_token_predictions() {
             convert::ensure_converted(&model, quant, &dir).unwrap(),
             path
         );
-        let engine = load(path).await;
+        let engine = common::load_engine(path).await;
         let mut agree = 0;
         let mut kls = Vec::new();
         for (p, want) in prompts().into_iter().zip(&expected) {

@@ -6,10 +6,7 @@
 
 mod common;
 
-use sluice_sidecar::{
-    config::Activations,
-    engine::{ChatTurn, Engine, EngineSettings, Event, GenerationParams, Prompt},
-};
+use sluice_sidecar::engine::{ChatTurn, Event, GenerationParams, Prompt};
 
 fn turn(role: &str, content: &str) -> ChatTurn {
     ChatTurn {
@@ -35,18 +32,7 @@ fn prompts() -> Vec<Prompt> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prompt_counts_match_the_engine_and_usage() {
-    let engine = Engine::load(&EngineSettings {
-        model: common::model_path(),
-        served_name: "m".into(),
-        dtype: Activations::F32,
-        threads: None,
-        max_seqs: 4,
-        max_queue: 4,
-        prefix_cache: 0,
-        context_length: None,
-    })
-    .await
-    .unwrap();
+    let engine = common::load_engine(common::model_path()).await;
     let params = GenerationParams {
         max_tokens: Some(1),
         temperature: Some(0.0),

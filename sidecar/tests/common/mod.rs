@@ -33,6 +33,22 @@ pub fn model_path() -> PathBuf {
     }
 }
 
+/// The engine in-process on `model` (F32 activations, 4 sequences, no prefix cache).
+pub async fn load_engine(model: PathBuf) -> sluice_sidecar::engine::Engine {
+    sluice_sidecar::engine::Engine::load(&sluice_sidecar::engine::EngineSettings {
+        model,
+        served_name: "m".into(),
+        dtype: sluice_sidecar::config::Activations::F32,
+        threads: None,
+        max_seqs: 4,
+        max_queue: 4,
+        prefix_cache: 0,
+        context_length: None,
+    })
+    .await
+    .unwrap()
+}
+
 /// A free localhost port (bound, then released for the sidecar).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
