@@ -535,8 +535,8 @@ async fn overhead(model: &Path, v: Variant) {
         ms(3)
     );
     // What the HTTP path does before the engine sees the request: the exact prompt count (for
-    // the context check, the completion budget and token limits) is a tokenization request
-    // through the engine's queue.
+    // the context check, the completion budget and token limits), from the model's chat
+    // template and tokenizer.
     let mut counts = Vec::new();
     for i in 0..TTFT_RUNS {
         let start = Instant::now();
@@ -547,7 +547,7 @@ async fn overhead(model: &Path, v: Variant) {
         counts.push(start.elapsed().as_secs_f64() * 1e3);
     }
     println!(
-        "of which the exact prompt count before admission (a tokenization request through the engine): median {:.2} ms",
+        "of which the exact prompt count before admission (chat template and tokenizer): median {:.2} ms",
         median(counts)
     );
     println!("targets: throughput at most 3% lower, median TTFT at most 2 ms more");

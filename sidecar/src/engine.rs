@@ -64,6 +64,16 @@ pub struct Engine {
     slots: Slots,
 }
 
+/// Prompts up to this many bytes are tokenized on the calling async worker.
+const INLINE_TOKENIZE_BYTES: usize = 4096;
+
+fn prompt_bytes(prompt: &Prompt) -> usize {
+    match prompt {
+        Prompt::Chat(turns) => turns.iter().map(|t| t.content.len() + t.role.len()).sum(),
+        Prompt::Text(text) => text.len(),
+    }
+}
+
 /// A prompt as a tokenization request takes it.
 fn prompt_text(prompt: &Prompt) -> Either<Vec<IndexMap<String, MessageContent>>, String> {
     match prompt {
@@ -284,15 +294,21 @@ impl Engine {
             return self.count_prompt_tokens_in_engine(prompt).await;
         };
         let text = prompt_text(prompt);
-        // Off the async workers: a long prompt takes milliseconds to template and tokenize.
-        let tokens = tokio::task::spawn_blocking(move || match text {
+        let tokenize = move || match text {
             Either::Left(messages) => {
                 tokenizer.tokenize_chat(messages, true, true, None, None, Vec::new())
             }
             Either::Right(text) => tokenizer.tokenize_text(text, true),
-        })
-        .await
-        .map_err(|e| Error::Engine(format!("tokenizer task failed: {e}")))?;
+        };
+        // A long prompt takes milliseconds to template and tokenize: off the async workers.
+        // A short one (most chat turns) takes a fraction of the hand-off to a blocking thread.
+        let tokens = if prompt_bytes(prompt) <= INLINE_TOKENIZE_BYTES {
+            tokenize()
+        } else {
+            tokio::task::spawn_blocking(tokenize)
+                .await
+                .map_err(|e| Error::Engine(format!("tokenizer task failed: {e}")))?
+        };
         tokens
             .map(|t| t.len())
             .map_err(|e| Error::invalid("messages", format!("{e:#}")))
