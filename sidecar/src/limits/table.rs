@@ -247,11 +247,10 @@ impl Table {
                 shard(shards, key).get_mut(key).map(f)
             }
             Store::Single(one) => lock(&one.0).as_mut().map(f),
-            Store::Few(slots) => {
-                let key = stored(key);
-                let mut slot = few_find(slots, key)?;
-                slot.as_mut().map(|s| f(&mut s.level))
-            }
+            Store::Few(slots) => match few_probe(slots, stored(key), |_| false) {
+                Probe::Found(mut slot) => slot.as_mut().map(|s| f(&mut s.level)),
+                Probe::Free(_) | Probe::Full(_) => None,
+            },
         }
     }
 
@@ -322,19 +321,33 @@ fn shard(shards: &[Shard], key: u64) -> MutexGuard<'_, Map> {
     lock(&shards[((key >> 32) as usize) & (shards.len() - 1)].0)
 }
 
-/// The locked bucket holding `key` in a [`Store::Few`] table, or `None` when it is missing.
-fn few_find(slots: &[Keyed], key: u64) -> Option<MutexGuard<'_, Option<Slot>>> {
+/// Where `key` stands in a [`Store::Few`] table, with the bucket it ends at locked.
+enum Probe<'a> {
+    /// The bucket holding it.
+    Found(MutexGuard<'a, Option<Slot>>),
+    /// The free bucket where it goes.
+    Free(MutexGuard<'a, Option<Slot>>),
+    /// Every bucket holds another key; the first idle one, if any.
+    Full(Option<usize>),
+}
+
+/// Probes from `key`'s home bucket, one lock at a time (which [`Table::sweep`] relies on).
+fn few_probe<'a>(slots: &'a [Keyed], key: u64, idle: impl Fn(&Level) -> bool) -> Probe<'a> {
     let mask = slots.len() - 1;
-    let home = key as usize & mask;
-    for i in (0..slots.len()).map(|n| (home + n) & mask) {
+    let mut victim = None;
+    for i in (0..slots.len()).map(|n| (key as usize + n) & mask) {
         let slot = lock(&slots[i].0);
         match &*slot {
-            Some(s) if s.key == key => return Some(slot),
-            Some(_) => {}
-            None => return None,
+            Some(s) if s.key == key => return Probe::Found(slot),
+            Some(s) => {
+                if victim.is_none() && idle(&s.level) {
+                    victim = Some(i);
+                }
+            }
+            None => return Probe::Free(slot),
         }
     }
-    None
+    Probe::Full(victim)
 }
 
 fn few_with<R>(
@@ -343,35 +356,23 @@ fn few_with<R>(
     idle: impl Fn(&Level) -> bool,
     f: impl FnOnce(&mut Level) -> R,
 ) -> (R, usize) {
-    let mask = slots.len() - 1;
-    let home = key as usize & mask;
-    let mut victim = None;
-    for i in (0..slots.len()).map(|n| (home + n) & mask) {
-        let mut slot = lock(&slots[i].0);
-        match &mut *slot {
-            Some(s) if s.key == key => return (f(&mut s.level), 0),
-            Some(s) => {
-                if victim.is_none() && idle(&s.level) {
-                    victim = Some(i);
-                }
-            }
-            None => {
-                let s = slot.insert(Slot {
-                    key,
-                    level: Level::default(),
-                });
-                return (f(&mut s.level), 0);
-            }
+    let (mut slot, evicted) = match few_probe(slots, key, idle) {
+        Probe::Found(slot) | Probe::Free(slot) => (slot, 0),
+        // More keys than the table was sized for: the new one replaces an idle bucket, or else
+        // the one it hashes to, forgetting what that key used.
+        Probe::Full(victim) => {
+            let home = key as usize & (slots.len() - 1);
+            (lock(&slots[victim.unwrap_or(home)].0), 1)
         }
+    };
+    if let Some(s) = slot.as_mut().filter(|s| s.key == key) {
+        return (f(&mut s.level), 0);
     }
-    // Every bucket holds another key (more keys than the table was sized for): the new one
-    // replaces an idle bucket, or else the one it hashes to, forgetting what that key used.
-    let mut slot = lock(&slots[victim.unwrap_or(home)].0);
     let s = slot.insert(Slot {
         key,
         level: Level::default(),
     });
-    (f(&mut s.level), 1)
+    (f(&mut s.level), evicted)
 }
 
 /// A panic while holding a table lock cannot leave a `Level` half-written (it is Copy and
