@@ -40,6 +40,7 @@
 pub mod admission;
 pub mod bucket;
 pub mod policy;
+mod prefetch;
 pub mod table;
 
 use std::{
@@ -347,6 +348,18 @@ impl Limiter {
             if shed {
                 self.0.metrics.refused(SATURATION_RULE, "saturated");
                 return Err(Box::new(Refusal::shed(priority, in_flight, mark)));
+            }
+        }
+
+        // Every bucket this request takes starts on its way into this core's cache before the
+        // first is taken: their misses overlap instead of queueing one behind another's lock.
+        for ri in policy.candidates(req.tenant) {
+            let rule = &policy.rules[ri as usize];
+            if rule_applies(rule, req.variant, priority) {
+                let key = keys.get(rule.per);
+                for limit in &rule.limits {
+                    limit.table.prefetch(key);
+                }
             }
         }
 

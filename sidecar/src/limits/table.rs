@@ -18,9 +18,12 @@
 //! dropped (a dropped entry forgets what its key used, which only favours that key; with an
 //! attacker minting keys, the dropped keys are overwhelmingly the attacker's).
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{
+    Mutex, MutexGuard,
+    atomic::{AtomicPtr, AtomicUsize, Ordering},
+};
 
-use super::bucket::Level;
+use super::{bucket::Level, prefetch};
 
 /// Buckets of the smallest [`Table::few`] table (1 KiB): a variant added later finds room.
 const MIN_FEW: usize = 16;
@@ -59,7 +62,39 @@ struct Keyed(Mutex<Option<Slot>>);
 /// A cache-line aligned shard, so that two shards' locks never share a line.
 #[derive(Debug, Default)]
 #[repr(align(64))]
-struct Shard(Mutex<Map>);
+struct Shard {
+    map: Mutex<Map>,
+    /// Where the map's slots are, and their number minus one: mirrored from under the lock
+    /// whenever the array changes, for [`Table::prefetch`], which reads them without it (a
+    /// stale pair only makes that prefetch useless).
+    slots: AtomicPtr<Slot>,
+    mask: AtomicUsize,
+}
+
+impl Shard {
+    fn lock(&self) -> MutexGuard<'_, Map> {
+        lock(&self.map)
+    }
+
+    /// Mirrors `map` (this shard's, locked) for [`Table::prefetch`].
+    fn mirror(&self, map: &Map) {
+        let ptr = if map.slots.is_empty() {
+            std::ptr::null_mut()
+        } else {
+            map.slots.as_ptr().cast_mut()
+        };
+        self.slots.store(ptr, Ordering::Relaxed);
+        self.mask
+            .store(map.slots.len().saturating_sub(1), Ordering::Relaxed);
+    }
+
+    /// The address of `key`'s home slot as last mirrored (possibly stale: never dereferenced).
+    fn home(&self, key: u64) -> Option<*const Slot> {
+        let slots = self.slots.load(Ordering::Relaxed);
+        let i = key as usize & self.mask.load(Ordering::Relaxed);
+        (!slots.is_null()).then(|| slots.cast_const().wrapping_add(i))
+    }
+}
 
 /// Marks a free slot. A key equal to it is stored as `EMPTY - 1` (keys are 64-bit hashes: the
 /// two would share a bucket with odds of one in 2^64).
@@ -109,8 +144,8 @@ impl Map {
         Some(&mut self.slots[i].level)
     }
 
-    /// Inserts `key` (known to be missing) with an empty bucket.
-    fn insert(&mut self, key: u64) -> &mut Level {
+    /// Inserts `key` (known to be missing) with an empty bucket; returns its slot.
+    fn insert(&mut self, key: u64) -> usize {
         if (self.len + 1) * 2 > self.slots.len() {
             self.rebuild((self.slots.len() * 2).max(8), |_| true);
         }
@@ -122,7 +157,7 @@ impl Map {
             level: Level::default(),
         };
         self.len += 1;
-        &mut self.slots[i].level
+        i
     }
 
     /// Re-inserts the entries `keep` holds for into an array of `capacity` slots; returns how
@@ -227,7 +262,8 @@ impl Table {
             Store::Few(slots) => return few_with(slots, stored(key), idle, f),
         };
         let key = stored(key);
-        let mut map = shard(shards, key);
+        let shard = shard(shards, key);
+        let mut map = shard.lock();
         if let Some(level) = map.get_mut(key) {
             return (f(level), 0);
         }
@@ -235,7 +271,30 @@ impl Table {
         if map.len >= per_shard {
             evicted = make_room(&mut map, per_shard, &idle);
         }
-        (f(map.insert(key)), evicted)
+        let i = map.insert(key);
+        shard.mirror(&map);
+        (f(&mut map.slots[i].level), evicted)
+    }
+
+    /// Starts loading what [`Table::with`] on `key` will touch (the bucket's lock and slot) into
+    /// this core's cache, for writing. An admission prefetches every bucket it is about to take
+    /// before taking the first, so that their cache misses (a slot among 100k keys is rarely
+    /// cached; a pod-wide bucket was last written by another core) overlap instead of queueing.
+    pub fn prefetch(&self, key: u64) {
+        match &self.0 {
+            Store::Sharded { shards, .. } => {
+                let key = stored(key);
+                let shard = shard(shards, key);
+                prefetch::write(shard);
+                if let Some(slot) = shard.home(key) {
+                    // A slot may straddle two lines.
+                    prefetch::write(slot);
+                    prefetch::write(slot.cast::<u8>().wrapping_add(size_of::<Slot>() - 1));
+                }
+            }
+            Store::Single(one) => prefetch::write(&**one),
+            Store::Few(slots) => prefetch::write(&slots[key as usize & (slots.len() - 1)]),
+        }
     }
 
     /// Runs `f` on the entry for `key` if present (refunds, releases: a missing entry was evicted
@@ -244,7 +303,7 @@ impl Table {
         match &self.0 {
             Store::Sharded { shards, .. } => {
                 let key = stored(key);
-                shard(shards, key).get_mut(key).map(f)
+                shard(shards, key).lock().get_mut(key).map(f)
             }
             Store::Single(one) => lock(&one.0).as_mut().map(f),
             Store::Few(slots) => match few_probe(slots, stored(key), |_| false) {
@@ -265,7 +324,12 @@ impl Table {
         match &self.0 {
             Store::Sharded { shards, .. } => shards
                 .iter()
-                .map(|shard| lock(&shard.0).retain_busy(&idle))
+                .map(|shard| {
+                    let mut map = shard.lock();
+                    let dropped = map.retain_busy(&idle);
+                    shard.mirror(&map);
+                    dropped
+                })
                 .sum(),
             Store::Single(one) => {
                 let mut level = lock(&one.0);
@@ -303,7 +367,7 @@ impl Table {
     /// Entries held now.
     pub fn len(&self) -> usize {
         match &self.0 {
-            Store::Sharded { shards, .. } => shards.iter().map(|s| lock(&s.0).len).sum(),
+            Store::Sharded { shards, .. } => shards.iter().map(|s| s.lock().len).sum(),
             Store::Single(one) => usize::from(lock(&one.0).is_some()),
             Store::Few(slots) => slots.iter().filter(|s| lock(&s.0).is_some()).count(),
         }
@@ -315,10 +379,10 @@ impl Table {
     }
 }
 
-fn shard(shards: &[Shard], key: u64) -> MutexGuard<'_, Map> {
+fn shard(shards: &[Shard], key: u64) -> &Shard {
     // Bits from the middle pick the shard, so that the slot index (the low bits) keeps its
     // entropy within a shard.
-    lock(&shards[((key >> 32) as usize) & (shards.len() - 1)].0)
+    &shards[((key >> 32) as usize) & (shards.len() - 1)]
 }
 
 /// Where `key` stands in a [`Store::Few`] table, with the bucket it ends at locked.
@@ -461,6 +525,37 @@ mod tests {
         assert!(
             keys[3..].iter().all(|&k| t.get(k).is_some()),
             "busy buckets kept"
+        );
+    }
+
+    #[test]
+    fn the_prefetch_mirror_follows_the_slot_array() {
+        let t = Table::new(1, 10_000);
+        let Store::Sharded { shards, .. } = &t.0 else {
+            unreachable!()
+        };
+        // What a prefetch of `key` names, and the home slot it should name.
+        let mirrored = |key: u64| {
+            let map = shards[0].lock();
+            let home = (!map.slots.is_empty())
+                .then(|| &map.slots[key as usize & (map.slots.len() - 1)] as *const Slot);
+            (shards[0].home(key), home)
+        };
+        assert_eq!(mirrored(1), (None, None), "nothing to prefetch yet");
+        // Growing from 8 slots to 2048 moves the array nine times.
+        for k in 0..1000u64 {
+            t.with(k, |_| false, |l| l.used = k % 2);
+            let (prefetched, home) = mirrored(k);
+            assert!(prefetched.is_some() && prefetched == home, "key {k}");
+        }
+        assert_eq!(t.sweep(|l| l.used == 0), 500);
+        let (prefetched, home) = mirrored(3);
+        assert!(prefetched.is_some() && prefetched == home, "after a sweep");
+        t.sweep(|_| true);
+        assert_eq!(
+            mirrored(3),
+            (None, None),
+            "an emptied shard mirrors no array"
         );
     }
 
