@@ -55,7 +55,7 @@ fn main() {
     );
     println!("| weights | rows | one at a time | batched | speed-up |");
     println!("|---------|-----:|--------------:|--------:|---------:|");
-    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
+    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4_1] {
         let weights: Vec<(QMatMul, usize)> = (0..LAYERS)
             .flat_map(|l| {
                 LAYER

@@ -1,5 +1,6 @@
 use super::k_quants::{
-    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ6K, BlockQ8K, BlockQ8_0, QK8_0, QK_K,
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ6K, BlockQ8K, BlockQ8_0,
+    BlockQ8_1, QK8_0, QK_K,
 };
 use byteorder::{ByteOrder, LittleEndian};
 use half::f16;
@@ -132,6 +133,43 @@ pub(crate) fn vec_dot_rows_q8_0_q8_0<const R: usize>(
             },
             ys,
         )
+    }
+}
+
+/// sluice: llama.cpp's `ggml_vec_dot_q4_1_q8_1` (AVX2): the nibbles are `maddubs`'s unsigned
+/// operand as they are, and each block's minimum adds `m * s` (`s`: the activation block's
+/// scaled sum) once.
+#[inline(always)]
+pub(crate) fn vec_dot_q4_1_q8_1(n: usize, xs: &[BlockQ4_1], ys: &[BlockQ8_1]) -> f32 {
+    let [dot] = vec_dot_rows_q4_1_q8_1(n, xs, [ys]);
+    dot
+}
+
+/// sluice: [`vec_dot_q4_1_q8_1`] of one weight row with `R` activation rows, each weight block
+/// unpacked once for all of them (and each row's result the single kernel's, bit for bit: it
+/// is this kernel with `R = 1`).
+#[inline(always)]
+pub(crate) fn vec_dot_rows_q4_1_q8_1<const R: usize>(
+    n: usize,
+    xs: &[BlockQ4_1],
+    ys: [&[BlockQ8_1]; R],
+) -> [f32; R] {
+    debug_assert!(n.is_multiple_of(QK8_0), "vec_dot_rows_q4_1_q8_1: {n}");
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut summs = [0f32; R];
+        for (b, x) in xs.iter().enumerate().take(n / QK8_0) {
+            let (dx, mx) = (f16::to_f32(x.d), f16::to_f32(x.m));
+            let qx = bytes_from_nibbles_32(x.qs.as_ptr());
+            for ((acc, summs), y) in acc.iter_mut().zip(summs.iter_mut()).zip(ys.iter()) {
+                let y = &y[b];
+                *summs += mx * f16::to_f32(y.s);
+                let d = _mm256_set1_ps(dx * f16::to_f32(y.d));
+                let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+                *acc = _mm256_fmadd_ps(d, mul_sum_us8_pairs_float(qx, qy), *acc);
+            }
+        }
+        std::array::from_fn(|r| hsum_float_8(acc[r]) + summs[r])
     }
 }
 

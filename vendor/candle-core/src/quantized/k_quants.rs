@@ -296,7 +296,21 @@ impl GgmlType for BlockQ4_1 {
     type VecDotType = BlockQ8_1;
 
     fn vec_dot(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
+        // sluice: upstream has no SIMD Q4_1 kernel on x86; this is llama.cpp's AVX2 one.
+        #[cfg(target_feature = "avx2")]
+        return super::avx::vec_dot_q4_1_q8_1(n, xs, ys);
+
+        #[cfg(not(target_feature = "avx2"))]
         Self::vec_dot_unopt(n, xs, ys)
+    }
+
+    #[cfg(target_feature = "avx2")]
+    fn vec_dot_rows<const R: usize>(
+        n: usize,
+        xs: &[Self],
+        ys: [&[Self::VecDotType]; R],
+    ) -> [f32; R] {
+        super::avx::vec_dot_rows_q4_1_q8_1(n, xs, ys)
     }
 
     fn vec_dot_unopt(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
