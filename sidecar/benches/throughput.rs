@@ -36,6 +36,8 @@ use sluice_sidecar::{
 const DECODE_TOKENS: usize = 64;
 const STREAMS: usize = 8;
 const TTFT_RUNS: usize = 15;
+/// Rounds of the overhead comparison (each: one stream, then eight, on both targets).
+const OVERHEAD_ROUNDS: usize = 7;
 
 #[derive(Clone, Copy, Debug)]
 struct Variant {
@@ -482,7 +484,7 @@ async fn overhead(model: &Path, v: Variant) {
     let targets = [Target::Engine(&engine), Target::Http(&server.api)];
     targets[1].run(counting_prompt(999), false, 8).await;
     let mut samples = [Samples::default(), Samples::default()];
-    for round in 0..5 {
+    for round in 0..OVERHEAD_ROUNDS {
         for (t, s) in targets.iter().zip(samples.iter_mut()) {
             s.decode.push(t.decode(round).await);
             let c = t.concurrent(100 + round * STREAMS).await;
@@ -495,6 +497,21 @@ async fn overhead(model: &Path, v: Variant) {
             s.ttft.push(t.ttft(i).await);
         }
     }
+    // The difference is the median of the differences within each round (the two runs of a
+    // round are back to back, so a slow phase of the machine mostly hits both), not the
+    // difference of the two medians.
+    let [ours, theirs] = &samples;
+    let paired = |a: &[f64], b: &[f64], f: fn(f64, f64) -> f64| {
+        median(a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect())
+    };
+    let pct = |x: f64, y: f64| (y / x - 1.0) * 100.0;
+    let ms = |x: f64, y: f64| y - x;
+    let diff = [
+        paired(&ours.decode, &theirs.decode, pct),
+        paired(&ours.aggregate, &theirs.aggregate, pct),
+        paired(&ours.ttft, &theirs.ttft, ms),
+        paired(&ours.ttft_concurrent, &theirs.ttft_concurrent, ms),
+    ];
     let [in_process, http] = samples.map(|s| {
         [
             median(s.decode),
@@ -504,36 +521,26 @@ async fn overhead(model: &Path, v: Variant) {
         ]
     });
     println!(
-        "\nsidecar overhead ({}), in-process vs HTTP interleaved, medians of 5 rounds ({TTFT_RUNS} for TTFT):",
+        "\nsidecar overhead ({}), in-process vs HTTP interleaved, medians of {OVERHEAD_ROUNDS} rounds ({TTFT_RUNS} for TTFT); difference: median of the per-round differences",
         v.label()
     );
     println!("|                      | in-process |    HTTP | difference |");
     println!("|----------------------|-----------:|--------:|-----------:|");
-    let pct = |i: usize| (http[i] / in_process[i] - 1.0) * 100.0;
-    let ms = |i: usize| http[i] - in_process[i];
     println!(
         "| decode t/s, 1 stream | {:>10.1} | {:>7.1} | {:>+9.1}% |",
-        in_process[0],
-        http[0],
-        pct(0)
+        in_process[0], http[0], diff[0]
     );
     println!(
         "| t/s, {STREAMS} streams        | {:>10.1} | {:>7.1} | {:>+9.1}% |",
-        in_process[1],
-        http[1],
-        pct(1)
+        in_process[1], http[1], diff[1]
     );
     println!(
         "| TTFT ms, 1 stream    | {:>10.1} | {:>7.1} | {:>+7.2} ms |",
-        in_process[2],
-        http[2],
-        ms(2)
+        in_process[2], http[2], diff[2]
     );
     println!(
         "| TTFT ms, {STREAMS} streams    | {:>10.1} | {:>7.1} | {:>+7.2} ms |",
-        in_process[3],
-        http[3],
-        ms(3)
+        in_process[3], http[3], diff[3]
     );
     // What the HTTP path does before the engine sees the request: the exact prompt count (for
     // the context check, the completion budget and token limits), from the model's chat
