@@ -163,8 +163,13 @@ pub(crate) fn vec_dot_rows_q4_1_q8_1<const R: usize>(
             let qx = bytes_from_nibbles_32(x.qs.as_ptr());
             for ((acc, summs), y) in acc.iter_mut().zip(summs.iter_mut()).zip(ys.iter()) {
                 let y = &y[b];
-                *summs += mx * f16::to_f32(y.s);
-                let d = _mm256_set1_ps(dx * f16::to_f32(y.d));
+                // `d` and `s` sit side by side: one conversion for both.
+                let ds = _mm_cvtph_ps(_mm_cvtsi32_si128(
+                    (y.d.to_bits() as u32 | (y.s.to_bits() as u32) << 16) as i32,
+                ));
+                let (dy, sy) = (_mm_cvtss_f32(ds), _mm_cvtss_f32(_mm_movehdup_ps(ds)));
+                *summs += mx * sy;
+                let d = _mm256_set1_ps(dx * dy);
                 let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
                 *acc = _mm256_fmadd_ps(d, mul_sum_us8_pairs_float(qx, qy), *acc);
             }
