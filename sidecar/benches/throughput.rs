@@ -28,10 +28,11 @@ use hyper::body::Bytes;
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use serde_json::json;
 use sluice_sidecar::{
-    config::{Activations, Quant},
+    config::{Activations, Quant, ServeArgs},
     convert,
     engine::{ChatTurn, Engine, EngineSettings, Event, GenerationParams, Prompt},
 };
+use tokio::sync::oneshot;
 
 const DECODE_TOKENS: usize = 64;
 const STREAMS: usize = 8;
@@ -328,6 +329,52 @@ async fn start_server(model: &Path, v: Variant) -> Server {
         child,
         api: format!("http://127.0.0.1:{api}"),
     };
+    wait_ready(admin).await;
+    server
+}
+
+/// The sidecar's HTTP API served from this process in front of `engine`, the very engine the
+/// in-process target calls: the difference between the two is the HTTP path alone, not the
+/// speed of two engine instances (which differ by several percent from process to process).
+/// Returns its URL and the sender that stops it.
+async fn serve_in_process(
+    model: &Path,
+    v: Variant,
+    engine: &Engine,
+) -> (String, oneshot::Sender<()>) {
+    #[derive(clap::Parser)]
+    struct Args {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+    let (api, admin) = (free_port(), free_port());
+    let args = <Args as clap::Parser>::try_parse_from([
+        "bench".to_owned(),
+        "--model".to_owned(),
+        weights(model, v).display().to_string(),
+        "--served-name".to_owned(),
+        "bench".to_owned(),
+        "--listen".to_owned(),
+        format!("127.0.0.1:{api}"),
+        "--admin-listen".to_owned(),
+        format!("127.0.0.1:{admin}"),
+    ])
+    .unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(sluice_sidecar::serve_until(
+        args.serve.validate().unwrap(),
+        Instant::now(),
+        Some(engine.clone()),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    wait_ready(admin).await;
+    (format!("http://127.0.0.1:{api}"), stop)
+}
+
+/// Waits until the admin port on `admin` says ready.
+async fn wait_ready(admin: u16) {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -337,7 +384,7 @@ async fn start_server(model: &Path, v: Variant) -> Server {
         if let Ok(res) = client.request(req).await
             && res.status().is_success()
         {
-            return server;
+            return;
         }
         assert!(Instant::now() < deadline, "server not ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -481,9 +528,16 @@ struct Samples {
 async fn overhead(model: &Path, v: Variant) {
     let engine = load_engine(model, v).await;
     let server = start_server(model, v).await;
-    let targets = [Target::Engine(&engine), Target::Http(&server.api)];
-    targets[1].run(counting_prompt(999), false, 8).await;
-    let mut samples = [Samples::default(), Samples::default()];
+    let (same_engine, _stop) = serve_in_process(model, v, &engine).await;
+    let targets = [
+        Target::Engine(&engine),
+        Target::Http(&server.api),
+        Target::Http(&same_engine),
+    ];
+    for t in &targets[1..] {
+        t.run(counting_prompt(999), false, 8).await;
+    }
+    let mut samples: [Samples; 3] = Default::default();
     for round in 0..OVERHEAD_ROUNDS {
         for (t, s) in targets.iter().zip(samples.iter_mut()) {
             s.decode.push(t.decode(round).await);
@@ -497,22 +551,25 @@ async fn overhead(model: &Path, v: Variant) {
             s.ttft.push(t.ttft(i).await);
         }
     }
-    // The difference is the median of the differences within each round (the two runs of a
-    // round are back to back, so a slow phase of the machine mostly hits both), not the
-    // difference of the two medians.
-    let [ours, theirs] = &samples;
+    // A difference is the median of the differences within each round (the runs of a round
+    // are back to back, so a slow phase of the machine mostly hits all of them), not the
+    // difference of two medians.
     let paired = |a: &[f64], b: &[f64], f: fn(f64, f64) -> f64| {
         median(a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect())
     };
     let pct = |x: f64, y: f64| (y / x - 1.0) * 100.0;
     let ms = |x: f64, y: f64| y - x;
-    let diff = [
-        paired(&ours.decode, &theirs.decode, pct),
-        paired(&ours.aggregate, &theirs.aggregate, pct),
-        paired(&ours.ttft, &theirs.ttft, ms),
-        paired(&ours.ttft_concurrent, &theirs.ttft_concurrent, ms),
-    ];
-    let [in_process, http] = samples.map(|s| {
+    let ours = &samples[0];
+    let diff = |http: &Samples| {
+        [
+            paired(&ours.decode, &http.decode, pct),
+            paired(&ours.aggregate, &http.aggregate, pct),
+            paired(&ours.ttft, &http.ttft, ms),
+            paired(&ours.ttft_concurrent, &http.ttft_concurrent, ms),
+        ]
+    };
+    let (binary, same) = (diff(&samples[1]), diff(&samples[2]));
+    let [in_process, http, http_same] = samples.map(|s| {
         [
             median(s.decode),
             median(s.aggregate),
@@ -521,27 +578,40 @@ async fn overhead(model: &Path, v: Variant) {
         ]
     });
     println!(
-        "\nsidecar overhead ({}), in-process vs HTTP interleaved, medians of {OVERHEAD_ROUNDS} rounds ({TTFT_RUNS} for TTFT); difference: median of the per-round differences",
+        "\nsidecar overhead ({}), in-process vs HTTP interleaved, medians of {OVERHEAD_ROUNDS} rounds ({TTFT_RUNS} for TTFT); \
+         difference: median of the per-round differences. HTTP: the sidecar binary (its own engine); \
+         HTTP, same engine: the sidecar's server in this process, in front of the in-process engine",
         v.label()
     );
-    println!("|                      | in-process |    HTTP | difference |");
-    println!("|----------------------|-----------:|--------:|-----------:|");
     println!(
-        "| decode t/s, 1 stream | {:>10.1} | {:>7.1} | {:>+9.1}% |",
-        in_process[0], http[0], diff[0]
+        "|                      | in-process |    HTTP | difference | HTTP, same engine | difference |"
     );
     println!(
-        "| t/s, {STREAMS} streams        | {:>10.1} | {:>7.1} | {:>+9.1}% |",
-        in_process[1], http[1], diff[1]
+        "|----------------------|-----------:|--------:|-----------:|------------------:|-----------:|"
     );
-    println!(
-        "| TTFT ms, 1 stream    | {:>10.1} | {:>7.1} | {:>+7.2} ms |",
-        in_process[2], http[2], diff[2]
-    );
-    println!(
-        "| TTFT ms, {STREAMS} streams    | {:>10.1} | {:>7.1} | {:>+7.2} ms |",
-        in_process[3], http[3], diff[3]
-    );
+    let rows = [
+        "decode t/s, 1 stream".to_owned(),
+        format!("t/s, {STREAMS} streams"),
+        "TTFT ms, 1 stream".to_owned(),
+        format!("TTFT ms, {STREAMS} streams"),
+    ];
+    for (i, label) in rows.iter().enumerate() {
+        let show = |d: f64| {
+            if i < 2 {
+                format!("{d:>+9.1}%")
+            } else {
+                format!("{d:>+7.2} ms")
+            }
+        };
+        println!(
+            "| {label:<20} | {:>10.1} | {:>7.1} | {:>10} | {:>17.1} | {:>10} |",
+            in_process[i],
+            http[i],
+            show(binary[i]),
+            http_same[i],
+            show(same[i]),
+        );
+    }
     // What the HTTP path does before the engine sees the request: the exact prompt count (for
     // the context check, the completion budget and token limits), from the model's chat
     // template and tokenizer.

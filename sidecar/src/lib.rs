@@ -38,6 +38,19 @@ use crate::{
 /// then), serves, and on the signal drains within the grace period. `process_start` is when the
 /// process began, for the cold-start measurement.
 pub async fn serve(config: ServeConfig, process_start: Instant) -> Result<()> {
+    serve_until(config, process_start, None, shutdown_signal()).await
+}
+
+/// [`serve`] until `shutdown` resolves, on `preloaded` when given (instead of loading
+/// `config.model`). The benchmark uses it to put the HTTP API in front of the very engine it
+/// also calls in-process, so that a comparison of the two measures the HTTP path alone.
+pub async fn serve_until(
+    config: ServeConfig,
+    process_start: Instant,
+    preloaded: Option<Engine>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let mut shutdown = std::pin::pin!(shutdown);
     let api_listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", config.listen)))?;
@@ -120,6 +133,9 @@ pub async fn serve(config: ServeConfig, process_start: Instant) -> Result<()> {
     // Load (and convert, if asked) while the admin port already answers: /readyz is false.
     let load_started = Instant::now();
     let load = async {
+        if let Some(engine) = preloaded {
+            return Ok(engine);
+        }
         let model = match config.convert {
             Some(quant) => {
                 let (src, dir) = (config.model.clone(), config.cache_dir.clone());
@@ -143,7 +159,7 @@ pub async fn serve(config: ServeConfig, process_start: Instant) -> Result<()> {
     };
     let engine = tokio::select! {
         engine = load => engine?,
-        _ = shutdown_signal() => {
+        _ = &mut shutdown => {
             tracing::info!("signal received while loading; exiting");
             let _ = shutdown_tx.send(true);
             let _ = admin_shutdown_tx.send(true);
@@ -162,7 +178,7 @@ pub async fn serve(config: ServeConfig, process_start: Instant) -> Result<()> {
         "ready"
     );
 
-    shutdown_signal().await;
+    shutdown.await;
     tracing::info!(grace = ?config.drain_grace, "shutting down: readiness false, draining");
     readiness.start_drain();
     let _ = shutdown_tx.send(true);
