@@ -677,10 +677,11 @@ fn main() {
     for v in &variants {
         // llama.cpp runs right before and right after the engine, and the better of its two
         // figures is the anchor: a slow phase of a shared machine never flatters the ratio.
-        let before = anchor(&weights(&model, *v));
+        let file = weights(&model, *v);
+        let before = anchor(&file);
         let n = rt.block_on(bench_engine(&model, *v));
         print_row(&format!("engine {}", v.label()), &n);
-        let after = anchor(&weights(&model, *v));
+        let after = anchor(&file);
         if let Some(((p0, d0), (p1, d1))) = before.zip(after) {
             let (prompt, decode) = (p0.max(p1), d0.max(d1));
             anchors.push(format!(

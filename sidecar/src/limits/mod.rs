@@ -654,8 +654,8 @@ impl<'a> Keys<'a> {
                     BuildHasherDefault::<policy::FxHasher>::default().hash_one(self.req.variant)
                 });
             }
-            BucketKey::Tenant | BucketKey::Key if self.same => (&mut self.tenant, self.req.tenant),
             BucketKey::Tenant => (&mut self.tenant, self.req.tenant),
+            BucketKey::Key if self.same => (&mut self.tenant, self.req.tenant),
             BucketKey::Key => (&mut self.key, self.req.key),
         };
         *slot.get_or_insert_with(|| self.hasher.hash_one(value))

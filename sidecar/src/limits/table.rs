@@ -293,7 +293,7 @@ impl Table {
                 }
             }
             Store::Single(one) => prefetch::write(&**one),
-            Store::Few(slots) => prefetch::write(&slots[key as usize & (slots.len() - 1)]),
+            Store::Few(slots) => prefetch::write(&slots[stored(key) as usize & (slots.len() - 1)]),
         }
     }
 
