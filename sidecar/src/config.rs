@@ -98,6 +98,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_THREADS")]
     pub threads: Option<usize>,
 
+    /// Nice value of the engine's kernel threads (0 to 19). Above the HTTP threads' 0, a
+    /// streamed token or an admission does not wait for a kernel's time slice; kernels still
+    /// get every cycle the HTTP path leaves. 0 runs them at the same priority.
+    #[arg(long, env = "SLUICE_KERNEL_NICE", default_value_t = 10)]
+    pub kernel_nice: i32,
+
     /// Activation dtype. On CPU `f32` is fastest (F16, which `auto` picks, is ~16% slower).
     #[arg(long, env = "SLUICE_DTYPE", value_enum, default_value_t = Activations::F32)]
     pub dtype: Activations,
@@ -212,6 +218,8 @@ pub struct ServeConfig {
     pub drain_grace: Duration,
     /// Kernel threads.
     pub threads: Option<usize>,
+    /// Nice value of the kernel threads.
+    pub kernel_nice: i32,
     /// Activation dtype.
     pub dtype: Activations,
     /// Weight conversion, if any.
@@ -276,6 +284,12 @@ impl ServeArgs {
         }
         if matches!(self.threads, Some(0)) {
             return Err(Error::Config("--threads must be at least 1".into()));
+        }
+        if !(0..=19).contains(&self.kernel_nice) {
+            return Err(Error::Config(format!(
+                "--kernel-nice must be between 0 and 19, not {}",
+                self.kernel_nice
+            )));
         }
         if let Some(n) = self.context_length
             && n < 16
@@ -345,6 +359,7 @@ impl ServeArgs {
             request_timeout,
             drain_grace,
             threads: self.threads,
+            kernel_nice: self.kernel_nice,
             dtype: self.dtype,
             convert: self.convert,
             cache_dir,
@@ -528,6 +543,14 @@ mod tests {
         assert!(Cli::try_parse_from(["x", "--model", p, "--convert", "q5_k"]).is_err());
         let cli = Cli::try_parse_from(["x", "--model", p, "--convert", "q8_0"]).unwrap();
         assert_eq!(cli.serve.convert, Some(Quant::Q8_0));
+        for (nice, ok) in [("0", true), ("19", true), ("20", false), ("-1", false)] {
+            let cli = Cli::try_parse_from(["x", "--model", p, &format!("--kernel-nice={nice}")]);
+            assert_eq!(
+                cli.unwrap().serve.validate().is_ok(),
+                ok,
+                "--kernel-nice {nice}"
+            );
+        }
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct EngineSettings {
     pub dtype: Activations,
     /// Kernel threads (None: all cores).
     pub threads: Option<usize>,
+    /// Nice value of the kernel threads (0: the HTTP threads' priority).
+    pub kernel_nice: i32,
     /// Sequences batched at once.
     pub max_seqs: usize,
     /// Requests that may wait for a slot.
@@ -57,8 +59,8 @@ pub struct EngineSettings {
 #[derive(Clone)]
 pub struct Engine {
     runner: Arc<MistralRs>,
-    /// Counts prompt tokens without a round trip through the engine loop (text models).
-    prompt_tokenizer: Option<PromptTokenizer>,
+    /// Templates and tokenizes prompts as the engine would, off the engine loop.
+    prompt_tokenizer: PromptTokenizer,
     served_name: Arc<str>,
     max_context: usize,
     slots: Slots,
@@ -82,13 +84,48 @@ fn prompt_text(prompt: &Prompt) -> Either<Vec<IndexMap<String, MessageContent>>,
     }
 }
 
-/// A prompt as the engine takes it.
+/// A prompt as a request gives it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Prompt {
     /// Chat turns; the model's chat template (from the GGUF) renders them.
     Chat(Vec<ChatTurn>),
     /// Raw text for `/v1/completions`, tokenized as is.
     Text(String),
+}
+
+/// A prompt as the engine sees it, templated (a chat) and tokenized once, by
+/// [`Engine::tokenize`]: its length decides admission and the completion budget, and
+/// [`Engine::submit`] hands its tokens to the engine, which does not tokenize it again.
+#[derive(Clone, Debug)]
+pub struct TokenizedPrompt {
+    text: String,
+    tokens: Vec<u32>,
+    chat: bool,
+}
+
+impl TokenizedPrompt {
+    /// Its tokens.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Its length in tokens.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Whether it has no tokens (the engine refuses such a prompt).
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    fn into_message(self) -> RequestMessage {
+        RequestMessage::Tokenized {
+            text: self.text,
+            tokens: self.tokens,
+            chat: self.chat,
+        }
+    }
 }
 
 /// One chat message, flattened to text.
@@ -172,20 +209,32 @@ pub struct Slot {
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
+/// Builds the pool candle runs its CPU kernels on (rayon's global pool): `threads` of them
+/// (None: one per core) at nice value `nice`. The pool can be built once per process, so this
+/// must run before anything computes on it (weight conversion does); later calls keep the
+/// first pool.
+pub fn start_kernel_threads(threads: Option<usize>, nice: i32) {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.unwrap_or(0))
+        .start_handler(move |_| {
+            if nice != 0
+                && let Err(error) = crate::priority::set_current_thread_nice(nice)
+            {
+                tracing::warn!(%error, nice, "could not lower a kernel thread's priority");
+            }
+        })
+        .build_global();
+    if let Err(error) = pool {
+        tracing::debug!(%error, "kernel thread pool already built");
+    }
+}
+
 // === impl Engine ===
 
 impl Engine {
     /// Loads the GGUF file (mmapped and read once) and starts the engine thread.
     pub async fn load(settings: &EngineSettings) -> Result<Self> {
-        if let Some(threads) = settings.threads {
-            // candle runs its CPU kernels on rayon's global pool; it can only be sized once.
-            if let Err(error) = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build_global()
-            {
-                tracing::warn!(%error, "could not size the kernel thread pool");
-            }
-        }
+        start_kernel_threads(settings.threads, settings.kernel_nice);
         let path = std::fs::canonicalize(&settings.model)
             .map_err(|e| Error::Model(format!("cannot read {}: {e}", settings.model.display())))?;
         let (dir, file) = split_model_path(&path)?;
@@ -230,7 +279,8 @@ impl Engine {
         let scheduler = SchedulerConfig::DefaultScheduler {
             method: DefaultSchedulerMethod::Fixed(max_seqs),
         };
-        let prompt_tokenizer = PromptTokenizer::new(&*pipeline.lock().await);
+        let prompt_tokenizer = PromptTokenizer::new(&*pipeline.lock().await)
+            .ok_or_else(|| Error::Model("the model has no text tokenizer".into()))?;
         let runner = MistralRsBuilder::new(pipeline, scheduler, false, None)
             .with_model_id(settings.served_name.clone())
             .with_no_kv_cache(false)
@@ -285,38 +335,50 @@ impl Engine {
         &self.slots
     }
 
-    /// Counts the tokens `prompt` occupies exactly as the engine will see it (chat template
-    /// applied, generation prompt and special tokens added). The rate limiter calls this
-    /// before admission. It uses the model's chat template and tokenizer directly: asking the
-    /// engine ([`Engine::count_prompt_tokens_in_engine`]) waits for the step in progress.
-    pub async fn count_prompt_tokens(&self, prompt: &Prompt) -> Result<usize> {
-        let Some(tokenizer) = self.prompt_tokenizer.clone() else {
-            return self.count_prompt_tokens_in_engine(prompt).await;
-        };
-        let text = prompt_text(prompt);
-        let tokenize = move || match text {
-            Either::Left(messages) => {
-                tokenizer.tokenize_chat(messages, true, true, None, None, Vec::new())
+    /// Templates and tokenizes `prompt` exactly as the engine would (chat template applied,
+    /// generation prompt and special tokens added), with the model's own chat template and
+    /// tokenizer. Asking the engine instead ([`Engine::tokenize_in_engine`]) waits
+    /// for the step in progress.
+    pub async fn tokenize(&self, prompt: &Prompt) -> Result<TokenizedPrompt> {
+        let tokenizer = self.prompt_tokenizer.clone();
+        let input = prompt_text(prompt);
+        let tokenize = move || match input {
+            Either::Left(messages) => tokenizer
+                .tokenize_chat(messages, true, true, None, None, Vec::new())
+                .map(|(text, tokens)| TokenizedPrompt {
+                    text,
+                    tokens,
+                    chat: true,
+                }),
+            Either::Right(text) => {
+                tokenizer
+                    .tokenize_text(&text, true)
+                    .map(|tokens| TokenizedPrompt {
+                        text,
+                        tokens,
+                        chat: false,
+                    })
             }
-            Either::Right(text) => tokenizer.tokenize_text(text, true),
         };
         // A long prompt takes milliseconds to template and tokenize: off the async workers.
         // A short one (most chat turns) takes a fraction of the hand-off to a blocking thread.
-        let tokens = if prompt_bytes(prompt) <= INLINE_TOKENIZE_BYTES {
+        let tokenized = if prompt_bytes(prompt) <= INLINE_TOKENIZE_BYTES {
             tokenize()
         } else {
             tokio::task::spawn_blocking(tokenize)
                 .await
                 .map_err(|e| Error::Engine(format!("tokenizer task failed: {e}")))?
         };
-        tokens
-            .map(|t| t.len())
-            .map_err(|e| Error::invalid("messages", format!("{e:#}")))
+        let param = match prompt {
+            Prompt::Chat(_) => "messages",
+            Prompt::Text(_) => "prompt",
+        };
+        tokenized.map_err(|e| Error::invalid(param, format!("{e:#}")))
     }
 
-    /// [`Engine::count_prompt_tokens`] as the engine's own tokenization request answers it
+    /// [`Engine::tokenize`]'s tokens as the engine's own tokenization request answers them
     /// (between engine steps).
-    pub async fn count_prompt_tokens_in_engine(&self, prompt: &Prompt) -> Result<usize> {
+    pub async fn tokenize_in_engine(&self, prompt: &Prompt) -> Result<Vec<u32>> {
         let text = prompt_text(prompt);
         let sender = self
             .runner
@@ -341,7 +403,7 @@ impl Engine {
                 .await
                 .map_err(|_| Error::Engine("engine stopped".into()))?;
             match rx.recv().await {
-                Some(Ok(tokens)) => Ok(tokens.len()),
+                Some(Ok(tokens)) => Ok(tokens),
                 Some(Err(e)) => Err(Error::invalid("messages", format!("{e:#}"))),
                 None => Err(Error::Engine(
                     "engine dropped a tokenization request".into(),
@@ -369,12 +431,12 @@ impl Engine {
     /// streaming comes back as one [`Event::Done`].
     pub async fn submit(
         &self,
-        prompt: Prompt,
+        prompt: TokenizedPrompt,
         params: &GenerationParams,
         stream: bool,
     ) -> Result<Generation> {
-        let engine_streams = stream || matches!(prompt, Prompt::Chat(_));
-        let messages = request_message(prompt);
+        let engine_streams = stream || prompt.chat;
+        let messages = prompt.into_message();
         let sampling_params = SamplingParams {
             temperature: params.temperature,
             top_p: params.top_p,
@@ -406,7 +468,7 @@ impl Engine {
     /// Log-probabilities over the vocabulary of the token that follows `prompt` (raw logits of
     /// one forward pass, log-softmaxed). Used to check converted weights against the original.
     pub async fn next_token_logprobs(&self, prompt: Prompt) -> Result<Vec<f32>> {
-        let messages = request_message(prompt);
+        let messages = self.tokenize(&prompt).await?.into_message();
         let sampling_params = SamplingParams {
             max_len: Some(1),
             n_choices: 1,
@@ -469,22 +531,6 @@ fn split_model_path(path: &Path) -> Result<(String, String)> {
         dir.to_string_lossy().into_owned(),
         file.to_string_lossy().into_owned(),
     ))
-}
-
-/// The engine's message for a prompt: chat turns go through the model's chat template.
-fn request_message(prompt: Prompt) -> RequestMessage {
-    match prompt {
-        Prompt::Chat(turns) => RequestMessage::Chat {
-            messages: chat_messages(&turns),
-            enable_thinking: None,
-            reasoning_effort: None,
-        },
-        Prompt::Text(text) => RequestMessage::Completion {
-            text,
-            echo_prompt: false,
-            best_of: None,
-        },
-    }
 }
 
 fn chat_messages(turns: &[ChatTurn]) -> Vec<IndexMap<String, MessageContent>> {

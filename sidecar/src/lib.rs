@@ -10,6 +10,7 @@ pub mod forward;
 pub mod identity;
 pub mod limits;
 pub mod metrics;
+pub mod priority;
 pub mod readiness;
 pub mod routing;
 pub mod server;
@@ -136,6 +137,7 @@ pub async fn serve_until(
         if let Some(engine) = preloaded {
             return Ok(engine);
         }
+        engine::start_kernel_threads(config.threads, config.kernel_nice);
         let model = match config.convert {
             Some(quant) => {
                 let (src, dir) = (config.model.clone(), config.cache_dir.clone());
@@ -150,6 +152,7 @@ pub async fn serve_until(
             served_name: config.served_name.clone(),
             dtype: config.dtype,
             threads: config.threads,
+            kernel_nice: config.kernel_nice,
             max_seqs: config.max_seqs,
             max_queue: config.max_queue,
             prefix_cache: config.prefix_cache,

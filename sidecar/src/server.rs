@@ -42,6 +42,8 @@ pub type ResponseBody = BoxBody<Bytes, Infallible>;
 const CHAT_ROUTE: &str = "/v1/chat/completions";
 const COMPLETIONS_ROUTE: &str = "/v1/completions";
 const MODELS_ROUTE: &str = "/v1/models";
+/// Where a response says how its time went ([`Timing::server_timing`]).
+const SERVER_TIMING: http::HeaderName = http::HeaderName::from_static("server-timing");
 
 // === admission hook ===
 
@@ -963,7 +965,10 @@ async fn generate(
     }
     let engine = state.engine.get().ok_or(Error::Loading)?;
 
-    let prompt_tokens = engine.count_prompt_tokens(&parsed.prompt).await?;
+    let tokenize_started = Instant::now();
+    let prompt = engine.tokenize(&parsed.prompt).await?;
+    let tokenize_time = tokenize_started.elapsed();
+    let prompt_tokens = prompt.len();
     let budget = completion_budget(
         engine.max_context(),
         prompt_tokens,
@@ -1034,15 +1039,13 @@ async fn generate(
     };
     let in_flight = InFlight::enter(&state.metrics, slot);
 
-    let mut generation = engine
-        .submit(parsed.prompt.clone(), &params, parsed.stream)
-        .await?;
+    let mut generation = engine.submit(prompt, &params, parsed.stream).await?;
     let created = unix_now();
     let response_id = match parsed.kind {
         Kind::Chat => format!("chatcmpl-{id}"),
         Kind::Completion => format!("cmpl-{id}"),
     };
-    let mut timing = Timing::new(started);
+    let mut timing = Timing::new(started, tokenize_time, Instant::now());
 
     if !parsed.stream {
         let mut text = String::new();
@@ -1147,6 +1150,8 @@ async fn generate(
         }
         settlement.settle(Outcome::Completed);
         add_headers(&mut res, rate_headers);
+        res.headers_mut()
+            .insert(SERVER_TIMING, timing.server_timing());
         return Ok(res);
     }
 
@@ -1176,7 +1181,7 @@ async fn generate(
         created,
         parsed.include_usage,
     );
-    let relay = Relay {
+    let mut relay = Relay {
         state: state.clone(),
         framer,
         tx,
@@ -1185,11 +1190,18 @@ async fn generate(
         timing,
         deadline,
         sent: 0,
+        chunks: 0,
+        engine_usage: None,
+        finish: None,
         _in_flight: in_flight,
     };
+    // The first chunk is in the body before the response leaves, so the head and the first
+    // token go out in one write instead of waiting for the relay task to be scheduled.
+    let ended = relay.relay(first);
+    let server_timing = relay.timing.server_timing();
     tokio::spawn(
         relay
-            .run(first, generation)
+            .run(ended, generation)
             .instrument(tracing::Span::current()),
     );
     let mut res = Response::new(body.boxed());
@@ -1199,6 +1211,7 @@ async fn generate(
         HeaderValue::from_static("text/event-stream"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert(SERVER_TIMING, server_timing);
     add_headers(&mut res, rate_headers);
     Ok(res)
 }
@@ -1215,82 +1228,85 @@ struct Relay {
     deadline: TokioInstant,
     /// Body bytes sent so far (for byte limits).
     sent: u64,
+    /// Engine events relayed (the completion-token count when the engine reports none).
+    chunks: usize,
+    engine_usage: Option<TokenUsage>,
+    finish: Option<String>,
     _in_flight: InFlight,
 }
 
 impl Relay {
-    async fn run(mut self, first: Event, mut generation: crate::engine::Generation) {
-        let mut chunks = 0usize;
-        let mut engine_usage = None;
-        let mut finish = None;
-        let mut next = Some(first);
-        let outcome = loop {
-            let event = match next.take() {
-                Some(e) => e,
-                None => {
-                    tokio::select! {
-                        // Notice a disconnect even while the engine is busy prefilling.
-                        _ = self.tx.closed() => break Outcome::Cancelled,
-                        r = tokio::time::timeout_at(self.deadline, generation.next()) => match r {
-                            Err(_) => {
-                                let e = Error::Timeout(self.state.request_timeout);
-                                let _ = send_counted(&self.tx, &mut self.sent, stream::data_event(&e.body()));
-                                break Outcome::Failed;
-                            }
-                            Ok(None) => break Outcome::Completed,
-                            Ok(Some(event)) => event,
-                        },
-                    }
+    /// Frames one engine event into the body; `Some` when the stream ends with it.
+    fn relay(&mut self, event: Event) -> Option<Outcome> {
+        match event {
+            Event::Delta {
+                text,
+                finish_reason,
+                usage,
+            } => {
+                self.timing.token();
+                self.chunks += 1;
+                if usage.is_some() {
+                    self.engine_usage = usage;
                 }
-            };
-            match event {
-                Event::Delta {
-                    text,
-                    finish_reason,
-                    usage,
-                } => {
-                    self.timing.token();
-                    chunks += 1;
-                    if usage.is_some() {
-                        engine_usage = usage;
-                    }
-                    let done = finish_reason.is_some();
-                    let fr = finish_reason.map(|f| openai_finish_reason(Some(f)));
-                    if done {
-                        finish = fr.clone();
-                    }
-                    if send_counted(&self.tx, &mut self.sent, self.framer.delta(text, fr)).is_err()
-                    {
-                        break Outcome::Cancelled;
-                    }
-                    if done {
-                        break Outcome::Completed;
-                    }
+                let done = finish_reason.is_some();
+                let fr = finish_reason.map(|f| openai_finish_reason(Some(f)));
+                if done {
+                    self.finish = fr.clone();
                 }
-                Event::Done {
-                    text,
-                    finish_reason,
-                    usage,
-                } => {
-                    self.timing.token();
-                    chunks += 1;
-                    engine_usage = Some(usage);
-                    let fr = openai_finish_reason(Some(finish_reason));
-                    finish = Some(fr.clone());
-                    let _ =
-                        send_counted(&self.tx, &mut self.sent, self.framer.delta(text, Some(fr)));
-                    break Outcome::Completed;
+                if send_counted(&self.tx, &mut self.sent, self.framer.delta(text, fr)).is_err() {
+                    return Some(Outcome::Cancelled);
                 }
-                Event::Failed(e) => {
-                    tracing::warn!(error = %e, "generation failed mid-stream");
-                    let _ = send_counted(&self.tx, &mut self.sent, stream::data_event(&e.body()));
-                    break Outcome::Failed;
-                }
+                done.then_some(Outcome::Completed)
             }
+            Event::Done {
+                text,
+                finish_reason,
+                usage,
+            } => {
+                self.timing.token();
+                self.chunks += 1;
+                self.engine_usage = Some(usage);
+                let fr = openai_finish_reason(Some(finish_reason));
+                self.finish = Some(fr.clone());
+                let _ = send_counted(&self.tx, &mut self.sent, self.framer.delta(text, Some(fr)));
+                Some(Outcome::Completed)
+            }
+            Event::Failed(e) => {
+                tracing::warn!(error = %e, "generation failed mid-stream");
+                let _ = send_counted(&self.tx, &mut self.sent, stream::data_event(&e.body()));
+                Some(Outcome::Failed)
+            }
+        }
+    }
+
+    /// Relays the rest of the generation (nothing more when `ended` says it is over), then
+    /// closes the stream and settles the request.
+    async fn run(mut self, ended: Option<Outcome>, mut generation: crate::engine::Generation) {
+        let outcome = match ended {
+            Some(outcome) => outcome,
+            None => loop {
+                let event = tokio::select! {
+                    // Notice a disconnect even while the engine is busy prefilling.
+                    _ = self.tx.closed() => break Outcome::Cancelled,
+                    r = tokio::time::timeout_at(self.deadline, generation.next()) => match r {
+                        Err(_) => {
+                            let e = Error::Timeout(self.state.request_timeout);
+                            let _ = send_counted(&self.tx, &mut self.sent, stream::data_event(&e.body()));
+                            break Outcome::Failed;
+                        }
+                        Ok(None) => break Outcome::Completed,
+                        Ok(Some(event)) => event,
+                    },
+                };
+                if let Some(outcome) = self.relay(event) {
+                    break outcome;
+                }
+            },
         };
         // Dropping the generation here (before the body closes) tells the engine to stop.
         drop(generation);
-        let usage = usage_or_counted(engine_usage, self.prompt_tokens, chunks);
+        let usage = usage_or_counted(self.engine_usage, self.prompt_tokens, self.chunks);
         if outcome == Outcome::Completed {
             if let Some(bytes) = self.framer.usage(usage) {
                 let _ = send_counted(&self.tx, &mut self.sent, bytes);
@@ -1301,7 +1317,7 @@ impl Relay {
         } else {
             self.state.metrics.cancelled.inc();
             tracing::info!(
-                completion_tokens = chunks,
+                completion_tokens = self.chunks,
                 "client disconnected; generation cancelled"
             );
         }
@@ -1313,7 +1329,7 @@ impl Relay {
             tracing::info!(
                 prompt_tokens = usage.prompt_tokens,
                 completion_tokens = usage.completion_tokens,
-                finish_reason = finish.as_deref().unwrap_or("stop"),
+                finish_reason = self.finish.as_deref().unwrap_or("stop"),
                 ttft_ms = self.timing.ttft_ms(),
                 "completed"
             );
@@ -1373,17 +1389,42 @@ fn record_usage(metrics: &Metrics, usage: Usage, timing: &Timing) {
 #[derive(Debug)]
 struct Timing {
     started: Instant,
+    /// Templating and tokenizing the prompt.
+    tokenize: Duration,
+    /// When the engine took the request.
+    submitted: Instant,
     first: Option<Instant>,
     last: Option<Instant>,
 }
 
 impl Timing {
-    fn new(started: Instant) -> Self {
+    fn new(started: Instant, tokenize: Duration, submitted: Instant) -> Self {
         Self {
             started,
+            tokenize,
+            submitted,
             first: None,
             last: None,
         }
+    }
+
+    /// The `Server-Timing` header, in ms: `admit`, from the request's head to the engine
+    /// taking it (the body, parsing, the prompt's tokenization, admission, queueing);
+    /// `tokenize`, the part of it spent templating and tokenizing the prompt; `engine-ttft`,
+    /// from the engine taking it to the first token. A client's time to first token less
+    /// `admit` and `engine-ttft` is what the network and the HTTP layers took.
+    fn server_timing(&self) -> HeaderValue {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let admit = ms(self.submitted.duration_since(self.started));
+        let tokenize = ms(self.tokenize);
+        let ttft = ms(self
+            .first
+            .unwrap_or(self.submitted)
+            .duration_since(self.submitted));
+        HeaderValue::from_str(&format!(
+            "admit;dur={admit:.3}, tokenize;dur={tokenize:.3}, engine-ttft;dur={ttft:.3}"
+        ))
+        .unwrap_or_else(|_| HeaderValue::from_static("admit"))
     }
 
     fn token(&mut self) {

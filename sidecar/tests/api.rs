@@ -76,6 +76,23 @@ async fn openai_api_end_to_end() {
     let res = post_stream(&chat, &req).await;
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers()["content-type"], "text/event-stream");
+    // Server-Timing says where the time to the first token went, in ms.
+    let timing = res.headers()["server-timing"].to_str().unwrap().to_owned();
+    let timing_ms = |name: &str| -> f64 {
+        timing
+            .split(", ")
+            .find_map(|m| m.strip_prefix(name)?.strip_prefix(";dur=")?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {timing}"))
+    };
+    let (admit, tokenize, engine_ttft) = (
+        timing_ms("admit"),
+        timing_ms("tokenize"),
+        timing_ms("engine-ttft"),
+    );
+    assert!(
+        0.0 < tokenize && tokenize <= admit && engine_ttft > 0.0,
+        "{timing}"
+    );
     let body = res.into_body().collect().await.unwrap().to_bytes();
     let events = sse_data(std::str::from_utf8(&body).unwrap());
     assert_eq!(events.last().unwrap(), "[DONE]", "{events:?}");

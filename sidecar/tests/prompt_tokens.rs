@@ -1,7 +1,8 @@
-//! The prompt token count admission uses (the exact count the rate limiter reserves and the
-//! context check compares) is the engine's: counted from the model's chat template and tokenizer
-//! directly, it equals what the engine's own tokenization request answers and what a
-//! generation reports as `usage.prompt_tokens`, for chat and plain-text prompts alike.
+//! The sidecar templates and tokenizes each prompt once, before admission, and hands the tokens
+//! to the engine: they are the very tokens the engine's own tokenization request answers (so
+//! the rate limiter, the context check and the model all see the same prompt), and a
+//! generation from them reports their count as `usage.prompt_tokens`, for chat and plain-text
+//! prompts alike.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -31,7 +32,7 @@ fn prompts() -> Vec<Prompt> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn prompt_counts_match_the_engine_and_usage() {
+async fn prompts_are_tokenized_as_the_engine_tokenizes_them() {
     let engine = common::load_engine(common::model_path()).await;
     let params = GenerationParams {
         max_tokens: Some(1),
@@ -39,10 +40,11 @@ async fn prompt_counts_match_the_engine_and_usage() {
         ..Default::default()
     };
     for prompt in prompts() {
-        let counted = engine.count_prompt_tokens(&prompt).await.unwrap();
-        let in_engine = engine.count_prompt_tokens_in_engine(&prompt).await.unwrap();
-        assert_eq!(counted, in_engine, "{prompt:?}");
-        let mut generation = engine.submit(prompt.clone(), &params, false).await.unwrap();
+        let tokenized = engine.tokenize(&prompt).await.unwrap();
+        let in_engine = engine.tokenize_in_engine(&prompt).await.unwrap();
+        assert_eq!(tokenized.tokens(), in_engine, "{prompt:?}");
+        let counted = tokenized.len();
+        let mut generation = engine.submit(tokenized, &params, false).await.unwrap();
         let mut usage = None;
         while let Some(event) = generation.next().await {
             match event {

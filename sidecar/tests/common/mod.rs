@@ -40,6 +40,7 @@ pub async fn load_engine(model: PathBuf) -> sluice_sidecar::engine::Engine {
         served_name: "m".into(),
         dtype: sluice_sidecar::config::Activations::F32,
         threads: None,
+        kernel_nice: 10,
         max_seqs: 4,
         max_queue: 4,
         prefix_cache: 0,

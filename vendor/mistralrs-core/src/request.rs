@@ -79,6 +79,14 @@ pub enum RequestMessage {
         best_of: Option<usize>,
     },
     CompletionTokens(Vec<u32>),
+    /// sluice: a prompt its sender already templated (a chat) and tokenized, with the
+    /// pipeline's own chat template and tokenizer ([`crate::PromptTokenizer`]), so the engine
+    /// loop does not do it again. `text` is what `tokens` encode; `chat` answers as a chat.
+    Tokenized {
+        text: String,
+        tokens: Vec<u32>,
+        chat: bool,
+    },
     MultimodalChat {
         #[serde(skip)] // TODO
         images: Vec<image::DynamicImage>,

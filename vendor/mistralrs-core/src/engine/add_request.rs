@@ -60,7 +60,9 @@ impl Engine {
     pub(super) async fn add_request(&self, request: NormalRequest) {
         let is_chat = matches!(
             request.messages,
-            RequestMessage::Chat { .. } | RequestMessage::MultimodalChat { .. }
+            RequestMessage::Chat { .. }
+                | RequestMessage::MultimodalChat { .. }
+                | RequestMessage::Tokenized { chat: true, .. }
         );
         let echo_prompt = matches!(
             request.messages,
@@ -74,6 +76,7 @@ impl Engine {
             RequestMessage::Completion { best_of, .. } => best_of,
             RequestMessage::Chat { .. }
             | RequestMessage::CompletionTokens(_)
+            | RequestMessage::Tokenized { .. }
             | RequestMessage::MultimodalChat { .. }
             | RequestMessage::ImageGeneration { .. }
             | RequestMessage::SpeechGeneration { .. }
@@ -107,7 +110,8 @@ impl Engine {
                 RequestMessage::Chat { .. }
                 | RequestMessage::MultimodalChat { .. }
                 | RequestMessage::Completion { .. }
-                | RequestMessage::CompletionTokens(_),
+                | RequestMessage::CompletionTokens(_)
+                | RequestMessage::Tokenized { .. },
             ) => (),
             (ModelCategory::Diffusion, RequestMessage::ImageGeneration { .. }) => (),
             (ModelCategory::Speech, RequestMessage::SpeechGeneration { .. }) => (),
@@ -223,6 +227,8 @@ impl Engine {
             }
             RequestMessage::ImageGeneration { prompt, .. }
             | RequestMessage::SpeechGeneration { prompt } => (vec![u32::MAX], prompt),
+            // sluice: templated and tokenized by the sender, with this pipeline's own.
+            RequestMessage::Tokenized { text, tokens, .. } => (tokens, text),
             RequestMessage::CompletionTokens(it)
             | RequestMessage::EmbeddingTokens { prompt: it } => {
                 let Some(tokenizer) = &get_mut_arcmutex!(self.pipeline).tokenizer() else {

@@ -1,4 +1,5 @@
 use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
 
 use anyhow::Result;
 use either::Either;
@@ -416,6 +417,67 @@ fn preprocess_gemma4_tool_messages(messages: &mut Vec<IndexMap<String, MessageCo
     }
 }
 
+/// sluice: a chat template's environment, compiled once per template source. Compiling it (a
+/// regex, then minijinja's parse) for every prompt took most of the time to template and
+/// tokenize a short chat, both on the engine loop and in a server's prompt count before
+/// admission. A process sees a handful of sources: a model's default and tool-use templates.
+fn compiled_template(source: &str) -> Result<Arc<Environment<'static>>> {
+    static COMPILED: LazyLock<Mutex<HashMap<String, Arc<Environment<'static>>>>> =
+        LazyLock::new(Default::default);
+    let cached = COMPILED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .get(source)
+        .cloned();
+    if let Some(env) = cached {
+        return Ok(env);
+    }
+    let mut env = Environment::new();
+
+    // enable python methods such as .strip()
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+
+    // https://github.com/huggingface/transformers/blob/76a33a10923ccc1074917f6b6a1e719e626b7dc9/src/transformers/tokenization_utils_base.py#L1842
+    env.set_lstrip_blocks(true);
+    env.set_trim_blocks(true);
+
+    let mut template = source.replace("[::-1]", "|reverse");
+    // Convert Python‑style descending ranges `range(..., -1, -1)` to a forward
+    // range followed by Jinja’s `|reverse` filter so it works even when
+    // negative‑step ranges aren’t supported.
+    let re = Regex::new(r"range\((?P<expr>[^,]+),\s*-1,\s*-1\)").unwrap();
+    template = re
+        .replace_all(&template, |caps: &regex::Captures| {
+            format!("range({})|reverse", &caps["expr"])
+        })
+        .into_owned();
+
+    if template.contains("{{ meta }}") {
+        // Fix for GLM4 models
+        template = template.replace("{%- set meta = message.get(\"metadata\", \"\") %}", "");
+        template = template.replace("{{ meta }}", "");
+    }
+    if template.contains("{% generation %}") && template.contains("{% endgeneration %}") {
+        // Strip for smollm3 models
+        template = template.replace("{% generation %}", "");
+        template = template.replace("{% endgeneration %}", "");
+    }
+
+    env.add_template_owned("chat_template", template)?;
+    env.add_function("raise_exception", raise_exception);
+    env.add_filter("tojson", tojson);
+    env.add_function("strftime_now", strftime_now);
+    let env = Arc::new(env);
+    let mut compiled = COMPILED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if compiled.len() >= 16 {
+        compiled.clear();
+    }
+    compiled.insert(source.to_owned(), env.clone());
+    Ok(env)
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn apply_chat_template_to(
     mut messages: Vec<IndexMap<String, MessageContent>>,
@@ -428,15 +490,6 @@ pub fn apply_chat_template_to(
     unk_tok: Option<String>,
     tools: Vec<Tool>,
 ) -> Result<String> {
-    let mut env = Environment::new();
-
-    // enable python methods such as .strip()
-    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-
-    // https://github.com/huggingface/transformers/blob/76a33a10923ccc1074917f6b6a1e719e626b7dc9/src/transformers/tokenization_utils_base.py#L1842
-    env.set_lstrip_blocks(true);
-    env.set_trim_blocks(true);
-
     #[derive(Serialize, Deserialize)]
     struct UntaggedContent(#[serde(with = "either::serde_untagged")] MessageContent);
 
@@ -494,34 +547,9 @@ pub fn apply_chat_template_to(
         new_messages.push(new_message);
     }
 
-    // Use the already-resolved template string
-    let mut template = resolved_template.replace("[::-1]", "|reverse");
-    // Convert Python‑style descending ranges `range(..., -1, -1)` to a forward
-    // range followed by Jinja’s `|reverse` filter so it works even when
-    // negative‑step ranges aren’t supported.
-    let re = Regex::new(r"range\((?P<expr>[^,]+),\s*-1,\s*-1\)").unwrap();
-    template = re
-        .replace_all(&template, |caps: &regex::Captures| {
-            format!("range({})|reverse", &caps["expr"])
-        })
-        .into_owned();
-
-    if template.contains("{{ meta }}") {
-        // Fix for GLM4 models
-        template = template.replace("{%- set meta = message.get(\"metadata\", \"\") %}", "");
-        template = template.replace("{{ meta }}", "");
-    }
-    if template.contains("{% generation %}") && template.contains("{% endgeneration %}") {
-        // Strip for smollm3 models
-        template = template.replace("{% generation %}", "");
-        template = template.replace("{% endgeneration %}", "");
-    }
-
-    env.add_template("chat_template", &template)?;
-    env.add_function("raise_exception", raise_exception);
-    env.add_filter("tojson", tojson);
-    env.add_function("strftime_now", strftime_now);
-    let tmpl = env.get_template("chat_template").unwrap();
+    // sluice: compiled once per template source, not once per prompt.
+    let env = compiled_template(&resolved_template)?;
+    let tmpl = env.get_template("chat_template")?;
 
     let date = chrono::Utc::now();
     let date_string = date.format("%d, %B, %Y").to_string();

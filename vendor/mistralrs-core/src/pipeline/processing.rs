@@ -205,7 +205,7 @@ impl PromptTokenizer {
         })
     }
 
-    /// The tokens of chat `messages` with the chat template applied.
+    /// Chat `messages` with the chat template applied: the prompt text and its tokens.
     pub fn tokenize_chat(
         &self,
         messages: Vec<IndexMap<String, MessageContent>>,
@@ -214,7 +214,7 @@ impl PromptTokenizer {
         enable_thinking: Option<bool>,
         reasoning_effort: Option<ReasoningEffort>,
         tools: Vec<Tool>,
-    ) -> Result<Vec<u32>> {
+    ) -> Result<(String, Vec<u32>)> {
         let chat_template = self.chat_template.as_ref().with_context(|| {
             "`apply_chat_template` expects the pipeline to have a chat template."
         })?;
@@ -226,11 +226,12 @@ impl PromptTokenizer {
             reasoning_effort,
             tools,
         )?;
-        self.tokenize_text(prompt, add_special_tokens)
+        let tokens = self.tokenize_text(&prompt, add_special_tokens)?;
+        Ok((prompt, tokens))
     }
 
     /// The tokens of plain `text`.
-    pub fn tokenize_text(&self, text: String, add_special_tokens: bool) -> Result<Vec<u32>> {
+    pub fn tokenize_text(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         let encoding = self
             .tokenizer
             .encode_fast(text, add_special_tokens)
