@@ -12,7 +12,7 @@
 //! kept), and the ratios are printed beside the sidecar's numbers.
 //!
 //! Environment: `SLUICE_TEST_MODEL` (the GGUF; the Makefile exports it), `SLUICE_BENCH_VARIANTS`
-//! (default `q4_1:f32,q8_0:f32,q4_0:f32`), `SLUICE_BENCH_HTTP_VARIANT` (default `q8_0:f32`),
+//! (default `q4_1:f32,q8_0:f32,q4_0:f32`; empty: the overhead comparison alone), `SLUICE_BENCH_HTTP_VARIANT` (default `q8_0:f32`),
 //! `SLUICE_THREADS`, `SLUICE_BENCH_ANCHOR`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -25,7 +25,10 @@ use std::{
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
 use serde_json::json;
 use sluice_sidecar::{
     config::{Activations, Quant, ServeArgs},
@@ -36,7 +39,9 @@ use tokio::sync::oneshot;
 
 const DECODE_TOKENS: usize = 64;
 const STREAMS: usize = 8;
-const TTFT_RUNS: usize = 15;
+const TTFT_RUNS: usize = 21;
+/// Idle time before each time-to-first-token sample of the overhead comparison.
+const IDLE_BEFORE_TTFT: Duration = Duration::from_millis(200);
 /// Rounds of the overhead comparison (each: one stream, then eight, on both targets).
 const OVERHEAD_ROUNDS: usize = 7;
 
@@ -191,6 +196,9 @@ struct Run {
     first: Option<Instant>,
     last: Option<Instant>,
     tokens: usize,
+    /// Over HTTP, from the server's `Server-Timing` header: the engine's own time to the first
+    /// token plus the prompt's tokenization, which the in-process target does too.
+    engine_ms: Option<f64>,
 }
 
 async fn run_engine(engine: &Engine, prompt: Prompt, max_tokens: usize) -> (Instant, Run) {
@@ -200,11 +208,14 @@ async fn run_engine(engine: &Engine, prompt: Prompt, max_tokens: usize) -> (Inst
         ..Default::default()
     };
     let start = Instant::now();
+    // As the server does: template and tokenize on the caller's thread, then submit.
+    let prompt = engine.tokenize(&prompt).await.unwrap();
     let mut g = engine.submit(prompt, &params, true).await.unwrap();
     let mut run = Run {
         first: None,
         last: None,
         tokens: 0,
+        engine_ms: None,
     };
     while let Some(e) = g.next().await {
         match e {
@@ -234,6 +245,7 @@ async fn load_engine(model: &Path, v: Variant) -> Engine {
         served_name: "bench".into(),
         dtype: v.dtype,
         threads: threads(),
+        kernel_nice: 10,
         max_seqs: 16,
         max_queue: 64,
         prefix_cache: 0,
@@ -251,7 +263,7 @@ async fn bench_engine(model: &Path, v: Variant) -> Numbers {
     let mut prompt_rates = Vec::new();
     for i in 0..3 {
         let prompt = Prompt::Text(long_prompt(i));
-        let n = engine.count_prompt_tokens(&prompt).await.unwrap();
+        let n = engine.tokenize(&prompt).await.unwrap().len();
         let (start, run) = run_engine(&engine, prompt, 1).await;
         prompt_rates.push(n as f64 / run.first.unwrap().duration_since(start).as_secs_f64());
     }
@@ -336,6 +348,7 @@ async fn start_server(model: &Path, v: Variant) -> Server {
 /// The sidecar's HTTP API served from this process in front of `engine`, the very engine the
 /// in-process target calls: the difference between the two is the HTTP path alone, not the
 /// speed of two engine instances (which differ by several percent from process to process).
+/// The server runs on a runtime of its own, as in the binary, not on the bench client's.
 /// Returns its URL and the sender that stops it.
 async fn serve_in_process(
     model: &Path,
@@ -360,15 +373,24 @@ async fn serve_in_process(
         format!("127.0.0.1:{admin}"),
     ])
     .unwrap();
+    let config = args.serve.validate().unwrap();
+    let engine = engine.clone();
     let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(sluice_sidecar::serve_until(
-        args.serve.validate().unwrap(),
-        Instant::now(),
-        Some(engine.clone()),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(sluice_sidecar::serve_until(
+            config,
+            Instant::now(),
+            Some(engine),
+            async {
+                let _ = stopped.await;
+            },
+        ))
+        .unwrap();
+    });
     wait_ready(admin).await;
     (format!("http://127.0.0.1:{api}"), stop)
 }
@@ -391,25 +413,59 @@ async fn wait_ready(admin: u16) {
     }
 }
 
-async fn run_http(api: &str, body: serde_json::Value, chat: bool) -> (Instant, Run) {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+/// An HTTP target: its URL and a client that keeps its connections open between requests, as
+/// the official OpenAI clients do (a connection pool), so that connecting is not counted.
+struct Api {
+    url: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Api {
+    fn new(url: String) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        Self {
+            url,
+            client: Client::builder(TokioExecutor::new()).build(connector),
+        }
+    }
+}
+
+async fn run_http(api: &Api, body: serde_json::Value, chat: bool) -> (Instant, Run) {
     let path = if chat {
         "chat/completions"
     } else {
         "completions"
     };
-    let req = Request::post(format!("{api}/v1/{path}"))
+    let req = Request::post(format!("{}/v1/{path}", api.url))
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(serde_json::to_vec(&body).unwrap())))
         .unwrap();
     let start = Instant::now();
-    let res = client.request(req).await.unwrap();
+    let res = api.client.request(req).await.unwrap();
     assert!(res.status().is_success(), "{}", res.status());
+    let timing = res
+        .headers()
+        .get("server-timing")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let metric = |name: &str| -> Option<f64> {
+        timing.split(',').find_map(|m| {
+            m.trim()
+                .strip_prefix(name)
+                .and_then(|m| m.strip_prefix(";dur="))
+                .and_then(|d| d.parse().ok())
+        })
+    };
+    let engine_ms = metric("engine-ttft")
+        .zip(metric("tokenize"))
+        .map(|(e, t)| e + t);
     let mut body = res.into_body();
     let mut run = Run {
         first: None,
         last: None,
         tokens: 0,
+        engine_ms,
     };
     let mut buf = Vec::new();
     while let Some(frame) = body.frame().await {
@@ -434,7 +490,7 @@ async fn run_http(api: &str, body: serde_json::Value, chat: bool) -> (Instant, R
 #[derive(Clone, Copy)]
 enum Target<'a> {
     Engine(&'a Engine),
-    Http(&'a str),
+    Http(&'a Api),
 }
 
 impl Target<'_> {
@@ -484,21 +540,28 @@ impl Target<'_> {
         let last = runs.iter().filter_map(|(_, r)| r.last).max().unwrap();
         let decode = runs.iter().map(|(_, r)| r.tokens - 1).sum::<usize>() as f64
             / last.duration_since(first).as_secs_f64();
-        let ttfts = runs
+        Concurrent { end_to_end, decode }
+    }
+
+    /// `streams` short chats sent at once: the median time to their first tokens, ms, and over
+    /// HTTP the median part of it the HTTP path took (a stream's time to first token less the
+    /// engine's own and the prompt's tokenization, which the server reports).
+    async fn first_tokens(self, salt: usize, streams: usize) -> (f64, Option<f64>) {
+        let runs =
+            futures::future::join_all((0..streams).map(|i| self.run(hello(salt + i), true, 1)))
+                .await;
+        let ttft =
+            |(s, r): &(Instant, Run)| r.first.unwrap().duration_since(*s).as_secs_f64() * 1e3;
+        let path: Option<Vec<f64>> = runs
             .iter()
-            .map(|(s, r)| r.first.unwrap().duration_since(*s).as_secs_f64() * 1e3)
+            .map(|run| run.1.engine_ms.map(|engine| ttft(run) - engine))
             .collect();
-        Concurrent {
-            end_to_end,
-            decode,
-            ttft_ms: median(ttfts),
-        }
+        (median(runs.iter().map(ttft).collect()), path.map(median))
     }
 
     /// Time to first token of a short chat, ms.
     async fn ttft(self, salt: usize) -> f64 {
-        let (start, run) = self.run(hello(salt), true, 1).await;
-        run.first.unwrap().duration_since(start).as_secs_f64() * 1e3
+        self.first_tokens(salt, 1).await.0
     }
 }
 
@@ -510,8 +573,6 @@ struct Concurrent {
     /// Tokens after each stream's first over the span of decoding (the like-for-like figure
     /// to set against single-stream decode).
     decode: f64,
-    /// Median time to first token.
-    ttft_ms: f64,
 }
 
 /// Medians of one target's samples.
@@ -521,6 +582,9 @@ struct Samples {
     aggregate: Vec<f64>,
     ttft: Vec<f64>,
     ttft_concurrent: Vec<f64>,
+    /// What the HTTP path took of `ttft` and `ttft_concurrent` (HTTP targets only).
+    path: Vec<f64>,
+    path_concurrent: Vec<f64>,
 }
 
 /// The sidecar's overhead: the same workload in-process and over HTTP (SSE), interleaved run by
@@ -529,13 +593,16 @@ async fn overhead(model: &Path, v: Variant) {
     let engine = load_engine(model, v).await;
     let server = start_server(model, v).await;
     let (same_engine, _stop) = serve_in_process(model, v, &engine).await;
+    let (binary_api, same_engine_api) = (Api::new(server.api.clone()), Api::new(same_engine));
     let targets = [
         Target::Engine(&engine),
-        Target::Http(&server.api),
-        Target::Http(&same_engine),
+        Target::Http(&binary_api),
+        Target::Http(&same_engine_api),
     ];
-    for t in &targets[1..] {
-        t.run(counting_prompt(999), false, 8).await;
+    // Warm-up, which also opens the connections that the streams reuse.
+    for t in &targets {
+        futures::future::join_all((0..STREAMS).map(|i| t.run(counting_prompt(990 + i), false, 8)))
+            .await;
     }
     let mut samples: [Samples; 3] = Default::default();
     for round in 0..OVERHEAD_ROUNDS {
@@ -543,12 +610,23 @@ async fn overhead(model: &Path, v: Variant) {
             s.decode.push(t.decode(round).await);
             let c = t.concurrent(100 + round * STREAMS).await;
             s.aggregate.push(c.end_to_end);
-            s.ttft_concurrent.push(c.ttft_ms);
         }
     }
+    // Time to first token varies with the machine by far more than the HTTP path adds, so it
+    // gets more rounds of its own, each as short as a first token.
     for i in 0..TTFT_RUNS {
         for (t, s) in targets.iter().zip(samples.iter_mut()) {
-            s.ttft.push(t.ttft(i).await);
+            // Each starts on an idle engine: what the run before leaves behind for the next
+            // ~50 ms (kernel threads winding down) would otherwise slow whichever target
+            // follows the same engine.
+            tokio::time::sleep(IDLE_BEFORE_TTFT).await;
+            let (ttft, path) = t.first_tokens(i, 1).await;
+            s.ttft.push(ttft);
+            s.path.extend(path);
+            tokio::time::sleep(IDLE_BEFORE_TTFT).await;
+            let (ttft, path) = t.first_tokens(1000 + i * STREAMS, STREAMS).await;
+            s.ttft_concurrent.push(ttft);
+            s.path_concurrent.extend(path);
         }
     }
     // A difference is the median of the differences within each round (the runs of a round
@@ -569,6 +647,14 @@ async fn overhead(model: &Path, v: Variant) {
         ]
     };
     let (binary, same) = (diff(&samples[1]), diff(&samples[2]));
+    let path = |s: &Samples| {
+        format!(
+            "{:.2} ms at 1 stream, {:.2} ms at {STREAMS}",
+            median(s.path.clone()),
+            median(s.path_concurrent.clone())
+        )
+    };
+    let (binary_path, same_path) = (path(&samples[1]), path(&samples[2]));
     let [in_process, http, http_same] = samples.map(|s| {
         [
             median(s.decode),
@@ -612,21 +698,22 @@ async fn overhead(model: &Path, v: Variant) {
             show(same[i]),
         );
     }
-    // What the HTTP path does before the engine sees the request: the exact prompt count (for
-    // the context check, the completion budget and token limits), from the model's chat
-    // template and tokenizer.
-    let mut counts = Vec::new();
+    println!(
+        "the HTTP path's own part of the time to first token (a stream's TTFT less the engine's \
+         own and the prompt's tokenization, as the server reports them in Server-Timing), median: \
+         HTTP {binary_path}; HTTP, same engine {same_path}"
+    );
+    // What both targets do before the engine sees a request: template and tokenize its prompt
+    // (once: the engine takes the tokens).
+    let mut tokenize = Vec::new();
     for i in 0..TTFT_RUNS {
         let start = Instant::now();
-        engine
-            .count_prompt_tokens(&chat_turn(hello(i)))
-            .await
-            .unwrap();
-        counts.push(start.elapsed().as_secs_f64() * 1e3);
+        engine.tokenize(&chat_turn(hello(i))).await.unwrap();
+        tokenize.push(start.elapsed().as_secs_f64() * 1e3);
     }
     println!(
-        "of which the exact prompt count before admission (chat template and tokenizer): median {:.2} ms",
-        median(counts)
+        "templating and tokenizing a short chat, which both do once before the engine takes it: median {:.3} ms",
+        median(tokenize)
     );
     println!("targets: throughput at most 3% lower, median TTFT at most 2 ms more");
 }
@@ -649,6 +736,7 @@ fn main() {
     let variants: Vec<Variant> = std::env::var("SLUICE_BENCH_VARIANTS")
         .unwrap_or_else(|_| "q4_1:f32,q8_0:f32,q4_0:f32".into())
         .split(',')
+        .filter(|s| !s.is_empty())
         .map(Variant::parse)
         .collect();
     let http_variant = Variant::parse(
