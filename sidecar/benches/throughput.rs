@@ -543,12 +543,14 @@ impl Target<'_> {
         Concurrent { end_to_end, decode }
     }
 
-    /// `streams` short chats sent at once: the median time to their first tokens, ms, and over
-    /// HTTP the median part of it the HTTP path took (a stream's time to first token less the
-    /// engine's own and the prompt's tokenization, which the server reports).
-    async fn first_tokens(self, salt: usize, streams: usize) -> (f64, Option<f64>) {
+    /// `streams` prompts sent at once (short chats, or when not `chat` a three-token text): the
+    /// median time to their first tokens, ms, and over HTTP the median part of it the HTTP path
+    /// took (a stream's time to first token less the engine's own and the prompt's
+    /// tokenization, which the server reports).
+    async fn first_tokens(self, salt: usize, streams: usize, chat: bool) -> (f64, Option<f64>) {
+        let prompt = |n: usize| if chat { hello(n) } else { format!("Hi {n}") };
         let runs =
-            futures::future::join_all((0..streams).map(|i| self.run(hello(salt + i), true, 1)))
+            futures::future::join_all((0..streams).map(|i| self.run(prompt(salt + i), chat, 1)))
                 .await;
         let ttft =
             |(s, r): &(Instant, Run)| r.first.unwrap().duration_since(*s).as_secs_f64() * 1e3;
@@ -561,7 +563,7 @@ impl Target<'_> {
 
     /// Time to first token of a short chat, ms.
     async fn ttft(self, salt: usize) -> f64 {
-        self.first_tokens(salt, 1).await.0
+        self.first_tokens(salt, 1, true).await.0
     }
 }
 
@@ -612,19 +614,22 @@ async fn overhead(model: &Path, v: Variant) {
             s.aggregate.push(c.end_to_end);
         }
     }
-    // Time to first token varies with the machine by far more than the HTTP path adds, so it
-    // gets more rounds of its own, each as short as a first token.
+    // Time to first token varies with the machine by far more than the HTTP path adds: a short
+    // chat's (its template adds a system turn: 8 of them take ~1 s to prefill here) swings by
+    // ±15 ms from run to run. So the comparison is on three-token prompts, which the engine
+    // answers in ~20 ms, over more rounds of their own. What the HTTP path does per request
+    // does not depend on the prompt's length, except the tokenization both targets do.
     for i in 0..TTFT_RUNS {
         for (t, s) in targets.iter().zip(samples.iter_mut()) {
             // Each starts on an idle engine: what the run before leaves behind for the next
             // ~50 ms (kernel threads winding down) would otherwise slow whichever target
             // follows the same engine.
             tokio::time::sleep(IDLE_BEFORE_TTFT).await;
-            let (ttft, path) = t.first_tokens(i, 1).await;
+            let (ttft, path) = t.first_tokens(i, 1, false).await;
             s.ttft.push(ttft);
             s.path.extend(path);
             tokio::time::sleep(IDLE_BEFORE_TTFT).await;
-            let (ttft, path) = t.first_tokens(1000 + i * STREAMS, STREAMS).await;
+            let (ttft, path) = t.first_tokens(1000 + i * STREAMS, STREAMS, false).await;
             s.ttft_concurrent.push(ttft);
             s.path_concurrent.extend(path);
         }
@@ -664,7 +669,7 @@ async fn overhead(model: &Path, v: Variant) {
         ]
     });
     println!(
-        "\nsidecar overhead ({}), in-process vs HTTP interleaved, medians of {OVERHEAD_ROUNDS} rounds ({TTFT_RUNS} for TTFT); \
+        "\nsidecar overhead ({}), in-process vs HTTP interleaved, medians of {OVERHEAD_ROUNDS} rounds ({TTFT_RUNS} for TTFT, on three-token prompts); \
          difference: median of the per-round differences. HTTP: the sidecar binary (its own engine); \
          HTTP, same engine: the sidecar's server in this process, in front of the in-process engine",
         v.label()
