@@ -1238,46 +1238,37 @@ struct Relay {
 impl Relay {
     /// Frames one engine event into the body; `Some` when the stream ends with it.
     fn relay(&mut self, event: Event) -> Option<Outcome> {
-        match event {
+        let (text, finish_reason, usage) = match event {
             Event::Delta {
                 text,
                 finish_reason,
                 usage,
-            } => {
-                self.timing.token();
-                self.chunks += 1;
-                if usage.is_some() {
-                    self.engine_usage = usage;
-                }
-                let done = finish_reason.is_some();
-                let fr = finish_reason.map(|f| openai_finish_reason(Some(f)));
-                if done {
-                    self.finish = fr.clone();
-                }
-                if send_counted(&self.tx, &mut self.sent, self.framer.delta(text, fr)).is_err() {
-                    return Some(Outcome::Cancelled);
-                }
-                done.then_some(Outcome::Completed)
-            }
+            } => (text, finish_reason, usage),
             Event::Done {
                 text,
                 finish_reason,
                 usage,
-            } => {
-                self.timing.token();
-                self.chunks += 1;
-                self.engine_usage = Some(usage);
-                let fr = openai_finish_reason(Some(finish_reason));
-                self.finish = Some(fr.clone());
-                let _ = send_counted(&self.tx, &mut self.sent, self.framer.delta(text, Some(fr)));
-                Some(Outcome::Completed)
-            }
+            } => (text, Some(finish_reason), Some(usage)),
             Event::Failed(e) => {
                 tracing::warn!(error = %e, "generation failed mid-stream");
                 let _ = send_counted(&self.tx, &mut self.sent, stream::data_event(&e.body()));
-                Some(Outcome::Failed)
+                return Some(Outcome::Failed);
             }
+        };
+        self.timing.token();
+        self.chunks += 1;
+        if usage.is_some() {
+            self.engine_usage = usage;
         }
+        let done = finish_reason.is_some();
+        let fr = finish_reason.map(|f| openai_finish_reason(Some(f)));
+        if done {
+            self.finish = fr.clone();
+        }
+        if send_counted(&self.tx, &mut self.sent, self.framer.delta(text, fr)).is_err() {
+            return Some(Outcome::Cancelled);
+        }
+        done.then_some(Outcome::Completed)
     }
 
     /// Relays the rest of the generation (nothing more when `ended` says it is over), then
