@@ -1402,8 +1402,9 @@ impl Timing {
     /// The `Server-Timing` header, in ms: `admit`, from the request's head to the engine
     /// taking it (the body, parsing, the prompt's tokenization, admission, queueing);
     /// `tokenize`, the part of it spent templating and tokenizing the prompt; `engine-ttft`,
-    /// from the engine taking it to the first token. A client's time to first token less
-    /// `admit` and `engine-ttft` is what the network and the HTTP layers took.
+    /// from the engine taking it to the first token (to the whole text for a `/v1/completions`
+    /// request without streaming, which the engine answers at once). A client's time to first
+    /// token less `admit` and `engine-ttft` is what the network and the HTTP layers took.
     fn server_timing(&self) -> HeaderValue {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let admit = ms(self.submitted.duration_since(self.started));
