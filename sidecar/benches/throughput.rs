@@ -12,8 +12,8 @@
 //! kept), and the ratios are printed beside the sidecar's numbers.
 //!
 //! Environment: `SLUICE_TEST_MODEL` (the GGUF; the Makefile exports it), `SLUICE_BENCH_VARIANTS`
-//! (default `q4_1:f32,q8_0:f32,q4_0:f32`; empty: the overhead comparison alone), `SLUICE_BENCH_HTTP_VARIANT` (default `q8_0:f32`),
-//! `SLUICE_THREADS`, `SLUICE_BENCH_ANCHOR`.
+//! (default `q4_1:f32,q8_0:f32,q4_0:f32`; empty: the overhead comparison alone),
+//! `SLUICE_BENCH_HTTP_VARIANT` (default `q8_0:f32`), `SLUICE_THREADS`, `SLUICE_BENCH_ANCHOR`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{

@@ -10,7 +10,7 @@ pub mod forward;
 pub mod identity;
 pub mod limits;
 pub mod metrics;
-pub mod priority;
+mod priority;
 pub mod readiness;
 pub mod routing;
 pub mod server;
