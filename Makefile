@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 export SLUICE_TEST_MODEL ?= $(abspath $(MODEL))
 export SLUICE_TEST_PYTHON ?= $(abspath $(PY))
 
-.PHONY: demo test model crds lint bench bench-anchor bench-limits bench-operator render e2e images venv fmt test-py test-chart chart-crds argocd-cm-patch
+.PHONY: demo test test-vendor model crds lint bench bench-anchor bench-limits bench-operator render e2e images venv fmt test-py test-chart chart-crds argocd-cm-patch
 
 ## model: fetch the embedded default model once into $(MODEL_DIR)
 model: $(MODEL)
@@ -29,12 +29,21 @@ $(VENV)/.stamp: scripts/requirements-test.txt
 
 ## crds: regenerate crds/*.yaml from the Rust types
 crds:
-	$(CARGO) run --quiet -p sluice-operator -- crds --out-dir crds
+	$(CARGO) run --quiet --bin sluice-operator -- crds --out-dir crds
 	$(MAKE) --no-print-directory chart-crds
 
 ## test: every test (unit, integration against the real model and binary, lints of manifests)
 test: model venv test-py
+	CARGO=$(CARGO) scripts/check-one-build.sh
 	$(CARGO) test --workspace
+	$(MAKE) --no-print-directory test-vendor
+	@# `make demo` after `make test` must find everything built (one build of the engine).
+	@if $(CARGO) build -p sluice-sidecar 2>&1 | grep Compiling; then \
+	  echo "make test: the demo build recompiled the crates above; make demo and make test no longer share one build" >&2; exit 1; fi
+
+## test-vendor: the unit tests of our patches to the vendored engine (vendor/README.md)
+test-vendor:
+	$(CARGO) test -p mistralrs-core --lib prefix_cacher
 
 ## lint: formatting, clippy, CRD freshness
 lint:
@@ -86,6 +95,7 @@ bench: model
 	$(if $(wildcard $(ANCHOR_BIN)),SLUICE_BENCH_ANCHOR=$(abspath $(ANCHOR_BIN))) $(CARGO) bench --profile dev --workspace --bench throughput
 	$(CARGO) bench --profile dev --workspace --bench kernels
 	$(CARGO) bench --profile dev --workspace --bench forwarding
+	$(CARGO) bench --profile dev --workspace --bench prefix_cache
 
 ## bench-limits: rate-limit admission (p99, vs governor), memory of 1M keys, 1,000-rule reload.
 # The dev profile builds only dependencies optimised; this one crate is rebuilt at opt-level 3
@@ -101,17 +111,18 @@ bench-operator:
 
 ## bench-operator-memory: operator RSS with 1,000 InferenceModels watched (target <= 100 MB) vs an empty baseline
 bench: bench-operator-memory
+# --workspace, not -p sluice-operator: the features `make test` resolves, so its dependencies are reused.
 bench-operator-memory:
-	$(CARGO) bench --profile dev -p sluice-operator --bench memory
+	$(CARGO) bench --profile dev --workspace --bench memory
 
 ## render: print every object the operator would apply for FILES (default: the examples)
 FILES ?= $(wildcard examples/inferencemodel*.yaml)
 render:
-	$(CARGO) run --quiet -p sluice-operator -- render $(addprefix -f ,$(FILES))
+	$(CARGO) run --quiet --bin sluice-operator -- render $(addprefix -f ,$(FILES))
 
 ## e2e: against a real cluster (kind or the current kubeconfig); skips with a message when none is reachable
 e2e:
-	SLUICE_E2E=1 $(CARGO) test -p sluice-e2e -- --nocapture --test-threads=1
+	SLUICE_E2E=1 $(CARGO) test --workspace --test cluster -- --nocapture --test-threads=1
 
 ## bench-anchor: the throughput bench side by side with llama.cpp on the same files (builds llama.cpp once, cached)
 bench-anchor: model venv

@@ -10,6 +10,8 @@ use kube::core::Duration;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+use crate::quantity::parse_bytes;
+
 /// A model served over the OpenAI API, split into weighted variants (e.g. `stable` and a
 /// `canary` with a new quantisation). The operator runs one Deployment per variant, a Service
 /// for the model and one per variant, autoscalers, and the sidecar config that routes traffic.
@@ -220,6 +222,12 @@ pub struct EngineSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub top_p: Option<f64>,
+    /// Memory the engine's prefix cache may hold (KV caches of recent prompts, reused when a
+    /// prompt starts the same way, e.g. a shared system prompt), e.g. `256Mi`; `0` turns it
+    /// off. It is part of the pod's memory, so it must be less than `resources.memory`.
+    /// Default: an eighth of the pod's memory limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_cache_memory: Option<Quantity>,
 }
 
 /// Compute per pod.
@@ -490,4 +498,117 @@ impl InferenceModel {
             .or_else(|| self.metadata.name.clone())
             .unwrap_or_default()
     }
+
+    /// Checks what the CRD schema and CEL rules above check (and what they cannot: the prefix
+    /// cache budget against the pod's memory), so a model applied without them (or read from a
+    /// file by `sluice-operator render`) fails with the same reason instead of producing broken
+    /// objects. The error is the reason, as the status reports it.
+    pub fn validate(&self) -> Result<(), String> {
+        let name = self.metadata.name.as_deref().unwrap_or_default();
+        if !is_dns_label(name) || name.len() > 40 {
+            return Err(format!(
+                "metadata.name {name:?} must be a DNS label of at most 40 characters starting with a letter"
+            ));
+        }
+        let spec = &self.spec;
+        if spec.variants.is_empty() || spec.variants.len() > 8 {
+            return Err(format!(
+                "spec.variants must list 1 to 8 variants, not {}",
+                spec.variants.len()
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        let mut total = 0;
+        for v in &spec.variants {
+            if !is_dns_label(&v.name) || v.name.len() > 20 {
+                return Err(format!(
+                    "variant name {:?} must be a DNS label of at most 20 characters",
+                    v.name
+                ));
+            }
+            if !seen.insert(v.name.as_str()) {
+                return Err(format!(
+                    "variant names must be unique: {:?} repeats",
+                    v.name
+                ));
+            }
+            if !(0..=100).contains(&v.weight) {
+                return Err(format!(
+                    "variant {:?}: weight {} is not in 0..=100",
+                    v.name, v.weight
+                ));
+            }
+            total += v.weight;
+            let m = &v.model;
+            let sources = [
+                m.url.is_some(),
+                m.hugging_face.is_some(),
+                m.pvc.is_some(),
+                m.host_path.is_some(),
+                m.image.is_some(),
+            ];
+            if sources.iter().filter(|s| **s).count() != 1 {
+                return Err(format!(
+                    "variant {:?}: set exactly one model source: url, huggingFace, pvc, hostPath or image",
+                    v.name
+                ));
+            }
+            if m.sha256.is_some() && m.url.is_none() && m.hugging_face.is_none() {
+                return Err(format!(
+                    "variant {:?}: sha256 applies only to downloaded sources (url, huggingFace)",
+                    v.name
+                ));
+            }
+            check_prefix_cache_memory(v, spec.resources.as_ref())?;
+        }
+        if total != 100 {
+            return Err(format!("variant weights sum to {total}, not 100"));
+        }
+        if spec.replicas.is_some() && spec.autoscaling.is_some() {
+            return Err("set either replicas or autoscaling, not both".to_owned());
+        }
+        if let Some(a) = &spec.autoscaling
+            && a.min_replicas > a.max_replicas
+        {
+            return Err(format!(
+                "autoscaling.minReplicas {} exceeds maxReplicas {}",
+                a.min_replicas, a.max_replicas
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The prefix cache lives in the pod's memory: its budget must parse and leave room for the
+/// weights and the running sequences' KV caches.
+fn check_prefix_cache_memory(v: &Variant, resources: Option<&Resources>) -> Result<(), String> {
+    let Some(cache) = v
+        .engine
+        .as_ref()
+        .and_then(|e| e.prefix_cache_memory.as_ref())
+    else {
+        return Ok(());
+    };
+    let cache_bytes = parse_bytes(&cache.0)
+        .map_err(|e| format!("variant {:?}: engine.prefixCacheMemory {e}", v.name))?;
+    if let Some(memory) = resources.and_then(|r| r.memory.as_ref())
+        && let Ok(memory_bytes) = parse_bytes(&memory.0)
+        && cache_bytes >= memory_bytes
+    {
+        return Err(format!(
+            "variant {:?}: engine.prefixCacheMemory {} must be less than resources.memory {}: \
+             the pod's memory also holds the weights and the running sequences",
+            v.name, cache.0, memory.0
+        ));
+    }
+    Ok(())
+}
+
+fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b[0].is_ascii_lowercase()
+        && b[b.len() - 1] != b'-'
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }

@@ -1,10 +1,13 @@
 //! The sluice API: the two custom resources users write (`InferenceModel`, `RateLimitPolicy`)
-//! and the sidecar config document, the single contract between the operator and the sidecars.
+//! and the sidecar config document, the single contract between the operator and the sidecars,
+//! plus the names of the sidecar metrics the operator reads ([`contract`]).
 //!
 //! The Rust types are the source of truth: the CRD YAML in `crds/` is generated from them
 //! (`make crds`) and a test fails when the committed YAML is stale.
 
+pub mod contract;
 pub mod inference_model;
+pub mod quantity;
 pub mod rate_limit_policy;
 pub mod sidecar_config;
 

@@ -24,8 +24,9 @@ use kube::{Client, ResourceExt};
 use sluice_crds::sidecar_config::SIDECAR_CONFIG_KEY;
 use sluice_crds::{InferenceModel, SidecarConfig};
 use sluice_operator::controller::{self, Context};
+use sluice_operator::desired::Settings;
 use sluice_operator::metrics::Metrics;
-use sluice_operator::resources::{LABEL_MODEL, Settings, config_map_name};
+use sluice_operator::names::{LABEL_MODEL, config_map_name};
 
 const MANAGER: &str = "sluice-e2e";
 

@@ -5,8 +5,10 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use sluice_crds::InferenceModel;
-use sluice_operator::resources::{Settings, desired};
-use sluice_operator::routing::ReadyCounts;
+use sluice_operator::desired::weights::for_plan;
+use sluice_operator::desired::{Inputs, Settings, desired};
+use sluice_operator::observe::ReadyCounts;
+use sluice_operator::rollout::route_plan;
 
 const MODEL: &str = r#"
 apiVersion: sluice.dev/v1alpha1
@@ -40,14 +42,15 @@ fn bench(c: &mut Criterion) {
     group.bench_function("empty_baseline", |b| b.iter(|| black_box(&model)));
     group.bench_function("two_variants", |b| {
         b.iter(|| {
-            desired(
-                black_box(&model),
-                "default",
-                &settings,
-                &Default::default(),
-                &ready,
-            )
-            .expect("renders")
+            // The weights too: before they were an input, `desired` computed them.
+            let model = black_box(&model);
+            let weights = for_plan(&route_plan(model), &ready);
+            let inputs = Inputs {
+                limits: &Default::default(),
+                ready: &ready,
+                weights: &weights,
+            };
+            desired(model, "default", &settings, &inputs).expect("renders")
         })
     });
     group.finish();

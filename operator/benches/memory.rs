@@ -42,9 +42,10 @@ use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use sluice_crds::InferenceModel;
 use sluice_operator::controller::{Context, DEFAULT_RECONCILE_CONCURRENCY};
+use sluice_operator::desired::Settings;
 use sluice_operator::metrics::Metrics;
-use sluice_operator::policy::{HttpMetricsSource, MetricsSource, PodEndpoint, Sample, ScrapeError};
-use sluice_operator::resources::{FIELD_MANAGER, Settings};
+use sluice_operator::names::FIELD_MANAGER;
+use sluice_operator::scrape::{HttpMetricsSource, MetricsSource, PodEndpoint, Sample, ScrapeError};
 
 const MODELS: usize = 1_000;
 const TARGET_MB: f64 = 100.0;

@@ -13,9 +13,10 @@ use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::controller::{self, Context};
+use crate::desired::Settings;
 use crate::leader::{LeaderElector, RENEW_DEADLINE, RETRY_PERIOD};
 use crate::metrics::Metrics;
-use crate::resources::{FIELD_MANAGER, Settings};
+use crate::names::FIELD_MANAGER;
 use crate::{Error, Result};
 
 /// Everything `run` needs, parsed and checked before anything starts.

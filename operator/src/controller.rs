@@ -1,9 +1,14 @@
 //! The controller: observes what exists for an InferenceModel, applies what differs from the
 //! desired state (server-side apply, one field manager, forced), prunes what no longer belongs,
 //! and patches status.
+//!
+//! A reconcile reads top-down: observe → limits → canary analysis → weights → desired →
+//! apply → status. The effective weights are computed once ([`desired_state`]) and given to
+//! both the sidecar config and the status, so the two never disagree.
+
+pub mod apply;
 
 use std::collections::HashMap;
-use std::fmt::Debug;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,21 +19,28 @@ use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 use sluice_crds::{InferenceModel, InferenceModelStatus, RateLimitPolicy};
-use tracing::{debug, info, instrument, warn};
+use tracing::{debug, instrument, warn};
 
+use crate::conditions::Transition;
+use crate::controller::apply::{apply_desired, owned_by};
+use crate::desired::weights::{self, EffectiveWeights};
+use crate::desired::{self, Desired, Inputs, Settings};
 use crate::metrics::Metrics;
-use crate::policy::{HttpMetricsSource, MetricsSource};
-use crate::resources::{self, Desired, FIELD_MANAGER, LABEL_MODEL, MANAGED_BY, Settings};
-use crate::status::{self, Observed, Transition};
+use crate::names::{FIELD_MANAGER, LABEL_MODEL, MANAGED_BY};
+use crate::observe::{Observed, ReadyCounts};
+use crate::policy::controller::{PolicyContext, model_limits};
+use crate::policy::merge::{KeysSecrets, ModelLimits, resolve};
+use crate::rollout::analyze::{History, analyze};
+use crate::rollout::plan::{requeue, route_plan};
+use crate::scrape::{HttpMetricsSource, MetricsSource};
+use crate::status;
 use crate::{Error, Result};
 
 /// Requeue a model that is ready and settled this often (watches catch changes sooner).
@@ -61,7 +73,7 @@ pub struct Context {
     /// Reads the sidecars' `/metrics` for the canary analysis (faked in tests).
     metrics_source: Arc<dyn MetricsSource>,
     /// The counters the canary analysis read from each pod, over one window.
-    analysis: crate::analysis::History,
+    analysis: History,
     /// At most this many reconciles run at once, per controller (0: unbounded).
     reconcile_concurrency: u16,
 }
@@ -79,7 +91,7 @@ impl Context {
             failures: Mutex::default(),
             now: Timestamp::now,
             metrics_source: Arc::new(HttpMetricsSource::new()),
-            analysis: crate::analysis::History::default(),
+            analysis: History::default(),
             reconcile_concurrency: DEFAULT_RECONCILE_CONCURRENCY,
         }
     }
@@ -125,11 +137,7 @@ pub async fn reconcile(model: Arc<InferenceModel>, ctx: Arc<Context>) -> Result<
     let _timer = ctx.metrics.reconcile_started();
     if model.metadata.deletion_timestamp.is_some() {
         // Owner references: the garbage collector deletes every child.
-        ctx.analysis.forget(&format!(
-            "{}/{}",
-            model.namespace().unwrap_or_default(),
-            model.name_any()
-        ));
+        ctx.analysis.forget(&model);
         return Ok(Action::await_change());
     }
     let ns = model
@@ -138,7 +146,7 @@ pub async fn reconcile(model: Arc<InferenceModel>, ctx: Arc<Context>) -> Result<
     let name = model.name_any();
     let now = (ctx.now)();
 
-    if let Err(reason) = resources::validate(&model) {
+    if let Err(reason) = model.validate() {
         warn!(%reason, "invalid spec; nothing applied");
         let status = status::invalid(&model, &reason, now);
         write_status(&ctx, &model, &ns, status).await?;
@@ -166,12 +174,12 @@ pub async fn reconcile(model: Arc<InferenceModel>, ctx: Arc<Context>) -> Result<
 
     // The limits of the RateLimitPolicies that target the model (read fresh: a deleted policy's
     // rules leave the sidecars at this reconcile).
-    let limits =
-        crate::policy::controller::model_limits(client, &model, &ns, &observed.deployments).await?;
+    let limits = model_limits(client, &model, &ns, &observed.deployments).await?;
 
     // Canary analysis: rollbacks and steps, decided into `status.rollout` (never spec). The
-    // planned model carries them; the desired state and the status are computed from it.
-    let (planned, _) = crate::analysis::analyze(
+    // planned model carries them; the weights, the desired state and the status are computed
+    // from it.
+    let (planned, _) = analyze(
         ctx.metrics_source.as_ref(),
         &ctx.analysis,
         &model,
@@ -180,57 +188,15 @@ pub async fn reconcile(model: Arc<InferenceModel>, ctx: Arc<Context>) -> Result<
     )
     .await;
 
-    // Desired.
-    let desired = resources::desired(&planned, &ns, &ctx.settings, &limits, &ready)?;
+    // Weights and desired state.
+    let (weights, desired) = desired_state(&planned, &ns, &ctx.settings, &limits, &ready)?;
 
     // Apply what differs; prune what no longer belongs.
-    let mut applied = 0;
-    applied += sync(
-        client,
-        &ns,
-        &model,
-        &owned,
-        std::slice::from_ref(&desired.service_account),
-        false,
-    )
-    .await?;
-    applied += sync(
-        client,
-        &ns,
-        &model,
-        &owned,
-        std::slice::from_ref(&desired.role),
-        false,
-    )
-    .await?;
-    applied += sync(
-        client,
-        &ns,
-        &model,
-        &owned,
-        std::slice::from_ref(&desired.role_binding),
-        false,
-    )
-    .await?;
-    applied += sync(
-        client,
-        &ns,
-        &model,
-        &owned,
-        std::slice::from_ref(&desired.config_map),
-        false,
-    )
-    .await?;
-    applied += sync(client, &ns, &model, &owned, &desired.services, true).await?;
-    // The pods mount the forwarding Secret: it exists before they do.
-    applied += u64::from(crate::forwarding::ensure(client, &model, &ns).await?);
-    applied += apply_all(&deployments, &desired.deployments, &observed.deployments).await?;
-    prune(&deployments, &desired.deployments, &observed.deployments).await?;
-    applied += sync(client, &ns, &model, &owned, &desired.autoscalers, true).await?;
+    let applied =
+        apply_desired(client, &ns, &model, &owned, &desired, &observed.deployments).await?;
     ctx.metrics.applies.inc_by(applied);
 
-    // Status.
-    let weights = crate::routing::model_effective_weights(&planned, &ready);
+    // Status, with the weights the ConfigMap carries.
     let status = status::compute(&planned, &ns, &observed, &weights, now);
     let settled = status.conditions.iter().all(|c| match c.type_.as_str() {
         status::READY => c.status == "True",
@@ -239,12 +205,36 @@ pub async fn reconcile(model: Arc<InferenceModel>, ctx: Arc<Context>) -> Result<
     write_status(&ctx, &model, &ns, status).await?;
     ctx.backoff(ObjectRef::from_obj(&*model), true);
     debug!(applied, settled, "reconciled");
-    let mut requeue = if settled { RESYNC } else { PROGRESS_POLL };
-    if let Some(every) = crate::analysis::requeue(&model) {
+    let mut requeue_in = if settled { RESYNC } else { PROGRESS_POLL };
+    if let Some(every) = requeue(&model) {
         // The analysis reads metrics every interval (and steps wait out their pauses).
-        requeue = requeue.min(every);
+        requeue_in = requeue_in.min(every);
     }
-    Ok(Action::requeue(requeue))
+    Ok(Action::requeue(requeue_in))
+}
+
+/// The effective weights and the desired state of `planned` (the model with this reconcile's
+/// rollout state), given the policies' `limits` and the `ready` pods. The weights are computed
+/// here once: the sidecar config in [`Desired`] and the status both take this value.
+pub fn desired_state(
+    planned: &InferenceModel,
+    ns: &str,
+    settings: &Settings,
+    limits: &ModelLimits,
+    ready: &ReadyCounts,
+) -> Result<(EffectiveWeights, Desired)> {
+    let weights = weights::for_plan(&route_plan(planned), ready);
+    let desired = desired::desired(
+        planned,
+        ns,
+        settings,
+        &Inputs {
+            limits,
+            ready,
+            weights: &weights,
+        },
+    )?;
+    Ok((weights, desired))
 }
 
 /// Requeues a failed reconcile with exponential backoff per model (5s doubling to 5 min).
@@ -253,117 +243,6 @@ pub fn error_policy(model: Arc<InferenceModel>, error: &Error, ctx: Arc<Context>
     let delay = ctx.backoff(ObjectRef::from_obj(&*model), false);
     warn!(%error, reason = error.reason(), model = %model.name_any(), retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
-}
-
-/// Lists the model's live objects of one kind, applies the desired ones that differ and, when
-/// `prune`, deletes live ones no longer desired. Returns how many were applied.
-async fn sync<K>(
-    client: &Client,
-    ns: &str,
-    model: &InferenceModel,
-    owned: &ListParams,
-    desired: &[K],
-    prune_extra: bool,
-) -> Result<u64>
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + Debug
-        + Serialize
-        + DeserializeOwned,
-{
-    let api: Api<K> = Api::namespaced(client.clone(), ns);
-    let live = owned_by(model, api.list(owned).await?.items);
-    let applied = apply_all(&api, desired, &live).await?;
-    if prune_extra {
-        prune(&api, desired, &live).await?;
-    }
-    Ok(applied)
-}
-
-/// Applies each desired object unless the live one already matches it.
-async fn apply_all<K>(api: &Api<K>, desired: &[K], live: &[K]) -> Result<u64>
-where
-    K: Resource<DynamicType = ()> + Clone + Debug + Serialize + DeserializeOwned,
-{
-    let mut applied = 0;
-    for obj in desired {
-        let name = obj.name_any();
-        let current = live.iter().find(|l| l.name_any() == name);
-        if let Some(current) = current
-            && up_to_date(obj, current)?
-        {
-            continue;
-        }
-        info!(kind = K::kind(&()).as_ref(), %name, created = current.is_none(), "applying");
-        api.patch(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(obj),
-        )
-        .await?;
-        applied += 1;
-    }
-    Ok(applied)
-}
-
-/// Deletes live objects the desired state no longer has (a removed variant, autoscaling
-/// turned off).
-async fn prune<K>(api: &Api<K>, desired: &[K], live: &[K]) -> Result<()>
-where
-    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned,
-{
-    for obj in live {
-        let name = obj.name_any();
-        if desired.iter().all(|d| d.name_any() != name) {
-            info!(kind = K::kind(&()).as_ref(), %name, "deleting, no longer desired");
-            match api.delete(&name, &DeleteParams::background()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The live objects this model controls (never touch what someone else labelled alike).
-fn owned_by<K: Resource>(model: &InferenceModel, objects: Vec<K>) -> Vec<K> {
-    let uid = model.uid();
-    objects
-        .into_iter()
-        .filter(|o| {
-            o.meta()
-                .owner_references
-                .iter()
-                .flatten()
-                .any(|r| Some(&r.uid) == uid.as_ref() && r.controller == Some(true))
-        })
-        .collect()
-}
-
-/// Whether the live object carries everything the desired one says, with the same values
-/// (defaults and other managers' fields are ignored) and the same rendered hash (so a field the
-/// desired state dropped is noticed too).
-pub fn up_to_date<K: Serialize>(desired: &K, live: &K) -> Result<bool> {
-    Ok(is_subset(
-        &serde_json::to_value(desired)?,
-        &serde_json::to_value(live)?,
-    ))
-}
-
-/// `desired ⊆ live`: objects by key, arrays element-wise with equal length, scalars equal.
-pub fn is_subset(desired: &serde_json::Value, live: &serde_json::Value) -> bool {
-    use serde_json::Value;
-    match (desired, live) {
-        (Value::Object(d), Value::Object(l)) => d
-            .iter()
-            .all(|(k, v)| v.is_null() || l.get(k).is_some_and(|lv| is_subset(v, lv))),
-        (Value::Array(d), Value::Array(l)) => {
-            d.len() == l.len() && d.iter().zip(l).all(|(a, b)| is_subset(a, b))
-        }
-        (a, b) => a == b,
-    }
 }
 
 /// Patches status (server-side apply on the status subresource) when it changed, and publishes
@@ -401,18 +280,11 @@ async fn write_status(
 }
 
 async fn publish(ctx: &Context, model: &InferenceModel, t: &Transition) {
-    let event = Event {
-        type_: if t.warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
-        reason: t.reason.clone(),
-        note: Some(format!("{} is {}: {}", t.type_, t.status, t.message)),
-        action: "Reconcile".to_owned(),
-        secondary: None,
-    };
-    if let Err(error) = ctx.recorder.publish(&event, &model.object_ref(&())).await {
+    if let Err(error) = ctx
+        .recorder
+        .publish(&t.event(), &model.object_ref(&()))
+        .await
+    {
         // Events are best effort: the status already says the same.
         warn!(%error, "cannot publish event");
     }
@@ -428,10 +300,10 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
     let children =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
     let policy_ctx = Arc::new(
-        crate::policy::controller::PolicyContext::new(
+        PolicyContext::new(
             client.clone(),
             ctx.recorder.clone(),
-            Arc::new(crate::policy::HttpMetricsSource::new()),
+            Arc::new(HttpMetricsSource::new()),
         )
         .with_clock(ctx.now),
     );
@@ -485,7 +357,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
     futures::join!(models, policies);
 }
 
-/// Renders what `desired` would apply for one model without a cluster (`render`): with the
+/// Renders what [`reconcile`] would apply for one model without a cluster (`render`): with the
 /// limits the controller would compute from the RateLimitPolicies among `policies` (the key
 /// Secrets among `secrets` exist, no others; no live config to keep), and every desired
 /// replica ready. Objects that name no namespace are in `default_namespace`.
@@ -494,9 +366,8 @@ pub fn render(
     default_namespace: &str,
     settings: &Settings,
     policies: &[RateLimitPolicy],
-    secrets: &[k8s_openapi::api::core::v1::Secret],
+    secrets: &[Secret],
 ) -> Result<Desired> {
-    use crate::policy::{KeysSecrets, resolve};
     let ns_of = |o: Option<String>| o.unwrap_or_else(|| default_namespace.to_owned());
     let ns = ns_of(model.namespace());
     let policies: Vec<RateLimitPolicy> = policies
@@ -514,17 +385,8 @@ pub fn render(
     .models
     .remove(&model.name_any())
     .unwrap_or_default();
-    let replicas = match &model.spec.autoscaling {
-        Some(a) => a.min_replicas,
-        None => model.spec.replicas.unwrap_or(1),
-    };
-    let ready = model
-        .spec
-        .variants
-        .iter()
-        .map(|v| (v.name.clone(), replicas))
-        .collect();
-    resources::desired(model, &ns, settings, &limits, &ready)
+    let ready = ReadyCounts::settled(model);
+    desired_state(model, &ns, settings, &limits, &ready).map(|(_, desired)| desired)
 }
 
 #[cfg(test)]

@@ -15,9 +15,15 @@ use kube::runtime::events::Reporter;
 use serde_json::{Value, json};
 use sluice_crds::InferenceModel;
 
-use crate::controller::Context;
+use crate::controller::{Context, desired_state};
+use crate::desired::weights::{EffectiveWeights, for_plan};
+use crate::desired::{Desired, Settings};
 use crate::metrics::Metrics;
-use crate::resources::{FIELD_MANAGER, LABEL_MODEL, LABEL_VARIANT, Settings};
+use crate::names::{FIELD_MANAGER, LABEL_MODEL, LABEL_VARIANT, forwarding_secret_name};
+use crate::observe::ReadyCounts;
+use crate::policy::merge::ModelLimits;
+use crate::rollout::plan::route_plan;
+use crate::scrape::MetricsSource;
 
 type ApiServerHandle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
@@ -42,6 +48,26 @@ pub fn model_from_yaml(yaml: &str) -> InferenceModel {
 /// Parses a Pod.
 pub fn pod_from_yaml(yaml: &str) -> Pod {
     serde_yaml::from_str(yaml).expect("valid Pod")
+}
+
+/// What a reconcile of `model` in namespace `ns` applies with `limits` and `ready` pods (the
+/// rollout state `model` carries decides the weights).
+pub fn desired_with(
+    model: &InferenceModel,
+    limits: &ModelLimits,
+    ready: &ReadyCounts,
+) -> crate::Result<Desired> {
+    desired_state(model, "ns", &settings(), limits, ready).map(|(_, desired)| desired)
+}
+
+/// [`desired_with`] with no policies and no ready pod.
+pub fn desired_for(model: &InferenceModel) -> crate::Result<Desired> {
+    desired_with(model, &ModelLimits::default(), &ReadyCounts::none())
+}
+
+/// The effective weights a reconcile computes for `model` with `ready` pods.
+pub fn weights_for(model: &InferenceModel, ready: &ReadyCounts) -> EffectiveWeights {
+    for_plan(&route_plan(model), ready)
 }
 
 /// A variant's Deployment as the API server reports it.
@@ -91,9 +117,7 @@ impl Context {
     }
 
     /// [`Context::test`] whose canary analysis reads sidecar metrics from `source`.
-    pub fn test_with_metrics(
-        source: Arc<dyn crate::policy::MetricsSource>,
-    ) -> (Arc<Self>, ApiServerVerifier) {
+    pub fn test_with_metrics(source: Arc<dyn MetricsSource>) -> (Arc<Self>, ApiServerVerifier) {
         let (ctx, server) = Self::test();
         let ctx = Arc::into_inner(ctx)
             .expect("just created: one reference")
@@ -221,7 +245,7 @@ impl Step {
 
     /// `GET` of `model`'s forwarding Secret in `ns`, found (the reconcile leaves it alone).
     pub fn forwarding_secret(ns: &str, model: &str) -> Self {
-        let name = crate::resources::forwarding_secret_name(model);
+        let name = forwarding_secret_name(model);
         Self::get(
             &format!("/api/v1/namespaces/{ns}/secrets/{name}"),
             Some(json!({

@@ -16,7 +16,9 @@ use kube::{Client, Resource, ResourceExt};
 use sluice_crds::InferenceModel;
 use tracing::{info, warn};
 
-use crate::resources::{FIELD_MANAGER, FORWARDING_KEY, LABEL_MODEL, MANAGED_BY};
+use crate::names::{
+    FIELD_MANAGER, FORWARDING_KEY, LABEL_MODEL, MANAGED_BY, forwarding_secret_name,
+};
 use crate::{Error, Result};
 
 /// Random bytes in a token (hex-encoded in the Secret: 64 characters).
@@ -38,7 +40,7 @@ pub fn forwarding_secret(model: &InferenceModel, ns: &str, token: &str) -> Secre
     let name = model.name_any();
     Secret {
         metadata: ObjectMeta {
-            name: Some(crate::resources::forwarding_secret_name(&name)),
+            name: Some(forwarding_secret_name(&name)),
             namespace: Some(ns.to_owned()),
             labels: Some(BTreeMap::from([
                 (LABEL_MODEL.to_owned(), name),
@@ -63,7 +65,7 @@ pub fn forwarding_secret(model: &InferenceModel, ns: &str, token: &str) -> Secre
 /// is (never rotated). Returns whether it was created.
 pub async fn ensure(client: &Client, model: &InferenceModel, ns: &str) -> Result<bool> {
     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let name = crate::resources::forwarding_secret_name(&model.name_any());
+    let name = forwarding_secret_name(&model.name_any());
     if let Some(existing) = api.get_opt(&name).await? {
         let token = existing.data.as_ref().and_then(|d| d.get(FORWARDING_KEY));
         if token.is_none_or(|v| v.0.is_empty()) {

@@ -1,25 +1,37 @@
 //! `sluice-operator`: turns each InferenceModel into Deployments, Services, autoscalers and the
 //! sidecar config, drift-free under GitOps (server-side apply, one field manager).
 //!
-//! - [`resources`]: the desired state, as pure functions (what `render` prints).
-//! - [`routing`]: effective weights and the sidecar config document.
-//! - [`status`]: conditions and transitions.
-//! - [`analysis`]: canary analysis (sidecar metrics → verdict → rollback, progressive steps).
-//! - [`policy`]: RateLimitPolicy targeting, merging, shares and convergence.
-//! - [`controller`]: observe, apply, prune, patch status.
-//! - [`forwarding`]: the per-model forwarding Secret (created once, never rendered).
-//! - [`app`]: `run` (admin server, leader election, graceful shutdown).
+//! Modules by layer, lowest first; a module imports only from its own layer or below, and the
+//! imports form no cycle (`tests/layering.rs` holds the same table and checks both):
+//!
+//! 1. Foundation: [`names`] (labels, ports, object names), [`conditions`], [`observe`] (what
+//!    the controller saw: Deployments, pods, ready counts).
+//! 2. One concern each: [`scrape`] (the sidecars' `/metrics`), [`policy::merge`]
+//!    (RateLimitPolicy targeting and limits), [`policy::convergence`],
+//!    [`rollout::judge`](mod@rollout::judge) and [`rollout::plan`] (canary verdicts, steps,
+//!    rollbacks).
+//! 3. Pure state: [`desired`] (every object to apply, as pure functions of the model and its
+//!    inputs: what `render` prints), [`status`] (conditions and transitions),
+//!    [`policy::status`].
+//! 4. I/O beside the controller: [`rollout::analyze`](mod@rollout::analyze),
+//!    [`policy::controller`], [`forwarding`] (the per-model forwarding Secret, created once,
+//!    never rendered), [`leader`], [`admin`], [`metrics`], [`telemetry`].
+//! 5. [`controller`]: observe → limits → analyze → weights → desired → apply → status.
+//! 6. Process: [`app`] (`run`: admin server, leader election, graceful shutdown).
 
 pub mod admin;
-pub mod analysis;
 pub mod app;
+pub mod conditions;
 pub mod controller;
+pub mod desired;
 pub mod forwarding;
 pub mod leader;
 pub mod metrics;
+pub mod names;
+pub mod observe;
 pub mod policy;
-pub mod resources;
-pub mod routing;
+pub mod rollout;
+pub mod scrape;
 pub mod status;
 pub mod telemetry;
 
@@ -27,7 +39,7 @@ mod error;
 #[cfg(test)]
 mod fixtures;
 
-pub use error::{Error, Result};
+pub use self::error::{Error, Result};
 
 use sluice_crds::InferenceModel;
 

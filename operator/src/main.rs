@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use sluice_operator::app::{self, LeaseConfig, RunConfig};
-use sluice_operator::resources::Settings;
+use sluice_operator::desired::Settings;
 use sluice_operator::telemetry::{self, LogFormat};
 
 const DEFAULT_SIDECAR_IMAGE: &str = concat!(
@@ -187,8 +187,8 @@ fn render(files: &[PathBuf], namespace: &str, settings: &Settings) -> anyhow::Re
             out.push_str(&format!(
                 "# Secret {ns}/{} (entry `{}`, mounted by every variant) is created by the \
                  operator with a random token; not rendered.\n",
-                sluice_operator::resources::forwarding_secret_name(name),
-                sluice_operator::resources::FORWARDING_KEY,
+                sluice_operator::names::forwarding_secret_name(name),
+                sluice_operator::names::FORWARDING_KEY,
             ));
             out.push_str(&desired.to_yaml()?);
         }

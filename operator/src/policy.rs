@@ -32,19 +32,23 @@
 //! The key Secret of the identity's policy is mounted at `/etc/sluice/keys/<policy>/` (see
 //! [`key_secret_volumes`]); the pod template only changes when that mount changes, never for a
 //! limits edit.
+//!
+//! # Layout
+//!
+//! - [`merge`]: targeting, acceptance and the effective limits of each model; pure.
+//! - [`convergence`]: the config generation each pod enforces, read from its `/metrics`.
+//! - [`status`]: the policy's conditions; pure.
+//! - [`controller`]: the I/O: reading policies, Secrets and live configs, patching status.
 
 pub mod controller;
 pub mod convergence;
 pub mod merge;
 pub mod status;
 
-pub use self::convergence::{
-    CONFIG_GENERATION_METRIC, HttpMetricsSource, MetricsSource, PodEndpoint, PodGeneration, Sample,
-    ScrapeError, config_generation, parse_prometheus_text, pod_endpoints, pod_generations,
-};
+pub use self::convergence::{PodGeneration, config_generation, pod_generations};
 pub use self::merge::{
-    KEYS_DIR, KEYS_VOLUME, KeysMount, KeysSecrets, ModelLimits, Previous, REASON_CONFLICT,
-    REASON_INVALID, REASON_KEYS_SECRET, REASON_TARGET, Rejection, Resolution, Verdict,
-    apply_limits, check_policy, key_secret_volumes, keys_mount_in, replica_share, resolve, targets,
+    KeysMount, KeysSecrets, ModelLimits, Previous, REASON_CONFLICT, REASON_INVALID,
+    REASON_KEYS_SECRET, REASON_TARGET, Rejection, Resolution, Verdict, apply_limits, check_policy,
+    key_secret_volumes, keys_mount_in, replica_share, resolve, targets,
 };
 pub use self::status::{ACCEPTED, CONVERGED, TargetObservation, policy_status, transitions};

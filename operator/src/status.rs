@@ -1,16 +1,16 @@
 //! Status: what the operator observed, as conditions a user can act on, and the transitions
 //! between them (which become Events). Pure functions; the controller patches the result.
 
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use sluice_crds::inference_model::VariantStatus;
 use sluice_crds::{InferenceModel, InferenceModelStatus};
 
-use crate::resources::{LABEL_VARIANT, endpoint, variant_object_name};
-use crate::routing::{EffectiveWeights, ReadyCounts};
+use crate::conditions::{self, Transition, truncated};
+use crate::desired::weights::EffectiveWeights;
+use crate::names::{endpoint, variant_object_name};
+use crate::observe::{Observed, wanted_replicas};
 
 /// Condition type: the model serves requests (every variant that should run has a ready pod).
 pub const READY: &str = "Ready";
@@ -21,219 +21,6 @@ pub const DEGRADED: &str = "Degraded";
 
 /// Longest condition message; pod messages (scheduler, fetch logs) can be long.
 const MAX_MESSAGE: usize = 1024;
-
-/// What the controller saw in the cluster for one model.
-#[derive(Clone, Debug, Default)]
-pub struct Observed {
-    /// The variants' Deployments (owned by the model).
-    pub deployments: Vec<Deployment>,
-    /// The model's pods.
-    pub pods: Vec<Pod>,
-}
-
-/// A problem found on the model's pods or Deployments: the Degraded reason and message.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Problem {
-    /// Stable, CamelCase (`Unschedulable`, `WeightsFetchFailed`, ...).
-    pub reason: &'static str,
-    /// What happened and where, for `kubectl describe`.
-    pub message: String,
-}
-
-/// A condition that changed: the controller publishes one Event per transition.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Transition {
-    /// The condition type.
-    pub type_: String,
-    /// The new status (`True`/`False`).
-    pub status: String,
-    /// The new reason.
-    pub reason: String,
-    /// The new message.
-    pub message: String,
-    /// Whether it deserves a Warning event (degraded, or no longer ready).
-    pub warning: bool,
-}
-
-// === impl Observed ===
-
-impl Observed {
-    /// Ready pods per variant, from the Deployments' status.
-    pub fn ready_counts(&self) -> ReadyCounts {
-        self.deployments
-            .iter()
-            .filter_map(|d| {
-                let variant = d.labels().get(LABEL_VARIANT)?.clone();
-                let ready = d
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.ready_replicas)
-                    .unwrap_or(0);
-                Some((variant, ready))
-            })
-            .collect()
-    }
-
-    fn deployment(&self, name: &str) -> Option<&Deployment> {
-        self.deployments
-            .iter()
-            .find(|d| d.metadata.name.as_deref() == Some(name))
-    }
-
-    /// The most pressing problem, if any (the order is the order a user should fix them in).
-    pub fn problem(&self) -> Option<Problem> {
-        let mut found: Vec<(u8, Problem)> = Vec::new();
-        for pod in &self.pods {
-            let pod_name = pod.name_any();
-            let variant = pod.labels().get(LABEL_VARIANT).cloned().unwrap_or_default();
-            let at = |m: &str| format!("variant {variant}, pod {pod_name}: {m}");
-            let Some(status) = &pod.status else { continue };
-            for c in status.init_container_statuses.iter().flatten() {
-                if c.name == "fetch"
-                    && let Some(msg) = failed_message(c)
-                {
-                    found.push((
-                        0,
-                        Problem {
-                            reason: "WeightsFetchFailed",
-                            message: at(&msg),
-                        },
-                    ));
-                }
-            }
-            for c in status
-                .init_container_statuses
-                .iter()
-                .flatten()
-                .chain(status.container_statuses.iter().flatten())
-            {
-                let waiting = c.state.as_ref().and_then(|s| s.waiting.as_ref());
-                if let Some(w) = waiting
-                    && matches!(
-                        w.reason.as_deref(),
-                        Some("ErrImagePull" | "ImagePullBackOff" | "InvalidImageName")
-                    )
-                {
-                    let msg = w
-                        .message
-                        .clone()
-                        .unwrap_or_else(|| "cannot pull image".into());
-                    found.push((
-                        1,
-                        Problem {
-                            reason: "ImagePullFailed",
-                            message: at(&msg),
-                        },
-                    ));
-                }
-            }
-            for c in status.conditions.iter().flatten() {
-                if c.type_ == "PodScheduled"
-                    && c.status == "False"
-                    && c.reason.as_deref() == Some("Unschedulable")
-                {
-                    let msg = c.message.clone().unwrap_or_else(|| "no node fits".into());
-                    found.push((
-                        2,
-                        Problem {
-                            reason: "Unschedulable",
-                            message: at(&msg),
-                        },
-                    ));
-                }
-            }
-            for c in status.container_statuses.iter().flatten() {
-                if c.name == "sidecar"
-                    && let Some(msg) = failed_message(c)
-                {
-                    found.push((
-                        3,
-                        Problem {
-                            reason: "SidecarCrashLooping",
-                            message: at(&msg),
-                        },
-                    ));
-                }
-            }
-        }
-        for d in &self.deployments {
-            for c in d
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .into_iter()
-                .flatten()
-            {
-                let msg = || {
-                    format!(
-                        "deployment {}: {}",
-                        d.name_any(),
-                        c.message.clone().unwrap_or_default()
-                    )
-                };
-                if c.type_ == "Progressing"
-                    && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
-                {
-                    found.push((
-                        4,
-                        Problem {
-                            reason: "ProgressDeadlineExceeded",
-                            message: msg(),
-                        },
-                    ));
-                }
-                if c.type_ == "ReplicaFailure" && c.status == "True" {
-                    found.push((
-                        5,
-                        Problem {
-                            reason: "ReplicaFailure",
-                            message: msg(),
-                        },
-                    ));
-                }
-            }
-        }
-        found.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.message.cmp(&b.1.message)));
-        found.into_iter().next().map(|(_, p)| p)
-    }
-}
-
-/// Why a container failed (terminated non-zero now, or crash-looping after doing so).
-fn failed_message(c: &ContainerStatus) -> Option<String> {
-    let describe = |t: &k8s_openapi::api::core::v1::ContainerStateTerminated| {
-        let detail = t
-            .message
-            .as_deref()
-            .map(str::trim)
-            .filter(|m| !m.is_empty())
-            .or(t.reason.as_deref())
-            .unwrap_or("no message");
-        format!(
-            "container {} exited with code {}: {detail}",
-            c.name, t.exit_code
-        )
-    };
-    let state = c.state.as_ref()?;
-    if let Some(t) = &state.terminated
-        && t.exit_code != 0
-    {
-        return Some(describe(t));
-    }
-    let crash_looping =
-        state.waiting.as_ref().and_then(|w| w.reason.as_deref()) == Some("CrashLoopBackOff");
-    if crash_looping && let Some(t) = c.last_state.as_ref().and_then(|s| s.terminated.as_ref()) {
-        return Some(describe(t));
-    }
-    None
-}
-
-/// Pods each variant should run (the HPA's minimum when autoscaled).
-fn wanted_replicas(model: &InferenceModel) -> i32 {
-    match &model.spec.autoscaling {
-        Some(a) => a.min_replicas,
-        None => model.spec.replicas.unwrap_or(1),
-    }
-}
 
 /// The status of a valid model, from what was observed and the effective weights in force.
 pub fn compute(
@@ -332,7 +119,7 @@ pub fn compute(
     };
     // A rollback (or a breach that was not rolled back) explains the weights users see, so it
     // comes first; pod problems follow.
-    let degraded = match (crate::analysis::problem(model), problem) {
+    let degraded = match (crate::rollout::plan::problem(model), problem) {
         (Some((reason, message)), _) => cond(DEGRADED, true, reason, message),
         (None, Some(p)) => cond(DEGRADED, true, p.reason, p.message),
         (None, None) => cond(DEGRADED, false, "AsExpected", "no problems found".into()),
@@ -347,7 +134,7 @@ pub fn compute(
         variants,
         endpoint: Some(endpoint(&name, namespace)),
         // Decided by the canary analysis before this status is computed (see
-        // `crate::analysis::decide`); carried as is.
+        // `crate::rollout::plan::decide`); carried as is.
         rollout: model.status.as_ref().and_then(|s| s.rollout.clone()),
     }
 }
@@ -404,36 +191,25 @@ pub fn weights_summary(variants: &[VariantStatus]) -> String {
         .join(",")
 }
 
-/// A condition; its `lastTransitionTime` moves only when the status does.
+/// A condition (see [`conditions::condition`]) with its message cut to [`MAX_MESSAGE`].
 fn condition(
     prev: &[Condition],
     type_: &str,
     ok: bool,
     reason: &str,
-    mut message: String,
+    message: String,
     generation: Option<i64>,
     now: Timestamp,
 ) -> Condition {
-    let status = if ok { "True" } else { "False" };
-    let last_transition_time = prev
-        .iter()
-        .find(|c| c.type_ == type_ && c.status == status)
-        .map_or(Time(now), |c| c.last_transition_time.clone());
-    if message.len() > MAX_MESSAGE {
-        let mut cut = MAX_MESSAGE;
-        while !message.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        message.truncate(cut);
-    }
-    Condition {
-        type_: type_.to_owned(),
-        status: status.to_owned(),
-        reason: reason.to_owned(),
-        message,
-        observed_generation: generation,
-        last_transition_time,
-    }
+    conditions::condition(
+        prev,
+        type_,
+        ok,
+        reason,
+        truncated(message, MAX_MESSAGE),
+        generation,
+        now,
+    )
 }
 
 /// Conditions whose status or reason changed (new ones included), one per reason (an
@@ -451,14 +227,9 @@ pub fn transitions(old: &[Condition], new: &[Condition]) -> Vec<Transition> {
         })
         .map(|n| {
             let was_ready = old.iter().any(|o| o.type_ == READY && o.status == "True");
-            Transition {
-                type_: n.type_.clone(),
-                status: n.status.clone(),
-                reason: n.reason.clone(),
-                message: n.message.clone(),
-                warning: (n.type_ == DEGRADED && n.status == "True")
-                    || (n.type_ == READY && n.status == "False" && was_ready),
-            }
+            let warning = (n.type_ == DEGRADED && n.status == "True")
+                || (n.type_ == READY && n.status == "False" && was_ready);
+            Transition::of(n, warning)
         })
         .collect();
     let mut out: Vec<Transition> = Vec::new();
@@ -475,8 +246,7 @@ pub fn transitions(old: &[Condition], new: &[Condition]) -> Vec<Transition> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::{deployment_with_status, model_from_yaml, pod_from_yaml};
-    use crate::routing::model_effective_weights;
+    use crate::fixtures::{deployment_with_status, model_from_yaml, pod_from_yaml, weights_for};
 
     const MODEL: &str = r#"
 apiVersion: sluice.dev/v1alpha1
@@ -493,7 +263,7 @@ spec:
     }
 
     fn status_for(model: &InferenceModel, observed: &Observed) -> InferenceModelStatus {
-        let w = model_effective_weights(model, &observed.ready_counts());
+        let w = weights_for(model, &observed.ready_counts());
         compute(model, "ns", observed, &w, now())
     }
 
@@ -598,7 +368,7 @@ status:
         let first = status_for(&model, &observed);
         assert_eq!(transitions(&[], &first.conditions).len(), 2);
         model.status = Some(first.clone());
-        let w = model_effective_weights(&model, &observed.ready_counts());
+        let w = weights_for(&model, &observed.ready_counts());
         let later = Timestamp::from_second(1_700_000_100).expect("valid");
         let second = compute(&model, "ns", &observed, &w, later);
         assert_eq!(

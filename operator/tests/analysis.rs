@@ -8,12 +8,15 @@ use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use sluice_crds::InferenceModel;
-use sluice_operator::analysis::{self, History, REASON_ROLLED_BACK};
-use sluice_operator::policy::{
-    MetricsSource, ModelLimits, PodEndpoint, Sample, ScrapeError, parse_prometheus_text,
+use sluice_operator::desired::sidecar_config::desired_sidecar_config;
+use sluice_operator::desired::weights::for_plan;
+use sluice_operator::observe::{Observed, ReadyCounts};
+use sluice_operator::policy::ModelLimits;
+use sluice_operator::rollout::{self, History, REASON_ROLLED_BACK, route_plan};
+use sluice_operator::scrape::{
+    MetricsSource, PodEndpoint, Sample, ScrapeError, parse_prometheus_text,
 };
-use sluice_operator::routing::{ReadyCounts, desired_sidecar_config};
-use sluice_operator::status::{self, DEGRADED, Observed};
+use sluice_operator::status::{self, DEGRADED};
 
 const MODEL: &str = r#"
 apiVersion: sluice.dev/v1alpha1
@@ -78,7 +81,8 @@ fn at(s: i64) -> Timestamp {
 
 fn routed(model: &InferenceModel) -> Vec<(String, u32)> {
     let ready: ReadyCounts = [("stable", 1), ("canary", 1)].into_iter().collect();
-    desired_sidecar_config(model, "ns", &ModelLimits::default(), &ready)
+    let weights = for_plan(&route_plan(model), &ready);
+    desired_sidecar_config(model, "ns", &ModelLimits::default(), &weights, &ready)
         .expect("config")
         .variants
         .into_iter()
@@ -88,7 +92,7 @@ fn routed(model: &InferenceModel) -> Vec<(String, u32)> {
 
 fn degraded(model: &InferenceModel) -> (String, String, String) {
     let ready: ReadyCounts = [("stable", 1), ("canary", 1)].into_iter().collect();
-    let w = sluice_operator::routing::model_effective_weights(model, &ready);
+    let w = for_plan(&route_plan(model), &ready);
     let s = status::compute(model, "ns", &Observed::default(), &w, at(0));
     let d = s
         .conditions
@@ -112,7 +116,7 @@ async fn reconcile(
         pod("chat-stable-1", "stable", "10.0.0.2"),
         pod("chat-canary-0", "canary", "10.0.0.3"),
     ];
-    analysis::analyze(sidecars, history, model, &pods, now)
+    rollout::analyze(sidecars, history, model, &pods, now)
         .await
         .0
 }
@@ -208,7 +212,7 @@ async fn without_rollout_nothing_is_scraped_or_changed() {
     let history = History::default();
     let mut model: InferenceModel = serde_yaml::from_str(MODEL).expect("model");
     model.spec.rollout = None;
-    let (planned, decision) = analysis::analyze(&sidecars, &history, &model, &[], at(0)).await;
+    let (planned, decision) = rollout::analyze(&sidecars, &history, &model, &[], at(0)).await;
     assert_eq!(decision.rollout, None);
     assert_eq!(planned, model);
 }

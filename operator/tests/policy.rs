@@ -10,11 +10,12 @@ use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
 use sluice_crds::{InferenceModel, RateLimitPolicy, SidecarConfig};
-use sluice_operator::policy::{
-    self, KeysSecrets, MetricsSource, PodEndpoint, PodGeneration, Sample, ScrapeError,
-    TargetObservation,
-};
-use sluice_operator::routing::{ReadyCounts, desired_sidecar_config};
+use sluice_operator::desired::sidecar_config::desired_sidecar_config;
+use sluice_operator::desired::weights::for_plan;
+use sluice_operator::observe::ReadyCounts;
+use sluice_operator::policy::{self, KeysSecrets, PodGeneration, TargetObservation};
+use sluice_operator::rollout::route_plan;
+use sluice_operator::scrape::{self, MetricsSource, PodEndpoint, Sample, ScrapeError};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -67,8 +68,15 @@ fn sidecar_config(policies: &[RateLimitPolicy], ready: i32) -> SidecarConfig {
         &BTreeMap::new(),
     );
     let ready: ReadyCounts = [("default", ready)].into_iter().collect();
-    desired_sidecar_config(&model, "default", &resolution.models["smollm2"], &ready)
-        .expect("renders")
+    let weights = for_plan(&route_plan(&model), &ready);
+    desired_sidecar_config(
+        &model,
+        "default",
+        &resolution.models["smollm2"],
+        &weights,
+        &ready,
+    )
+    .expect("renders")
 }
 
 #[test]
@@ -342,7 +350,7 @@ impl MetricsSource for FakeSidecars {
     ) -> BoxFuture<'a, Result<Vec<Sample>, ScrapeError>> {
         Box::pin(async move {
             match self.0.get(&pod.name) {
-                Some(Ok(text)) => policy::parse_prometheus_text(text),
+                Some(Ok(text)) => scrape::parse_prometheus_text(text),
                 Some(Err(e)) => Err(e.clone()),
                 None => Err(ScrapeError::Http("connection refused".into())),
             }

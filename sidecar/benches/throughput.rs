@@ -249,6 +249,7 @@ async fn load_engine(model: &Path, v: Variant) -> Engine {
         max_seqs: 16,
         max_queue: 64,
         prefix_cache: 0,
+        prefix_cache_meter: Default::default(),
         context_length: None,
     })
     .await

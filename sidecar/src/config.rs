@@ -122,6 +122,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_PREFIX_CACHE", default_value_t = 16)]
     pub prefix_cache: usize,
 
+    /// Memory the prefix cache may hold, in bytes or as a Kubernetes quantity (`256Mi`); 0
+    /// disables it. Default: an eighth of the memory this process may use (its cgroup's
+    /// limit, i.e. the pod's memory limit, else the machine's).
+    #[arg(long, env = "SLUICE_PREFIX_CACHE_BYTES", value_parser = sluice_crds::quantity::parse_bytes)]
+    pub prefix_cache_bytes: Option<u64>,
+
     /// Log format.
     #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -228,6 +234,8 @@ pub struct ServeConfig {
     pub cache_dir: PathBuf,
     /// Prefix cache size (0: off).
     pub prefix_cache: usize,
+    /// Prefix cache memory (0: off, as with `prefix_cache` 0).
+    pub prefix_cache_budget: PrefixCacheBudget,
     /// Log format.
     pub log_format: LogFormat,
     /// This pod's variant.
@@ -364,11 +372,44 @@ impl ServeArgs {
             convert: self.convert,
             cache_dir,
             prefix_cache: self.prefix_cache,
+            prefix_cache_budget: PrefixCacheBudget::new(self.prefix_cache, self.prefix_cache_bytes),
             log_format: self.log_format,
             variant,
             forward_token,
             forward_connect_timeout,
         })
+    }
+}
+
+/// The prefix cache's byte budget and where it came from (for the start-up log).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefixCacheBudget {
+    /// The budget.
+    pub bytes: usize,
+    /// `--prefix-cache-bytes`, or the memory limit it was derived from.
+    pub source: &'static str,
+}
+
+/// The default budget is this fraction of the memory limit: a pod's memory also holds the
+/// weights (the demo model's 94 MiB file takes about 400 MB loaded) and the KV caches of the
+/// running sequences, which the limit must fit first.
+const PREFIX_CACHE_SHARE_OF_MEMORY: u64 = 8;
+
+impl PrefixCacheBudget {
+    fn new(entries: usize, flag: Option<u64>) -> Self {
+        let (bytes, source) = match flag {
+            _ if entries == 0 => (0, "--prefix-cache 0"),
+            Some(bytes) => (bytes, "--prefix-cache-bytes"),
+            None => match crate::memory_limit::memory_limit() {
+                Some(limit) => (limit.bytes / PREFIX_CACHE_SHARE_OF_MEMORY, limit.source),
+                // Nowhere to read a limit from: as small as a pod's default would be.
+                None => (64 << 20, "fallback"),
+            },
+        };
+        Self {
+            bytes: usize::try_from(bytes).unwrap_or(usize::MAX),
+            source,
+        }
     }
 }
 

@@ -27,6 +27,9 @@ use mistralrs::core::{
 };
 use tokio::sync::{Semaphore, mpsc};
 
+/// The prefix cache's byte budget and counts (`sluice_prefix_cache_*` in `/metrics`).
+pub use mistralrs::core::PrefixCacheMeter;
+
 use crate::{
     config::Activations,
     error::{Error, Result},
@@ -49,8 +52,10 @@ pub struct EngineSettings {
     pub max_seqs: usize,
     /// Requests that may wait for a slot.
     pub max_queue: usize,
-    /// Prefix cache size (0: off).
+    /// Prefix cache size in sequences (0: off).
     pub prefix_cache: usize,
+    /// The prefix cache's byte budget (0: off), and where it reports what it holds.
+    pub prefix_cache_meter: Arc<PrefixCacheMeter>,
     /// Cap on the context window (`--context-length`); `None`: the model's own.
     pub context_length: Option<usize>,
 }
@@ -284,8 +289,11 @@ impl Engine {
         let runner = MistralRsBuilder::new(pipeline, scheduler, false, None)
             .with_model_id(settings.served_name.clone())
             .with_no_kv_cache(false)
-            .with_no_prefix_cache(settings.prefix_cache == 0)
+            .with_no_prefix_cache(
+                settings.prefix_cache == 0 || settings.prefix_cache_meter.max_bytes() == 0,
+            )
             .with_prefix_cache_n(settings.prefix_cache.max(1))
+            .with_prefix_cache_meter(settings.prefix_cache_meter.clone())
             .build()
             .await;
         let max_context = runner

@@ -9,6 +9,7 @@ pub mod fetch;
 pub mod forward;
 pub mod identity;
 pub mod limits;
+pub mod memory_limit;
 pub mod metrics;
 mod priority;
 pub mod readiness;
@@ -28,7 +29,7 @@ pub use error::{Error, Result};
 
 use crate::{
     config::ServeConfig,
-    engine::{Engine, EngineSettings},
+    engine::{Engine, EngineSettings, PrefixCacheMeter},
     metrics::Metrics,
     readiness::Readiness,
     routing::{Routing, RoutingMetrics},
@@ -63,11 +64,16 @@ pub async fn serve_until(
         admin = %config.admin_listen,
         model = %config.model.display(),
         served_name = %config.served_name,
+        prefix_cache_entries = config.prefix_cache,
+        prefix_cache_bytes = config.prefix_cache_budget.bytes,
+        prefix_cache_bytes_from = config.prefix_cache_budget.source,
         "listening"
     );
 
     let mut registry = metrics::new_registry();
     let metrics = Metrics::register(&mut registry);
+    let prefix_cache_meter = Arc::new(PrefixCacheMeter::new(config.prefix_cache_budget.bytes));
+    metrics::PrefixCacheMetrics::register(&mut registry, prefix_cache_meter.clone());
     let routing = Arc::new(Routing::new(
         config.variant.clone(),
         config.forward_token.as_ref(),
@@ -156,6 +162,7 @@ pub async fn serve_until(
             max_seqs: config.max_seqs,
             max_queue: config.max_queue,
             prefix_cache: config.prefix_cache,
+            prefix_cache_meter,
             context_length: config.context_length,
         })
         .await

@@ -2,16 +2,19 @@
 //! in the names. mistral.rs has no metrics recorder of its own, so nothing needs merging.
 
 use prometheus_client::{
-    encoding::EncodeLabelSet,
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
     metrics::{
-        counter::Counter,
+        counter::{ConstCounter, Counter},
         family::Family,
-        gauge::Gauge,
+        gauge::{ConstGauge, Gauge},
         histogram::{Histogram, exponential_buckets},
     },
     registry::{Registry, Unit},
 };
-use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, atomic::AtomicU64};
+
+use crate::engine::PrefixCacheMeter;
 
 /// Labels of `sluice_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -147,6 +150,76 @@ impl Metrics {
     }
 }
 
+/// The engine's prefix cache, read from its meter at each scrape.
+#[derive(Debug)]
+pub struct PrefixCacheMetrics(Arc<PrefixCacheMeter>);
+
+impl PrefixCacheMetrics {
+    /// Registers the prefix cache's metrics in `registry`.
+    pub fn register(registry: &mut Registry, meter: Arc<PrefixCacheMeter>) {
+        registry.register_collector(Box::new(Self(meter)));
+    }
+}
+
+impl Collector for PrefixCacheMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let m = &self.0;
+        let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        for (name, help, value) in [
+            (
+                "prefix_cache_hits",
+                "Prompts whose prefill started from a cached prefix",
+                m.hits(),
+            ),
+            (
+                "prefix_cache_misses",
+                "Prompts looked up in the prefix cache and not found",
+                m.misses(),
+            ),
+            (
+                "prefix_cache_evictions",
+                "Prefix cache entries dropped to stay within its entry or byte bound",
+                m.evictions(),
+            ),
+        ] {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                counter.metric_type(),
+            )?)?;
+        }
+        for (name, help, value) in [
+            (
+                "prefix_cache",
+                "Memory held by the prefix cache's KV tensors",
+                m.bytes(),
+            ),
+            (
+                "prefix_cache_limit",
+                "The prefix cache's memory budget (--prefix-cache-bytes; 0: off)",
+                m.max_bytes(),
+            ),
+        ] {
+            let gauge = ConstGauge::new(as_i64(value));
+            gauge.encode(encoder.encode_descriptor(
+                name,
+                help,
+                Some(&Unit::Bytes),
+                gauge.metric_type(),
+            )?)?;
+        }
+        let entries = ConstGauge::new(as_i64(m.entries()));
+        entries.encode(encoder.encode_descriptor(
+            "prefix_cache_entries",
+            "Sequences held by the prefix cache",
+            None,
+            entries.metric_type(),
+        )?)
+    }
+}
+
 /// The binary's one registry, prefix `sluice`.
 pub fn new_registry() -> Registry {
     Registry::with_prefix("sluice")
@@ -168,6 +241,7 @@ mod tests {
     fn names_carry_prefix_and_units() {
         let mut registry = new_registry();
         let m = Metrics::register(&mut registry);
+        PrefixCacheMetrics::register(&mut registry, Arc::new(PrefixCacheMeter::new(1 << 20)));
         m.record_request("/v1/chat/completions", "default", 200);
         m.time_to_first_token.observe(0.1);
         m.model_load.set(1.5);
@@ -182,6 +256,12 @@ mod tests {
             "sluice_time_per_output_token_seconds",
             "sluice_model_load_seconds 1.5",
             "sluice_cold_start_seconds",
+            "sluice_prefix_cache_hits_total 0",
+            "sluice_prefix_cache_misses_total 0",
+            "sluice_prefix_cache_evictions_total 0",
+            "sluice_prefix_cache_bytes 0",
+            "sluice_prefix_cache_limit_bytes 1048576",
+            "sluice_prefix_cache_entries 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

@@ -7,12 +7,15 @@ use kube::runtime::controller::Action;
 use serde_json::{Value, json};
 use sluice_crds::InferenceModel;
 
-use super::{error_policy, is_subset, reconcile};
+use super::apply::is_subset;
+use super::{error_policy, reconcile};
 use crate::controller::Context;
-use crate::fixtures::{Step, model_from_yaml, settings, test_now};
-use crate::resources::{self, Desired};
-use crate::routing::ReadyCounts;
-use crate::status::{self, Observed};
+use crate::desired::Desired;
+use crate::fixtures::{self, Step, model_from_yaml, test_now, weights_for};
+use crate::observe::Observed;
+use crate::status;
+
+mod rollout;
 
 const MODEL: &str = r#"
 apiVersion: sluice.dev/v1alpha1
@@ -43,14 +46,7 @@ fn no_policies() -> Step {
 }
 
 fn desired_for(model: &InferenceModel) -> Desired {
-    resources::desired(
-        model,
-        "ns",
-        &settings(),
-        &Default::default(),
-        &ReadyCounts::none(),
-    )
-    .expect("renders")
+    fixtures::desired_for(model).expect("renders")
 }
 
 /// As the API server returns an applied object: ours plus server-set fields.
@@ -68,7 +64,7 @@ fn lives<T: serde::Serialize>(objs: &[T]) -> Vec<Value> {
 
 /// The model as a previous reconcile left it: status written against `observed`.
 fn with_status(mut model: InferenceModel, observed: &Observed) -> InferenceModel {
-    let weights = crate::routing::model_effective_weights(&model, &observed.ready_counts());
+    let weights = weights_for(&model, &observed.ready_counts());
     model.status = Some(status::compute(
         &model,
         "ns",

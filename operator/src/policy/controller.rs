@@ -14,20 +14,21 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::Recorder;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use sluice_crds::sidecar_config::SIDECAR_CONFIG_KEY;
 use sluice_crds::{InferenceModel, RateLimitPolicy, SidecarConfig};
 use tracing::{debug, instrument, warn};
 
-use super::convergence::{MetricsSource, pod_endpoints, pod_generations};
-use super::merge::{
+use crate::names::{FIELD_MANAGER, LABEL_MODEL, config_map_name};
+use crate::policy::convergence::pod_generations;
+use crate::policy::merge::{
     KeysSecrets, ModelLimits, Previous, REASON_INVALID, REASON_KEYS_SECRET, Resolution,
     keys_mount_in, resolve, targets,
 };
-use super::status::{TargetObservation, policy_status, transitions};
-use crate::resources::{FIELD_MANAGER, LABEL_MODEL, config_map_name};
+use crate::policy::status::{CONVERGED, TargetObservation, policy_status, transitions};
+use crate::scrape::{MetricsSource, pod_endpoints};
 use crate::{Error, Result};
 
 /// Poll a policy this often until every pod enforces it (pods reload within a second or two).
@@ -221,7 +222,7 @@ pub async fn reconcile_policy(
     let converged = status
         .conditions
         .iter()
-        .any(|c| c.type_ == super::CONVERGED && c.status == "True");
+        .any(|c| c.type_ == CONVERGED && c.status == "True");
     if current.status.as_ref() != Some(&status) {
         let api: Api<RateLimitPolicy> = Api::namespaced(client.clone(), &ns);
         let patch = serde_json::json!({
@@ -241,18 +242,11 @@ pub async fn reconcile_policy(
             .map(|s| s.conditions.clone())
             .unwrap_or_default();
         for t in transitions(&old, &status.conditions) {
-            let event = Event {
-                type_: if t.warning {
-                    EventType::Warning
-                } else {
-                    EventType::Normal
-                },
-                reason: t.reason.clone(),
-                note: Some(format!("{} is {}: {}", t.type_, t.status, t.message)),
-                action: "Reconcile".to_owned(),
-                secondary: None,
-            };
-            if let Err(error) = ctx.recorder.publish(&event, &current.object_ref(&())).await {
+            if let Err(error) = ctx
+                .recorder
+                .publish(&t.event(), &current.object_ref(&()))
+                .await
+            {
                 // Best effort: the status says the same.
                 warn!(%error, "cannot publish event");
             }

@@ -16,11 +16,7 @@ use sluice_crds::sidecar_config::{
 use sluice_crds::{InferenceModel, RateLimitPolicy, SidecarConfig};
 
 use crate::Result;
-
-/// Where API-key Secrets are mounted in the model's pods: `<KEYS_DIR>/<policy>/<entry>`.
-pub const KEYS_DIR: &str = "/etc/sluice/keys";
-/// The pod volume carrying the API-key Secret (a model has at most one: its identity's).
-pub const KEYS_VOLUME: &str = "api-keys";
+use crate::names::{KEYS_DIR, KEYS_VOLUME};
 
 /// `Accepted=False` reason: the policy is invalid on its own.
 pub const REASON_INVALID: &str = "PolicyInvalid";

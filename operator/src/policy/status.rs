@@ -2,14 +2,14 @@
 //! config generation that carries the policy, and `Converged` once all of them do. Pure; the
 //! controller patches the result.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use sluice_crds::RateLimitPolicy;
 use sluice_crds::rate_limit_policy::{PolicyTarget, RateLimitPolicyStatus};
 
-use super::convergence::PodGeneration;
-use super::merge::Verdict;
-use crate::status::Transition;
+use crate::conditions::{Transition, condition};
+use crate::policy::convergence::PodGeneration;
+use crate::policy::merge::Verdict;
 
 /// Condition type: the policy is valid, its target exists, and it conflicts with no older one.
 pub const ACCEPTED: &str = "Accepted";
@@ -187,36 +187,6 @@ pub fn transitions(old: &[Condition], new: &[Condition]) -> Vec<Transition> {
             let changed = before.is_none_or(|o| o.status != n.status || o.reason != n.reason);
             changed && (n.type_ == ACCEPTED || (n.type_ == CONVERGED && n.status == "True"))
         })
-        .map(|n| Transition {
-            type_: n.type_.clone(),
-            status: n.status.clone(),
-            reason: n.reason.clone(),
-            message: n.message.clone(),
-            warning: n.type_ == ACCEPTED && n.status == "False",
-        })
+        .map(|n| Transition::of(n, n.type_ == ACCEPTED && n.status == "False"))
         .collect()
-}
-
-fn condition(
-    prev: &[Condition],
-    type_: &str,
-    ok: bool,
-    reason: &str,
-    message: String,
-    generation: Option<i64>,
-    now: Timestamp,
-) -> Condition {
-    let status = if ok { "True" } else { "False" };
-    let last_transition_time = prev
-        .iter()
-        .find(|c| c.type_ == type_ && c.status == status)
-        .map_or(Time(now), |c| c.last_transition_time.clone());
-    Condition {
-        type_: type_.to_owned(),
-        status: status.to_owned(),
-        reason: reason.to_owned(),
-        message,
-        observed_generation: generation,
-        last_transition_time,
-    }
 }

@@ -4,6 +4,7 @@
 
 use std::{
     net::TcpListener,
+    sync::atomic::{AtomicU32, Ordering},
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -44,19 +45,28 @@ pub async fn load_engine(model: PathBuf) -> sluice_sidecar::engine::Engine {
         max_seqs: 4,
         max_queue: 4,
         prefix_cache: 0,
+        prefix_cache_meter: Default::default(),
         context_length: None,
     })
     .await
     .unwrap()
 }
 
-/// A free localhost port (bound, then released for the sidecar).
+/// A free localhost port, never the same twice in one test process. Taken below the kernel's
+/// ephemeral range (32768 and up): a port the kernel hands out for `bind(0)` or a client
+/// connection can be taken by another test between our check and the sidecar's bind, which
+/// failed tests with "Address already in use" (and could make a port meant to stay dead live).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Spread processes (one test binary at a time, but a rerun may overlap with an old one).
+    let base = std::process::id().wrapping_mul(7919);
+    loop {
+        let n = base.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed));
+        let port = 20_000 + (n % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A running sidecar process; killed on drop.

@@ -69,6 +69,7 @@ mod models;
 mod paged_attention;
 mod pipeline;
 mod prefix_cacher;
+pub use prefix_cacher::PrefixCacheMeter;
 pub mod reasoning_parsers;
 mod request;
 mod response;
@@ -319,6 +320,8 @@ struct RebootState {
     no_kv_cache: bool,
     no_prefix_cache: bool,
     prefix_cache_n: usize,
+    /// sluice: the prefix cache's byte budget and counts, kept across engine reboots.
+    prefix_cache_meter: Arc<PrefixCacheMeter>,
     disable_eos_stop: bool,
     throughput_logging_enabled: bool,
     search_embedding_model: Option<SearchEmbeddingModel>,
@@ -392,6 +395,7 @@ pub struct MistralRsBuilder {
     no_kv_cache: Option<bool>,
     no_prefix_cache: Option<bool>,
     prefix_cache_n: Option<usize>,
+    prefix_cache_meter: Option<Arc<PrefixCacheMeter>>,
     disable_eos_stop: Option<bool>,
     throughput_logging_enabled: bool,
     search_embedding_model: Option<SearchEmbeddingModel>,
@@ -420,6 +424,7 @@ impl MistralRsBuilder {
             no_kv_cache: None,
             no_prefix_cache: None,
             prefix_cache_n: None,
+            prefix_cache_meter: None,
             disable_eos_stop: None,
             throughput_logging_enabled: throughput_logging,
             search_embedding_model,
@@ -461,6 +466,11 @@ impl MistralRsBuilder {
     }
     pub fn with_prefix_cache_n(mut self, prefix_cache_n: usize) -> Self {
         self.prefix_cache_n = Some(prefix_cache_n);
+        self
+    }
+    /// sluice: the prefix cache's byte budget, and where it reports what it holds and does.
+    pub fn with_prefix_cache_meter(mut self, meter: Arc<PrefixCacheMeter>) -> Self {
+        self.prefix_cache_meter = Some(meter);
         self
     }
     pub fn with_disable_eos_stop(mut self, disable_eos_stop: bool) -> Self {
@@ -535,6 +545,7 @@ impl MistralRs {
         reboot_state: RebootState,
     ) -> Result<EngineInstance, String> {
         let (tx, rx) = channel(10_000);
+        let prefix_cache_meter = reboot_state.prefix_cache_meter.clone();
 
         let pipeline_guard = pipeline.try_lock().unwrap();
         let category = pipeline_guard.category();
@@ -582,6 +593,7 @@ impl MistralRs {
                         config.no_kv_cache,
                         config.no_prefix_cache,
                         config.prefix_cache_n,
+                        prefix_cache_meter.clone(),
                         config.disable_eos_stop,
                         config.throughput_logging_enabled,
                         config.search_embedding_model,
@@ -612,6 +624,7 @@ impl MistralRs {
                         config.no_kv_cache,
                         config.no_prefix_cache,
                         config.prefix_cache_n,
+                        prefix_cache_meter.clone(),
                         config.disable_eos_stop,
                         config.throughput_logging_enabled,
                         config.search_embedding_model,
@@ -646,6 +659,7 @@ impl MistralRs {
             no_kv_cache,
             no_prefix_cache,
             prefix_cache_n,
+            prefix_cache_meter,
             disable_eos_stop,
             throughput_logging_enabled,
             search_embedding_model,
@@ -663,6 +677,7 @@ impl MistralRs {
         let no_kv_cache = no_kv_cache.unwrap_or(false);
         let no_prefix_cache = no_prefix_cache.unwrap_or(false);
         let prefix_cache_n = prefix_cache_n.unwrap_or(16);
+        let prefix_cache_meter = prefix_cache_meter.unwrap_or_default();
         let disable_eos_stop = disable_eos_stop.unwrap_or(false);
 
         // Initialize MCP client if configured
@@ -708,6 +723,7 @@ impl MistralRs {
             no_kv_cache,
             no_prefix_cache,
             prefix_cache_n,
+            prefix_cache_meter,
             disable_eos_stop,
             throughput_logging_enabled,
             search_embedding_model,
@@ -1213,6 +1229,7 @@ impl MistralRs {
             no_kv_cache: config.engine_config.no_kv_cache,
             no_prefix_cache: config.engine_config.no_prefix_cache,
             prefix_cache_n: config.engine_config.prefix_cache_n,
+            prefix_cache_meter: Arc::default(),
             disable_eos_stop: config.engine_config.disable_eos_stop,
             throughput_logging_enabled: config.engine_config.throughput_logging_enabled,
             search_embedding_model: config.engine_config.search_embedding_model,
@@ -1624,6 +1641,7 @@ impl MistralRs {
             no_kv_cache: unloaded_state.engine_config.no_kv_cache,
             no_prefix_cache: unloaded_state.engine_config.no_prefix_cache,
             prefix_cache_n: unloaded_state.engine_config.prefix_cache_n,
+            prefix_cache_meter: Arc::default(),
             disable_eos_stop: unloaded_state.engine_config.disable_eos_stop,
             throughput_logging_enabled: unloaded_state.engine_config.throughput_logging_enabled,
             search_embedding_model: unloaded_state.engine_config.search_embedding_model,

@@ -1,12 +1,174 @@
-use candle_core::{Device, Result};
+use std::sync::{
+    atomic::{AtomicU64, AtomicUsize, Ordering},
+    Arc,
+};
+
+use candle_core::{Result, Tensor};
 use indexmap::IndexMap;
-use itertools::Itertools;
 use tracing::info;
 
 use crate::{
-    kv_cache::RecurrentStateSnapshot, paged_attention::block_hash::BlockHash, pipeline::KvCache,
+    kv_cache::{NormalCache, RecurrentStateSnapshot, RotatingCache, SingleCache},
+    paged_attention::block_hash::BlockHash,
+    pipeline::KvCache,
     sequence::Sequence,
 };
+
+/// sluice: the prefix cache's byte budget, and what it holds and does, shared with whoever
+/// embeds the engine (the sidecar exports these as metrics). Upstream bounds the cache only by
+/// the number of entries on a GPU, so on the CPU nothing was ever evicted; see
+/// [`PrefixCacheManagerV2::add_sequence`].
+#[derive(Debug)]
+pub struct PrefixCacheMeter {
+    max_bytes: usize,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    evictions: AtomicU64,
+    bytes: AtomicUsize,
+    entries: AtomicUsize,
+}
+
+impl PrefixCacheMeter {
+    /// A meter for a cache that may hold at most `max_bytes` of KV tensors.
+    pub fn new(max_bytes: usize) -> Self {
+        Self {
+            max_bytes,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+            bytes: AtomicUsize::new(0),
+            entries: AtomicUsize::new(0),
+        }
+    }
+    /// The byte budget.
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+    /// Prompts that started from a cached prefix.
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+    /// Prompts looked up and not found (prefill from the first token).
+    pub fn misses(&self) -> u64 {
+        self.misses.load(Ordering::Relaxed)
+    }
+    /// Entries dropped to stay within the entry or byte bound.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+    /// Bytes of KV tensors held now.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+    /// Entries held now.
+    pub fn entries(&self) -> usize {
+        self.entries.load(Ordering::Relaxed)
+    }
+}
+
+impl Default for PrefixCacheMeter {
+    /// No byte bound (upstream's behaviour): only the entry count bounds the cache.
+    fn default() -> Self {
+        Self::new(usize::MAX)
+    }
+}
+
+/// sluice: bytes of the tensors a cached sequence holds.
+fn kv_bytes(cache: &[Option<KvCache>]) -> usize {
+    let tensor_bytes =
+        |t: Option<&Tensor>| t.map_or(0, |t| t.elem_count() * t.dtype().size_in_bytes());
+    cache
+        .iter()
+        .flatten()
+        .map(|layer| match layer {
+            KvCache::Normal { k, v } => {
+                tensor_bytes(k.all_data.as_ref()) + tensor_bytes(v.all_data.as_ref())
+            }
+            KvCache::Rotating { k, v } => {
+                tensor_bytes(k.all_data.as_ref()) + tensor_bytes(v.all_data.as_ref())
+            }
+            KvCache::Shared { .. } => 0,
+        })
+        .sum()
+}
+
+/// sluice: a sequence's KV cache as the prefix cache keeps it: its own copy of the positions
+/// written so far. A finished sequence's tensors are views of its capacity (grown in blocks of
+/// 512 positions) and, after a batched step, of the whole batch's tensors: keeping the views
+/// kept all of that alive.
+fn compact(layer: &KvCache) -> Result<KvCache> {
+    let single = |c: &SingleCache| -> Result<SingleCache> {
+        let all_data = match &c.all_data {
+            Some(data) => Some(data.narrow(c.dim, 0, c.current_seq_len)?.force_contiguous()?),
+            None => None,
+        };
+        Ok(SingleCache {
+            all_data,
+            dim: c.dim,
+            current_seq_len: c.current_seq_len,
+            max_seq_len: c.max_seq_len,
+            capacity_seq_len: c.current_seq_len,
+        })
+    };
+    // A sliding window wraps around its capacity: kept whole, in storage of its own.
+    let rotating = |c: &RotatingCache| -> Result<RotatingCache> {
+        let mut c = c.clone();
+        c.all_data = c.all_data.map(|d| d.force_contiguous()).transpose()?;
+        Ok(c)
+    };
+    Ok(match layer {
+        KvCache::Normal { k, v } => KvCache::Normal {
+            k: single(k)?,
+            v: single(v)?,
+        },
+        KvCache::Rotating { k, v } => KvCache::Rotating {
+            k: rotating(k)?,
+            v: rotating(v)?,
+        },
+        KvCache::Shared { owner } => KvCache::Shared { owner: *owner },
+    })
+}
+
+/// sluice: a cached layer rewound to `len` positions, with the capacity a sequence of `len`
+/// positions has when it never left the engine (`len` rounded up to the 512-position blocks
+/// caches grow by). Sequences are batched by length, and a batch's caches must have one
+/// capacity; the compacted copy has exactly its length.
+fn restore(layer: &KvCache, len: usize) -> Result<KvCache> {
+    let single = |c: &SingleCache| -> Result<SingleCache> {
+        let capacity = len
+            .div_ceil(NormalCache::CACHE_GROW_SIZE)
+            .max(1)
+            .saturating_mul(NormalCache::CACHE_GROW_SIZE)
+            .min(c.max_seq_len)
+            .max(len);
+        let all_data = match &c.all_data {
+            Some(data) => Some(
+                data.narrow(c.dim, 0, len)?
+                    .pad_with_zeros(c.dim, 0, capacity - len)?
+                    .contiguous()?,
+            ),
+            None => None,
+        };
+        Ok(SingleCache {
+            all_data,
+            dim: c.dim,
+            current_seq_len: len,
+            max_seq_len: c.max_seq_len,
+            capacity_seq_len: capacity,
+        })
+    };
+    Ok(match layer {
+        KvCache::Normal { k, v } => KvCache::Normal {
+            k: single(k)?,
+            v: single(v)?,
+        },
+        other => {
+            let mut other = other.clone();
+            other.set_len(len)?;
+            other
+        }
+    })
+}
 
 #[derive(PartialEq, Eq, Debug, Hash)]
 struct Tokens(Vec<u32>);
@@ -36,6 +198,8 @@ struct CacheElement {
     audio_hashes: Option<Vec<u64>>,
     image_hashes: Option<Vec<u64>>,
     video_hashes: Option<Vec<u64>>,
+    /// sluice: bytes of `cache`'s tensors.
+    bytes: usize,
 }
 
 impl CacheElement {
@@ -53,6 +217,10 @@ pub struct PrefixCacheManagerV2 {
     n_on_device: usize,
     no_prefix_cache: bool,
     has_paged_attention: bool,
+    /// sluice: the byte budget and the counts the embedder reads.
+    meter: Arc<PrefixCacheMeter>,
+    /// sluice: bytes held by `caches` (mirrored into `meter`).
+    bytes: usize,
 }
 
 #[derive(Clone)]
@@ -69,7 +237,12 @@ pub enum MatchingCache {
 }
 
 impl PrefixCacheManagerV2 {
-    pub fn new(n_on_device: usize, no_prefix_cache: bool, has_paged_attention: bool) -> Self {
+    pub fn new(
+        n_on_device: usize,
+        no_prefix_cache: bool,
+        has_paged_attention: bool,
+        meter: Arc<PrefixCacheMeter>,
+    ) -> Self {
         if !no_prefix_cache && !has_paged_attention {
             info!("Prefix caching enabled (sequence-level, non-paged attention). Expect higher multi-turn throughput for both text and multimodal.");
         }
@@ -79,14 +252,27 @@ impl PrefixCacheManagerV2 {
             n_on_device,
             no_prefix_cache,
             has_paged_attention,
+            meter,
+            bytes: 0,
         }
+    }
+
+    /// sluice: publishes what the cache holds.
+    fn publish(&self) {
+        self.meter.bytes.store(self.bytes, Ordering::Relaxed);
+        self.meter.entries.store(self.caches.len(), Ordering::Relaxed);
     }
 
     fn paged_recurrent_capacity(&self) -> usize {
         self.n_on_device.max(1).saturating_mul(8)
     }
 
-    /// This always keeps the cache on the device.
+    /// Keeps a finished sequence's KV cache for later prompts that share its prefix, as the
+    /// most recently used entry.
+    ///
+    /// sluice: the entry is a compacted copy ([`compact`]) and counts against the byte budget
+    /// as well as the entry bound; [`Self::evict_caches`] then drops the least recently used
+    /// entries until both hold. An entry larger than the whole budget is not kept.
     pub fn add_sequence(
         &mut self,
         seq: &mut Sequence,
@@ -100,9 +286,20 @@ impl PrefixCacheManagerV2 {
         // For paged attention, prefix caching is handled by the KVCacheManager.
         // PrefixCacheManagerV2 only handles non-paged attention caching.
         if !self.has_paged_attention {
-            let cache = seq.normal_cache().to_vec();
-
-            self.caches.insert(
+            let cache = match seq
+                .normal_cache()
+                .iter()
+                .map(|layer| layer.as_ref().map(compact).transpose())
+                .collect::<Result<Vec<_>>>()
+            {
+                Ok(cache) => cache,
+                Err(e) => {
+                    tracing::warn!("prefix cache: could not copy a sequence's KV cache: {e}");
+                    return;
+                }
+            };
+            let bytes = kv_bytes(&cache);
+            self.insert(
                 seq.get_toks().to_vec().into(),
                 CacheElement {
                     cache,
@@ -110,73 +307,50 @@ impl PrefixCacheManagerV2 {
                     image_hashes: seq.image_hashes().map(|x| x.to_vec()),
                     audio_hashes: seq.audio_hashes().map(|x| x.to_vec()),
                     video_hashes: seq.video_hashes().map(|x| x.to_vec()),
+                    bytes,
                 },
             );
         }
     }
 
-    /// Evict the caches. This will evict the first k seqs such that the number of sequences on device after the copy is
-    /// the maximum allowed. Returns the number of evicted sequences.
+    /// sluice: keeps `element` as the most recently used entry, unless it alone exceeds the
+    /// byte budget, and evicts what no longer fits, so that what the meter shows is always
+    /// within both bounds.
+    fn insert(&mut self, key: Tokens, element: CacheElement) {
+        if let Some(old) = self.caches.shift_remove(&key) {
+            self.bytes -= old.bytes;
+        }
+        if element.bytes <= self.meter.max_bytes {
+            self.bytes += element.bytes;
+            self.caches.insert(key, element);
+        }
+        // Cannot fail: eviction only drops entries.
+        let _ = self.evict_caches();
+    }
+
+    /// Evicts the least recently used entries until at most `n_on_device` remain and they
+    /// hold at most the byte budget. Returns the number of evicted sequences.
+    ///
+    /// sluice: upstream counted only entries on a GPU, so on the CPU the cache grew by one
+    /// sequence's KV cache (about 23 MB on the demo model) per request until the pod was
+    /// OOM-killed. Every entry counts now, wherever it lives.
     pub fn evict_caches(&mut self) -> Result<usize> {
         if self.no_prefix_cache {
             return Ok(0);
         }
-        let mut n_on_device = 0;
-        for cache in self.caches.values() {
-            let first_non_none = cache
-                .cache
-                .iter()
-                .find_or_first(|x| x.as_ref().is_some_and(|kv| kv.k().ok().flatten().is_some()));
-            let Some(Some(first_non_none)) = first_non_none else {
-                continue;
-            };
-
-            let cache_device = match first_non_none {
-                KvCache::Normal { k, .. } => {
-                    k.all_data().as_ref().expect("No KV cache data").device()
-                }
-                KvCache::Rotating { k, .. } => {
-                    k.all_data().as_ref().expect("No KV cache data").device()
-                }
-                KvCache::Shared { .. } => continue,
-            };
-
-            if !matches!(cache_device, Device::Cpu) {
-                n_on_device += 1;
-            }
-        }
         let mut n_evicted = 0;
-        // Intentionally evict the first ones first, as they are the oldest
-        for cache in self.caches.values_mut() {
-            if n_on_device - n_evicted <= self.n_on_device {
+        while self.caches.len() > self.n_on_device || self.bytes > self.meter.max_bytes {
+            // Oldest first: entries are moved to the back when used.
+            let Some((_, evicted)) = self.caches.shift_remove_index(0) else {
                 break;
-            }
-            let first_non_none = cache
-                .cache
-                .iter()
-                .find_or_first(|x| x.as_ref().is_some_and(|kv| kv.k().ok().flatten().is_some()));
-            let Some(Some(first_non_none)) = first_non_none else {
-                continue;
             };
-
-            let cache_device = match first_non_none {
-                KvCache::Normal { k, .. } => {
-                    k.all_data().as_ref().expect("No KV cache data").device()
-                }
-                KvCache::Rotating { k, .. } => {
-                    k.all_data().as_ref().expect("No KV cache data").device()
-                }
-                KvCache::Shared { .. } => continue,
-            };
-
-            if !matches!(cache_device, Device::Cpu) {
-                cache.cache.clear();
-                n_evicted += 1;
-            }
+            self.bytes -= evicted.bytes;
+            n_evicted += 1;
         }
-
-        self.caches.retain(|_tokens, cache| !cache.cache.is_empty());
-
+        self.meter
+            .evictions
+            .fetch_add(n_evicted as u64, Ordering::Relaxed);
+        self.publish();
         Ok(n_evicted)
     }
 
@@ -185,6 +359,11 @@ impl PrefixCacheManagerV2 {
         let len = self.caches.len();
         self.caches.clear();
         self.paged_recurrent_caches.clear();
+        self.bytes = 0;
+        self.meter
+            .evictions
+            .fetch_add(len as u64, Ordering::Relaxed);
+        self.publish();
         Ok(len)
     }
 
@@ -250,8 +429,8 @@ impl PrefixCacheManagerV2 {
 
         let toks = Tokens(toks.to_vec());
 
-        let mut best_match: Option<(usize, &CacheElement, usize, usize, usize)> = None;
-        for (k, v) in &self.caches {
+        let mut best_match: Option<(usize, usize, usize, usize, usize)> = None;
+        for (index, (k, v)) in self.caches.iter().enumerate() {
             let match_len = toks.shared_prefix_len(k);
             if match_len == 0 {
                 continue;
@@ -330,7 +509,7 @@ impl PrefixCacheManagerV2 {
             {
                 best_match = Some((
                     match_len,
-                    v,
+                    index,
                     images_match_until,
                     audios_match_until,
                     videos_match_until,
@@ -340,7 +519,7 @@ impl PrefixCacheManagerV2 {
 
         if let Some((
             match_len,
-            cache_element,
+            index,
             images_match_until,
             audios_match_until,
             videos_match_until,
@@ -348,10 +527,14 @@ impl PrefixCacheManagerV2 {
         {
             let new_toks = toks.0[match_len..].to_vec();
             if new_toks.is_empty() {
+                self.meter.misses.fetch_add(1, Ordering::Relaxed);
                 return Ok(None);
             }
+            // sluice: the entry becomes the most recently used.
+            let last = self.caches.len() - 1;
+            self.caches.move_index(index, last);
+            let cache_element = &self.caches[last];
 
-            let mut cache = cache_element.clone();
             // Count how many input images are not already cached
             let images_to_keep = if let Some(input_hashes) = image_hashes {
                 input_hashes.len().saturating_sub(images_match_until)
@@ -368,17 +551,15 @@ impl PrefixCacheManagerV2 {
             } else {
                 0
             };
-            for layer in cache.cache.iter_mut().flatten() {
-                if layer.try_set_len(match_len).is_err() {
-                    return Ok(None);
-                }
-            }
-            for layer in cache.cache.iter_mut().flatten() {
-                layer.set_len(match_len)?;
-            }
+            let normal = cache_element
+                .cache
+                .iter()
+                .map(|layer| layer.as_ref().map(|l| restore(l, match_len)).transpose())
+                .collect::<Result<Vec<_>>>()?;
+            self.meter.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(Some(MatchingCache::Normal {
-                normal: cache.cache,
-                recurrent_snapshots: cache.recurrent_snapshots,
+                normal,
+                recurrent_snapshots: cache_element.recurrent_snapshots.clone(),
                 images_to_keep,
                 audios_to_keep,
                 videos_to_keep,
@@ -387,15 +568,18 @@ impl PrefixCacheManagerV2 {
             }));
         }
 
+        self.meter.misses.fetch_add(1, Ordering::Relaxed);
         Ok(None)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{DType, Device, Tensor};
+    use std::sync::Arc;
 
-    use super::{CacheElement, MatchingCache, PrefixCacheManagerV2};
+    use candle_core::{DType, Device, IndexOp, Tensor};
+
+    use super::{compact, kv_bytes, CacheElement, MatchingCache, PrefixCacheManagerV2, PrefixCacheMeter};
     use crate::kv_cache::{KvCache, RotatingCache, SingleCache};
 
     fn make_cache_tensor(len: usize) -> candle_core::Result<Tensor> {
@@ -425,7 +609,7 @@ mod tests {
 
     #[test]
     fn skips_rolled_over_rotating_candidate_that_cannot_rewind() -> candle_core::Result<()> {
-        let mut prefix_cacher = PrefixCacheManagerV2::new(1, false, false);
+        let mut prefix_cacher = PrefixCacheManagerV2::new(1, false, false, Arc::default());
 
         prefix_cacher.caches.insert(
             vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10].into(),
@@ -435,6 +619,7 @@ mod tests {
                 audio_hashes: None,
                 image_hashes: None,
                 video_hashes: None,
+                bytes: 0,
             },
         );
         prefix_cacher.caches.insert(
@@ -445,6 +630,7 @@ mod tests {
                 audio_hashes: None,
                 image_hashes: None,
                 video_hashes: None,
+                bytes: 0,
             },
         );
 
@@ -468,7 +654,7 @@ mod tests {
 
     #[test]
     fn allows_exact_extension_from_rolled_over_rotating_cache() -> candle_core::Result<()> {
-        let mut prefix_cacher = PrefixCacheManagerV2::new(1, false, false);
+        let mut prefix_cacher = PrefixCacheManagerV2::new(1, false, false, Arc::default());
 
         prefix_cacher.caches.insert(
             vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10].into(),
@@ -478,6 +664,7 @@ mod tests {
                 audio_hashes: None,
                 image_hashes: None,
                 video_hashes: None,
+                bytes: 0,
             },
         );
 
@@ -496,6 +683,122 @@ mod tests {
             None => panic!("expected exact-extension prefix-cache hit"),
         }
 
+        Ok(())
+    }
+
+    // sluice: the bounds, the compaction and the restored capacity.
+
+    /// A sequence's layer as the engine leaves it: `len` positions written into a cache of
+    /// `capacity` (one KV head, head size 2; position `i` holds `i`).
+    fn written(len: usize, capacity: usize) -> candle_core::Result<KvCache> {
+        let mut k = SingleCache::new(2, 4096, capacity);
+        let mut v = SingleCache::new(2, 4096, capacity);
+        let src = Tensor::arange(0f32, len as f32, &Device::Cpu)?
+            .reshape((1, 1, len, 1))?
+            .repeat((1, 1, 1, 2))?;
+        k.append(&src)?;
+        v.append(&src)?;
+        Ok(KvCache::Normal { k, v })
+    }
+
+    fn entry(len: usize) -> candle_core::Result<CacheElement> {
+        let cache = vec![Some(compact(&written(len, 512)?)?)];
+        Ok(CacheElement {
+            bytes: kv_bytes(&cache),
+            cache,
+            recurrent_snapshots: None,
+            audio_hashes: None,
+            image_hashes: None,
+            video_hashes: None,
+        })
+    }
+
+    fn key(first: u32, len: usize) -> super::Tokens {
+        (first..first + len as u32).collect::<Vec<_>>().into()
+    }
+
+    #[test]
+    fn kept_entries_hold_only_their_positions_in_storage_of_their_own() -> candle_core::Result<()> {
+        let layer = written(10, 512)?;
+        let kept = compact(&layer)?;
+        // 10 positions x 2 floats x 4 bytes, for K and for V; not the 512-position capacity.
+        assert_eq!(kv_bytes(&[Some(kept.clone())]), 2 * 10 * 2 * 4);
+        let (KvCache::Normal { k: before, .. }, KvCache::Normal { k: after, .. }) = (&layer, &kept)
+        else {
+            panic!("normal caches")
+        };
+        let (before, after) = (before.all_data.as_ref().unwrap(), after.all_data.as_ref().unwrap());
+        let written = before.i((.., .., ..10, ..))?.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(after.flatten_all()?.to_vec1::<f32>()?, written);
+        // A later write to the sequence's cache does not reach the kept copy.
+        before.slice_set(&Tensor::full(99f32, (1, 1, 1, 2), &Device::Cpu)?, 2, 0)?;
+        assert_eq!(after.flatten_all()?.to_vec1::<f32>()?, written);
+        Ok(())
+    }
+
+    #[test]
+    fn the_entry_bound_holds_on_the_cpu() -> candle_core::Result<()> {
+        let meter = Arc::new(PrefixCacheMeter::default());
+        let mut cacher = PrefixCacheManagerV2::new(2, false, false, meter.clone());
+        for first in 0..5 {
+            cacher.insert(key(first * 100, 10), entry(10)?);
+            cacher.evict_caches()?;
+        }
+        assert_eq!(cacher.caches.len(), 2);
+        assert_eq!((meter.entries(), meter.evictions()), (2, 3));
+        assert_eq!(meter.bytes(), 2 * kv_bytes(&entry(10)?.cache));
+        // The newest two stay.
+        assert!(cacher.caches.contains_key(&key(300, 10)));
+        assert!(cacher.caches.contains_key(&key(400, 10)));
+        Ok(())
+    }
+
+    #[test]
+    fn the_byte_bound_evicts_the_least_recently_used() -> candle_core::Result<()> {
+        let one = kv_bytes(&entry(10)?.cache);
+        let meter = Arc::new(PrefixCacheMeter::new(2 * one + one / 2));
+        let mut cacher = PrefixCacheManagerV2::new(16, false, false, meter.clone());
+        cacher.insert(key(0, 10), entry(10)?);
+        cacher.insert(key(100, 10), entry(10)?);
+        // A hit on the older entry makes it the most recently used...
+        let hit = cacher.search_for_matching_cache(&[0, 1, 2, 3, 4, 5, 99], None, None, None)?;
+        assert!(matches!(hit, Some(MatchingCache::Normal { offset: 6, .. })));
+        // ... so the third entry evicts the other one.
+        cacher.insert(key(200, 10), entry(10)?);
+        cacher.evict_caches()?;
+        assert!(cacher.caches.contains_key(&key(0, 10)));
+        assert!(!cacher.caches.contains_key(&key(100, 10)));
+        assert_eq!(meter.bytes(), 2 * one);
+        assert_eq!((meter.hits(), meter.misses(), meter.evictions()), (1, 0, 1));
+        // An entry larger than the whole budget is not kept, and evicts nothing.
+        cacher.insert(key(300, 40), entry(40)?);
+        assert_eq!(cacher.caches.len(), 2);
+        assert!(cacher.search_for_matching_cache(&[300, 301, 7], None, None, None)?.is_none());
+        assert_eq!(meter.misses(), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn a_hit_restores_the_capacity_a_fresh_sequence_of_that_length_has() -> candle_core::Result<()>
+    {
+        let mut cacher = PrefixCacheManagerV2::new(4, false, false, Arc::default());
+        cacher.insert(key(0, 10), entry(10)?);
+        let Some(MatchingCache::Normal { normal, offset, toks, .. }) =
+            cacher.search_for_matching_cache(&[0, 1, 2, 3, 4, 5, 6, 50, 51], None, None, None)?
+        else {
+            panic!("expected a hit")
+        };
+        assert_eq!((offset, toks), (7, vec![50, 51]));
+        let Some(KvCache::Normal { k, .. }) = &normal[0] else {
+            panic!("a normal cache")
+        };
+        assert_eq!((k.current_seq_len, k.capacity_seq_len), (7, 512));
+        let data = k.all_data.as_ref().unwrap();
+        assert_eq!(data.dims(), &[1, 1, 512, 2]);
+        assert_eq!(
+            data.i((0, 0, ..7, 0))?.to_vec1::<f32>()?,
+            vec![0., 1., 2., 3., 4., 5., 6.]
+        );
         Ok(())
     }
 }

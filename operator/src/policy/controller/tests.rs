@@ -13,10 +13,11 @@ use sluice_crds::{InferenceModel, RateLimitPolicy, SidecarConfig};
 
 use super::{PolicyContext, reconcile_policy};
 use crate::controller::{Context, reconcile};
-use crate::fixtures::{Recorded, Step, settings, test_now};
-use crate::policy::{self, KeysSecrets, MetricsSource, PodEndpoint, Sample, ScrapeError};
-use crate::resources::{self, Desired};
-use crate::routing::ReadyCounts;
+use crate::desired::Desired;
+use crate::fixtures::{Recorded, Step, desired_with, test_now, weights_for};
+use crate::observe::{Observed, ReadyCounts};
+use crate::policy::{self, KeysSecrets};
+use crate::scrape::{self, MetricsSource, PodEndpoint, Sample, ScrapeError};
 
 const NS: &str = "/api/v1/namespaces/ns";
 const APPS: &str = "/apis/apps/v1/namespaces/ns";
@@ -99,7 +100,7 @@ fn desired(policies: &[RateLimitPolicy], ready: i32) -> (policy::ModelLimits, De
     );
     let limits = r.models["smollm2"].clone();
     let ready: ReadyCounts = [("default", ready)].into_iter().collect();
-    let d = resources::desired(&m, "ns", &settings(), &limits, &ready).expect("renders");
+    let d = desired_with(&m, &limits, &ready).expect("renders");
     (limits, d)
 }
 
@@ -233,14 +234,14 @@ async fn deleting_a_policy_rewrites_only_the_config_map() {
     model.status = Some(crate::status::compute(
         &model,
         "ns",
-        &crate::status::Observed {
+        &Observed {
             deployments: serde_json::from_value(json!(
                 before.deployments.iter().map(live).collect::<Vec<_>>()
             ))
             .expect("deployments"),
             pods: vec![],
         },
-        &crate::routing::model_effective_weights(&model, &ReadyCounts::none()),
+        &weights_for(&model, &ReadyCounts::none()),
         test_now(),
     ));
     // The paid tier is gone from the list (deleted); the same objects are live.
@@ -284,7 +285,7 @@ impl MetricsSource for FakeSidecars {
                 .0
                 .get(&pod.admin_url)
                 .ok_or_else(|| ScrapeError::Http("connection refused".into()))?;
-            policy::parse_prometheus_text(&format!(
+            scrape::parse_prometheus_text(&format!(
                 "# TYPE sluice_config_generation gauge\nsluice_config_generation {g}\n# EOF\n"
             ))
         })

@@ -7,8 +7,9 @@ use k8s_openapi::jiff::Timestamp;
 use sluice_crds::InferenceModel;
 use sluice_crds::inference_model::Analysis;
 
+use super::plan::with_step;
 use super::*;
-use crate::policy::parse_prometheus_text;
+use crate::scrape::parse_prometheus_text;
 
 const MODEL: &str = r#"
 apiVersion: sluice.dev/v1alpha1
@@ -216,7 +217,10 @@ fn a_breaching_canary_is_rolled_back_and_stays_so() {
     let d = decide(&m, &verdicts, at(0));
     assert_eq!(d.rolled_back_now, ["canary"]);
     let m = with_rollout(m, &d);
-    let (plan, rolled_back) = route_plan(&m);
+    let RoutePlan {
+        variants: plan,
+        rolled_back,
+    } = route_plan(&m);
     assert!(rolled_back.contains("canary"));
     assert_eq!(
         plan[1],
@@ -252,7 +256,7 @@ fn a_healthy_canary_keeps_its_weight() {
     assert!(d.rolled_back_now.is_empty());
     let m = with_rollout(m, &d);
     assert_eq!(problem(&m), None);
-    assert!(route_plan(&m).1.is_empty());
+    assert!(route_plan(&m).rolled_back.is_empty());
 }
 
 #[test]
@@ -271,7 +275,7 @@ fn a_new_generation_clears_the_rollback() {
         None,
         "the old generation's rollback no longer applies"
     );
-    assert!(route_plan(&m).1.is_empty());
+    assert!(route_plan(&m).rolled_back.is_empty());
     let d = decide(&m, &BTreeMap::new(), at(60));
     let r = d.rollout.expect("state");
     assert_eq!((r.generation, r.rolled_back.len()), (2, 0));
@@ -321,7 +325,7 @@ fn without_auto_rollback_a_breach_is_only_reported() {
     let (reason, message) = problem(&m).expect("reported");
     assert_eq!(reason, REASON_FAILING);
     assert!(message.contains("autoRollback is off"), "{message}");
-    assert!(route_plan(&m).1.is_empty());
+    assert!(route_plan(&m).rolled_back.is_empty());
 }
 
 const STEPPED: &str = r#"
@@ -341,7 +345,11 @@ spec:
 "#;
 
 fn targets(m: &InferenceModel) -> Vec<i32> {
-    route_plan(m).0.into_iter().map(|(_, _, t)| t).collect()
+    route_plan(m)
+        .variants
+        .into_iter()
+        .map(|(_, _, t)| t)
+        .collect()
 }
 
 #[test]
@@ -386,7 +394,7 @@ fn a_breach_during_steps_rolls_back_and_freezes_them() {
     let m = with_rollout(m.clone(), &decide(&m, &BTreeMap::new(), at(0)));
     let bad = BTreeMap::from([("canary".to_owned(), breach(30))]);
     let m = with_rollout(m.clone(), &decide(&m, &bad, at(400)));
-    assert!(route_plan(&m).1.contains("canary"));
+    assert!(route_plan(&m).rolled_back.contains("canary"));
     let m = with_rollout(m.clone(), &decide(&m, &BTreeMap::new(), at(900)));
     assert_eq!(current(&m).and_then(|r| r.step), Some(0));
 }

@@ -1,54 +1,14 @@
-//! Effective routing weights and the sidecar config document, as pure functions.
+//! Effective routing weights: the weights the sidecars route with, from the rollout plan
+//! (desired weights, progressive steps, rollbacks) and the ready pods. Computed once per
+//! reconcile and given to both the sidecar config and the status, so the two never disagree.
 //!
-//! Today the effective weights are the desired ones with the traffic of variants that have no
-//! ready pod moved, proportionally, to the ready ones. Canary rollback (issue 7)
-//! plugs in here; the limits of the RateLimitPolicies that target the model come resolved from
-//! [`crate::policy`].
+//! Variants without a ready pod get 0 and their traffic moves, proportionally, to the ready
+//! ones; rolled-back variants get 0 the same way before that.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 
-use sluice_crds::sidecar_config::{RoutingConfig, SIDECAR_CONFIG_VERSION, VariantRoute};
-use sluice_crds::{InferenceModel, SidecarConfig};
-
-use crate::Result;
-use crate::policy::{ModelLimits, replica_share};
-use crate::resources::{API_PORT, variant_object_name};
-
-/// Ready pods per variant name, as observed on the variants' Deployments. A variant that is
-/// absent counts as 0 ready pods.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ReadyCounts(BTreeMap<String, i32>);
-
-// === impl ReadyCounts ===
-
-impl ReadyCounts {
-    /// No observation at all (e.g. `render` without a cluster): every variant has 0 ready pods,
-    /// so the effective weights are the desired ones.
-    pub fn none() -> Self {
-        Self::default()
-    }
-
-    /// Records `ready` pods for `variant`.
-    pub fn set(&mut self, variant: impl Into<String>, ready: i32) {
-        self.0.insert(variant.into(), ready);
-    }
-
-    /// Ready pods of `variant` (0 when unknown).
-    pub fn get(&self, variant: &str) -> i32 {
-        self.0.get(variant).copied().unwrap_or(0)
-    }
-
-    /// Ready pods over all variants.
-    pub fn total(&self) -> i32 {
-        self.0.values().copied().filter(|n| *n > 0).sum()
-    }
-}
-
-impl<S: Into<String>> FromIterator<(S, i32)> for ReadyCounts {
-    fn from_iter<T: IntoIterator<Item = (S, i32)>>(iter: T) -> Self {
-        Self(iter.into_iter().map(|(k, v)| (k.into(), v)).collect())
-    }
-}
+use crate::observe::ReadyCounts;
+use crate::rollout::plan::RoutePlan;
 
 /// Why an effective weight differs from the desired one.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -121,21 +81,24 @@ pub fn effective_weights(desired: &[(&str, i32)], ready: &ReadyCounts) -> Effect
     }
 }
 
-/// Effective weights of a model's variants given what is ready and what the canary analysis
-/// decided (`status.rollout` of the current generation, see [`crate::analysis`]): the step
-/// weights in force replace the desired ones, rolled-back variants get 0 (their share goes to
-/// the others in proportion), then unready variants' share moves to the ready ones. The
-/// reported desired weight is always spec's.
-pub fn model_effective_weights(model: &InferenceModel, ready: &ReadyCounts) -> EffectiveWeights {
-    let (plan, rolled_back) = crate::analysis::route_plan(model);
-    let targets: Vec<(&str, i32)> = plan.iter().map(|(n, _, t)| (n.as_str(), *t)).collect();
-    let after_rollback = effective_weights_excluding(&targets, &rolled_back);
+/// Effective weights of a model's variants given its rollout plan ([`RoutePlan`], from
+/// `status.rollout` of the current generation) and what is ready: the step weights in force
+/// replace the desired ones, rolled-back variants get 0 (their share goes to the others in
+/// proportion), then unready variants' share moves to the ready ones. The reported desired
+/// weight is always spec's.
+pub fn for_plan(plan: &RoutePlan, ready: &ReadyCounts) -> EffectiveWeights {
+    let targets: Vec<(&str, i32)> = plan
+        .variants
+        .iter()
+        .map(|(n, _, t)| (n.as_str(), *t))
+        .collect();
+    let after_rollback = effective_weights_excluding(&targets, &plan.rolled_back);
     let routed: Vec<(&str, i32)> = after_rollback
         .iter()
         .map(|(n, w)| (n.as_str(), *w))
         .collect();
     let mut weights = effective_weights(&routed, ready);
-    for ((_, desired, _), (_, d, _)) in plan.iter().zip(weights.weights.iter_mut()) {
+    for ((_, desired, _), (_, d, _)) in plan.variants.iter().zip(weights.weights.iter_mut()) {
         *d = *desired;
     }
     weights
@@ -145,7 +108,7 @@ pub fn model_effective_weights(model: &InferenceModel, ready: &ReadyCounts) -> E
 /// to their weights (unless no other variant has a positive weight: then nothing moves).
 pub fn effective_weights_excluding(
     desired: &[(&str, i32)],
-    excluded: &std::collections::BTreeSet<String>,
+    excluded: &BTreeSet<String>,
 ) -> Vec<(String, i32)> {
     // The readiness redistribution with "excluded = no ready pod" is exactly this.
     let available: ReadyCounts = desired
@@ -157,49 +120,6 @@ pub fn effective_weights_excluding(
         .into_iter()
         .map(|(n, _, e)| (n, e))
         .collect()
-}
-
-/// The sidecar config document for a model: effective weights, each variant's in-cluster
-/// address, routing headers, the identity and rules of the policies that target it (`limits`,
-/// from [`crate::policy::resolve`]) and this pod's share of cluster-scoped limits.
-/// Sealed: `generation` is the content hash, so equal inputs give byte-identical ConfigMaps.
-pub fn desired_sidecar_config(
-    model: &InferenceModel,
-    namespace: &str,
-    limits: &ModelLimits,
-    ready: &ReadyCounts,
-) -> Result<SidecarConfig> {
-    let name = model.metadata.name.as_deref().unwrap_or_default();
-    let weights = model_effective_weights(model, ready);
-    let routing = model.spec.routing.clone().unwrap_or_default();
-    let config = SidecarConfig {
-        version: SIDECAR_CONFIG_VERSION.to_owned(),
-        generation: 0,
-        model: model.served_name(),
-        variants: weights
-            .weights
-            .iter()
-            .map(|(variant, _, effective)| VariantRoute {
-                name: variant.clone(),
-                weight: (*effective).max(0) as u32,
-                address: Some(format!(
-                    "http://{}.{namespace}.svc:{API_PORT}",
-                    variant_object_name(name, variant)
-                )),
-            })
-            .collect(),
-        routing: RoutingConfig {
-            sticky_header: routing.sticky_header,
-            override_header: routing.override_header,
-        },
-        identity: limits.identity.clone(),
-        rules: limits.rules.clone(),
-        // Cluster-scoped limits are split over the pods that serve; recomputed as pods come and
-        // go (a ConfigMap change, never a restart).
-        replica_share: replica_share(ready.total()),
-        saturation: Default::default(),
-    };
-    Ok(config.sealed()?)
 }
 
 #[cfg(test)]

@@ -12,11 +12,11 @@ use sluice_crds::InferenceModel;
 use sluice_crds::inference_model::{RolledBackVariant, RolloutStatus};
 
 use crate::controller::{Context, reconcile};
-use crate::fixtures::{Recorded, Step, model_from_yaml, settings, test_now};
-use crate::policy::{MetricsSource, PodEndpoint, Sample, ScrapeError, parse_prometheus_text};
-use crate::resources::{self, Desired};
-use crate::routing::ReadyCounts;
-use crate::status::{self, Observed};
+use crate::desired::Desired;
+use crate::fixtures::{self, Recorded, Step, model_from_yaml, test_now, weights_for};
+use crate::observe::Observed;
+use crate::scrape::{MetricsSource, PodEndpoint, Sample, ScrapeError, parse_prometheus_text};
+use crate::status;
 
 const MODEL: &str = r#"
 apiVersion: sluice.dev/v1alpha1
@@ -97,14 +97,7 @@ fn lives<T: serde::Serialize>(objs: &[T]) -> Vec<Value> {
 }
 
 fn desired_for(model: &InferenceModel) -> Desired {
-    resources::desired(
-        model,
-        "ns",
-        &settings(),
-        &Default::default(),
-        &ReadyCounts::none(),
-    )
-    .expect("renders")
+    fixtures::desired_for(model).expect("renders")
 }
 
 /// The model as a previous reconcile left it (status and rollout state written), and what it
@@ -116,7 +109,7 @@ fn settled(mut model: InferenceModel, rollout: RolloutStatus) -> (InferenceModel
         deployments: serde_json::from_value(json!(lives(&d.deployments))).expect("deployments"),
         pods: serde_json::from_value(json!(pods())).expect("pods"),
     };
-    let weights = crate::routing::model_effective_weights(&model, &observed.ready_counts());
+    let weights = weights_for(&model, &observed.ready_counts());
     model.status = Some(status::compute(
         &model,
         "ns",

@@ -1,0 +1,60 @@
+//! The metrics contract between the sidecar, which exports these series on its admin
+//! `/metrics`, and the operator, which reads them: the canary analysis judges variants by
+//! requests and time to first token, the RateLimitPolicy status counts the pods that enforce a
+//! config generation, and the autoscalers the operator renders name per-pod metrics.
+//!
+//! The sidecar registers each metric under [`PREFIX`] with the short name here
+//! (`prometheus_client` adds the unit and the `_total`/`_bucket` suffixes); the operator matches
+//! the exposed names. A test below pins the two spellings to each other.
+
+/// Prefix of every sidecar metric (the registry's prefix).
+pub const PREFIX: &str = "sluice";
+
+/// Registered name of the counter of requests answered, by [`LABEL_ROUTE`], [`LABEL_VARIANT`]
+/// and [`LABEL_STATUS`].
+pub const REQUESTS: &str = "requests";
+/// Registered name (unit: seconds) of the histogram of the time from a request's arrival to
+/// its first generated token.
+pub const TIME_TO_FIRST_TOKEN: &str = "time_to_first_token";
+/// Registered name of the gauge of the sidecar config generation in force.
+pub const CONFIG_GENERATION: &str = "config_generation";
+/// Registered name of the gauge of requests admitted to the engine and not finished.
+pub const REQUESTS_IN_FLIGHT: &str = "requests_in_flight";
+
+/// [`REQUESTS`] as exposed.
+pub const REQUESTS_TOTAL_SERIES: &str = "sluice_requests_total";
+/// The buckets of [`TIME_TO_FIRST_TOKEN`] as exposed (cumulative, labelled [`LABEL_LE`]).
+pub const TIME_TO_FIRST_TOKEN_BUCKET_SERIES: &str = "sluice_time_to_first_token_seconds_bucket";
+/// [`CONFIG_GENERATION`] as exposed.
+pub const CONFIG_GENERATION_SERIES: &str = "sluice_config_generation";
+/// [`REQUESTS_IN_FLIGHT`] as exposed; an autoscaler's `InFlightRequests` metric.
+pub const REQUESTS_IN_FLIGHT_SERIES: &str = "sluice_requests_in_flight";
+/// An autoscaler's `TokensPerSecond` metric: the rate of the sidecar's completion-token counter,
+/// as the custom metrics adapter serves it per pod.
+pub const COMPLETION_TOKENS_PER_SECOND: &str = "sluice_completion_tokens_per_second";
+
+/// Label: the API route of a request (`/v1/chat/completions`).
+pub const LABEL_ROUTE: &str = "route";
+/// Label: the variant that served a request (the pod's own, or the one it forwarded to).
+pub const LABEL_VARIANT: &str = "variant";
+/// Label: the HTTP status answered.
+pub const LABEL_STATUS: &str = "status";
+/// Label: a histogram bucket's upper bound (Prometheus' own).
+pub const LABEL_LE: &str = "le";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposed_names_are_the_registered_ones_with_prefix_unit_and_suffix() {
+        let exposed = |name: &str, suffix: &str| format!("{PREFIX}_{name}{suffix}");
+        assert_eq!(exposed(REQUESTS, "_total"), REQUESTS_TOTAL_SERIES);
+        assert_eq!(
+            exposed(TIME_TO_FIRST_TOKEN, "_seconds_bucket"),
+            TIME_TO_FIRST_TOKEN_BUCKET_SERIES
+        );
+        assert_eq!(exposed(CONFIG_GENERATION, ""), CONFIG_GENERATION_SERIES);
+        assert_eq!(exposed(REQUESTS_IN_FLIGHT, ""), REQUESTS_IN_FLIGHT_SERIES);
+    }
+}

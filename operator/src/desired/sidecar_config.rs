@@ -1,0 +1,73 @@
+//! The sidecar config document (routing, limits) and the ConfigMap that carries it to the
+//! sidecars, which watch it: weight and limit changes reach them without a restart.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use sluice_crds::sidecar_config::{
+    RoutingConfig, SIDECAR_CONFIG_KEY, SIDECAR_CONFIG_VERSION, VariantRoute,
+};
+use sluice_crds::{InferenceModel, SidecarConfig};
+
+use super::meta::Renderer;
+use super::weights::EffectiveWeights;
+use crate::Result;
+use crate::names::{config_map_name, variant_address};
+use crate::observe::ReadyCounts;
+use crate::policy::merge::{ModelLimits, replica_share};
+
+/// The sidecar config document for a model: the effective `weights`, each variant's
+/// in-cluster address, routing headers, the identity and rules of the policies that target it
+/// (`limits`, from [`crate::policy::merge::resolve`]) and this pod's share of cluster-scoped
+/// limits (from the `ready` pods). Sealed: `generation` is the content hash, so equal inputs
+/// give byte-identical ConfigMaps.
+pub fn desired_sidecar_config(
+    model: &InferenceModel,
+    namespace: &str,
+    limits: &ModelLimits,
+    weights: &EffectiveWeights,
+    ready: &ReadyCounts,
+) -> Result<SidecarConfig> {
+    let name = model.metadata.name.as_deref().unwrap_or_default();
+    let routing = model.spec.routing.clone().unwrap_or_default();
+    let config = SidecarConfig {
+        version: SIDECAR_CONFIG_VERSION.to_owned(),
+        generation: 0,
+        model: model.served_name(),
+        variants: weights
+            .weights
+            .iter()
+            .map(|(variant, _, effective)| VariantRoute {
+                name: variant.clone(),
+                weight: (*effective).max(0) as u32,
+                address: Some(variant_address(name, variant, namespace)),
+            })
+            .collect(),
+        routing: RoutingConfig {
+            sticky_header: routing.sticky_header,
+            override_header: routing.override_header,
+        },
+        identity: limits.identity.clone(),
+        rules: limits.rules.clone(),
+        // Cluster-scoped limits are split over the pods that serve; recomputed as pods come and
+        // go (a ConfigMap change, never a restart).
+        replica_share: replica_share(ready.total()),
+        saturation: Default::default(),
+    };
+    Ok(config.sealed()?)
+}
+
+// === impl Renderer ===
+
+impl Renderer<'_> {
+    pub(super) fn config_map(&self, config: &SidecarConfig) -> Result<ConfigMap> {
+        Ok(ConfigMap {
+            metadata: self.meta(config_map_name(self.name), None),
+            data: Some(BTreeMap::from([(
+                SIDECAR_CONFIG_KEY.to_owned(),
+                config.to_json()?,
+            )])),
+            ..Default::default()
+        })
+    }
+}

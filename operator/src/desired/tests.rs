@@ -1,0 +1,211 @@
+//! The desired state of example models: names, owner references, sidecar flags, what rolls
+//! pods and what does not, GPUs, autoscaling, model sources and invalid specs.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Container;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::ResourceExt;
+
+use super::*;
+use crate::fixtures::{desired_for, model_from_yaml};
+use crate::names::{ANNOTATION_VARIANT_HASH, GPU_PRODUCT_LABEL, GPU_RESOURCE};
+
+const TWO_VARIANTS: &str = r#"
+apiVersion: sluice.dev/v1alpha1
+kind: InferenceModel
+metadata: {name: chat, namespace: ns, uid: "1234"}
+spec:
+  replicas: 2
+  resources: {cpu: "2", memory: 1Gi}
+  variants:
+    - name: stable
+      weight: 90
+      model: {url: "https://example.com/a.gguf"}
+      engine: {contextLength: 2048}
+    - name: canary
+      weight: 10
+      model: {pvc: {claimName: weights, path: b.gguf}}
+"#;
+
+fn render(yaml: &str) -> Desired {
+    desired_for(&model_from_yaml(yaml)).expect("renders")
+}
+
+fn container(d: &Deployment) -> &Container {
+    &d.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("pod spec")
+        .containers[0]
+}
+
+fn template_hash(d: &Deployment) -> String {
+    d.spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .expect("template meta")
+        .annotations
+        .as_ref()
+        .expect("annotations")[ANNOTATION_VARIANT_HASH]
+        .clone()
+}
+
+#[test]
+fn names_owner_refs_and_sidecar_args() {
+    let d = render(TWO_VARIANTS);
+    let names: Vec<_> = d.services.iter().map(|s| s.name_any()).collect();
+    assert_eq!(names, ["chat", "chat-stable", "chat-canary"]);
+    assert_eq!(d.deployments[0].name_any(), "chat-stable");
+    assert_eq!(d.config_map.name_any(), "chat-sidecar-config");
+    assert_eq!(d.service_account.name_any(), "chat-sidecar");
+    assert_eq!(d.deployments[0].owner_references()[0].uid, "1234");
+    let args = container(&d.deployments[0]).args.clone().expect("args");
+    assert_eq!(
+        args.join(" "),
+        "serve --model /models/model.gguf --served-name chat --variant stable \
+             --configmap ns/chat-sidecar-config --listen 0.0.0.0:8080 --admin-listen 0.0.0.0:9090 \
+             --forward-token-file /etc/sluice/forwarding/token --cache-dir /tmp/sluice-cache \
+             --context-length 2048"
+    );
+    let canary = container(&d.deployments[1]).args.clone().expect("args");
+    assert_eq!(canary[2], "/models/b.gguf");
+    assert_eq!(
+        d.deployments[0].spec.as_ref().and_then(|s| s.replicas),
+        Some(2)
+    );
+    assert!(d.autoscalers.is_empty());
+}
+
+#[test]
+fn weight_change_changes_only_the_config_map() {
+    let a = render(TWO_VARIANTS);
+    let b = render(
+        &TWO_VARIANTS
+            .replace("weight: 90", "weight: 80")
+            .replace("weight: 10", "weight: 20"),
+    );
+    assert_ne!(a.config_map, b.config_map);
+    assert_eq!(a.deployments, b.deployments, "weights must never roll pods");
+    assert_eq!(a.services, b.services);
+}
+
+#[test]
+fn model_change_rolls_only_that_variant() {
+    let a = render(TWO_VARIANTS);
+    let b = render(&TWO_VARIANTS.replace("a.gguf", "a2.gguf"));
+    assert_ne!(
+        template_hash(&a.deployments[0]),
+        template_hash(&b.deployments[0])
+    );
+    assert_eq!(a.deployments[1], b.deployments[1]);
+}
+
+#[test]
+fn gpu_adds_limit_selector_toleration_and_cuda_image() {
+    let yaml = TWO_VARIANTS.replace(
+            "resources: {cpu: \"2\", memory: 1Gi}",
+            "resources: {cpu: \"2\", memory: 1Gi, gpu: {count: 1, product: NVIDIA-H100}}\n  scheduling: {nodeSelector: {pool: a}}",
+        );
+    let d = render(&yaml);
+    let pod = d.deployments[0]
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.clone())
+        .expect("pod");
+    let c = &pod.containers[0];
+    assert_eq!(c.image.as_deref(), Some("sidecar-cuda:test"));
+    let limits = c
+        .resources
+        .as_ref()
+        .and_then(|r| r.limits.clone())
+        .expect("limits");
+    assert_eq!(limits[GPU_RESOURCE], Quantity("1".into()));
+    let ns = pod.node_selector.expect("selector");
+    assert_eq!(ns[GPU_PRODUCT_LABEL], "NVIDIA-H100");
+    assert_eq!(ns["pool"], "a");
+    assert!(
+        pod.tolerations
+            .expect("tolerations")
+            .iter()
+            .any(|t| t.key.as_deref() == Some(GPU_RESOURCE))
+    );
+    // The fetch init container never asks for a GPU.
+    let init = &pod.init_containers.expect("init")[0];
+    assert!(
+        init.resources
+            .as_ref()
+            .and_then(|r| r.limits.as_ref())
+            .is_some_and(|l| !l.contains_key(GPU_RESOURCE))
+    );
+}
+
+#[test]
+fn autoscaling_omits_replicas_and_renders_hpas() {
+    let yaml = TWO_VARIANTS.replace(
+            "replicas: 2",
+            "autoscaling: {minReplicas: 1, maxReplicas: 3, metrics: [{type: CPU, target: 70}, {type: TokensPerSecond, target: 50}], behavior: {scaleDown: {stabilizationWindowSeconds: 600}}}",
+        );
+    let d = render(&yaml);
+    assert_eq!(
+        d.deployments[0].spec.as_ref().and_then(|s| s.replicas),
+        None
+    );
+    assert_eq!(d.autoscalers.len(), 2);
+    let spec = d.autoscalers[1].spec.clone().expect("spec");
+    assert_eq!(spec.scale_target_ref.name, "chat-canary");
+    let metrics = spec.metrics.expect("metrics");
+    assert_eq!(
+        metrics[1].pods.as_ref().expect("pods").metric.name,
+        "sluice_completion_tokens_per_second"
+    );
+    assert_eq!(
+        spec.behavior
+            .and_then(|b| b.scale_down)
+            .and_then(|s| s.stabilization_window_seconds),
+        Some(600)
+    );
+}
+
+#[test]
+fn huggingface_source_becomes_a_resolve_url() {
+    let yaml = TWO_VARIANTS.replace(
+            "{url: \"https://example.com/a.gguf\"}",
+            "{huggingFace: {repo: o/r, file: m.gguf, revision: abc}, sha256: \"AB00000000000000000000000000000000000000000000000000000000000000\"}",
+        );
+    let d = render(&yaml);
+    let pod = d.deployments[0]
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.clone())
+        .expect("pod");
+    let args = pod.init_containers.expect("init")[0]
+        .args
+        .clone()
+        .expect("args");
+    assert_eq!(
+        args.join(" "),
+        "fetch --url https://huggingface.co/o/r/resolve/abc/m.gguf --sha256 ab00000000000000000000000000000000000000000000000000000000000000 --out /models/model.gguf"
+    );
+}
+
+#[test]
+fn invalid_specs_are_rejected_with_the_reason() {
+    let bad = TWO_VARIANTS.replace("weight: 10", "weight: 20");
+    let err = desired_for(&model_from_yaml(&bad)).expect_err("weights sum to 110");
+    assert!(err.to_string().contains("sum to 110"), "{err}");
+    let bad = TWO_VARIANTS.replace("name: canary", "name: stable");
+    assert!(
+        model_from_yaml(&bad)
+            .validate()
+            .expect_err("dup")
+            .contains("unique")
+    );
+}
+
+#[test]
+fn rendering_is_deterministic() {
+    assert_eq!(
+        render(TWO_VARIANTS).to_yaml().expect("yaml"),
+        render(TWO_VARIANTS).to_yaml().expect("yaml")
+    );
+}

@@ -1,0 +1,161 @@
+//! The prefix cache on the real binary and model: with default flags, resident memory levels
+//! off however many distinct prompts arrive (it grew by one sequence's KV cache, ~23 MB, per
+//! request), the cache reports what it holds in `/metrics`, and the budget the operator renders
+//! from `engine.prefixCacheMemory` is the one the sidecar enforces.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use http::StatusCode;
+use serde::Deserialize;
+use serde_json::json;
+
+const CONCURRENCY: usize = 4;
+
+/// Anonymous resident memory of `pid` in bytes (`RssAnon`: the heap, not the mapped files).
+fn rss_anon(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("RssAnon:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
+/// `count` chats with distinct prompts (the template's system turn is shared), `concurrency`
+/// at a time, numbered from `first`.
+async fn chats(sidecar: &Sidecar, first: usize, count: usize, concurrency: usize) {
+    let url = format!("{}/v1/chat/completions", sidecar.api);
+    for batch in (first..first + count)
+        .collect::<Vec<_>>()
+        .chunks(concurrency)
+    {
+        let requests = batch.iter().map(|i| {
+            let body = json!({
+                "model": sidecar.name,
+                "messages": [{"role": "user", "content": format!("Request {i}: name a colour.")}],
+                "max_tokens": 4,
+                "temperature": 0,
+            });
+            let url = url.clone();
+            async move { post_json(&url, &body).await }
+        });
+        for (status, body) in futures::future::join_all(requests).await {
+            assert_eq!(status, StatusCode::OK, "{body}");
+        }
+    }
+}
+
+async fn metrics(sidecar: &Sidecar) -> String {
+    get(&format!("{}/metrics", sidecar.admin)).await.unwrap().1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resident_memory_levels_off_with_default_flags() {
+    let mut sidecar = Sidecar::spawn(&[]);
+    sidecar.wait_ready().await;
+    let pid = sidecar.child.id();
+    // The engine's own warm-up request at load already looked the cache up once.
+    let at_ready = metrics(&sidecar).await;
+
+    // Warm-up: the cache fills (16 entries by default) and the allocator finds its size.
+    chats(&sidecar, 0, 50, CONCURRENCY).await;
+    let warm = rss_anon(pid);
+    chats(&sidecar, 50, 250, CONCURRENCY).await;
+    let after = rss_anon(pid);
+    let text = metrics(&sidecar).await;
+    eprintln!(
+        "RssAnon: {} MB after 50 requests, {} MB after 300",
+        warm >> 20,
+        after >> 20
+    );
+
+    // Before the fix, 250 more requests added about 5.7 GB.
+    assert!(
+        after <= warm + warm / 10,
+        "RssAnon grew from {} MB after 50 requests to {} MB after 300\n{text}",
+        warm >> 20,
+        after >> 20
+    );
+    let value =
+        |text: &str, name| metric(text, name).unwrap_or_else(|| panic!("no {name} in\n{text}"));
+    let since_ready = |name| value(&text, name) - value(&at_ready, name);
+    assert!(
+        value(&text, "sluice_prefix_cache_entries") <= 16.0,
+        "{text}"
+    );
+    assert!(
+        since_ready("sluice_prefix_cache_evictions_total") >= 300.0 - 16.0,
+        "{text}"
+    );
+    // Every chat shares the template's system turn: each one after the first batch (which
+    // found the cache empty) starts from it.
+    let first_batch = CONCURRENCY as f64;
+    assert!(
+        since_ready("sluice_prefix_cache_misses_total") <= first_batch,
+        "{text}"
+    );
+    assert!(
+        since_ready("sluice_prefix_cache_hits_total") >= 300.0 - first_batch,
+        "{text}"
+    );
+    let bytes = value(&text, "sluice_prefix_cache_bytes");
+    assert!(bytes > 0.0, "{text}");
+    assert!(
+        bytes <= value(&text, "sluice_prefix_cache_limit_bytes"),
+        "{text}"
+    );
+}
+
+/// The engine flags the operator renders for the demo example (golden file), on the binary.
+fn rendered_engine_args() -> Vec<String> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../operator/tests/golden/inferencemodel.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let deployment = serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| serde_yaml::Value::deserialize(doc).unwrap())
+        .find(|doc| doc["kind"] == "Deployment")
+        .unwrap();
+    let args: Vec<String> = deployment["spec"]["template"]["spec"]["containers"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "sidecar")
+        .map(|c| serde_yaml::from_value(c["args"].clone()).unwrap())
+        .unwrap();
+    // The engine's flags follow the pod's own (paths, ports) after `--cache-dir DIR`.
+    let engine = args.iter().position(|a| a == "--cache-dir").unwrap() + 2;
+    args[engine..].to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_budget_the_operator_renders_is_the_one_enforced() {
+    let args = rendered_engine_args();
+    let flag = args
+        .iter()
+        .position(|a| a == "--prefix-cache-bytes")
+        .unwrap();
+    // examples/inferencemodel.yaml: `prefixCacheMemory: 128Mi`.
+    assert_eq!(args[flag + 1], (128u64 << 20).to_string());
+
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut sidecar = Sidecar::spawn(&args);
+    sidecar.wait_ready().await;
+    let text = metrics(&sidecar).await;
+    assert_eq!(
+        metric(&text, "sluice_prefix_cache_limit_bytes"),
+        Some((128u64 << 20) as f64),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_budget_that_is_not_a_byte_size_stops_the_start_with_the_reason() {
+    let mut sidecar = Sidecar::spawn(&["--prefix-cache-bytes", "12XB"]);
+    let status = sidecar.child.wait().unwrap();
+    assert!(!status.success());
+    let log = sidecar.log();
+    assert!(
+        log.contains("--prefix-cache-bytes") && log.contains("\"12XB\" is not a byte size"),
+        "{log}"
+    );
+}
