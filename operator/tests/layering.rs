@@ -138,7 +138,10 @@ fn paths(s: &str, prefix: &str, out: &mut Vec<String>) {
         match c {
             '{' => depth += 1,
             ',' | '}' if depth == 1 => {
-                paths(&s[start..j], &path, out);
+                // A trailing comma leaves an empty item, which names nothing.
+                if !s[start..j].trim().is_empty() {
+                    paths(&s[start..j], &path, out);
+                }
                 start = j + 1;
             }
             _ => {}

@@ -86,9 +86,9 @@ fn main() {
     let (config, token) = (config.to_str().unwrap(), token.to_str().unwrap());
     // Q8_0 (fast CPU kernels), converted once before both start.
     let cache = dir.join("cache");
-    sluice_sidecar::convert::ensure_converted(
+    sluice_sidecar::model::convert::ensure_converted(
         &common::model_path(),
-        sluice_sidecar::config::Quant::Q8_0,
+        sluice_sidecar::model::convert::Quant::Q8_0,
         &cache,
     )
     .unwrap();

@@ -13,10 +13,9 @@ use std::{
 
 use sluice_crds::SidecarConfig;
 use sluice_sidecar::{
-    identity::Identity,
-    limits::{LimitMetrics, Limiter, Policy, Request},
+    limits::{Identity, LimitMetrics, Limiter, Policy, Request},
     readiness::Readiness,
-    watch::Reloader,
+    reload::Reloader,
 };
 
 /// Distinct keys in the admission stream (`SLUICE_BENCH_KEYS`, default 100,000).

@@ -31,9 +31,9 @@ use hyper_util::{
 };
 use serde_json::json;
 use sluice_sidecar::{
-    config::{Activations, Quant, ServeArgs},
-    convert,
-    engine::{ChatTurn, Engine, EngineSettings, Event, GenerationParams, Prompt},
+    cli::ServeArgs,
+    engine::{Activations, ChatTurn, Engine, EngineSettings, Event, GenerationParams, Prompt},
+    model::convert::{self, Quant},
 };
 use tokio::sync::oneshot;
 

@@ -3,7 +3,15 @@
 use std::{process::ExitCode, time::Instant};
 
 use clap::{Parser, Subcommand};
-use sluice_sidecar::config::{self, Quant, ServeArgs};
+use sluice_sidecar::{
+    cli::ServeArgs,
+    model::{
+        convert::{self, Quant},
+        fetch::{self, FetchArgs},
+    },
+    preflight,
+    telemetry::{self, LogFormat},
+};
 
 /// The sluice data plane.
 #[derive(Debug, Parser)]
@@ -19,7 +27,7 @@ enum Command {
     /// Serve a GGUF model over the OpenAI API.
     Serve(Box<ServeArgs>),
     /// Download a model's weights (resuming, verified) before `serve` starts: the init container.
-    Fetch(Box<sluice_sidecar::fetch::FetchArgs>),
+    Fetch(Box<FetchArgs>),
     /// Convert a GGUF model's weights to Q4_0 or Q8_0 (fast CPU kernels) and write a new file.
     Convert {
         /// Source GGUF.
@@ -50,9 +58,9 @@ fn main() -> ExitCode {
 fn run(cli: Cli, process_start: Instant) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
-            config::check_cpu()?;
+            preflight::check_cpu()?;
             let config = args.validate()?;
-            sluice_sidecar::init_tracing(config.log_format);
+            telemetry::init_tracing(config.log_format);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
@@ -61,17 +69,17 @@ fn run(cli: Cli, process_start: Instant) -> anyhow::Result<()> {
         }
         Command::Fetch(args) => {
             let config = args.validate()?;
-            sluice_sidecar::init_tracing(config.log_format);
+            telemetry::init_tracing(config.log_format);
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            runtime.block_on(sluice_sidecar::fetch::fetch(&config))?;
+            runtime.block_on(fetch::fetch(&config))?;
             Ok(())
         }
         Command::Convert { model, to, out } => {
-            sluice_sidecar::init_tracing(config::LogFormat::Text);
-            config::check_gguf(&model)?;
-            sluice_sidecar::convert::convert(&model, &out, to)?;
+            telemetry::init_tracing(LogFormat::Text);
+            preflight::check_gguf(&model)?;
+            convert::convert(&model, &out, to)?;
             Ok(())
         }
     }

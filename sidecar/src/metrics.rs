@@ -12,11 +12,13 @@ use prometheus_client::{
     },
     registry::{Registry, Unit},
 };
+use sluice_crds::contract;
 use std::sync::{Arc, atomic::AtomicU64};
 
 use crate::engine::PrefixCacheMeter;
 
-/// Labels of `sluice_requests_total`.
+/// Labels of `sluice_requests_total`: the operator's canary analysis reads them by the names
+/// in [`contract`] (`LABEL_ROUTE`, `LABEL_VARIANT`, `LABEL_STATUS`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// The API route, e.g. `/v1/chat/completions`.
@@ -76,12 +78,12 @@ impl Metrics {
             cold_start: Gauge::default(),
         };
         registry.register(
-            "requests",
+            contract::REQUESTS,
             "OpenAI API requests answered, by route and status",
             m.requests.clone(),
         );
         registry.register(
-            "requests_in_flight",
+            contract::REQUESTS_IN_FLIGHT,
             "Requests admitted to the engine and not finished",
             m.in_flight.clone(),
         );
@@ -101,7 +103,7 @@ impl Metrics {
             m.completion_tokens.clone(),
         );
         registry.register_with_unit(
-            "time_to_first_token",
+            contract::TIME_TO_FIRST_TOKEN,
             "Time from request arrival to the first generated token",
             Unit::Seconds,
             m.time_to_first_token.clone(),
@@ -220,9 +222,9 @@ impl Collector for PrefixCacheMetrics {
     }
 }
 
-/// The binary's one registry, prefix `sluice`.
+/// The binary's one registry, prefix `sluice` ([`contract::PREFIX`]).
 pub fn new_registry() -> Registry {
-    Registry::with_prefix("sluice")
+    Registry::with_prefix(contract::PREFIX)
 }
 
 /// Renders the registry in the Prometheus text format.
@@ -262,6 +264,37 @@ mod tests {
             "sluice_prefix_cache_bytes 0",
             "sluice_prefix_cache_limit_bytes 1048576",
             "sluice_prefix_cache_entries 0",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn request_labels_are_named_as_the_contract_says() {
+        let mut registry = new_registry();
+        let m = Metrics::register(&mut registry);
+        m.record_request("/v1/completions", "canary", 429);
+        let text = encode(&registry);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(contract::REQUESTS_TOTAL_SERIES))
+            .unwrap_or_else(|| panic!("no {} in\n{text}", contract::REQUESTS_TOTAL_SERIES));
+        let labels = &line[line.find('{').unwrap() + 1..line.find('}').unwrap()];
+        let names: Vec<&str> = labels
+            .split(',')
+            .map(|l| l.split('=').next().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                contract::LABEL_ROUTE,
+                contract::LABEL_VARIANT,
+                contract::LABEL_STATUS
+            ]
+        );
+        for name in [
+            contract::REQUESTS_IN_FLIGHT_SERIES,
+            contract::TIME_TO_FIRST_TOKEN_BUCKET_SERIES,
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

@@ -9,10 +9,7 @@
 use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use sluice_crds::SidecarConfig;
-use sluice_sidecar::{
-    identity::Identity,
-    limits::{LimitMetrics, Limiter, Policy, Request},
-};
+use sluice_sidecar::limits::{Identity, LimitMetrics, Limiter, Policy, Request};
 
 const SECOND: u64 = 1_000_000_000;
 /// The free tier's cluster limit, requests per second (ratelimitpolicy-free.yaml).

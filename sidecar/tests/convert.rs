@@ -5,9 +5,8 @@
 mod common;
 
 use sluice_sidecar::{
-    config::Quant,
-    convert,
     engine::{ChatTurn, Prompt},
+    model::convert::{self, Quant},
 };
 
 fn prompts() -> Vec<Prompt> {

@@ -19,8 +19,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use serde_json::{Value, json};
 use sluice_sidecar::{
-    config::Quant,
-    routing::{FORWARDED_HEADER, ForwardAuth, ForwardToken, VARIANT_HEADER},
+    model::convert::Quant,
+    route::{FORWARDED_HEADER, ForwardAuth, ForwardToken, VARIANT_HEADER},
 };
 
 const TOKEN: &str = "test-forwarding-token-0123456789abcdef";
@@ -66,7 +66,7 @@ fn config_yaml(variants: &[(&str, u32, u16)]) -> String {
 /// fast CPU kernels), so the sidecars started on it do not race to convert.
 fn q8_cache(scratch: &Scratch) -> String {
     let cache = scratch.0.join("cache");
-    sluice_sidecar::convert::ensure_converted(&model_path(), Quant::Q8_0, &cache).unwrap();
+    sluice_sidecar::model::convert::ensure_converted(&model_path(), Quant::Q8_0, &cache).unwrap();
     cache.to_str().unwrap().to_owned()
 }
 

@@ -36,16 +36,23 @@
 //! - **Memory.** Buckets live in bounded tables (see [`table`]): idle buckets are swept, and a
 //!   table never holds more than [`table::DEFAULT_MAX_ENTRIES`] entries in 24-byte slots, at
 //!   most half full: at most 48 MB per per-key limit for 1M keys.
+//!
+//! This module knows no HTTP: a refusal carries its [`Cause`], and [`crate::openai`] renders the
+//! statuses, error bodies and headers named above.
 
-pub mod admission;
 pub mod bucket;
+pub mod identity;
+pub mod metrics;
 pub mod policy;
 mod prefetch;
+pub mod refusal;
+pub mod sweep;
 pub mod table;
+pub mod window;
 
 use std::{
     cell::RefCell,
-    hash::{BuildHasher, BuildHasherDefault},
+    hash::BuildHasher,
     sync::{
         Arc,
         atomic::{AtomicI64, AtomicU64, Ordering},
@@ -53,24 +60,26 @@ use std::{
     time::Instant,
 };
 
-use http::{HeaderName, HeaderValue, StatusCode};
-use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
-    registry::Registry,
-};
+use prometheus_client::registry::Registry;
+use rustc_hash::FxBuildHasher;
 use sluice_crds::rate_limit_policy::{BucketKey, Priority};
 use tokio::sync::watch;
 
-pub use self::policy::{Limit, Policy, Rule};
 use self::{
     bucket::{Level, SCALE, SECOND, Shortfall},
     policy::{LimitKind, priority_bit},
 };
-use crate::watch::PolicySlot;
+pub use self::{
+    identity::Identity,
+    metrics::LimitMetrics,
+    policy::{Limit, Policy, Rule},
+    refusal::{Cause, Refusal, SATURATION_RULE, Unit, format_duration},
+    window::{RateInfo, Window},
+};
 
-/// The rule name reported when a request is shed for saturation.
-pub const SATURATION_RULE: &str = "saturation";
+/// The policy channel's value: `None` while no valid config has been seen (and unlimited
+/// serving was not allowed), so requests are refused and readiness is false.
+pub type PolicySlot = Option<Arc<Policy>>;
 
 /// Shared limiter state: the clock, the key hasher, requests in flight, metrics. `Copy`: it is
 /// created once per process and lives as long (leaked on purpose, so that every ticket reaches
@@ -211,57 +220,6 @@ impl Holds {
     }
 }
 
-/// One `x-ratelimit-*` trio: limit, remaining and time to full (worked out only when the
-/// headers are rendered, off the admission decision).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Window {
-    /// Capacity in units.
-    pub limit: u64,
-    /// Units left.
-    pub remaining: u64,
-    level: Level,
-    rate: bucket::Rate,
-    now: u64,
-}
-
-impl Window {
-    /// Nanoseconds until the bucket is full again.
-    pub fn reset_ns(&self) -> u64 {
-        bucket::Spec::new(self.rate).until_full(&self.level, self.now)
-    }
-}
-
-/// The tightest request and token windows among the limits a request was checked against.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RateInfo {
-    /// From `requestsPerSecond`/`requestsPerMinute` limits.
-    pub requests: Option<Window>,
-    /// From `tokensPerMinute`/`tokensPerDay` limits.
-    pub tokens: Option<Window>,
-}
-
-/// A refused request: everything its answer needs.
-#[derive(Clone, Debug)]
-pub struct Refusal {
-    /// 429, 400, 401 or 503.
-    pub status: StatusCode,
-    /// OpenAI error `type`: `requests`, `tokens`, `insufficient_quota`,
-    /// `invalid_request_error`, `server_error`.
-    pub kind: &'static str,
-    /// OpenAI error `code`.
-    pub code: &'static str,
-    /// The request field at fault, if any.
-    pub param: Option<&'static str>,
-    /// For a human: the limit, what is used and what was requested.
-    pub message: String,
-    /// The refusing rule (`x-sluice-rule`), if a rule refused.
-    pub rule: Option<Arc<str>>,
-    /// When the request would pass, in nanoseconds from now (429s and 503s).
-    pub retry_after_ns: Option<u64>,
-    /// `x-ratelimit-*` values.
-    pub rate: RateInfo,
-}
-
 /// What the limiter did with one limit while admitting.
 enum Check {
     Taken(u64, Level),
@@ -276,7 +234,8 @@ impl Limiter {
         Self::with_metrics(LimitMetrics::register(registry))
     }
 
-    /// A limiter with the given metrics.
+    /// A limiter with the given metrics. Its shared state is leaked (see [`Limiter`]): a process
+    /// creates one; tests and benches create a few.
     pub fn with_metrics(metrics: LimitMetrics) -> Self {
         Self(Box::leak(Box::new(Shared {
             epoch: Instant::now(),
@@ -346,8 +305,11 @@ impl Limiter {
                 Priority::Critical => false,
             };
             if shed {
-                self.0.metrics.refused(SATURATION_RULE, "saturated");
-                return Err(Box::new(Refusal::shed(priority, in_flight, mark)));
+                let refusal = Refusal::shed(priority, in_flight, mark);
+                self.0
+                    .metrics
+                    .refused(SATURATION_RULE, refusal.cause.reason());
+                return Err(Box::new(refusal));
             }
         }
 
@@ -412,7 +374,7 @@ impl Limiter {
             let limit = &rule.limits[li as usize];
             let mut refusal =
                 Refusal::limited(rule, limit, short, &level, cost_of(limit.kind, req));
-            if refusal.status == StatusCode::TOO_MANY_REQUESTS {
+            if refusal.waits_for_refill() {
                 let (wait, info) = self.when_all_pass(policy, req, priority, &mut keys, now);
                 refusal.retry_after_ns = Some(wait.max(refusal.retry_after_ns.unwrap_or(0)));
                 refusal.rate = info;
@@ -422,7 +384,7 @@ impl Limiter {
                         .push_str(&format!(" Please try again in {}.", format_duration(w)));
                 }
             }
-            self.0.metrics.refused(&rule.name, refusal.code);
+            self.0.metrics.refused(&rule.name, refusal.cause.reason());
             return Err(Box::new(refusal));
         }
 
@@ -650,9 +612,9 @@ impl<'a> Keys<'a> {
             BucketKey::Pod => return 0,
             // Variants are the config's, not the caller's: an unkeyed hash will do.
             BucketKey::Variant => {
-                return *self.variant.get_or_insert_with(|| {
-                    BuildHasherDefault::<policy::FxHasher>::default().hash_one(self.req.variant)
-                });
+                return *self
+                    .variant
+                    .get_or_insert_with(|| FxBuildHasher.hash_one(self.req.variant));
             }
             BucketKey::Tenant => (&mut self.tenant, self.req.tenant),
             BucketKey::Key if self.same => (&mut self.tenant, self.req.tenant),
@@ -694,11 +656,6 @@ impl Ticket {
         }
         self.limiter.0.in_flight.sub();
     }
-
-    /// The `x-ratelimit-*` headers for the response.
-    pub fn headers(&self) -> Vec<(HeaderName, HeaderValue)> {
-        self.rate.headers()
-    }
 }
 
 impl Drop for Ticket {
@@ -707,332 +664,6 @@ impl Drop for Ticket {
             let now = self.limiter.now();
             self.finish(None, now);
         }
-    }
-}
-
-// === impl RateInfo ===
-
-impl RateInfo {
-    /// Folds `level` (a bucket of `limit`, advanced to `now`) into the tightest windows.
-    fn observe(&mut self, limit: &Limit, level: &Level, now: u64) {
-        let slot = match limit.kind {
-            LimitKind::RequestsPerSecond | LimitKind::RequestsPerMinute => &mut self.requests,
-            LimitKind::TokensPerMinute | LimitKind::TokensPerDay => &mut self.tokens,
-            _ => return,
-        };
-        let w = Window {
-            limit: limit.spec.rate.capacity / SCALE,
-            remaining: limit.spec.remaining(level),
-            level: *level,
-            rate: limit.spec.rate,
-            now,
-        };
-        if slot.is_none_or(|s| (w.remaining, w.limit) < (s.remaining, s.limit)) {
-            *slot = Some(w);
-        }
-    }
-
-    /// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`.
-    pub fn headers(&self) -> Vec<(HeaderName, HeaderValue)> {
-        let mut out = Vec::with_capacity(6);
-        for (w, [limit, remaining, reset]) in [
-            (
-                self.requests,
-                [
-                    "x-ratelimit-limit-requests",
-                    "x-ratelimit-remaining-requests",
-                    "x-ratelimit-reset-requests",
-                ],
-            ),
-            (
-                self.tokens,
-                [
-                    "x-ratelimit-limit-tokens",
-                    "x-ratelimit-remaining-tokens",
-                    "x-ratelimit-reset-tokens",
-                ],
-            ),
-        ] {
-            if let Some(w) = w {
-                out.push((HeaderName::from_static(limit), HeaderValue::from(w.limit)));
-                out.push((
-                    HeaderName::from_static(remaining),
-                    HeaderValue::from(w.remaining),
-                ));
-                if let Ok(v) = HeaderValue::from_str(&format_duration(w.reset_ns())) {
-                    out.push((HeaderName::from_static(reset), v));
-                }
-            }
-        }
-        out
-    }
-}
-
-// === impl Refusal ===
-
-impl Refusal {
-    fn limited(rule: &Rule, limit: &Limit, short: Shortfall, level: &Level, cost: u64) -> Self {
-        let (what, unit_kind) = match limit.kind {
-            LimitKind::RequestsPerSecond => ("requests per second", "requests"),
-            LimitKind::RequestsPerMinute => ("requests per minute", "requests"),
-            LimitKind::TokensPerMinute => ("tokens per minute", "tokens"),
-            LimitKind::TokensPerDay => ("tokens per day", "tokens"),
-            LimitKind::BytesPerSecond => ("bytes per second", "requests"),
-            LimitKind::Concurrent => ("concurrent requests", "requests"),
-        };
-        let name = &rule.name;
-        let (limit_units, used, requested) = match limit.kind {
-            LimitKind::Concurrent => (limit.max_in_flight, level.used, 1),
-            _ => (
-                limit.spec.rate.capacity / SCALE,
-                level.used.div_ceil(SCALE),
-                cost.div_ceil(SCALE),
-            ),
-        };
-        let unit = match limit.kind {
-            LimitKind::TokensPerMinute | LimitKind::TokensPerDay => "tokens",
-            LimitKind::BytesPerSecond => "bytes",
-            _ => "requests",
-        };
-        match short {
-            Shortfall::Never => Self {
-                status: StatusCode::BAD_REQUEST,
-                kind: "invalid_request_error",
-                code: "request_too_large",
-                param: match limit.kind {
-                    LimitKind::TokensPerMinute | LimitKind::TokensPerDay => Some("max_tokens"),
-                    _ => None,
-                },
-                message: format!(
-                    "Request too large for {what} (rule {name}): the limit allows at most \
-                     {limit_units} {unit} at once and this request needs {requested}. It can \
-                     never be admitted: reduce the prompt or max_tokens."
-                ),
-                rule: Some(rule.name.clone()),
-                retry_after_ns: None,
-                rate: RateInfo::default(),
-            },
-            Shortfall::Wait(wait) => {
-                let quota = limit.kind == LimitKind::TokensPerDay;
-                Self {
-                    status: StatusCode::TOO_MANY_REQUESTS,
-                    kind: if quota {
-                        "insufficient_quota"
-                    } else {
-                        unit_kind
-                    },
-                    code: if quota {
-                        "insufficient_quota"
-                    } else {
-                        "rate_limit_exceeded"
-                    },
-                    param: None,
-                    message: if quota {
-                        format!(
-                            "You exceeded your current quota of {what} (rule {name}): Limit \
-                             {limit_units}, Used {used}, Requested {requested}."
-                        )
-                    } else {
-                        format!(
-                            "Rate limit reached for {what} (rule {name}): Limit {limit_units}, \
-                             Used {used}, Requested {requested}."
-                        )
-                    },
-                    rule: Some(rule.name.clone()),
-                    retry_after_ns: Some(wait),
-                    rate: RateInfo::default(),
-                }
-            }
-        }
-    }
-
-    fn shed(priority: Priority, in_flight: u64, mark: u64) -> Self {
-        Self {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            kind: "server_error",
-            code: "overloaded",
-            param: None,
-            message: format!(
-                "The server is saturated ({in_flight} requests in flight, mark {mark}) and is \
-                 shedding {priority:?} requests; retry shortly."
-            ),
-            rule: Some(Arc::from(SATURATION_RULE)),
-            retry_after_ns: Some(SECOND),
-            rate: RateInfo::default(),
-        }
-    }
-
-    /// A 401 for a caller that is not in the key list.
-    pub fn unauthorized(reason: &crate::identity::Unauthorized) -> Self {
-        use crate::identity::Unauthorized;
-        let message = match reason {
-            Unauthorized::Missing => "You didn't provide an API key. You need to provide your API \
-                                      key in an Authorization header using Bearer auth (i.e. \
-                                      Authorization: Bearer YOUR_KEY)."
-                .to_owned(),
-            Unauthorized::Unknown(hash) => {
-                format!("Incorrect API key provided (key hash {hash}).")
-            }
-        };
-        Self {
-            status: StatusCode::UNAUTHORIZED,
-            kind: "invalid_request_error",
-            code: "invalid_api_key",
-            param: None,
-            message,
-            rule: None,
-            retry_after_ns: None,
-            rate: RateInfo::default(),
-        }
-    }
-
-    /// Whole seconds to wait (`Retry-After`), rounded up.
-    pub fn retry_after_secs(&self) -> Option<u64> {
-        self.retry_after_ns.map(|ns| ns.div_ceil(SECOND))
-    }
-
-    /// Every header of the answer but `Retry-After` (which the error renderer sets from
-    /// [`Refusal::retry_after_secs`]): `retry-after-ms`, `x-sluice-rule`, `x-ratelimit-*`, and
-    /// `x-should-retry: false` when the wait is too long for a client to sit out.
-    pub fn headers(&self) -> Vec<(HeaderName, HeaderValue)> {
-        let mut out = self.rate.headers();
-        if let Some(ns) = self.retry_after_ns {
-            out.push((
-                HeaderName::from_static("retry-after-ms"),
-                HeaderValue::from(ns.div_ceil(1_000_000)),
-            ));
-            if ns > 60 * SECOND {
-                out.push((
-                    HeaderName::from_static("x-should-retry"),
-                    HeaderValue::from_static("false"),
-                ));
-            }
-        }
-        if let Some(rule) = &self.rule
-            && let Ok(v) = HeaderValue::from_str(rule)
-        {
-            out.push((HeaderName::from_static("x-sluice-rule"), v));
-        }
-        out
-    }
-}
-
-/// Formats a duration as OpenAI does in `x-ratelimit-reset-*`: `250ms`, `1s`, `6m0s`, `1h2m3s`.
-pub fn format_duration(ns: u64) -> String {
-    let ms = ns.div_ceil(1_000_000);
-    if ms < 1000 {
-        return format!("{ms}ms");
-    }
-    let (h, rest) = (ms / 3_600_000, ms % 3_600_000);
-    let (m, rest) = (rest / 60_000, rest % 60_000);
-    let secs = if rest % 1000 == 0 {
-        format!("{}s", rest / 1000)
-    } else {
-        let s = format!("{}.{:03}", rest / 1000, rest % 1000);
-        format!("{}s", s.trim_end_matches('0'))
-    };
-    match (h, m) {
-        (0, 0) => secs,
-        (0, m) => format!("{m}m{secs}"),
-        (h, m) => format!("{h}h{m}m{secs}"),
-    }
-}
-
-// === metrics ===
-
-/// Labels naming a rule.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RuleLabels {
-    /// The rule's name.
-    pub rule: String,
-}
-
-/// Labels of refusals.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RefusalLabels {
-    /// The refusing rule (or `saturation`).
-    pub rule: String,
-    /// The answer's code: `rate_limit_exceeded`, `insufficient_quota`, `request_too_large`,
-    /// `saturated`.
-    pub reason: String,
-}
-
-/// Metrics of the limiter and of config reloads.
-#[derive(Clone, Debug, Default)]
-pub struct LimitMetrics {
-    /// `sluice_ratelimit_shadow_total{rule}`.
-    pub shadow: Family<RuleLabels, Counter>,
-    /// `sluice_ratelimit_refused_total{rule,reason}`.
-    pub refused: Family<RefusalLabels, Counter>,
-    /// `sluice_ratelimit_buckets`: buckets held (as of the last sweep).
-    pub buckets: Gauge,
-    /// `sluice_ratelimit_buckets_evicted_total`: buckets dropped from full tables.
-    pub evicted: Counter,
-    /// `sluice_config_generation`: the generation of the config in force.
-    pub generation: Gauge,
-    /// `sluice_config_reloads_total`: documents applied.
-    pub reloads: Counter,
-    /// `sluice_config_reload_errors_total`: documents rejected.
-    pub reload_errors: Counter,
-}
-
-impl LimitMetrics {
-    /// Registers the metrics in `registry` (prefix `sluice_` comes from the registry).
-    pub fn register(registry: &mut Registry) -> Self {
-        let m = Self::default();
-        registry.register(
-            "ratelimit_shadow",
-            "Requests shadow rules would have refused, by rule",
-            m.shadow.clone(),
-        );
-        registry.register(
-            "ratelimit_refused",
-            "Requests refused by rate limits, by rule and reason",
-            m.refused.clone(),
-        );
-        registry.register(
-            "ratelimit_buckets",
-            "Rate-limit buckets held (as of the last sweep)",
-            m.buckets.clone(),
-        );
-        registry.register(
-            "ratelimit_buckets_evicted",
-            "Rate-limit buckets dropped because their table was full",
-            m.evicted.clone(),
-        );
-        registry.register(
-            "config_generation",
-            "Generation of the sidecar config in force",
-            m.generation.clone(),
-        );
-        registry.register(
-            "config_reloads",
-            "Sidecar config documents applied",
-            m.reloads.clone(),
-        );
-        registry.register(
-            "config_reload_errors",
-            "Sidecar config documents rejected (the last good one stays in force)",
-            m.reload_errors.clone(),
-        );
-        m
-    }
-
-    fn shadow(&self, rule: &str) {
-        self.shadow
-            .get_or_create(&RuleLabels {
-                rule: rule.to_owned(),
-            })
-            .inc();
-    }
-
-    fn refused(&self, rule: &str, reason: &str) {
-        self.refused
-            .get_or_create(&RefusalLabels {
-                rule: rule.to_owned(),
-                reason: reason.to_owned(),
-            })
-            .inc();
     }
 }
 

@@ -4,13 +4,13 @@
 
 use std::{
     collections::HashMap,
-    hash::{BuildHasherDefault, Hasher},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
 };
 
+use rustc_hash::FxBuildHasher;
 use sluice_crds::{
     SidecarConfig,
     rate_limit_policy::{BucketKey, Priority, RateLimitRule, Scope},
@@ -18,9 +18,9 @@ use sluice_crds::{
 
 use super::{
     bucket::{Rate, SCALE, SECOND, Spec},
+    identity::Identity,
     table::Table,
 };
-use crate::identity::Identity;
 
 /// Nanoseconds per minute.
 pub const MINUTE: u64 = 60 * SECOND;
@@ -93,8 +93,11 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     /// Rules with no tenant condition (indices into `rules`, ascending).
     pub(super) any_tenant: Vec<u32>,
-    /// Rules naming tenants, by tenant (ascending indices).
-    pub(super) by_tenant: HashMap<String, Vec<u32>, BuildHasherDefault<FxHasher>>,
+    /// Rules naming tenants, by tenant (ascending indices). Hashed with Fx (rustc's hash): fast
+    /// and unkeyed. Safe here because the map is built from the config and only *looked up*
+    /// with caller-chosen tenants: a crafted tenant can collide with configured ones but cannot
+    /// make the map grow or degrade.
+    pub(super) by_tenant: HashMap<String, Vec<u32>, FxBuildHasher>,
     /// Rules that assign a priority.
     pub(super) assigners: Vec<u32>,
     /// In-flight mark for shedding.
@@ -129,8 +132,7 @@ impl Policy {
             .unwrap_or_default();
         let mut rules = Vec::with_capacity(config.rules.len());
         let mut any_tenant = Vec::new();
-        let mut by_tenant: HashMap<String, Vec<u32>, BuildHasherDefault<FxHasher>> =
-            HashMap::default();
+        let mut by_tenant: HashMap<String, Vec<u32>, FxBuildHasher> = HashMap::default();
         let mut assigners = Vec::new();
         for (i, r) in config.rules.iter().enumerate() {
             let i = i as u32;
@@ -191,31 +193,6 @@ impl Policy {
     /// Every table of this policy (for sweeping and for the bucket gauge).
     pub fn limits(&self) -> impl Iterator<Item = &Limit> {
         self.rules.iter().flat_map(|r| r.limits.iter())
-    }
-}
-
-/// The Fx hash (rustc's): fast and unkeyed. Safe here because the map is built from the config
-/// and only *looked up* with caller-chosen tenants: a crafted tenant can collide with configured
-/// ones but cannot make the map grow or degrade.
-#[derive(Default)]
-pub(super) struct FxHasher(u64);
-
-impl Hasher for FxHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(c);
-            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(K);
-        }
-        for b in chunks.remainder() {
-            self.0 = (self.0.rotate_left(5) ^ u64::from(*b)).wrapping_mul(K);
-        }
     }
 }
 

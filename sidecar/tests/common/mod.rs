@@ -4,9 +4,9 @@
 
 use std::{
     net::TcpListener,
-    sync::atomic::{AtomicU32, Ordering},
     path::PathBuf,
     process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
@@ -39,7 +39,7 @@ pub async fn load_engine(model: PathBuf) -> sluice_sidecar::engine::Engine {
     sluice_sidecar::engine::Engine::load(&sluice_sidecar::engine::EngineSettings {
         model,
         served_name: "m".into(),
-        dtype: sluice_sidecar::config::Activations::F32,
+        dtype: sluice_sidecar::engine::Activations::F32,
         threads: None,
         kernel_nice: 10,
         max_seqs: 4,

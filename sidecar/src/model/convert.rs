@@ -15,10 +15,23 @@ use candle_core::{
     quantized::{GgmlDType, QTensor, gguf_file},
 };
 
-use crate::{
-    config::Quant,
-    error::{Error, Result},
-};
+use crate::error::{Result, StartupError};
+
+/// Weight quantizations the sidecar can convert to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Quant {
+    /// 4-bit, block 32, one scale: AVX2 kernel, ~same size as Q4_1.
+    #[value(name = "q4_0")]
+    Q4_0,
+    /// 8-bit, block 32: AVX2 kernel, best quality, ~1.9x the size of Q4_1.
+    #[value(name = "q8_0")]
+    Q8_0,
+    /// Dense F16 weights (dequantized once, lossless w.r.t. the source): candle runs them
+    /// through its batched GEMM, so prefill and many concurrent streams scale, at ~4x the
+    /// memory of Q4_1 and a slower single stream.
+    #[value(name = "f16")]
+    F16,
+}
 
 /// `general.file_type` values (llama.cpp's `llama_ftype`).
 fn file_type(quant: Quant) -> u32 {
@@ -49,7 +62,7 @@ fn suffix(quant: Quant) -> &'static str {
 /// modification time, so a changed source is converted again.
 pub fn cached_path(src: &Path, quant: Quant, cache_dir: &Path) -> Result<PathBuf> {
     let meta = std::fs::metadata(src)
-        .map_err(|e| Error::Model(format!("cannot read {}: {e}", src.display())))?;
+        .map_err(|e| StartupError::Model(format!("cannot read {}: {e}", src.display())))?;
     let mtime = meta
         .modified()
         .ok()
@@ -81,7 +94,7 @@ pub fn ensure_converted(src: &Path, quant: Quant, cache_dir: &Path) -> Result<Pa
         return Ok(dst);
     }
     std::fs::create_dir_all(cache_dir).map_err(|e| {
-        Error::Model(format!(
+        StartupError::Model(format!(
             "cannot create cache dir {}: {e}",
             cache_dir.display()
         ))
@@ -95,9 +108,10 @@ pub fn ensure_converted(src: &Path, quant: Quant, cache_dir: &Path) -> Result<Pa
 pub fn convert(src: &Path, dst: &Path, quant: Quant) -> Result<()> {
     let started = Instant::now();
     let model_err =
-        |e: candle_core::Error| Error::Model(format!("converting {}: {e}", src.display()));
+        |e: candle_core::Error| StartupError::Model(format!("converting {}: {e}", src.display()));
     let mut reader = BufReader::new(
-        File::open(src).map_err(|e| Error::Model(format!("cannot read {}: {e}", src.display())))?,
+        File::open(src)
+            .map_err(|e| StartupError::Model(format!("cannot read {}: {e}", src.display())))?,
     );
     let content = gguf_file::Content::read(&mut reader).map_err(model_err)?;
     let target = ggml_dtype(quant);
@@ -137,10 +151,10 @@ pub fn convert(src: &Path, dst: &Path, quant: Quant) -> Result<()> {
     // same file at once; each writes its own file and the atomic rename makes the last one win.
     let tmp = dst.with_extension(format!("gguf.{}.part", std::process::id()));
     {
-        let mut out = BufWriter::new(
-            File::create(&tmp)
-                .map_err(|e| Error::Model(format!("cannot write {}: {e}", tmp.display())))?,
-        );
+        let mut out =
+            BufWriter::new(File::create(&tmp).map_err(|e| {
+                StartupError::Model(format!("cannot write {}: {e}", tmp.display()))
+            })?);
         let md: Vec<(&str, &gguf_file::Value)> =
             metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();

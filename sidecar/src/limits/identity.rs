@@ -1,17 +1,18 @@
-//! Who the caller is: the key from `Authorization: Bearer` or a configured header, and, when an
-//! API-key list is configured (a mounted Secret file), the tenant it belongs to.
+//! Who the caller is, under one config: where its API key comes from ([`KeySource`]) and, when an
+//! API-key list is configured (a mounted Secret file), the tenant the key belongs to. Reading the
+//! key off a request's headers is [`crate::admit::caller`]'s part.
 //!
 //! Keys are secrets: they are looked up by their SHA-256 digest and then compared in constant
 //! time, and never logged; logs carry [`short_hash`] instead.
 
 use std::{collections::HashMap, fmt, sync::Arc};
 
-use http::{HeaderMap, HeaderName, header};
 use sha2::{Digest, Sha256};
 use sluice_crds::{
     rate_limit_policy::IdentitySource,
     sidecar_config::{ApiKeyEntry, IdentityConfig},
 };
+use subtle::ConstantTimeEq;
 
 /// The tenant of callers that send no key when no key list is configured.
 pub const ANONYMOUS: &str = "anonymous";
@@ -19,14 +20,17 @@ pub const ANONYMOUS: &str = "anonymous";
 /// How callers are identified under one config.
 #[derive(Debug)]
 pub struct Identity {
-    source: Source,
+    source: KeySource,
     keys: Option<KeyRing>,
 }
 
-#[derive(Debug)]
-enum Source {
+/// Where a request carries its API key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeySource {
+    /// `Authorization: Bearer <key>`.
     Bearer,
-    Header(HeaderName),
+    /// The value of this header (a valid header name; the config reload checks it).
+    Header(Box<str>),
 }
 
 /// The accepted API keys and their tenants.
@@ -61,17 +65,14 @@ impl Identity {
     /// Identity as `config` says, with `keys` read from its keys file (if any).
     pub fn new(config: &IdentityConfig, keys: Option<KeyRing>) -> Result<Self, String> {
         let source = match config.source {
-            IdentitySource::Bearer => Source::Bearer,
-            IdentitySource::Header => {
-                let name = config
+            IdentitySource::Bearer => KeySource::Bearer,
+            IdentitySource::Header => KeySource::Header(
+                config
                     .header
                     .as_deref()
-                    .ok_or("identity.header is required when source is Header")?;
-                Source::Header(
-                    HeaderName::from_bytes(name.as_bytes())
-                        .map_err(|e| format!("identity.header {name:?}: {e}"))?,
-                )
-            }
+                    .ok_or("identity.header is required when source is Header")?
+                    .into(),
+            ),
         };
         Ok(Self { source, keys })
     }
@@ -79,9 +80,14 @@ impl Identity {
     /// Anyone may call; each key is its own tenant.
     pub fn open() -> Self {
         Self {
-            source: Source::Bearer,
+            source: KeySource::Bearer,
             keys: None,
         }
+    }
+
+    /// Where requests carry their key.
+    pub fn source(&self) -> &KeySource {
+        &self.source
     }
 
     /// Whether a key list is configured.
@@ -89,23 +95,9 @@ impl Identity {
         self.keys.is_some()
     }
 
-    /// Identifies the caller of a request.
-    pub fn identify(&self, headers: &HeaderMap) -> Result<Caller, Unauthorized> {
-        let key = match &self.source {
-            Source::Bearer => headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| {
-                    let (scheme, rest) = v.trim().split_once(' ')?;
-                    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-                }),
-            Source::Header(name) => headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::trim),
-        }
-        .filter(|k| !k.is_empty());
-        match (&self.keys, key) {
+    /// The caller that sent `key` (`None`: no key, or an empty one).
+    pub fn caller(&self, key: Option<&str>) -> Result<Caller, Unauthorized> {
+        match (&self.keys, key.filter(|k| !k.is_empty())) {
             (None, Some(key)) => Ok(Caller {
                 key: key.to_owned(),
                 tenant: Arc::from(key),
@@ -199,13 +191,9 @@ pub fn short_hash(key: &str) -> String {
     format!("{:02x}{:02x}{:02x}{:02x}", d[0], d[1], d[2], d[3])
 }
 
-/// Compares two byte strings in time that depends only on their lengths.
+/// Compares two byte strings in time that depends only on their lengths (`subtle`).
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    std::hint::black_box(diff) == 0
+    a.ct_eq(b).into()
 }
 
 #[cfg(test)]
@@ -213,73 +201,6 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use http::HeaderValue;
-
-    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.insert(*k, HeaderValue::from_str(v).unwrap());
-        }
-        h
-    }
-
-    const KEYS: &str = "- key: sk-alice-1\n  tenant: alice\n- key: sk-alice-2\n  tenant: alice\n- key: sk-bob\n  tenant: bob\n";
-
-    #[test]
-    fn bearer_keys_are_their_own_tenants_without_a_list() {
-        let id = Identity::open();
-        let c = id
-            .identify(&headers(&[("authorization", "Bearer sk-x")]))
-            .unwrap();
-        assert_eq!((c.key.as_str(), &*c.tenant), ("sk-x", "sk-x"));
-        let c = id
-            .identify(&headers(&[("authorization", "bearer   sk-y ")]))
-            .unwrap();
-        assert_eq!(c.key, "sk-y");
-        let c = id.identify(&HeaderMap::new()).unwrap();
-        assert_eq!(&*c.tenant, ANONYMOUS);
-        let c = id
-            .identify(&headers(&[("authorization", "Basic abc")]))
-            .unwrap();
-        assert_eq!(&*c.tenant, ANONYMOUS, "not a bearer token");
-    }
-
-    #[test]
-    fn a_key_list_maps_keys_to_tenants_and_refuses_others() {
-        let ring = KeyRing::from_yaml(KEYS).unwrap();
-        assert_eq!(ring.len(), 3);
-        let id = Identity::new(&IdentityConfig::default(), Some(ring)).unwrap();
-        let c = id
-            .identify(&headers(&[("authorization", "Bearer sk-alice-2")]))
-            .unwrap();
-        assert_eq!(&*c.tenant, "alice");
-        assert_eq!(
-            id.identify(&headers(&[("authorization", "Bearer sk-eve")])),
-            Err(Unauthorized::Unknown(short_hash("sk-eve")))
-        );
-        assert_eq!(id.identify(&HeaderMap::new()), Err(Unauthorized::Missing));
-        assert!(
-            !format!("{id:?}").contains("sk-"),
-            "keys never appear in Debug"
-        );
-    }
-
-    #[test]
-    fn a_configured_header_carries_the_key() {
-        let config = IdentityConfig {
-            source: IdentitySource::Header,
-            header: Some("x-api-key".into()),
-            keys_file: None,
-        };
-        let id = Identity::new(&config, None).unwrap();
-        let c = id
-            .identify(&headers(&[
-                ("x-api-key", "k1"),
-                ("authorization", "Bearer other"),
-            ]))
-            .unwrap();
-        assert_eq!(c.key, "k1");
-    }
 
     #[test]
     fn bad_key_files_are_rejected() {

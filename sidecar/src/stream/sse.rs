@@ -1,19 +1,21 @@
-//! Engine tokens to Server-Sent Events: OpenAI's chunk shapes, the `data:` framing, the final
-//! `data: [DONE]`, and a response body fed by a channel whose closing tells the producer that
-//! the client went away.
+//! Server-Sent Events: the `data:` framing of OpenAI's chunks ([`Framer`]), the final
+//! `data: [DONE]`, and the inverse, [`split_events`], which reads the events of a relayed stream.
 
-use std::{
-    convert::Infallible,
-    pin::Pin,
-    task::{Context, Poll},
-};
-
-use hyper::body::{Body, Bytes, Frame};
+use hyper::body::Bytes;
 use serde::Serialize;
-use tokio::sync::mpsc;
+
+use crate::{
+    openai::{
+        Kind,
+        types::{ChatChunk, ChatChunkChoice, ChatDelta, CompletionChunk, CompletionChunkChoice},
+    },
+    usage::Usage,
+};
 
 /// The last event of every stream.
 pub const DONE: &[u8] = b"data: [DONE]\n\n";
+/// [`DONE`]'s payload, as [`split_events`] reads it.
+pub const DONE_PAYLOAD: &[u8] = b"[DONE]";
 
 /// Frames one SSE `data:` event holding `value` as JSON.
 pub fn data_event<T: Serialize>(value: &T) -> Bytes {
@@ -27,108 +29,23 @@ pub fn data_event<T: Serialize>(value: &T) -> Bytes {
     Bytes::from(out)
 }
 
-/// Token counts as OpenAI reports them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Usage {
-    /// Tokens in the prompt.
-    pub prompt_tokens: usize,
-    /// Tokens generated.
-    pub completion_tokens: usize,
-    /// Sum of both.
-    pub total_tokens: usize,
-}
-
-impl Usage {
-    /// Usage from the two counts.
-    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
-        Self {
-            prompt_tokens,
-            completion_tokens,
-            total_tokens: prompt_tokens + completion_tokens,
+/// Splits the complete events off the front of `buf` (the inverse of [`data_event`]): calls
+/// `each` with the payload of every `data:` event, then drops what it read, so that an event
+/// cut across reads is completed by the next one.
+pub fn split_events(buf: &mut Vec<u8>, mut each: impl FnMut(&[u8])) {
+    let mut start = 0;
+    while let Some(end) = find(&buf[start..], b"\n\n") {
+        if let Some(payload) = buf[start..start + end].strip_prefix(b"data: ") {
+            each(payload);
         }
+        start += end + 2;
     }
+    buf.drain(..start);
 }
 
-/// `chat.completion.chunk`.
-#[derive(Debug, Serialize)]
-pub struct ChatChunk<'a> {
-    /// Same id on every chunk of a response.
-    pub id: &'a str,
-    /// Always `chat.completion.chunk`.
-    pub object: &'static str,
-    /// Unix seconds.
-    pub created: u64,
-    /// Served model id.
-    pub model: &'a str,
-    /// Zero or one choice (zero on the usage chunk).
-    pub choices: Vec<ChatChunkChoice>,
-    /// Present (null) on every chunk when usage was requested, set on the last.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<Option<Usage>>,
-}
-
-/// One choice in a chat chunk.
-#[derive(Debug, Serialize)]
-pub struct ChatChunkChoice {
-    /// Always 0 (n = 1).
-    pub index: usize,
-    /// The new text.
-    pub delta: ChatDelta,
-    /// Always null.
-    pub logprobs: Option<()>,
-    /// Set on the last content chunk.
-    pub finish_reason: Option<String>,
-}
-
-/// The delta of a chat chunk.
-#[derive(Debug, Default, Serialize)]
-pub struct ChatDelta {
-    /// `assistant` on the first chunk only.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub role: Option<&'static str>,
-    /// New text.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub content: Option<String>,
-}
-
-/// `text_completion` streaming chunk.
-#[derive(Debug, Serialize)]
-pub struct CompletionChunk<'a> {
-    /// Same id on every chunk.
-    pub id: &'a str,
-    /// Always `text_completion`.
-    pub object: &'static str,
-    /// Unix seconds.
-    pub created: u64,
-    /// Served model id.
-    pub model: &'a str,
-    /// Zero or one choice.
-    pub choices: Vec<CompletionChunkChoice>,
-    /// As for chat.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<Option<Usage>>,
-}
-
-/// One choice in a completion chunk.
-#[derive(Debug, Serialize)]
-pub struct CompletionChunkChoice {
-    /// New text.
-    pub text: String,
-    /// Always 0.
-    pub index: usize,
-    /// Always null.
-    pub logprobs: Option<()>,
-    /// Set on the last chunk.
-    pub finish_reason: Option<String>,
-}
-
-/// Which chunk shape a stream uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    /// `/v1/chat/completions`.
-    Chat,
-    /// `/v1/completions`.
-    Completion,
+/// Where `needle` first occurs in `haystack`.
+pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 /// Builds the chunks of one response.
@@ -221,39 +138,9 @@ impl Framer {
     }
 }
 
-/// The sending half of a [`ChannelBody`].
-pub type BodySender = mpsc::UnboundedSender<Bytes>;
-
-/// A response body fed through a channel. When hyper drops it (the client disconnected or the
-/// connection closed) the sender sees a closed channel and stops the generation.
-#[derive(Debug)]
-pub struct ChannelBody {
-    rx: mpsc::UnboundedReceiver<Bytes>,
-}
-
-/// A body and its sender. Unbounded so the engine is never held up by a slow reader; a
-/// response is bounded by `max_tokens` anyway.
-pub fn channel() -> (BodySender, ChannelBody) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    (tx, ChannelBody { rx })
-}
-
-impl Body for ChannelBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::BodyExt;
 
     fn parse(event: &Bytes) -> serde_json::Value {
         let s = std::str::from_utf8(event).unwrap();
@@ -291,23 +178,5 @@ mod tests {
         let u = parse(&f.usage(Usage::new(5, 3)).unwrap());
         assert_eq!(u["choices"].as_array().unwrap().len(), 0);
         assert_eq!(u["usage"]["total_tokens"], 8);
-    }
-
-    #[tokio::test]
-    async fn body_relays_and_reports_disconnect() {
-        let (tx, body) = channel();
-        tx.send(Bytes::from_static(b"data: {}\n\n")).unwrap();
-        tx.send(Bytes::from_static(DONE)).unwrap();
-        drop(tx);
-        let all = body.collect().await.unwrap().to_bytes();
-        assert_eq!(&all[..], b"data: {}\n\ndata: [DONE]\n\n");
-
-        let (tx, body) = channel();
-        drop(body);
-        assert!(
-            tx.send(Bytes::from_static(DONE)).is_err(),
-            "closed body is visible"
-        );
-        assert!(tx.is_closed());
     }
 }

@@ -18,8 +18,8 @@ use http::{HeaderMap, StatusCode, header};
 use sha2::{Digest, Sha256};
 
 use crate::{
-    config::LogFormat,
-    error::{Error, Result},
+    error::{Result, StartupError},
+    telemetry::LogFormat,
 };
 
 /// `sluice-sidecar fetch` flags; each can also be set with the `SLUICE_FETCH_*` variable beside it.
@@ -106,30 +106,31 @@ impl FetchArgs {
     /// Checks every flag; errors name the flag.
     pub fn validate(self) -> Result<FetchConfig> {
         let url = reqwest::Url::parse(&self.url)
-            .map_err(|e| Error::Config(format!("--url {:?} is not a URL: {e}", self.url)))?;
+            .map_err(|e| StartupError::Config(format!("--url {:?} is not a URL: {e}", self.url)))?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(Error::Config(format!(
+            return Err(StartupError::Config(format!(
                 "--url must be http or https, not {}",
                 url.scheme()
             )));
         }
         let sha256 = self.sha256.as_deref().map(parse_sha256).transpose()?;
         if self.out.as_os_str().is_empty() || self.out.file_name().is_none() {
-            return Err(Error::Config("--out must name a file".into()));
+            return Err(StartupError::Config("--out must name a file".into()));
         }
         if self.attempts == 0 {
-            return Err(Error::Config("--attempts must be at least 1".into()));
+            return Err(StartupError::Config("--attempts must be at least 1".into()));
         }
         let stall_timeout = positive("--stall-timeout-secs", self.stall_timeout_secs)?;
         let retry_backoff = non_negative("--retry-backoff-secs", self.retry_backoff_secs)?;
         let progress_interval = positive("--progress-interval-secs", self.progress_interval_secs)?;
         let token = match &self.token_file {
             Some(path) => {
-                let token = std::fs::read_to_string(path)
-                    .map_err(|e| Error::Config(format!("--token-file {}: {e}", path.display())))?;
+                let token = std::fs::read_to_string(path).map_err(|e| {
+                    StartupError::Config(format!("--token-file {}: {e}", path.display()))
+                })?;
                 let token = token.trim().to_owned();
                 if token.is_empty() {
-                    return Err(Error::Config(format!(
+                    return Err(StartupError::Config(format!(
                         "--token-file {} is empty",
                         path.display()
                     )));
@@ -155,7 +156,7 @@ impl FetchArgs {
 
 fn positive(flag: &str, secs: f64) -> Result<Duration> {
     if !(secs.is_finite() && secs > 0.0) {
-        return Err(Error::Config(format!(
+        return Err(StartupError::Config(format!(
             "{flag} must be a positive number of seconds"
         )));
     }
@@ -164,7 +165,7 @@ fn positive(flag: &str, secs: f64) -> Result<Duration> {
 
 fn non_negative(flag: &str, secs: f64) -> Result<Duration> {
     if !(secs.is_finite() && secs >= 0.0) {
-        return Err(Error::Config(format!(
+        return Err(StartupError::Config(format!(
             "{flag} must be zero or a positive number of seconds"
         )));
     }
@@ -179,7 +180,7 @@ fn parse_sha256(s: &str) -> Result<String> {
         .unwrap_or(hex)
         .to_ascii_lowercase();
     if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(Error::Config(format!(
+        return Err(StartupError::Config(format!(
             "--sha256 {s:?} is not a SHA-256 hash (64 hex digits)"
         )));
     }
@@ -348,8 +349,8 @@ fn backoff(base: Duration, attempt: u32) -> Duration {
         .min(MAX_WAIT)
 }
 
-fn fail(config: &FetchConfig, reason: String) -> Error {
-    Error::Fetch(format!("fetch {} failed: {reason}", config.shown_url))
+fn fail(config: &FetchConfig, reason: String) -> StartupError {
+    StartupError::Fetch(format!("fetch {} failed: {reason}", config.shown_url))
 }
 
 fn part_path(out: &Path) -> PathBuf {
@@ -753,83 +754,4 @@ async fn hash_prefix(path: &Path) -> std::result::Result<Sha256, String> {
 }
 
 #[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-
-    use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        fetch: FetchArgs,
-    }
-
-    fn parse(args: &[&str]) -> Result<FetchConfig> {
-        let mut all = vec!["x"];
-        all.extend_from_slice(args);
-        Cli::try_parse_from(all)
-            .map_err(|e| Error::Config(e.to_string()))?
-            .fetch
-            .validate()
-    }
-
-    const HASH: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
-
-    #[test]
-    fn validates_flags() {
-        let ok = parse(&["--url", "https://h/m.gguf", "--out", "/m/model.gguf"]).unwrap();
-        assert_eq!(ok.attempts, 5);
-        assert_eq!(ok.stall_timeout, Duration::from_secs(60));
-        let upper = format!("sha256:{}", HASH.to_uppercase());
-        let ok = parse(&["--url", "http://h/m", "--out", "m", "--sha256", &upper]).unwrap();
-        assert_eq!(ok.sha256.as_deref(), Some(HASH));
-        for (args, want) in [
-            (&["--url", "ftp://h/m", "--out", "m"][..], "http or https"),
-            (&["--url", "not a url", "--out", "m"][..], "is not a URL"),
-            (
-                &["--url", "http://h/m", "--out", "m", "--sha256", "abc"][..],
-                "64 hex digits",
-            ),
-            (
-                &["--url", "http://h/m", "--out", "m", "--attempts", "0"][..],
-                "--attempts",
-            ),
-            (
-                &[
-                    "--url",
-                    "http://h/m",
-                    "--out",
-                    "m",
-                    "--stall-timeout-secs",
-                    "0",
-                ][..],
-                "--stall-timeout-secs",
-            ),
-        ] {
-            let err = parse(args).unwrap_err().to_string();
-            assert!(err.contains(want), "{args:?}: {err}");
-        }
-    }
-
-    #[test]
-    fn shown_url_hides_secrets() {
-        let url = reqwest::Url::parse("https://u:p@h.example/a/m.gguf?X-Amz-Signature=s").unwrap();
-        assert_eq!(shown_url(&url), "https://h.example/a/m.gguf?…");
-    }
-
-    #[test]
-    fn backoff_doubles_and_is_capped() {
-        let base = Duration::from_secs(1);
-        assert_eq!(backoff(base, 1), Duration::from_secs(1));
-        assert_eq!(backoff(base, 3), Duration::from_secs(4));
-        assert_eq!(backoff(base, 30), MAX_WAIT);
-    }
-
-    #[test]
-    fn parses_content_range() {
-        let mut h = HeaderMap::new();
-        h.insert(header::CONTENT_RANGE, "bytes 100-199/200".parse().unwrap());
-        assert_eq!(content_range_start(&h), Some(100));
-    }
-}
+mod tests;

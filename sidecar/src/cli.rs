@@ -1,9 +1,8 @@
-//! Flags and environment variables, parsed once into typed configuration. Everything that can be
-//! checked before a port is bound is checked here, so a bad setting exits non-zero with a
-//! one-line reason.
+//! `serve`'s flags and environment variables, parsed once into typed configuration ([`ServeConfig`]).
+//! Everything that can be checked before a port is bound is checked here, so a bad setting exits
+//! non-zero with a one-line reason. Only `main` and [`crate::app`] read it.
 
 use std::{
-    io::Read,
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -14,8 +13,13 @@ use sluice_crds::SidecarConfig;
 use sluice_crds::sidecar_config::{SIDECAR_CONFIG_VERSION, VariantRoute};
 
 use crate::{
-    error::{Error, Result},
-    routing::ForwardToken,
+    engine::{Activations, SamplingDefaults},
+    error::{Result, StartupError},
+    model::convert::Quant,
+    preflight::check_gguf,
+    reload::Sources,
+    route::ForwardToken,
+    telemetry::LogFormat,
 };
 
 /// `sluice-sidecar serve` flags. Every flag can also be set with the `SLUICE_*` variable named
@@ -150,44 +154,6 @@ pub struct ServeArgs {
     pub forward_connect_timeout_secs: f64,
 }
 
-/// Activation dtype of the engine.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Activations {
-    /// Let mistral.rs choose (F16 on CPU).
-    Auto,
-    /// 32-bit floats: fastest on CPU.
-    F32,
-    /// 16-bit floats.
-    F16,
-    /// bfloat16.
-    Bf16,
-}
-
-/// Weight quantizations the sidecar can convert to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Quant {
-    /// 4-bit, block 32, one scale: AVX2 kernel, ~same size as Q4_1.
-    #[value(name = "q4_0")]
-    Q4_0,
-    /// 8-bit, block 32: AVX2 kernel, best quality, ~1.9x the size of Q4_1.
-    #[value(name = "q8_0")]
-    Q8_0,
-    /// Dense F16 weights (dequantized once, lossless w.r.t. the source): candle runs them
-    /// through its batched GEMM, so prefill and many concurrent streams scale, at ~4x the
-    /// memory of Q4_1 and a slower single stream.
-    #[value(name = "f16")]
-    F16,
-}
-
-/// Log output format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
 /// Validated configuration of `serve`.
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
@@ -197,17 +163,15 @@ pub struct ServeConfig {
     pub served_name: String,
     /// The initial sidecar config document (synthesised when no `--config` is given).
     pub sidecar: Arc<SidecarConfig>,
-    /// Where the config came from, for the watcher.
-    pub config_path: Option<PathBuf>,
     /// Where config documents come from (file, ConfigMap) and whether to serve unlimited
     /// without one.
-    pub sources: crate::watch::Sources,
+    pub sources: Sources,
     /// Completion cap of requests without `max_tokens` (`None`: the context window).
     pub default_max_tokens: Option<usize>,
     /// Cap on the engine's context window (`None`: the model's).
     pub context_length: Option<usize>,
     /// Sampling defaults of requests that set none.
-    pub sampling_defaults: crate::server::SamplingDefaults,
+    pub sampling_defaults: SamplingDefaults,
     /// API address.
     pub listen: SocketAddr,
     /// Admin address.
@@ -267,7 +231,7 @@ impl ServeArgs {
                     Some((ns.to_owned(), name.to_owned()))
                 }
                 _ => {
-                    return Err(Error::Config(format!(
+                    return Err(StartupError::Config(format!(
                         "--configmap {v:?}: expected NAMESPACE/NAME"
                     )));
                 }
@@ -279,22 +243,24 @@ impl ServeArgs {
             (None, None) => default_served_name(&self.model),
         };
         if served_name.is_empty() {
-            return Err(Error::Config("--served-name must not be empty".into()));
+            return Err(StartupError::Config(
+                "--served-name must not be empty".into(),
+            ));
         }
         let sidecar = sidecar.unwrap_or_else(|| default_sidecar_config(&served_name));
         if self.max_seqs == 0 {
-            return Err(Error::Config("--max-seqs must be at least 1".into()));
+            return Err(StartupError::Config("--max-seqs must be at least 1".into()));
         }
         if self.max_body_bytes < 1024 {
-            return Err(Error::Config(
+            return Err(StartupError::Config(
                 "--max-body-bytes must be at least 1024".into(),
             ));
         }
         if matches!(self.threads, Some(0)) {
-            return Err(Error::Config("--threads must be at least 1".into()));
+            return Err(StartupError::Config("--threads must be at least 1".into()));
         }
         if !(0..=19).contains(&self.kernel_nice) {
-            return Err(Error::Config(format!(
+            return Err(StartupError::Config(format!(
                 "--kernel-nice must be between 0 and 19, not {}",
                 self.kernel_nice
             )));
@@ -302,21 +268,21 @@ impl ServeArgs {
         if let Some(n) = self.context_length
             && n < 16
         {
-            return Err(Error::Config(format!(
+            return Err(StartupError::Config(format!(
                 "--context-length {n} is too small: it must be at least 16 tokens"
             )));
         }
         if let Some(t) = self.default_temperature
             && !(0.0..=2.0).contains(&t)
         {
-            return Err(Error::Config(format!(
+            return Err(StartupError::Config(format!(
                 "--default-temperature {t} is out of range: it must be between 0 and 2"
             )));
         }
         if let Some(p) = self.default_top_p
             && !(0.0..=1.0).contains(&p)
         {
-            return Err(Error::Config(format!(
+            return Err(StartupError::Config(format!(
                 "--default-top-p {p} is out of range: it must be between 0 and 1"
             )));
         }
@@ -325,7 +291,7 @@ impl ServeArgs {
         let cache_dir = self.cache_dir.unwrap_or_else(default_cache_dir);
         let variant = match self.variant {
             Some(v) if v.is_empty() => {
-                return Err(Error::Config("--variant must not be empty".into()));
+                return Err(StartupError::Config("--variant must not be empty".into()));
             }
             Some(v) => v,
             // The config always has at least one variant (validated).
@@ -347,18 +313,17 @@ impl ServeArgs {
             model: self.model,
             served_name,
             sidecar: Arc::new(sidecar),
-            sources: crate::watch::Sources {
-                file: self.config.clone(),
+            sources: Sources {
+                file: self.config,
                 configmap,
                 allow_unlimited: self.allow_unlimited,
             },
             default_max_tokens: (self.default_max_tokens > 0).then_some(self.default_max_tokens),
             context_length: self.context_length,
-            sampling_defaults: crate::server::SamplingDefaults {
+            sampling_defaults: SamplingDefaults {
                 temperature: self.default_temperature,
                 top_p: self.default_top_p,
             },
-            config_path: self.config,
             listen: self.listen,
             admin_listen: self.admin_listen,
             max_body_bytes: self.max_body_bytes,
@@ -415,35 +380,11 @@ impl PrefixCacheBudget {
 
 fn positive_secs(flag: &str, secs: f64) -> Result<Duration> {
     if !(secs.is_finite() && secs > 0.0) {
-        return Err(Error::Config(format!(
+        return Err(StartupError::Config(format!(
             "{flag} must be a positive number of seconds"
         )));
     }
     Ok(Duration::from_secs_f64(secs))
-}
-
-/// Checks that `path` is a readable GGUF file (magic bytes), so a wrong path fails at start-up
-/// with a clear reason instead of deep inside the loader.
-pub fn check_gguf(path: &Path) -> Result<()> {
-    let mut file = std::fs::File::open(path)
-        .map_err(|e| Error::Model(format!("cannot read --model {}: {e}", path.display())))?;
-    let mut magic = [0u8; 4];
-    let read = file.read_exact(&mut magic);
-    if let Err(e) = &read
-        && e.kind() != std::io::ErrorKind::UnexpectedEof
-    {
-        return Err(Error::Model(format!(
-            "cannot read --model {}: {e}",
-            path.display()
-        )));
-    }
-    if read.is_err() || &magic != b"GGUF" {
-        return Err(Error::Model(format!(
-            "--model {} is not a GGUF file",
-            path.display()
-        )));
-    }
-    Ok(())
 }
 
 /// `SmolLM2-135M-Instruct.Q4_1.gguf` -> `SmolLM2-135M-Instruct.Q4_1`.
@@ -481,31 +422,6 @@ fn default_cache_dir() -> PathBuf {
         return PathBuf::from(home).join(".cache").join("sluice");
     }
     std::env::temp_dir().join("sluice")
-}
-
-/// Refuses to run on an x86-64 CPU without AVX2 and FMA: the build targets x86-64-v3 and
-/// candle's quantized kernels need them.
-pub fn check_cpu() -> Result<()> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let missing: Vec<&str> = [
-            ("avx2", std::is_x86_feature_detected!("avx2")),
-            ("fma", std::is_x86_feature_detected!("fma")),
-            ("f16c", std::is_x86_feature_detected!("f16c")),
-        ]
-        .into_iter()
-        .filter(|(_, ok)| !ok)
-        .map(|(name, _)| name)
-        .collect();
-        if !missing.is_empty() {
-            return Err(Error::Config(format!(
-                "this CPU lacks {}; sluice-sidecar is built for x86-64-v3 (AVX2+FMA+F16C) and \
-                 needs a CPU that has them",
-                missing.join("+")
-            )));
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,16 +1,13 @@
-//! The limiter behind the request path's admission hook ([`crate::server::Admission`]):
-//! identifies the caller, picks the policy in force (one `watch` borrow, no lock held past it),
-//! admits or refuses, and settles the ticket when the response ends.
+//! The limiter behind the request path's admission hook ([`Admission`]): identifies the caller,
+//! picks the policy in force (one `watch` borrow, no lock held past it), admits or refuses, and
+//! settles the ticket when the response ends.
 
-use http::{HeaderName, HeaderValue, StatusCode};
 use tokio::sync::watch;
 
-use super::{Limiter, RateInfo, Refusal, Request, Ticket, bucket::SECOND};
+use super::{Admission, AdmissionRequest, AdmitError, Outcome, Reservation, caller};
 use crate::{
-    error::{Error, Result},
-    server::{Admission, AdmissionRequest, Outcome, Reservation},
-    stream::Usage,
-    watch::PolicySlot,
+    limits::{Limiter, PolicySlot, RateInfo, Request, Ticket},
+    usage::Usage,
 };
 
 /// Rate-limit admission for the API routes.
@@ -28,13 +25,14 @@ impl LimitAdmission {
 }
 
 impl Admission for LimitAdmission {
-    fn admit(&self, req: &AdmissionRequest<'_>) -> Result<Box<dyn Reservation>> {
+    fn admit(&self, req: &AdmissionRequest<'_>) -> Result<Box<dyn Reservation>, AdmitError> {
+        // Until a valid config arrives (without `--allow-unlimited`), requests are refused.
         let Some(policy) = self.limiter.in_force(&self.policy) else {
-            return Err(Error::Limited(Box::new(no_config())));
+            return Err(AdmitError::NoPolicy);
         };
-        let caller = policy.identity.identify(req.headers).map_err(|reason| {
+        let caller = caller::identify(&policy.identity, req.headers).map_err(|reason| {
             tracing::info!(?reason, "unknown API key refused");
-            Error::Limited(Box::new(Refusal::unauthorized(&reason)))
+            AdmitError::Unauthorized(reason)
         })?;
         let request = Request {
             tenant: &caller.tenant,
@@ -53,27 +51,13 @@ impl Admission for LimitAdmission {
                 tracing::info!(
                     key_hash = %caller.key_hash(),
                     rule = refusal.rule.as_deref().unwrap_or(""),
-                    code = refusal.code,
+                    reason = refusal.cause.reason(),
                     retry_after_ms = refusal.retry_after_ns.map(|n| n / 1_000_000),
                     "rate limited"
                 );
-                Err(Error::Limited(refusal))
+                Err(AdmitError::Limited(refusal))
             }
         }
-    }
-}
-
-/// Until a valid config arrives (without `--allow-unlimited`), requests are refused.
-fn no_config() -> Refusal {
-    Refusal {
-        status: StatusCode::SERVICE_UNAVAILABLE,
-        kind: "server_error",
-        code: "config_invalid",
-        param: None,
-        message: "the server has no valid rate-limit configuration yet; retry shortly".into(),
-        rule: None,
-        retry_after_ns: Some(SECOND),
-        rate: RateInfo::default(),
     }
 }
 
@@ -84,11 +68,8 @@ struct TicketReservation {
 }
 
 impl Reservation for TicketReservation {
-    fn headers(&self) -> Vec<(HeaderName, HeaderValue)> {
-        self.ticket
-            .as_ref()
-            .map(Ticket::headers)
-            .unwrap_or_default()
+    fn rate(&self) -> RateInfo {
+        self.ticket.as_ref().map(|t| t.rate).unwrap_or_default()
     }
 
     fn add_response_bytes(&mut self, bytes: u64) {

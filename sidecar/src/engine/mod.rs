@@ -8,12 +8,14 @@
 //! directory of the GGUF file, so its file lookups resolve on disk, and the tokenizer and chat
 //! template come from the GGUF metadata.
 
+mod error;
+mod priority;
+mod slots;
+mod threads;
+
 use std::{
     path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::Arc,
     time::Instant,
 };
 
@@ -25,14 +27,19 @@ use mistralrs::core::{
     PromptTokenizer, Request, RequestMessage, Response, SamplingParams, SchedulerConfig,
     StopTokens, TokenSource, TokenizationRequest,
 };
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 
 /// The prefix cache's byte budget and counts (`sluice_prefix_cache_*` in `/metrics`).
 pub use mistralrs::core::PrefixCacheMeter;
 
+pub use self::{
+    error::EngineError,
+    slots::{Slot, Slots},
+    threads::start_kernel_threads,
+};
 use crate::{
-    config::Activations,
-    error::{Error, Result},
+    error::{Result, StartupError},
+    usage::Usage,
 };
 
 /// What the engine needs to load a model.
@@ -58,6 +65,19 @@ pub struct EngineSettings {
     pub prefix_cache_meter: Arc<PrefixCacheMeter>,
     /// Cap on the context window (`--context-length`); `None`: the model's own.
     pub context_length: Option<usize>,
+}
+
+/// Activation dtype of the engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Activations {
+    /// Let mistral.rs choose (F16 on CPU).
+    Auto,
+    /// 32-bit floats: fastest on CPU.
+    F32,
+    /// 16-bit floats.
+    F16,
+    /// bfloat16.
+    Bf16,
 }
 
 /// A loaded model and its engine. Cloning shares the engine.
@@ -159,13 +179,31 @@ pub struct GenerationParams {
     pub frequency_penalty: Option<f32>,
 }
 
-/// Token counts of one generation.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TokenUsage {
-    /// Prompt tokens.
-    pub prompt_tokens: usize,
-    /// Generated tokens.
-    pub completion_tokens: usize,
+/// Sampling settings a model's operator chose (the InferenceModel's `engine`) for requests that
+/// set none; a request's own values always win.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SamplingDefaults {
+    /// Temperature (0..=2); `None`: greedy, the engine's default.
+    pub temperature: Option<f64>,
+    /// Nucleus mass (0..=1); `None`: no cut.
+    pub top_p: Option<f64>,
+}
+
+impl SamplingDefaults {
+    /// Fills what the request left unset. A top_p of 0 keeps only the most likely token, which
+    /// the engine spells as temperature 0 (it reads top_p 0 as "no cut").
+    pub fn apply(&self, params: &mut GenerationParams) {
+        if params.temperature.is_none() {
+            params.temperature = self.temperature;
+        }
+        if params.top_p.is_none() {
+            params.top_p = self.top_p;
+        }
+        if params.top_p == Some(0.0) {
+            params.top_p = None;
+            params.temperature = Some(0.0);
+        }
+    }
 }
 
 /// What a running generation yields.
@@ -178,7 +216,7 @@ pub enum Event {
         /// `stop` or `length` on the last delta.
         finish_reason: Option<String>,
         /// Counted usage, on the last delta when the engine reports it.
-        usage: Option<TokenUsage>,
+        usage: Option<Usage>,
     },
     /// The whole completion at once (non-streaming `/v1/completions`).
     Done {
@@ -187,10 +225,10 @@ pub enum Event {
         /// Why it stopped.
         finish_reason: String,
         /// Counted usage.
-        usage: TokenUsage,
+        usage: Usage,
     },
     /// The engine refused or failed the request.
-    Failed(Error),
+    Failed(EngineError),
 }
 
 /// A submitted generation. Dropping it cancels the generation: the engine's next attempt to
@@ -200,48 +238,15 @@ pub struct Generation {
     rx: mpsc::Receiver<Response>,
 }
 
-/// Bounds the requests the engine holds: `max_seqs` run (batched), `max_queue` wait.
-#[derive(Clone, Debug)]
-pub struct Slots {
-    running: Arc<Semaphore>,
-    waiting: Arc<AtomicUsize>,
-    max_queue: usize,
-}
-
-/// A held engine slot; dropping it frees the slot.
-#[derive(Debug)]
-pub struct Slot {
-    _permit: tokio::sync::OwnedSemaphorePermit,
-}
-
-/// Builds the pool candle runs its CPU kernels on (rayon's global pool): `threads` of them
-/// (None: one per core) at nice value `nice`. The pool can be built once per process, so this
-/// must run before anything computes on it (weight conversion does); later calls keep the
-/// first pool.
-pub fn start_kernel_threads(threads: Option<usize>, nice: i32) {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads.unwrap_or(0))
-        .start_handler(move |_| {
-            if nice != 0
-                && let Err(error) = crate::priority::set_current_thread_nice(nice)
-            {
-                tracing::warn!(%error, nice, "could not lower a kernel thread's priority");
-            }
-        })
-        .build_global();
-    if let Err(error) = pool {
-        tracing::debug!(%error, "kernel thread pool already built");
-    }
-}
-
 // === impl Engine ===
 
 impl Engine {
     /// Loads the GGUF file (mmapped and read once) and starts the engine thread.
     pub async fn load(settings: &EngineSettings) -> Result<Self> {
         start_kernel_threads(settings.threads, settings.kernel_nice);
-        let path = std::fs::canonicalize(&settings.model)
-            .map_err(|e| Error::Model(format!("cannot read {}: {e}", settings.model.display())))?;
+        let path = std::fs::canonicalize(&settings.model).map_err(|e| {
+            StartupError::Model(format!("cannot read {}: {e}", settings.model.display()))
+        })?;
         let (dir, file) = split_model_path(&path)?;
         let dtype = match settings.dtype {
             Activations::Auto => ModelDType::Auto,
@@ -276,16 +281,16 @@ impl Engine {
             )
         })
         .await
-        .map_err(|e| Error::Model(format!("loader task failed: {e}")))?
-        .map_err(|e| Error::Model(format!("{e:#}")))?;
+        .map_err(|e| StartupError::Model(format!("loader task failed: {e}")))?
+        .map_err(|e| StartupError::Model(format!("{e:#}")))?;
 
         let max_seqs = std::num::NonZeroUsize::new(settings.max_seqs)
-            .ok_or_else(|| Error::Config("--max-seqs must be at least 1".into()))?;
+            .ok_or_else(|| StartupError::Config("--max-seqs must be at least 1".into()))?;
         let scheduler = SchedulerConfig::DefaultScheduler {
             method: DefaultSchedulerMethod::Fixed(max_seqs),
         };
         let prompt_tokenizer = PromptTokenizer::new(&*pipeline.lock().await)
-            .ok_or_else(|| Error::Model("the model has no text tokenizer".into()))?;
+            .ok_or_else(|| StartupError::Model("the model has no text tokenizer".into()))?;
         let runner = MistralRsBuilder::new(pipeline, scheduler, false, None)
             .with_model_id(settings.served_name.clone())
             .with_no_kv_cache(false)
@@ -298,7 +303,7 @@ impl Engine {
             .await;
         let max_context = runner
             .max_sequence_length(None)
-            .map_err(|e| Error::Model(format!("{e}")))?
+            .map_err(|e| StartupError::Model(format!("{e}")))?
             .unwrap_or(2048);
         let max_context = match settings.context_length {
             Some(cap) if cap > max_context => {
@@ -347,7 +352,7 @@ impl Engine {
     /// generation prompt and special tokens added), with the model's own chat template and
     /// tokenizer. Asking the engine instead ([`Engine::tokenize_in_engine`]) waits
     /// for the step in progress.
-    pub async fn tokenize(&self, prompt: &Prompt) -> Result<TokenizedPrompt> {
+    pub async fn tokenize(&self, prompt: &Prompt) -> Result<TokenizedPrompt, EngineError> {
         let tokenizer = self.prompt_tokenizer.clone();
         let input = prompt_text(prompt);
         let tokenize = move || match input {
@@ -375,23 +380,26 @@ impl Engine {
         } else {
             tokio::task::spawn_blocking(tokenize)
                 .await
-                .map_err(|e| Error::Engine(format!("tokenizer task failed: {e}")))?
+                .map_err(|e| EngineError::Failed(format!("tokenizer task failed: {e}")))?
         };
         let param = match prompt {
             Prompt::Chat(_) => "messages",
             Prompt::Text(_) => "prompt",
         };
-        tokenized.map_err(|e| Error::invalid(param, format!("{e:#}")))
+        tokenized.map_err(|e| EngineError::InvalidPrompt {
+            param,
+            message: format!("{e:#}"),
+        })
     }
 
     /// [`Engine::tokenize`]'s tokens as the engine's own tokenization request answers them
     /// (between engine steps).
-    pub async fn tokenize_in_engine(&self, prompt: &Prompt) -> Result<Vec<u32>> {
+    pub async fn tokenize_in_engine(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
         let text = prompt_text(prompt);
         let sender = self
             .runner
             .get_sender(None)
-            .map_err(|e| Error::Engine(e.to_string()))?;
+            .map_err(|e| EngineError::Failed(e.to_string()))?;
         // The engine panics if a tokenization answer finds its receiver gone, so the request
         // and its answer live in a task of their own that always waits for the answer, even
         // when the caller has gone away.
@@ -409,29 +417,32 @@ impl Engine {
             sender
                 .send(request)
                 .await
-                .map_err(|_| Error::Engine("engine stopped".into()))?;
+                .map_err(|_| EngineError::Failed("engine stopped".into()))?;
             match rx.recv().await {
                 Some(Ok(tokens)) => Ok(tokens),
-                Some(Err(e)) => Err(Error::invalid("messages", format!("{e:#}"))),
-                None => Err(Error::Engine(
+                Some(Err(e)) => Err(EngineError::InvalidPrompt {
+                    param: "messages",
+                    message: format!("{e:#}"),
+                }),
+                None => Err(EngineError::Failed(
                     "engine dropped a tokenization request".into(),
                 )),
             }
         });
         task.await
-            .map_err(|e| Error::Engine(format!("tokenizer task failed: {e}")))?
+            .map_err(|e| EngineError::Failed(format!("tokenizer task failed: {e}")))?
     }
 
     /// Hands a request to the engine's scheduler.
-    async fn send(&self, request: Request) -> Result<()> {
+    async fn send(&self, request: Request) -> Result<(), EngineError> {
         let sender = self
             .runner
             .get_sender(None)
-            .map_err(|e| Error::Engine(e.to_string()))?;
+            .map_err(|e| EngineError::Failed(e.to_string()))?;
         sender
             .send(request)
             .await
-            .map_err(|_| Error::Engine("engine stopped".into()))
+            .map_err(|_| EngineError::Failed("engine stopped".into()))
     }
 
     /// Submits a generation. `stream` asks for one event per token; chat generations always
@@ -442,7 +453,7 @@ impl Engine {
         prompt: TokenizedPrompt,
         params: &GenerationParams,
         stream: bool,
-    ) -> Result<Generation> {
+    ) -> Result<Generation, EngineError> {
         let engine_streams = stream || prompt.chat;
         let messages = prompt.into_message();
         let sampling_params = SamplingParams {
@@ -475,7 +486,7 @@ impl Engine {
 
     /// Log-probabilities over the vocabulary of the token that follows `prompt` (raw logits of
     /// one forward pass, log-softmaxed). Used to check converted weights against the original.
-    pub async fn next_token_logprobs(&self, prompt: Prompt) -> Result<Vec<f32>> {
+    pub async fn next_token_logprobs(&self, prompt: Prompt) -> Result<Vec<f32>, EngineError> {
         let messages = self.tokenize(&prompt).await?.into_message();
         let sampling_params = SamplingParams {
             max_len: Some(1),
@@ -499,13 +510,13 @@ impl Engine {
             Some(Response::Raw { logits_chunks, .. }) => logits_chunks
                 .last()
                 .cloned()
-                .ok_or_else(|| Error::Engine("no logits".into()))?,
+                .ok_or_else(|| EngineError::Failed("no logits".into()))?,
             Some(Response::ValidationError(e)) | Some(Response::InternalError(e)) => {
-                return Err(Error::Engine(e.to_string()));
+                return Err(EngineError::Failed(e.to_string()));
             }
-            _ => return Err(Error::Engine("unexpected engine response".into())),
+            _ => return Err(EngineError::Failed("unexpected engine response".into())),
         };
-        let engine_err = |e: candle_core::Error| Error::Engine(e.to_string());
+        let engine_err = |e: candle_core::Error| EngineError::Failed(e.to_string());
         let vocab = logits.dims().last().copied().unwrap_or(0);
         let flat = logits
             .flatten_all()
@@ -529,12 +540,12 @@ impl std::fmt::Debug for Engine {
 }
 
 fn split_model_path(path: &Path) -> Result<(String, String)> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| Error::Model(format!("{} has no parent directory", path.display())))?;
+    let dir = path.parent().ok_or_else(|| {
+        StartupError::Model(format!("{} has no parent directory", path.display()))
+    })?;
     let file = path
         .file_name()
-        .ok_or_else(|| Error::Model(format!("{} is not a file", path.display())))?;
+        .ok_or_else(|| StartupError::Model(format!("{} is not a file", path.display())))?;
     Ok((
         dir.to_string_lossy().into_owned(),
         file.to_string_lossy().into_owned(),
@@ -561,10 +572,10 @@ impl Generation {
         let response = self.rx.recv().await?;
         Some(match response {
             Response::Chunk(chunk) => {
-                let usage = chunk.usage.as_ref().map(|u| TokenUsage {
-                    prompt_tokens: u.prompt_tokens,
-                    completion_tokens: u.completion_tokens,
-                });
+                let usage = chunk
+                    .usage
+                    .as_ref()
+                    .map(|u| Usage::new(u.prompt_tokens, u.completion_tokens));
                 let choice = chunk.choices.into_iter().next();
                 let (text, finish_reason) = choice
                     .map(|c| (c.delta.content.unwrap_or_default(), c.finish_reason))
@@ -587,10 +598,7 @@ impl Generation {
                 }
             }
             Response::CompletionDone(done) => {
-                let usage = TokenUsage {
-                    prompt_tokens: done.usage.prompt_tokens,
-                    completion_tokens: done.usage.completion_tokens,
-                };
+                let usage = Usage::new(done.usage.prompt_tokens, done.usage.completion_tokens);
                 let choice = done.choices.into_iter().next();
                 let (text, finish_reason) = choice
                     .map(|c| (c.text, c.finish_reason))
@@ -602,10 +610,7 @@ impl Generation {
                 }
             }
             Response::Done(done) => {
-                let usage = TokenUsage {
-                    prompt_tokens: done.usage.prompt_tokens,
-                    completion_tokens: done.usage.completion_tokens,
-                };
+                let usage = Usage::new(done.usage.prompt_tokens, done.usage.completion_tokens);
                 let choice = done.choices.into_iter().next();
                 let (text, finish_reason) = choice
                     .map(|c| (c.message.content.unwrap_or_default(), c.finish_reason))
@@ -616,87 +621,19 @@ impl Generation {
                     usage,
                 }
             }
-            Response::ValidationError(e) => Event::Failed(Error::InvalidRequest {
-                message: e.to_string(),
-                param: None,
-                code: None,
-            }),
-            Response::InternalError(e) => Event::Failed(Error::Engine(e.to_string())),
+            Response::ValidationError(e) => Event::Failed(EngineError::Rejected(e.to_string())),
+            Response::InternalError(e) => Event::Failed(EngineError::Failed(e.to_string())),
             Response::ModelError(msg, _) | Response::CompletionModelError(msg, _) => {
-                Event::Failed(Error::Engine(msg))
+                Event::Failed(EngineError::Failed(msg))
             }
-            _ => Event::Failed(Error::Engine("unexpected engine response".into())),
+            _ => Event::Failed(EngineError::Failed("unexpected engine response".into())),
         })
-    }
-}
-
-// === impl Slots ===
-
-impl Slots {
-    /// `running` slots, at most `max_queue` waiters.
-    pub fn new(running: usize, max_queue: usize) -> Self {
-        Self {
-            running: Arc::new(Semaphore::new(running)),
-            waiting: Arc::new(AtomicUsize::new(0)),
-            max_queue,
-        }
-    }
-
-    /// Requests waiting for a slot right now.
-    pub fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::SeqCst)
-    }
-
-    /// Takes a slot, waiting in the bounded queue when all are busy; a full queue is
-    /// [`Error::Overloaded`]. The caller bounds the wait with its request timeout.
-    pub async fn acquire(&self) -> Result<Slot> {
-        if let Ok(permit) = self.running.clone().try_acquire_owned() {
-            return Ok(Slot { _permit: permit });
-        }
-        let queued = self.waiting.fetch_add(1, Ordering::SeqCst);
-        let _leave = LeaveQueue(&self.waiting);
-        if queued >= self.max_queue {
-            return Err(Error::Overloaded { queued });
-        }
-        let permit = self
-            .running
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| Error::Draining)?;
-        Ok(Slot { _permit: permit })
-    }
-}
-
-/// Leaves the queue when the waiter is done or dropped (timeout, disconnect).
-struct LeaveQueue<'a>(&'a AtomicUsize);
-
-impl Drop for LeaveQueue<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test]
-    async fn slots_queue_then_refuse() {
-        let slots = Slots::new(1, 1);
-        let first = slots.acquire().await.unwrap();
-        let s2 = slots.clone();
-        let waiter = tokio::spawn(async move { s2.acquire().await.map(|_| ()) });
-        // Let the waiter enter the queue.
-        while slots.waiting() == 0 {
-            tokio::task::yield_now().await;
-        }
-        let refused = slots.acquire().await.unwrap_err();
-        assert!(matches!(refused, Error::Overloaded { queued: 1 }));
-        drop(first);
-        waiter.await.unwrap().unwrap();
-        assert_eq!(slots.waiting(), 0);
-    }
 
     #[test]
     fn chat_messages_keep_roles_and_order() {

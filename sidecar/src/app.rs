@@ -1,0 +1,221 @@
+//! The process: `serve` wires every layer together — metrics, routing, the limiter and config
+//! reload, the admin and API ports, the engine — and drains on SIGTERM. The only module that
+//! sees all the others.
+
+use std::{
+    sync::{Arc, OnceLock},
+    time::Instant,
+};
+
+use tokio::net::TcpListener;
+
+use crate::{
+    admit::limiter::LimitAdmission,
+    cli::ServeConfig,
+    engine::{Engine, EngineSettings, PrefixCacheMeter, start_kernel_threads},
+    error::{Result, StartupError},
+    forward::Forwarder,
+    http::{
+        self, AppState,
+        admin::{self, AdminState},
+        api::api,
+    },
+    limits::Limiter,
+    metrics::{self, Metrics},
+    model::convert,
+    readiness::Readiness,
+    reload::{self, ReloadMetrics, Reloader},
+    route::{Router, RoutingMetrics},
+};
+
+/// Runs `serve` until SIGTERM/SIGINT: binds both ports, loads the model (readiness false until
+/// then), serves, and on the signal drains within the grace period. `process_start` is when the
+/// process began, for the cold-start measurement.
+pub async fn serve(config: ServeConfig, process_start: Instant) -> Result<()> {
+    serve_until(config, process_start, None, shutdown_signal()).await
+}
+
+/// [`serve`] until `shutdown` resolves, on `preloaded` when given (instead of loading
+/// `config.model`). The benchmark uses it to put the HTTP API in front of the very engine it
+/// also calls in-process, so that a comparison of the two measures the HTTP path alone.
+pub async fn serve_until(
+    config: ServeConfig,
+    process_start: Instant,
+    preloaded: Option<Engine>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let mut shutdown = std::pin::pin!(shutdown);
+    let api_listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| StartupError::Config(format!("cannot listen on {}: {e}", config.listen)))?;
+    let admin_listener = TcpListener::bind(config.admin_listen).await.map_err(|e| {
+        StartupError::Config(format!("cannot listen on {}: {e}", config.admin_listen))
+    })?;
+    tracing::info!(
+        api = %config.listen,
+        admin = %config.admin_listen,
+        model = %config.model.display(),
+        served_name = %config.served_name,
+        prefix_cache_entries = config.prefix_cache,
+        prefix_cache_bytes = config.prefix_cache_budget.bytes,
+        prefix_cache_bytes_from = config.prefix_cache_budget.source,
+        "listening"
+    );
+
+    let mut registry = metrics::new_registry();
+    let metrics = Metrics::register(&mut registry);
+    let prefix_cache_meter = Arc::new(PrefixCacheMeter::new(config.prefix_cache_budget.bytes));
+    metrics::PrefixCacheMetrics::register(&mut registry, prefix_cache_meter.clone());
+    let router = Arc::new(Router::new(
+        config.variant.clone(),
+        config.forward_token.as_ref(),
+        RoutingMetrics::register(&mut registry),
+    ));
+    router.log_startup(&config.sidecar);
+    // Forwards give up connecting after the connect timeout (then the request falls back).
+    let forwarder = config
+        .forward_token
+        .as_ref()
+        .map(|_| Forwarder::new(config.forward_connect_timeout));
+    let limiter = Limiter::new(&mut registry);
+    let reload_metrics = ReloadMetrics::register(&mut registry);
+    let registry = Arc::new(registry);
+    let readiness = Readiness::new();
+
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let (admin_shutdown_tx, admin_shutdown_rx) = tokio::sync::watch::channel(false);
+    // Config documents: the first is in force before the API port answers, watchers hot-reload
+    // later ones; readiness says whether a valid one is in force.
+    let (policy_tx, policy_rx) = tokio::sync::watch::channel(None);
+    let (config_tx, config_rx) = tokio::sync::watch::channel(config.sidecar.clone());
+    let reloader = Arc::new(
+        Reloader::new(limiter, policy_tx, config_tx, readiness.clone())
+            .with_metrics(reload_metrics),
+    );
+    reload::start(
+        &config.sources,
+        (*config.sidecar).clone(),
+        reloader,
+        policy_rx.clone(),
+        shutdown_rx.clone(),
+    );
+    let admin_state = Arc::new(AdminState {
+        readiness: readiness.clone(),
+        registry: registry.clone(),
+    });
+    let admin = tokio::spawn(http::serve(
+        admin_listener,
+        admin_state,
+        admin::admin,
+        admin_shutdown_rx,
+        config.drain_grace,
+    ));
+
+    let state = Arc::new(AppState {
+        engine: OnceLock::new(),
+        metrics: metrics.clone(),
+        readiness: readiness.clone(),
+        config: config_rx,
+        admission: Arc::new(LimitAdmission::new(limiter, policy_rx)),
+        router,
+        forwarder,
+        served_name: config.served_name.clone(),
+        max_body_bytes: config.max_body_bytes,
+        request_timeout: config.request_timeout,
+        default_max_tokens: config.default_max_tokens,
+        sampling: config.sampling_defaults,
+    });
+    let api = tokio::spawn(http::serve(
+        api_listener,
+        state.clone(),
+        api,
+        shutdown_rx.clone(),
+        config.drain_grace,
+    ));
+
+    // Load (and convert, if asked) while the admin port already answers: /readyz is false.
+    let load_started = Instant::now();
+    let load = async {
+        if let Some(engine) = preloaded {
+            return Ok(engine);
+        }
+        start_kernel_threads(config.threads, config.kernel_nice);
+        let model = match config.convert {
+            Some(quant) => {
+                let (src, dir) = (config.model.clone(), config.cache_dir.clone());
+                tokio::task::spawn_blocking(move || convert::ensure_converted(&src, quant, &dir))
+                    .await
+                    .map_err(|e| StartupError::Model(format!("conversion task failed: {e}")))??
+            }
+            None => config.model.clone(),
+        };
+        Engine::load(&EngineSettings {
+            model,
+            served_name: config.served_name.clone(),
+            dtype: config.dtype,
+            threads: config.threads,
+            kernel_nice: config.kernel_nice,
+            max_seqs: config.max_seqs,
+            max_queue: config.max_queue,
+            prefix_cache: config.prefix_cache,
+            prefix_cache_meter,
+            context_length: config.context_length,
+        })
+        .await
+    };
+    let engine = tokio::select! {
+        engine = load => engine?,
+        _ = &mut shutdown => {
+            tracing::info!("signal received while loading; exiting");
+            let _ = shutdown_tx.send(true);
+            let _ = admin_shutdown_tx.send(true);
+            return Ok(());
+        }
+    };
+    metrics.model_load.set(load_started.elapsed().as_secs_f64());
+    // Set exactly once, here.
+    let _ = state.engine.set(engine);
+    readiness.set_loaded();
+    let cold_start = process_start.elapsed();
+    metrics.cold_start.set(cold_start.as_secs_f64());
+    tracing::info!(
+        load_ms = load_started.elapsed().as_millis() as u64,
+        cold_start_ms = cold_start.as_millis() as u64,
+        "ready"
+    );
+
+    shutdown.await;
+    tracing::info!(grace = ?config.drain_grace, "shutting down: readiness false, draining");
+    readiness.start_drain();
+    let _ = shutdown_tx.send(true);
+    let _ = api.await;
+    // The admin port goes last so probes see `draining` until the end.
+    let _ = admin_shutdown_tx.send(true);
+    let _ = admin.await;
+    tracing::info!("bye");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot watch SIGTERM; only SIGINT stops the server");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,318 @@
+//! A forwarded request's response on its way back: relayed frame by frame, with the usage read
+//! off it as it passes, and the reservation settled exactly once.
+
+use std::{
+    convert::Infallible,
+    pin::Pin,
+    sync::Mutex,
+    task::{Context, Poll, ready},
+};
+
+use http::{HeaderMap, HeaderName, Response, header};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
+
+use crate::{
+    admit::{Outcome, Reservation},
+    openai::ApiError,
+    stream::{
+        body::ResponseBody,
+        sse::{self, find},
+    },
+    usage::Usage,
+};
+
+/// Largest non-streaming response body kept (besides relaying it) to read its `usage`.
+const MAX_SCANNED_JSON: usize = 1 << 20;
+
+/// The response of another variant, relayed: status and end-to-end headers as they came, the
+/// body frame by frame.
+pub(super) fn relay(
+    res: Response<Incoming>,
+    reservation: Box<dyn Reservation>,
+    prompt_tokens: usize,
+) -> Response<ResponseBody> {
+    let (mut parts, body) = res.into_parts();
+    let mut headers = HeaderMap::with_capacity(parts.headers.len());
+    copy_end_to_end(&parts.headers, &mut headers);
+    // The relayed body reports its exact size when the upstream did; hyper derives the length.
+    headers.remove(header::CONTENT_LENGTH);
+    parts.headers = headers;
+    let sse = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let body = RelayBody {
+        inner: body,
+        reservation: Mutex::new(Some(reservation)),
+        ok: parts.status.is_success(),
+        scan: UsageScan::new(sse, prompt_tokens),
+        tail: None,
+        finished: false,
+    };
+    Response::from_parts(parts, body.boxed())
+}
+
+/// Passes the upstream body through unchanged while reading the usage off it, and settles the
+/// reservation exactly once: when the body ends, fails, or is dropped (client gone).
+struct RelayBody {
+    inner: Incoming,
+    /// In a mutex only so the body is `Sync` (as response bodies must be); never contended.
+    reservation: Mutex<Option<Box<dyn Reservation>>>,
+    ok: bool,
+    scan: UsageScan,
+    /// An error event to send after an upstream failure mid-stream (SSE only).
+    tail: Option<Bytes>,
+    finished: bool,
+}
+
+impl RelayBody {
+    /// The upstream body ended normally.
+    fn finish(&mut self) {
+        self.finished = true;
+        let outcome = if self.ok {
+            Outcome::Completed
+        } else {
+            Outcome::Failed
+        };
+        self.settle(outcome);
+    }
+
+    /// Settles once; returns whether this call did.
+    fn settle(&mut self, outcome: Outcome) -> bool {
+        let reservation = match self.reservation.get_mut() {
+            Ok(r) => r.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        match reservation {
+            Some(r) => {
+                r.settle(self.scan.usage(), outcome);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Body for RelayBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = &mut *self;
+        if let Some(tail) = this.tail.take() {
+            return Poll::Ready(Some(Ok(Frame::data(tail))));
+        }
+        if this.finished {
+            return Poll::Ready(None);
+        }
+        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    this.scan.feed(data);
+                }
+                // With a known length hyper stops polling after the last byte: settle now.
+                if this.inner.is_end_stream() {
+                    this.finish();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(error)) => {
+                tracing::warn!(%error, "forwarded response failed mid-body");
+                this.finished = true;
+                this.settle(Outcome::Failed);
+                if this.scan.sse {
+                    let e = ApiError::VariantUnavailable(format!(
+                        "the variant serving this request failed mid-stream: {error}"
+                    ));
+                    let mut bytes = sse::data_event(&e.body()).to_vec();
+                    bytes.extend_from_slice(sse::DONE);
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(bytes)))));
+                }
+                // A JSON body cut short: the connection is closed, which clients see as an error.
+                Poll::Ready(None)
+            }
+            None => {
+                this.finish();
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.finished && self.tail.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.finished {
+            SizeHint::with_exact(0)
+        } else {
+            self.inner.size_hint()
+        }
+    }
+}
+
+impl Drop for RelayBody {
+    fn drop(&mut self) {
+        if self.settle(Outcome::Cancelled) {
+            tracing::info!("client disconnected from a forwarded response");
+        }
+    }
+}
+
+/// Reads token usage off a relayed response: the `usage` object when the upstream sends one,
+/// else the counted prompt plus one token per streamed content chunk.
+struct UsageScan {
+    sse: bool,
+    prompt_tokens: usize,
+    buf: Vec<u8>,
+    deltas: usize,
+    reported: Option<Usage>,
+    overflow: bool,
+}
+
+impl UsageScan {
+    fn new(sse: bool, prompt_tokens: usize) -> Self {
+        Self {
+            sse,
+            prompt_tokens,
+            buf: Vec::new(),
+            deltas: 0,
+            reported: None,
+            overflow: false,
+        }
+    }
+
+    fn feed(&mut self, data: &[u8]) {
+        if !self.sse {
+            if self.buf.len() + data.len() <= MAX_SCANNED_JSON {
+                self.buf.extend_from_slice(data);
+            } else {
+                self.overflow = true;
+            }
+            return;
+        }
+        self.buf.extend_from_slice(data);
+        let (reported, deltas) = (&mut self.reported, &mut self.deltas);
+        sse::split_events(&mut self.buf, |json| {
+            if json == sse::DONE_PAYLOAD {
+                return;
+            }
+            if find(json, b"\"usage\":{").is_some() {
+                *reported = parse_usage(json).or(*reported);
+            } else if find(json, b"\"choices\":[{").is_some() {
+                *deltas += 1;
+            }
+        });
+    }
+
+    fn usage(&mut self) -> Usage {
+        if !self.sse && !self.overflow && self.reported.is_none() {
+            self.reported = parse_usage(&self.buf);
+        }
+        self.reported
+            .unwrap_or_else(|| Usage::new(self.prompt_tokens, self.deltas))
+    }
+}
+
+fn parse_usage(json: &[u8]) -> Option<Usage> {
+    let value: serde_json::Value = serde_json::from_slice(json).ok()?;
+    let usage = value.get("usage")?;
+    let count = |k: &str| {
+        usage
+            .get(k)
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|v| usize::try_from(v).ok())
+    };
+    Some(Usage::new(
+        count("prompt_tokens")?,
+        count("completion_tokens")?,
+    ))
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 7.6.1), plus those the
+/// `Connection` header names.
+pub(super) fn copy_end_to_end(from: &HeaderMap, to: &mut HeaderMap) {
+    const HOP_BY_HOP: [&str; 8] = [
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+    ];
+    let listed: Vec<HeaderName> = from
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for (name, value) in from {
+        if HOP_BY_HOP.contains(&name.as_str()) || name == header::UPGRADE || listed.contains(name) {
+            continue;
+        }
+        to.append(name.clone(), value.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_headers_are_dropped() {
+        let mut from = HeaderMap::new();
+        from.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        from.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        from.insert("x-private", HeaderValue::from_static("1"));
+        from.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        from.insert("authorization", HeaderValue::from_static("Bearer k"));
+        from.append("x-multi", HeaderValue::from_static("a"));
+        from.append("x-multi", HeaderValue::from_static("b"));
+        let mut to = HeaderMap::new();
+        copy_end_to_end(&from, &mut to);
+        assert_eq!(to.len(), 3, "{to:?}");
+        assert_eq!(to["authorization"], "Bearer k");
+        assert_eq!(to.get_all("x-multi").iter().count(), 2);
+    }
+
+    #[test]
+    fn usage_is_read_from_streams_split_anywhere() {
+        let stream = concat!(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"Hi\"}}],\"usage\":null}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"!\"}}],\"usage\":null}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2,\"total_tokens\":9}}\n\n",
+            "data: [DONE]\n\n"
+        )
+        .as_bytes();
+        for split in [1, 5, 17, stream.len()] {
+            let mut scan = UsageScan::new(true, 3);
+            for chunk in stream.chunks(split) {
+                scan.feed(chunk);
+            }
+            assert_eq!(scan.usage(), Usage::new(7, 2), "split {split}");
+        }
+        // Without a usage chunk: counted prompt, one token per content chunk.
+        let mut scan = UsageScan::new(true, 3);
+        let cut = find(stream, b"data: {\"choices\":[]").unwrap();
+        scan.feed(&stream[..cut]);
+        assert_eq!(scan.usage(), Usage::new(3, 2));
+        // JSON bodies.
+        let mut scan = UsageScan::new(false, 3);
+        scan.feed(br#"{"id":"x","choices":[{"text":"a"}],"usage":{"prompt_tokens":4,"#);
+        scan.feed(br#""completion_tokens":1,"total_tokens":5}}"#);
+        assert_eq!(scan.usage(), Usage::new(4, 1));
+    }
+}

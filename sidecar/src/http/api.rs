@@ -1,0 +1,153 @@
+//! The OpenAI routes: which handler serves a request, and what every answer carries — the
+//! request id, the variant that served it (`x-sluice-variant`) and its count in
+//! `sluice_requests_total`.
+
+use std::{
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use tracing::Instrument;
+
+use super::{AppState, error_response, generate::generate};
+use crate::{
+    openai::{ApiError, CHAT_PATH, COMPLETIONS_PATH, Kind, MODELS_PATH},
+    route::VARIANT_HEADER,
+    stream::body::{ResponseBody, json},
+};
+
+/// The route label of a path that is no route.
+const OTHER_ROUTE: &str = "other";
+
+/// Routes one API request. Never fails: every error becomes an OpenAI error response.
+pub async fn api(state: Arc<AppState>, req: Request<Incoming>) -> Response<ResponseBody> {
+    let started = Instant::now();
+    let id = request_id(req.headers());
+    let route: &'static str = match req.uri().path() {
+        CHAT_PATH => CHAT_PATH,
+        COMPLETIONS_PATH => COMPLETIONS_PATH,
+        p if p == MODELS_PATH || p.starts_with("/v1/models/") => MODELS_PATH,
+        _ => OTHER_ROUTE,
+    };
+    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), route);
+    let mut res = async {
+        let res = match handle(&state, route, req, &id, started).await {
+            Ok(res) => res,
+            Err(error) => {
+                if error.status().is_server_error() {
+                    tracing::warn!(%error, status = error.status().as_u16(), "request failed");
+                } else {
+                    tracing::info!(%error, status = error.status().as_u16(), "request refused");
+                }
+                error_response(&error)
+            }
+        };
+        tracing::debug!(
+            status = res.status().as_u16(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "responded"
+        );
+        res
+    }
+    .instrument(span)
+    .await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        res.headers_mut().insert("x-request-id", v);
+    }
+    // Forwarded responses already name the variant that served them.
+    if !res.headers().contains_key(VARIANT_HEADER)
+        && let Ok(v) = HeaderValue::from_str(state.router.local_variant())
+    {
+        res.headers_mut().insert(VARIANT_HEADER, v);
+    }
+    // Labelled with the variant that served the request, so the operator's canary analysis
+    // does not blame the entry pod's variant for what another variant answered.
+    let served_by = res
+        .headers()
+        .get(VARIANT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    state
+        .metrics
+        .record_request(route, served_by, res.status().as_u16());
+    res
+}
+
+async fn handle(
+    state: &Arc<AppState>,
+    route: &'static str,
+    req: Request<Incoming>,
+    id: &str,
+    started: Instant,
+) -> Result<Response<ResponseBody>, ApiError> {
+    let path = req.uri().path().to_owned();
+    match (route, req.method()) {
+        (MODELS_PATH, &Method::GET) => models(state, &path),
+        (CHAT_PATH, &Method::POST) => generate(state, Kind::Chat, req, id, started).await,
+        (COMPLETIONS_PATH, &Method::POST) => {
+            generate(state, Kind::Completion, req, id, started).await
+        }
+        (OTHER_ROUTE, _) => Err(ApiError::NotFound(path)),
+        (_, method) => Err(ApiError::MethodNotAllowed {
+            method: method.to_string(),
+            path,
+        }),
+    }
+}
+
+fn models(state: &AppState, path: &str) -> Result<Response<ResponseBody>, ApiError> {
+    let model = serde_json::json!({
+        "id": state.served_name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "sluice",
+    });
+    match path.strip_prefix("/v1/models/") {
+        None => Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({"object": "list", "data": [model]}),
+        )),
+        Some(name) if name == state.served_name => Ok(json(StatusCode::OK, &model)),
+        Some(name) => Err(ApiError::ModelNotFound(name.to_owned())),
+    }
+}
+
+fn request_id(headers: &HeaderMap) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    if let Some(id) = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+    {
+        return id.to_owned();
+    }
+    let prefix = PREFIX.get_or_init(|| {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        (u64::from(std::process::id()) << 32) ^ u64::from(nanos)
+    });
+    format!("{prefix:x}-{:x}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_taken_or_made() {
+        let mut h = HeaderMap::new();
+        let a = request_id(&h);
+        let b = request_id(&h);
+        assert_ne!(a, b);
+        h.insert("x-request-id", HeaderValue::from_static("abc"));
+        assert_eq!(request_id(&h), "abc");
+    }
+}

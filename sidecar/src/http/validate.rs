@@ -1,0 +1,471 @@
+//! Request bodies to a [`GenerationRequest`]: the JSON parsed (malformed JSON told apart from
+//! wrong types), every field checked as OpenAI does, and the prompt's completion budget checked
+//! against the context window once the prompt is counted.
+
+use crate::{
+    engine::{ChatTurn, GenerationParams, Prompt},
+    openai::{
+        ApiError, Kind,
+        types::{ChatCompletionRequest, CompletionRequest, MessageContent, PromptInput, Stop},
+    },
+};
+
+/// A validated generation request, whichever route it came from.
+#[derive(Debug, PartialEq)]
+pub struct GenerationRequest {
+    /// Which chunk/response shape.
+    pub kind: Kind,
+    /// Model id asked for.
+    pub model: String,
+    /// The prompt.
+    pub prompt: Prompt,
+    /// Sampling.
+    pub params: GenerationParams,
+    /// SSE or JSON.
+    pub stream: bool,
+    /// Final usage chunk on streams.
+    pub include_usage: bool,
+}
+
+/// Parses and validates the body of a `kind` request.
+pub fn parse(kind: Kind, body: &[u8]) -> Result<GenerationRequest, ApiError> {
+    match kind {
+        Kind::Chat => parse_json::<ChatCompletionRequest>(body)?.validate(),
+        Kind::Completion => parse_json::<CompletionRequest>(body)?.validate(),
+    }
+}
+
+/// Parses a JSON body into `T`, telling malformed JSON from wrong types.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Syntax | Category::Eof | Category::Io => {
+                ApiError::MalformedJson(e.to_string())
+            }
+            Category::Data => ApiError::InvalidRequest {
+                message: format!("invalid request body: {e}"),
+                param: None,
+                code: None,
+            },
+        }
+    })
+}
+
+fn check_common(
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    n: Option<u64>,
+    presence: Option<f32>,
+    frequency: Option<f32>,
+    stop: Option<Stop>,
+) -> Result<Vec<String>, ApiError> {
+    if let Some(t) = temperature
+        && !(0.0..=2.0).contains(&t)
+    {
+        return Err(ApiError::invalid(
+            "temperature",
+            format!("{t} is not a valid temperature: it must be between 0 and 2"),
+        ));
+    }
+    if let Some(p) = top_p
+        && !(p > 0.0 && p <= 1.0)
+    {
+        return Err(ApiError::invalid(
+            "top_p",
+            format!("{p} is not a valid top_p: it must be greater than 0 and at most 1"),
+        ));
+    }
+    match n {
+        None | Some(1) => {}
+        Some(0) => return Err(ApiError::invalid("n", "n must be at least 1")),
+        Some(n) => {
+            return Err(ApiError::unsupported(
+                "n",
+                format!("n = {n} is not supported by this server: only one choice (n = 1)"),
+            ));
+        }
+    }
+    for (name, v) in [
+        ("presence_penalty", presence),
+        ("frequency_penalty", frequency),
+    ] {
+        if let Some(v) = v
+            && !(-2.0..=2.0).contains(&v)
+        {
+            return Err(ApiError::invalid(
+                name,
+                format!("{v} is not a valid {name}: it must be between -2 and 2"),
+            ));
+        }
+    }
+    let stop = match stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    };
+    if stop.len() > 4 {
+        return Err(ApiError::invalid(
+            "stop",
+            "at most 4 stop sequences are allowed",
+        ));
+    }
+    if stop.iter().any(String::is_empty) {
+        return Err(ApiError::invalid(
+            "stop",
+            "stop sequences must not be empty",
+        ));
+    }
+    Ok(stop)
+}
+
+fn check_max_tokens(param: &str, v: Option<u64>) -> Result<Option<usize>, ApiError> {
+    match v {
+        None => Ok(None),
+        Some(0) => Err(ApiError::invalid(
+            param,
+            format!("{param} must be at least 1"),
+        )),
+        Some(v) => Ok(Some(usize::try_from(v).unwrap_or(usize::MAX))),
+    }
+}
+
+impl ChatCompletionRequest {
+    /// Validates the request into a [`GenerationRequest`].
+    pub fn validate(self) -> Result<GenerationRequest, ApiError> {
+        if self.messages.is_empty() {
+            return Err(ApiError::invalid(
+                "messages",
+                "messages must contain at least one message",
+            ));
+        }
+        if self.logprobs == Some(true) {
+            return Err(ApiError::unsupported(
+                "logprobs",
+                "logprobs are not supported",
+            ));
+        }
+        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+            return Err(ApiError::unsupported("tools", "tools are not supported"));
+        }
+        let stop = check_common(
+            self.temperature,
+            self.top_p,
+            self.n,
+            self.presence_penalty,
+            self.frequency_penalty,
+            self.stop,
+        )?;
+        let max_tokens = match self.max_completion_tokens {
+            Some(_) => check_max_tokens("max_completion_tokens", self.max_completion_tokens)?,
+            None => check_max_tokens("max_tokens", self.max_tokens)?,
+        };
+        let mut turns = Vec::with_capacity(self.messages.len());
+        for (i, m) in self.messages.into_iter().enumerate() {
+            let role = match m.role.as_str() {
+                "system" | "developer" => "system",
+                "user" => "user",
+                "assistant" => "assistant",
+                "tool" => "tool",
+                other => {
+                    return Err(ApiError::invalid(
+                        format!("messages[{i}].role"),
+                        format!(
+                            "invalid role {other:?}: expected system, developer, user, assistant or tool"
+                        ),
+                    ));
+                }
+            };
+            let content = match m.content {
+                None => String::new(),
+                Some(MessageContent::Text(t)) => t,
+                Some(MessageContent::Parts(parts)) => {
+                    let mut text = String::new();
+                    for part in parts {
+                        match (part.kind.as_str(), part.text) {
+                            ("text", Some(t)) => text.push_str(&t),
+                            (kind, _) => {
+                                return Err(ApiError::unsupported(
+                                    format!("messages[{i}].content"),
+                                    format!(
+                                        "content parts of type {kind:?} are not supported; only text"
+                                    ),
+                                ));
+                            }
+                        }
+                    }
+                    text
+                }
+            };
+            turns.push(ChatTurn {
+                role: role.to_owned(),
+                content,
+            });
+        }
+        let stream = self.stream.unwrap_or(false);
+        Ok(GenerationRequest {
+            kind: Kind::Chat,
+            model: self.model,
+            prompt: Prompt::Chat(turns),
+            params: GenerationParams {
+                max_tokens,
+                temperature: self.temperature,
+                top_p: self.top_p,
+                stop,
+                presence_penalty: self.presence_penalty,
+                frequency_penalty: self.frequency_penalty,
+            },
+            stream,
+            include_usage: stream
+                && self
+                    .stream_options
+                    .and_then(|o| o.include_usage)
+                    .unwrap_or(false),
+        })
+    }
+}
+
+impl CompletionRequest {
+    /// Validates the request into a [`GenerationRequest`].
+    pub fn validate(self) -> Result<GenerationRequest, ApiError> {
+        let text = match self.prompt {
+            PromptInput::Text(t) => t,
+            PromptInput::Texts(mut v) if v.len() == 1 => v.remove(0),
+            PromptInput::Texts(v) if v.is_empty() => {
+                return Err(ApiError::invalid("prompt", "prompt must not be empty"));
+            }
+            PromptInput::Texts(_) => {
+                return Err(ApiError::unsupported(
+                    "prompt",
+                    "batched prompts are not supported: send one prompt per request",
+                ));
+            }
+            PromptInput::Tokens(_) => {
+                return Err(ApiError::unsupported(
+                    "prompt",
+                    "token-id prompts are not supported: send text",
+                ));
+            }
+        };
+        if text.is_empty() {
+            return Err(ApiError::invalid("prompt", "prompt must not be empty"));
+        }
+        if self.logprobs.is_some() {
+            return Err(ApiError::unsupported(
+                "logprobs",
+                "logprobs are not supported",
+            ));
+        }
+        if self.echo == Some(true) {
+            return Err(ApiError::unsupported("echo", "echo is not supported"));
+        }
+        if self.suffix.is_some() {
+            return Err(ApiError::unsupported("suffix", "suffix is not supported"));
+        }
+        if !matches!(self.best_of, None | Some(1)) {
+            return Err(ApiError::unsupported("best_of", "best_of is not supported"));
+        }
+        let stop = check_common(
+            self.temperature,
+            self.top_p,
+            self.n,
+            self.presence_penalty,
+            self.frequency_penalty,
+            self.stop,
+        )?;
+        // OpenAI's default for /v1/completions.
+        let max_tokens = check_max_tokens("max_tokens", self.max_tokens)?.or(Some(16));
+        let stream = self.stream.unwrap_or(false);
+        Ok(GenerationRequest {
+            kind: Kind::Completion,
+            model: self.model,
+            prompt: Prompt::Text(text),
+            params: GenerationParams {
+                max_tokens,
+                temperature: self.temperature,
+                top_p: self.top_p,
+                stop,
+                presence_penalty: self.presence_penalty,
+                frequency_penalty: self.frequency_penalty,
+            },
+            stream,
+            include_usage: stream
+                && self
+                    .stream_options
+                    .and_then(|o| o.include_usage)
+                    .unwrap_or(false),
+        })
+    }
+}
+
+/// Checks the prompt plus the requested completion against the context window and returns the
+/// completion budget.
+pub fn completion_budget(
+    context: usize,
+    prompt_tokens: usize,
+    max_tokens: Option<usize>,
+) -> Result<usize, ApiError> {
+    let wanted = max_tokens.unwrap_or(1);
+    if prompt_tokens.saturating_add(wanted) > context {
+        return Err(ApiError::ContextLengthExceeded {
+            context,
+            requested: prompt_tokens.saturating_add(wanted),
+            prompt: prompt_tokens,
+            completion: wanted,
+        });
+    }
+    Ok(max_tokens.unwrap_or(context - prompt_tokens))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::engine::SamplingDefaults;
+    use http::StatusCode;
+
+    fn chat(body: &str) -> Result<GenerationRequest, ApiError> {
+        parse_json::<ChatCompletionRequest>(body.as_bytes())?.validate()
+    }
+
+    fn completion(body: &str) -> Result<GenerationRequest, ApiError> {
+        parse_json::<CompletionRequest>(body.as_bytes())?.validate()
+    }
+
+    #[test]
+    fn sampling_defaults_fill_only_what_the_request_left_unset() {
+        let defaults = SamplingDefaults {
+            temperature: Some(0.7),
+            top_p: Some(0.9),
+        };
+        let mut p = chat(r#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#)
+            .unwrap()
+            .params;
+        defaults.apply(&mut p);
+        assert_eq!((p.temperature, p.top_p), (Some(0.7), Some(0.9)));
+        let mut p = chat(
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":0,"top_p":0.5}"#,
+        )
+        .unwrap()
+        .params;
+        defaults.apply(&mut p);
+        assert_eq!((p.temperature, p.top_p), (Some(0.0), Some(0.5)));
+        // top_p 0 as a default: greedy.
+        let greedy = SamplingDefaults {
+            temperature: Some(1.0),
+            top_p: Some(0.0),
+        };
+        let mut p = completion(r#"{"model":"m","prompt":"x"}"#).unwrap().params;
+        greedy.apply(&mut p);
+        assert_eq!((p.temperature, p.top_p), (Some(0.0), None));
+    }
+
+    #[test]
+    fn parses_a_full_chat_request() {
+        let p = chat(
+            r#"{"model":"m","messages":[{"role":"developer","content":"be brief"},
+                {"role":"user","content":[{"type":"text","text":"Hi"},{"type":"text","text":"!"}]}],
+                "stream":true,"stream_options":{"include_usage":true},"max_completion_tokens":8,
+                "max_tokens":99,"temperature":0,"top_p":0.9,"stop":"\n","seed":1,"n":1,
+                "user":"ignored","response_format":{"type":"text"}}"#,
+        )
+        .unwrap();
+        assert_eq!(p.kind, Kind::Chat);
+        assert!(p.stream && p.include_usage);
+        assert_eq!(p.params.max_tokens, Some(8), "max_completion_tokens wins");
+        assert_eq!(p.params.temperature, Some(0.0));
+        assert_eq!(p.params.stop, vec!["\n".to_owned()]);
+        let Prompt::Chat(turns) = p.prompt else {
+            panic!("chat prompt")
+        };
+        assert_eq!(turns[0].role, "system");
+        assert_eq!(turns[1].content, "Hi!");
+    }
+
+    #[test]
+    fn include_usage_needs_stream() {
+        let p = chat(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream_options":{"include_usage":true}}"#).unwrap();
+        assert!(!p.stream && !p.include_usage);
+    }
+
+    #[test]
+    fn malformed_json_and_wrong_types_are_400s_with_different_messages() {
+        let e = chat(r#"{"model":"m","messages":["#).unwrap_err();
+        assert!(matches!(e, ApiError::MalformedJson(_)), "{e:?}");
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        let e =
+            chat(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":"hot"}"#)
+                .unwrap_err();
+        assert!(matches!(e, ApiError::InvalidRequest { .. }), "{e:?}");
+        assert!(e.to_string().contains("invalid type"), "{e}");
+        let e = chat(r#"{"model":"m"}"#).unwrap_err();
+        assert!(e.to_string().contains("missing field `messages`"), "{e}");
+        let e = chat(r#"[1,2]"#).unwrap_err();
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_do() {
+        let base = r#""model":"m","messages":[{"role":"user","content":"x"}]"#;
+        for (extra, param) in [
+            (r#""messages":[]"#, "messages"),
+            (r#""n":2"#, "n"),
+            (r#""temperature":3"#, "temperature"),
+            (r#""top_p":0"#, "top_p"),
+            (r#""max_tokens":0"#, "max_tokens"),
+            (r#""stop":["a","b","c","d","e"]"#, "stop"),
+            (r#""presence_penalty":5"#, "presence_penalty"),
+            (r#""logprobs":true"#, "logprobs"),
+        ] {
+            let body = if extra.starts_with(r#""messages""#) {
+                format!(r#"{{"model":"m",{extra}}}"#)
+            } else {
+                format!("{{{base},{extra}}}")
+            };
+            let e = chat(&body).unwrap_err();
+            assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{extra}");
+            assert_eq!(e.body().error.param.as_deref(), Some(param), "{extra}: {e}");
+        }
+        let e = chat(r#"{"model":"m","messages":[{"role":"wizard","content":"x"}]}"#).unwrap_err();
+        assert_eq!(e.body().error.param.as_deref(), Some("messages[0].role"));
+        let e = chat(r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]}"#).unwrap_err();
+        assert_eq!(e.body().error.code, Some("unsupported_parameter"));
+    }
+
+    #[test]
+    fn completion_prompts() {
+        let p = completion(r#"{"model":"m","prompt":"The capital of France is"}"#).unwrap();
+        assert_eq!(p.prompt, Prompt::Text("The capital of France is".into()));
+        assert_eq!(p.params.max_tokens, Some(16), "OpenAI's default");
+        let p =
+            completion(r#"{"model":"m","prompt":["one"],"max_tokens":3,"stream":true}"#).unwrap();
+        assert_eq!(p.prompt, Prompt::Text("one".into()));
+        assert!(p.stream && !p.include_usage);
+        for body in [
+            r#"{"model":"m","prompt":["a","b"]}"#,
+            r#"{"model":"m","prompt":[1,2,3]}"#,
+            r#"{"model":"m","prompt":""}"#,
+            r#"{"model":"m","prompt":"x","echo":true}"#,
+            r#"{"model":"m","prompt":"x","n":3}"#,
+        ] {
+            let e = completion(body).unwrap_err();
+            assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{body}");
+            assert!(e.body().error.param.as_deref().is_some(), "{body}");
+        }
+    }
+
+    #[test]
+    fn context_window_checks() {
+        assert_eq!(completion_budget(100, 10, None).unwrap(), 90);
+        assert_eq!(completion_budget(100, 10, Some(5)).unwrap(), 5);
+        let e = completion_budget(100, 100, None).unwrap_err();
+        assert_eq!(e.body().error.code, Some("context_length_exceeded"));
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        let e = completion_budget(100, 60, Some(50)).unwrap_err();
+        assert!(
+            e.to_string().contains("maximum context length is 100"),
+            "{e}"
+        );
+    }
+}

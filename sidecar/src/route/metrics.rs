@@ -1,0 +1,60 @@
+//! Routing metrics: how traffic is split from this pod (`sluice_routed_requests_total`), and
+//! forwards that failed or fell back.
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
+
+/// Labels of `sluice_routed_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// The variant chosen (this pod's for `forwarded_in`).
+    pub variant: String,
+    /// `local`, `forward` or `forwarded_in`.
+    pub decision: String,
+}
+
+/// Labels of `sluice_forward_failures_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ForwardFailureLabels {
+    /// The variant that could not be reached.
+    pub variant: String,
+    /// `connect`, `timeout` or `error`.
+    pub kind: String,
+}
+
+/// Routing metrics: how traffic is split from this pod, and forwards that failed.
+#[derive(Clone, Debug, Default)]
+pub struct RoutingMetrics {
+    /// Routing decisions, by variant and decision.
+    pub routed: Family<RouteLabels, Counter>,
+    /// Forwards that failed, by variant and kind.
+    pub forward_failures: Family<ForwardFailureLabels, Counter>,
+    /// Requests that went to another variant (or local) because their forward failed to connect.
+    pub fallbacks: Counter,
+}
+
+impl RoutingMetrics {
+    /// Creates the metrics and registers them (the registry carries the `sluice` prefix).
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "routed_requests",
+            "Generation requests routed by this sidecar, by chosen variant and decision",
+            m.routed.clone(),
+        );
+        registry.register(
+            "forward_failures",
+            "Forwards to another variant that failed, by variant and kind",
+            m.forward_failures.clone(),
+        );
+        registry.register(
+            "forward_fallbacks",
+            "Requests re-routed because forwarding to their variant failed to connect",
+            m.fallbacks.clone(),
+        );
+        m
+    }
+}

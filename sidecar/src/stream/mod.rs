@@ -1,0 +1,204 @@
+//! Answers: a generation's events become one OpenAI JSON object or a stream of Server-Sent
+//! Events ([`respond`]), on a response body that notices when the client goes away; the
+//! admitted request's reservation is settled when the answer ends (also on disconnect or error).
+
+pub mod body;
+mod relay;
+pub mod sse;
+pub mod timing;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::{HeaderName, HeaderValue, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use tokio::time::Instant as TokioInstant;
+use tracing::Instrument;
+
+use self::{
+    body::{ResponseBody, add_headers, json},
+    relay::{Piece, Progress, Relay, collect},
+    sse::Framer,
+    timing::{InFlight, SERVER_TIMING, Timing, record_usage},
+};
+use crate::{
+    admit::{Outcome, settle::Settlement},
+    engine::Generation,
+    metrics::Metrics,
+    openai::{
+        ApiError, Kind,
+        types::{AssistantMessage, ChatChoice, ChatCompletion, Completion, CompletionChoice},
+    },
+};
+
+/// How to answer one admitted request, besides the generation itself.
+#[derive(Debug)]
+pub struct Reply {
+    /// The metrics the answer updates.
+    pub metrics: Metrics,
+    /// Chat or text completion: the response object and the chunk shape.
+    pub kind: Kind,
+    /// SSE (true) or one JSON object.
+    pub stream: bool,
+    /// Whether a stream ends with a usage chunk (`stream_options.include_usage`).
+    pub include_usage: bool,
+    /// The request's id; the response's id derives from it.
+    pub request_id: String,
+    /// The model id responses carry.
+    pub model: String,
+    /// Exact prompt tokens (the usage when the engine reports none).
+    pub prompt_tokens: usize,
+    /// When the request times out.
+    pub deadline: TokioInstant,
+    /// The per-request timeout (for the timeout error).
+    pub timeout: Duration,
+    /// The admitted request's rate-limit headers (`x-ratelimit-*`).
+    pub rate_headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// Answers with `generation`: one JSON object, or (streaming) the response head as soon as the
+/// first token is in its body, the rest relayed by a task of its own. The reservation is settled
+/// when the answer ends.
+pub async fn respond(
+    reply: Reply,
+    mut generation: Generation,
+    mut settlement: Settlement,
+    in_flight: InFlight,
+    timing: Timing,
+) -> Result<Response<ResponseBody>, ApiError> {
+    let created = unix_now();
+    let response_id = reply.kind.response_id(&reply.request_id);
+    let mut progress = Progress::new(timing, reply.prompt_tokens);
+
+    if !reply.stream {
+        let text = collect(
+            &mut progress,
+            &mut generation,
+            &mut settlement,
+            reply.deadline,
+            reply.timeout,
+        )
+        .await?;
+        let usage = progress.usage();
+        record_usage(&reply.metrics, usage, &progress.timing);
+        drop(in_flight);
+        let finish_reason = progress.finish_reason().to_owned();
+        tracing::info!(
+            prompt_tokens = usage.prompt_tokens,
+            completion_tokens = usage.completion_tokens,
+            %finish_reason,
+            ttft_ms = progress.timing.ttft_ms(),
+            "completed"
+        );
+        let mut res = match reply.kind {
+            Kind::Chat => json(
+                StatusCode::OK,
+                &ChatCompletion {
+                    id: response_id,
+                    object: "chat.completion".into(),
+                    created,
+                    model: reply.model,
+                    choices: vec![ChatChoice {
+                        index: 0,
+                        message: AssistantMessage {
+                            role: "assistant".into(),
+                            content: text,
+                        },
+                        finish_reason,
+                        logprobs: None,
+                    }],
+                    usage,
+                },
+            ),
+            Kind::Completion => json(
+                StatusCode::OK,
+                &Completion {
+                    id: response_id,
+                    object: "text_completion".into(),
+                    created,
+                    model: reply.model,
+                    choices: vec![CompletionChoice {
+                        text,
+                        index: 0,
+                        logprobs: None,
+                        finish_reason,
+                    }],
+                    usage,
+                },
+            ),
+        };
+        if let Some(bytes) = hyper::body::Body::size_hint(res.body()).exact() {
+            settlement.add_response_bytes(bytes);
+        }
+        settlement.settle_with(usage, Outcome::Completed);
+        add_headers(&mut res, reply.rate_headers);
+        res.headers_mut()
+            .insert(SERVER_TIMING, progress.timing.server_timing());
+        return Ok(res);
+    }
+
+    // Streaming: wait for the first token so an engine refusal is still a clean JSON error.
+    let first = match tokio::time::timeout_at(reply.deadline, generation.next()).await {
+        Err(_) => {
+            settlement.settle(Outcome::Failed);
+            return Err(ApiError::Timeout(reply.timeout));
+        }
+        Ok(None) => {
+            settlement.settle(Outcome::Failed);
+            return Err(ApiError::Engine(
+                "the engine ended the request without output".into(),
+            ));
+        }
+        Ok(Some(event)) => match progress.read(event) {
+            Piece::Failed(e) => {
+                settlement.settle(Outcome::Failed);
+                return Err(e.into());
+            }
+            piece => piece,
+        },
+    };
+    let (tx, body) = body::channel();
+    let framer = Framer::new(
+        reply.kind,
+        response_id,
+        reply.model,
+        created,
+        reply.include_usage,
+    );
+    let mut relay = Relay {
+        metrics: reply.metrics,
+        framer,
+        tx,
+        progress,
+        settlement,
+        deadline: reply.deadline,
+        timeout: reply.timeout,
+        sent: 0,
+        _in_flight: in_flight,
+    };
+    // The first chunk is in the body before the response leaves, so the head and the first
+    // token go out in one write instead of waiting for the relay task to be scheduled.
+    let ended = relay.relay(first);
+    let server_timing = relay.progress.timing.server_timing();
+    tokio::spawn(
+        relay
+            .run(ended, generation)
+            .instrument(tracing::Span::current()),
+    );
+    let mut res = Response::new(body.boxed());
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert(SERVER_TIMING, server_timing);
+    add_headers(&mut res, reply.rate_headers);
+    Ok(res)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,264 @@
+//! Engine events to an answer: one JSON object ([`collect`]) or SSE chunks as they come
+//! ([`Relay`]). Both read events through [`Progress`], so they count tokens, token times and
+//! finish reasons alike.
+
+use std::time::Duration;
+
+use hyper::body::Bytes;
+use tokio::{sync::mpsc::error::SendError, time::Instant as TokioInstant};
+
+use super::{
+    body::BodySender,
+    sse::{DONE, Framer, data_event},
+    timing::{InFlight, Timing, record_usage},
+};
+use crate::{
+    admit::{Outcome, settle::Settlement},
+    engine::{EngineError, Event, Generation},
+    metrics::Metrics,
+    openai::ApiError,
+    usage::Usage,
+};
+
+/// One generation as its events arrive: the token times, how many text events came, the usage
+/// the engine reported and the finish reason.
+pub(super) struct Progress {
+    pub(super) timing: Timing,
+    prompt_tokens: usize,
+    /// Text events read (the completion-token count when the engine reports none).
+    chunks: usize,
+    engine_usage: Option<Usage>,
+    /// OpenAI's finish reason, once the last event has come.
+    finish: Option<String>,
+}
+
+/// One engine event as the client sees it.
+pub(super) enum Piece {
+    /// New text; the last piece carries OpenAI's finish reason.
+    Text {
+        /// The text since the previous piece.
+        text: String,
+        /// `stop`, `length` or `tool_calls` on the last piece.
+        finish_reason: Option<String>,
+    },
+    /// The engine refused or failed the request.
+    Failed(EngineError),
+}
+
+impl Progress {
+    pub(super) fn new(timing: Timing, prompt_tokens: usize) -> Self {
+        Self {
+            timing,
+            prompt_tokens,
+            chunks: 0,
+            engine_usage: None,
+            finish: None,
+        }
+    }
+
+    /// Reads one event: a delta, or the whole text at once (which counts as the last delta).
+    pub(super) fn read(&mut self, event: Event) -> Piece {
+        let (text, finish_reason, usage) = match event {
+            Event::Delta {
+                text,
+                finish_reason,
+                usage,
+            } => (text, finish_reason, usage),
+            // Non-streaming `/v1/completions`: only the end is seen, so it counts as both the
+            // first and the last token (no per-token timing).
+            Event::Done {
+                text,
+                finish_reason,
+                usage,
+            } => (text, Some(finish_reason), Some(usage)),
+            Event::Failed(e) => return Piece::Failed(e),
+        };
+        self.timing.token();
+        self.chunks += 1;
+        if usage.is_some() {
+            self.engine_usage = usage;
+        }
+        let finish_reason = finish_reason.map(|f| openai_finish_reason(Some(f)));
+        if finish_reason.is_some() {
+            self.finish = finish_reason.clone();
+        }
+        Piece::Text {
+            text,
+            finish_reason,
+        }
+    }
+
+    /// Whether the last event has come.
+    pub(super) fn finished(&self) -> bool {
+        self.finish.is_some()
+    }
+
+    /// Engine usage when it reported it, else the counted prompt plus one token per delta.
+    pub(super) fn usage(&self) -> Usage {
+        self.engine_usage
+            .unwrap_or_else(|| Usage::new(self.prompt_tokens, self.chunks))
+    }
+
+    /// OpenAI's finish reason (`stop` when the engine ended without one).
+    pub(super) fn finish_reason(&self) -> &str {
+        self.finish.as_deref().unwrap_or("stop")
+    }
+}
+
+fn openai_finish_reason(reason: Option<String>) -> String {
+    match reason.as_deref() {
+        Some("length") => "length".into(),
+        Some("tool_calls") => "tool_calls".into(),
+        _ => "stop".into(),
+    }
+}
+
+/// Reads the whole generation for a JSON answer: its text, or the error that ended it (the
+/// reservation then settled as failed).
+pub(super) async fn collect(
+    progress: &mut Progress,
+    generation: &mut Generation,
+    settlement: &mut Settlement,
+    deadline: TokioInstant,
+    timeout: Duration,
+) -> Result<String, ApiError> {
+    let mut text = String::new();
+    loop {
+        let event = match tokio::time::timeout_at(deadline, generation.next()).await {
+            Err(_) => {
+                let counted = Usage::new(progress.prompt_tokens, progress.chunks);
+                settlement.settle_with(counted, Outcome::Failed);
+                return Err(ApiError::Timeout(timeout));
+            }
+            Ok(None) => break,
+            Ok(Some(event)) => event,
+        };
+        match progress.read(event) {
+            Piece::Text { text: piece, .. } => {
+                text.push_str(&piece);
+                if progress.finished() {
+                    break;
+                }
+            }
+            Piece::Failed(e) => {
+                settlement.settle(Outcome::Failed);
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(text)
+}
+
+/// Relays one streaming generation to its response body; stops (and so cancels the
+/// generation) when the client goes away.
+pub(super) struct Relay {
+    pub(super) metrics: Metrics,
+    pub(super) framer: Framer,
+    pub(super) tx: BodySender,
+    pub(super) progress: Progress,
+    pub(super) settlement: Settlement,
+    pub(super) deadline: TokioInstant,
+    /// The request's timeout (for the error event).
+    pub(super) timeout: Duration,
+    /// Body bytes sent so far (for byte limits).
+    pub(super) sent: u64,
+    pub(super) _in_flight: InFlight,
+}
+
+impl Relay {
+    /// Frames one piece into the body; `Some` when the stream ends with it.
+    pub(super) fn relay(&mut self, piece: Piece) -> Option<Outcome> {
+        match piece {
+            Piece::Failed(e) => {
+                tracing::warn!(error = %e, "generation failed mid-stream");
+                let _ = self.send(data_event(&ApiError::from(e).body()));
+                Some(Outcome::Failed)
+            }
+            Piece::Text {
+                text,
+                finish_reason,
+            } => {
+                let done = finish_reason.is_some();
+                let event = self.framer.delta(text, finish_reason);
+                if self.send(event).is_err() {
+                    return Some(Outcome::Cancelled);
+                }
+                done.then_some(Outcome::Completed)
+            }
+        }
+    }
+
+    /// Sends one piece of the body, counting its bytes.
+    fn send(&mut self, bytes: Bytes) -> Result<(), SendError<Bytes>> {
+        self.sent = self.sent.saturating_add(bytes.len() as u64);
+        self.tx.send(bytes)
+    }
+
+    /// Relays the rest of the generation (nothing more when `ended` says it is over), then
+    /// closes the stream and settles the request.
+    pub(super) async fn run(mut self, ended: Option<Outcome>, mut generation: Generation) {
+        let outcome = match ended {
+            Some(outcome) => outcome,
+            None => loop {
+                let event = tokio::select! {
+                    // Notice a disconnect even while the engine is busy prefilling.
+                    _ = self.tx.closed() => break Outcome::Cancelled,
+                    r = tokio::time::timeout_at(self.deadline, generation.next()) => match r {
+                        Err(_) => {
+                            let e = ApiError::Timeout(self.timeout);
+                            let _ = self.send(data_event(&e.body()));
+                            break Outcome::Failed;
+                        }
+                        Ok(None) => break Outcome::Completed,
+                        Ok(Some(event)) => event,
+                    },
+                };
+                let piece = self.progress.read(event);
+                if let Some(outcome) = self.relay(piece) {
+                    break outcome;
+                }
+            },
+        };
+        // Dropping the generation here (before the body closes) tells the engine to stop.
+        drop(generation);
+        let usage = self.progress.usage();
+        if outcome == Outcome::Completed {
+            if let Some(bytes) = self.framer.usage(usage) {
+                let _ = self.send(bytes);
+            }
+            let _ = self.send(Bytes::from_static(DONE));
+        } else if outcome == Outcome::Failed {
+            let _ = self.send(Bytes::from_static(DONE));
+        } else {
+            self.metrics.cancelled.inc();
+            tracing::info!(
+                completion_tokens = self.progress.chunks,
+                "client disconnected; generation cancelled"
+            );
+        }
+        self.settlement.add_response_bytes(self.sent);
+        self.settlement.settle_with(usage, outcome);
+        record_usage(&self.metrics, usage, &self.progress.timing);
+        if outcome == Outcome::Completed {
+            tracing::info!(
+                prompt_tokens = usage.prompt_tokens,
+                completion_tokens = usage.completion_tokens,
+                finish_reason = self.progress.finish_reason(),
+                ttft_ms = self.progress.timing.ttft_ms(),
+                "completed"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finish_reasons_are_openai_values() {
+        assert_eq!(openai_finish_reason(Some("length".into())), "length");
+        assert_eq!(openai_finish_reason(Some("canceled".into())), "stop");
+        assert_eq!(openai_finish_reason(None), "stop");
+    }
+}

@@ -1,0 +1,156 @@
+//! How a request's time goes and what it occupies meanwhile: token timestamps and the
+//! `Server-Timing` header ([`Timing`]), the bounded queue in front of the engine ([`queue`]), and
+//! the gauges that count a request while it waits and while it runs.
+
+use std::time::{Duration, Instant};
+
+use http::{HeaderName, HeaderValue};
+use tokio::time::Instant as TokioInstant;
+
+use crate::{
+    engine::{Slot, Slots},
+    metrics::Metrics,
+    openai::ApiError,
+    usage::Usage,
+};
+
+/// Where a response says how its time went ([`Timing::server_timing`]).
+pub const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
+
+/// Waits in the bounded queue in front of the engine (counted in `sluice_queue_depth`) for a
+/// slot, until `deadline`; `timeout` is the request's, for the error. The slot comes back
+/// counted in `sluice_requests_in_flight`.
+pub async fn queue(
+    metrics: &Metrics,
+    slots: &Slots,
+    deadline: TokioInstant,
+    timeout: Duration,
+) -> Result<InFlight, ApiError> {
+    let queued = QueueGuard::enter(metrics);
+    let slot = tokio::time::timeout_at(deadline, slots.acquire())
+        .await
+        .map_err(|_| ApiError::Timeout(timeout))?;
+    drop(queued);
+    Ok(InFlight::enter(metrics, slot?))
+}
+
+/// Counts a finished request's tokens, and its time to first token, time per output token and
+/// duration.
+pub fn record_usage(metrics: &Metrics, usage: Usage, timing: &Timing) {
+    metrics.prompt_tokens.inc_by(usage.prompt_tokens as u64);
+    metrics
+        .completion_tokens
+        .inc_by(usage.completion_tokens as u64);
+    if let Some(first) = timing.first {
+        metrics
+            .time_to_first_token
+            .observe(first.duration_since(timing.started).as_secs_f64());
+        if let Some(last) = timing.last
+            && usage.completion_tokens > 1
+        {
+            metrics.time_per_output_token.observe(
+                last.duration_since(first).as_secs_f64() / (usage.completion_tokens - 1) as f64,
+            );
+        }
+    }
+    metrics
+        .request_duration
+        .observe(timing.started.elapsed().as_secs_f64());
+}
+
+/// Token timestamps of one request.
+#[derive(Debug)]
+pub struct Timing {
+    started: Instant,
+    /// Templating and tokenizing the prompt.
+    tokenize: Duration,
+    /// When the engine took the request.
+    submitted: Instant,
+    first: Option<Instant>,
+    last: Option<Instant>,
+}
+
+impl Timing {
+    /// The request arrived at `started`, its prompt took `tokenize` to template and tokenize,
+    /// and the engine took it at `submitted`.
+    pub fn new(started: Instant, tokenize: Duration, submitted: Instant) -> Self {
+        Self {
+            started,
+            tokenize,
+            submitted,
+            first: None,
+            last: None,
+        }
+    }
+
+    /// The `Server-Timing` header, in ms: `admit`, from the request's head to the engine
+    /// taking it (the body, parsing, the prompt's tokenization, admission, queueing);
+    /// `tokenize`, the part of it spent templating and tokenizing the prompt; `engine-ttft`,
+    /// from the engine taking it to the first token (to the whole text for a `/v1/completions`
+    /// request without streaming, which the engine answers at once). A client's time to first
+    /// token less `admit` and `engine-ttft` is what the network and the HTTP layers took.
+    pub fn server_timing(&self) -> HeaderValue {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let admit = ms(self.submitted.duration_since(self.started));
+        let tokenize = ms(self.tokenize);
+        let ttft = ms(self
+            .first
+            .unwrap_or(self.submitted)
+            .duration_since(self.submitted));
+        HeaderValue::from_str(&format!(
+            "admit;dur={admit:.3}, tokenize;dur={tokenize:.3}, engine-ttft;dur={ttft:.3}"
+        ))
+        .unwrap_or_else(|_| HeaderValue::from_static("admit"))
+    }
+
+    /// A token arrived now.
+    pub fn token(&mut self) {
+        let now = Instant::now();
+        self.first.get_or_insert(now);
+        self.last = Some(now);
+    }
+
+    /// Milliseconds from arrival to the first token, once there was one.
+    pub fn ttft_ms(&self) -> Option<u64> {
+        self.first
+            .map(|f| f.duration_since(self.started).as_millis() as u64)
+    }
+}
+
+/// Counts a request in `sluice_queue_depth` while it waits.
+struct QueueGuard(Metrics);
+
+impl QueueGuard {
+    fn enter(metrics: &Metrics) -> Self {
+        metrics.queue_depth.inc();
+        Self(metrics.clone())
+    }
+}
+
+impl Drop for QueueGuard {
+    fn drop(&mut self) {
+        self.0.queue_depth.dec();
+    }
+}
+
+/// Holds the engine slot and counts the request in `sluice_requests_in_flight`.
+pub struct InFlight {
+    metrics: Metrics,
+    _slot: Slot,
+}
+
+impl InFlight {
+    fn enter(metrics: &Metrics, slot: Slot) -> Self {
+        metrics.in_flight.inc();
+        Self {
+            metrics: metrics.clone(),
+            _slot: slot,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.metrics.in_flight.dec();
+    }
+}
