@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 export SLUICE_TEST_MODEL ?= $(abspath $(MODEL))
 export SLUICE_TEST_PYTHON ?= $(abspath $(PY))
 
-.PHONY: demo test test-vendor model crds lint bench bench-anchor bench-limits bench-operator render e2e images venv fmt test-py test-chart chart-crds argocd-cm-patch
+.PHONY: demo test test-vendor model crds lint bench bench-anchor bench-limits bench-operator render e2e cluster cluster-servers images venv fmt test-py test-chart chart-crds argocd-cm-patch
 
 ## model: fetch the embedded default model once into $(MODEL_DIR)
 model: $(MODEL)
@@ -32,8 +32,9 @@ crds:
 	$(CARGO) run --quiet --bin sluice-operator -- crds --out-dir crds
 	$(MAKE) --no-print-directory chart-crds
 
-## test: every test (unit, integration against the real model and binary, lints of manifests)
-test: model venv test-py
+## test: every test (unit, integration against the real model and binary, lints of manifests,
+## the operator, sidecars and chart against a real API server: e2e/tests/apiserver_*.rs)
+test: model venv test-py cluster-servers
 	CARGO=$(CARGO) scripts/check-one-build.sh
 	$(CARGO) test --workspace
 	$(MAKE) --no-print-directory test-vendor
@@ -119,6 +120,15 @@ bench-operator-memory:
 FILES ?= $(wildcard examples/inferencemodel*.yaml)
 render:
 	$(CARGO) run --quiet --bin sluice-operator -- render $(addprefix -f ,$(FILES))
+
+## cluster: a real control plane on this machine (etcd, kube-apiserver, kube-controller-manager;
+## built once from Go modules, needs Go and root); prints the KUBECONFIG; Ctrl-C stops it
+cluster:
+	scripts/cluster.sh
+
+## cluster-servers: build (once, cached in ~/.cache/sluice/cluster) the servers the cluster tests run
+cluster-servers:
+	scripts/cluster.sh --build-only
 
 ## e2e: against a real cluster (kind or the current kubeconfig); skips with a message when none is reachable
 e2e:

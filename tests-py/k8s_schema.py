@@ -17,6 +17,7 @@ KUBE_VERSION = "1.33"
 # Kinds from other projects' CRDs: no upstream schema exists to check them against.
 NOT_VALIDATED = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "prometheus-operator CRD kind",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "prometheus-operator CRD kind",
     ("argoproj.io/v1alpha1", "Application"): "Argo CD CRD kind",
 }
 

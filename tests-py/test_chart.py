@@ -17,6 +17,7 @@ from helm_render import CHART, REPO
 
 CRD_DIR = REPO / "crds"
 CHART_CRD_DIR = CHART / "crds"
+GOLDEN = REPO / "operator" / "tests" / "golden"
 NS = "sluice-system"
 OPERATOR = "sluice-operator"
 
@@ -66,6 +67,8 @@ VALUE_SETS = {
         "tolerations": [{"key": "x", "operator": "Exists", "effect": "NoSchedule"}],
         "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:x"}},
         "metrics": {"port": 9090, "service": {"annotations": {"x": "y"}}},
+        "sidecarPodMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+        "apiKeySecrets": [{"namespace": "team-a", "name": "api-keys"}],
     },
     "minimal": {
         "replicaCount": 1,
@@ -85,11 +88,17 @@ def test_every_rendered_object_is_valid_kubernetes(values):
         outcomes[f"{obj['kind']}/{obj['metadata']['name']}"] = k8s_schema.validate(obj)
     # Only what k8s_schema names explicitly may go unchecked.
     skipped = {k for k, v in outcomes.items() if v.startswith("skipped")}
-    assert all(k.startswith("ServiceMonitor/") for k in skipped), skipped
-    # Namespaced objects land in the release namespace.
+    assert all(k.startswith(("ServiceMonitor/", "PodMonitor/")) for k in skipped), skipped
+    # Namespaced objects land in the release namespace, but for the Roles that let the operator
+    # read API-key Secrets, which live beside those Secrets.
+    key_namespaces = {e["namespace"] for e in (values or {}).get("apiKeySecrets", [])}
     for obj in rendered.objects:
-        if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"):
-            assert obj["metadata"].get("namespace") == NS, obj["kind"]
+        if obj["kind"] in ("ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"):
+            continue
+        if obj["metadata"]["name"] == f"{OPERATOR}-api-keys":
+            assert obj["metadata"]["namespace"] in key_namespaces, obj
+            continue
+        assert obj["metadata"].get("namespace") == NS, obj["kind"]
 
 
 def test_defaults_render_the_expected_objects(default_render):
@@ -243,7 +252,8 @@ EXPECTED_CLUSTER_RULES = {
     ("autoscaling", "horizontalpodautoscalers"): CRUD,
     ("rbac.authorization.k8s.io", "roles"): CRUD,
     ("rbac.authorization.k8s.io", "rolebindings"): CRUD,
-    ("", "secrets"): ["get", "list", "watch", "create", "patch"],
+    # Create only: the forwarding Secret is created once, an existing one answers 409.
+    ("", "secrets"): ["create"],
     ("", "pods"): ["get", "list", "watch"],
     ("events.k8s.io", "events"): ["create", "patch"],
 }
@@ -273,12 +283,69 @@ def test_cluster_role_is_exactly_least_privilege(default_render):
     assert ("rbac.authorization.k8s.io", "clusterroles") not in grants
 
 
+def test_no_secret_of_the_cluster_is_readable(default_render):
+    # Reading Secrets: not through the ClusterRole (get, list or watch on secrets, or on every
+    # resource), and no Role at all unless apiKeySecrets names some.
+    for rule in default_render.one("ClusterRole", OPERATOR)["rules"]:
+        if "secrets" in rule["resources"] or "*" in rule["resources"]:
+            assert not {"get", "list", "watch", "*"} & set(rule["verbs"]), rule
+    for role in default_render.of_kind("Role"):
+        for rule in role["rules"]:
+            assert "secrets" not in rule["resources"], role["metadata"]["name"]
+
+
+def golden_renders() -> list[dict]:
+    """Every object `sluice-operator render` gives for the example models (the golden files
+    operator/tests/render.rs keeps equal to it)."""
+    return [doc for path in sorted(GOLDEN.glob("inferencemodel*.yaml"))
+            for doc in helm_render.docs(path.read_text())]
+
+
 def test_operator_holds_what_the_roles_it_creates_grant(default_render):
     # RBAC escalation check: the operator may only create a Role granting what it holds itself.
-    # The per-model Role lets the sidecar read its ConfigMap (and the forwarding Secret).
+    # The per-model Roles it renders (the sidecars read their ConfigMap) need no Secret.
     grants = flatten(default_render.one("ClusterRole", OPERATOR)["rules"])
-    for resource in ("configmaps", "secrets"):
-        assert {"get", "list", "watch"} <= set(grants[("", resource)])
+    roles = [o for o in golden_renders() if o["kind"] == "Role"]
+    assert roles
+    for role in roles:
+        for rule in role["rules"]:
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    assert resource != "secrets", role["metadata"]["name"]
+                    assert set(rule["verbs"]) <= set(grants[(group, resource)]), rule
+
+
+def test_api_key_secrets_are_readable_by_name_only_where_listed():
+    entries = [
+        {"namespace": "team-a", "name": "api-keys"},
+        {"namespace": "team-b", "name": "paid-keys"},
+        {"namespace": "team-a", "name": "trial-keys"},
+        {"namespace": "team-a", "name": "api-keys"},  # listed twice: granted once
+    ]
+    rendered = helm_render.render({"apiKeySecrets": entries}, namespace=NS)
+    name = f"{OPERATOR}-api-keys"
+    roles = {r["metadata"]["namespace"]: r for r in rendered.of_kind("Role")
+             if r["metadata"]["name"] == name}
+    assert sorted(roles) == ["team-a", "team-b"]
+    assert roles["team-a"]["rules"] == [{
+        "apiGroups": [""], "resources": ["secrets"],
+        "resourceNames": ["api-keys", "trial-keys"], "verbs": ["get"]}]
+    assert roles["team-b"]["rules"] == [{
+        "apiGroups": [""], "resources": ["secrets"],
+        "resourceNames": ["paid-keys"], "verbs": ["get"]}]
+    bindings = {b["metadata"]["namespace"]: b for b in rendered.of_kind("RoleBinding")
+                if b["metadata"]["name"] == name}
+    assert sorted(bindings) == ["team-a", "team-b"]
+    for ns, binding in bindings.items():
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                      "name": name}
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": OPERATOR,
+                                        "namespace": NS}]
+    for obj in [*roles.values(), *bindings.values()]:
+        assert k8s_schema.validate(obj) == "validated"
+    # Without rbac.create nothing is rendered for them either.
+    rendered = helm_render.render({"apiKeySecrets": entries, "rbac": {"create": False}})
+    assert not rendered.of_kind("Role") and not rendered.of_kind("RoleBinding")
 
 
 def test_leases_only_in_the_release_namespace(default_render):
@@ -319,6 +386,79 @@ def test_service_monitor_is_optional():
     assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
 
 
+# === autoscaling on the sidecars' metrics ===
+
+ADAPTER_RULES = CHART / "prometheus-adapter-rules.yaml"
+
+
+def metric_types() -> set[str]:
+    """The autoscaling metric types an InferenceModel may name (the generated CRD's enum)."""
+    crd = yaml.safe_load((CRD_DIR / "inferencemodels.yaml").read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    metric = spec["properties"]["autoscaling"]["properties"]["metrics"]["items"]
+    return set(metric["properties"]["type"]["enum"])
+
+
+def rendered_models() -> list[dict]:
+    """The InferenceModels whose render the golden files hold."""
+    files = [*(REPO / "examples").glob("inferencemodel*.yaml"),
+             *(REPO / "operator" / "tests" / "fixtures").glob("inferencemodel*.yaml")]
+    return [d for f in files for d in helm_render.docs(f.read_text())]
+
+
+def test_the_adapter_serves_every_per_pod_metric_an_autoscaler_can_name():
+    # The goldens cover every metric type the CRD allows, so their HPAs name every per-pod
+    # metric the operator renders (the names come from its output, not from here).
+    used = {m["type"] for model in rendered_models()
+            for m in model["spec"].get("autoscaling", {}).get("metrics", [])}
+    assert used == metric_types(), "render a model with every autoscaling metric type"
+    names = {m["pods"]["metric"]["name"] for hpa in golden_renders()
+             if hpa["kind"] == "HorizontalPodAutoscaler"
+             for m in hpa["spec"]["metrics"] if m["type"] == "Pods"}
+    assert len(names) == len(metric_types() - {"CPU"}), names
+
+    values = yaml.safe_load(ADAPTER_RULES.read_text())
+    assert values["rules"]["default"] is False, "the defaults would serve the same names twice"
+    served = {}
+    for rule in values["rules"]["custom"]:
+        assert rule["name"]["as"] not in served, f"two rules serve {rule['name']['as']}"
+        served[rule["name"]["as"]] = rule
+    for name in names:
+        rule = served.get(name)
+        assert rule, f"{name} (an HPA's Pods metric) is not in {ADAPTER_RULES.name}"
+        # The series as the sidecar exports it, per pod, mapped to the pods the HPA scales.
+        assert rule["seriesQuery"] == f'{name}{{namespace!="",pod!=""}}', rule
+        assert re.fullmatch(rule["name"]["matches"], name), rule
+        assert rule["resources"]["overrides"] == {
+            "namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+        query = rule["metricsQuery"]
+        for part in ("<<.Series>>", "<<.LabelMatchers>>", "by (<<.GroupBy>>)"):
+            assert part in query, query
+        assert "rate(" not in query, "the sidecar exports gauges, already per second"
+    # The contract's names, as the operator renders them, appear in the sidecar's metrics doc.
+    readme = (REPO / "README.md").read_text()
+    for name in names:
+        assert name in readme, f"{name} is not documented in README.md"
+
+
+def test_sidecar_pod_monitor_is_optional_and_scrapes_the_admin_port(default_render):
+    assert not default_render.of_kind("PodMonitor")
+    rendered = helm_render.render({"sidecarPodMonitor": {"enabled": True, "interval": "10s",
+                                                         "labels": {"release": "kps"}}})
+    pm = rendered.one("PodMonitor")
+    assert pm["metadata"]["labels"]["release"] == "kps"
+    assert pm["spec"]["namespaceSelector"] == {"any": True}
+    assert pm["spec"]["podMetricsEndpoints"] == [
+        {"port": "admin", "path": "/metrics", "interval": "10s", "scrapeTimeout": "10s"}]
+    # It selects the inference pods the operator renders, by their labels and port name.
+    pods = [o["spec"]["template"] for o in golden_renders() if o["kind"] == "Deployment"]
+    assert pods
+    for pod in pods:
+        assert pm["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+        ports = [p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])]
+        assert "admin" in ports
+
+
 # === values.schema.json ===
 
 BAD_VALUES = [
@@ -338,6 +478,10 @@ BAD_VALUES = [
     ({"reconcileConcurrency": 70000}, "at '/reconcileConcurrency': maximum"),
     ({"replicas": 3}, "additional properties 'replicas' not allowed"),
     ({"sidecar": {"imag": {}}}, "additional properties 'imag' not allowed"),
+    ({"apiKeySecrets": [{"namespace": "team-a"}]}, "at '/apiKeySecrets/0': missing property 'name'"),
+    ({"apiKeySecrets": [{"namespace": "Team A", "name": "k"}]}, "at '/apiKeySecrets/0/namespace'"),
+    ({"sidecarPodMonitor": {"enabled": True, "interval": "often"}},
+     "at '/sidecarPodMonitor/interval'"),
 ]
 
 

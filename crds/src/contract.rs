@@ -1,7 +1,9 @@
 //! The metrics contract between the sidecar, which exports these series on its admin
 //! `/metrics`, and the operator, which reads them: the canary analysis judges variants by
 //! requests and time to first token, the RateLimitPolicy status counts the pods that enforce a
-//! config generation, and the autoscalers the operator renders name per-pod metrics.
+//! config generation, and the autoscalers the operator renders name per-pod metrics (served to
+//! them through the custom metrics API by the prometheus-adapter rules the chart ships,
+//! `charts/sluice/prometheus-adapter-rules.yaml`).
 //!
 //! The sidecar registers each metric under [`PREFIX`] with the short name here
 //! (`prometheus_client` adds the unit and the `_total`/`_bucket` suffixes); the operator matches
@@ -20,18 +22,28 @@ pub const TIME_TO_FIRST_TOKEN: &str = "time_to_first_token";
 pub const CONFIG_GENERATION: &str = "config_generation";
 /// Registered name of the gauge of requests admitted to the engine and not finished.
 pub const REQUESTS_IN_FLIGHT: &str = "requests_in_flight";
+/// Registered name of the gauge of completion tokens generated per second over the sidecar's
+/// last few seconds (not a unit `prometheus_client` knows, so the name carries it).
+pub const COMPLETION_TOKENS_PER_SECOND: &str = "completion_tokens_per_second";
+
+/// Registered name of the counter of forwards to another variant that failed, by
+/// [`LABEL_VARIANT`] (the variant that could not be reached) and `kind`. The canary analysis
+/// counts them against that variant: a pod that is down answers nothing itself.
+pub const FORWARD_FAILURES: &str = "forward_failures";
 
 /// [`REQUESTS`] as exposed.
 pub const REQUESTS_TOTAL_SERIES: &str = "sluice_requests_total";
 /// The buckets of [`TIME_TO_FIRST_TOKEN`] as exposed (cumulative, labelled [`LABEL_LE`]).
 pub const TIME_TO_FIRST_TOKEN_BUCKET_SERIES: &str = "sluice_time_to_first_token_seconds_bucket";
+/// [`FORWARD_FAILURES`] as exposed.
+pub const FORWARD_FAILURES_SERIES: &str = "sluice_forward_failures_total";
 /// [`CONFIG_GENERATION`] as exposed.
 pub const CONFIG_GENERATION_SERIES: &str = "sluice_config_generation";
 /// [`REQUESTS_IN_FLIGHT`] as exposed; an autoscaler's `InFlightRequests` metric.
 pub const REQUESTS_IN_FLIGHT_SERIES: &str = "sluice_requests_in_flight";
-/// An autoscaler's `TokensPerSecond` metric: the rate of the sidecar's completion-token counter,
-/// as the custom metrics adapter serves it per pod.
-pub const COMPLETION_TOKENS_PER_SECOND: &str = "sluice_completion_tokens_per_second";
+/// [`COMPLETION_TOKENS_PER_SECOND`] as exposed; an autoscaler's `TokensPerSecond` metric. A
+/// gauge each pod computes itself, so the adapter serves it per pod as it is (no `rate()`).
+pub const COMPLETION_TOKENS_PER_SECOND_SERIES: &str = "sluice_completion_tokens_per_second";
 
 /// Label: the API route of a request (`/v1/chat/completions`).
 pub const LABEL_ROUTE: &str = "route";
@@ -55,6 +67,11 @@ mod tests {
             TIME_TO_FIRST_TOKEN_BUCKET_SERIES
         );
         assert_eq!(exposed(CONFIG_GENERATION, ""), CONFIG_GENERATION_SERIES);
+        assert_eq!(exposed(FORWARD_FAILURES, "_total"), FORWARD_FAILURES_SERIES);
         assert_eq!(exposed(REQUESTS_IN_FLIGHT, ""), REQUESTS_IN_FLIGHT_SERIES);
+        assert_eq!(
+            exposed(COMPLETION_TOKENS_PER_SECOND, ""),
+            COMPLETION_TOKENS_PER_SECOND_SERIES
+        );
     }
 }

@@ -12,6 +12,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::quantity::parse_bytes;
 
+/// Sequences the engine batches at once when `engine.maxConcurrentSequences` is unset: the
+/// sidecar's `--max-seqs` default, and what the operator counts on for such variants.
+pub const DEFAULT_MAX_CONCURRENT_SEQUENCES: u32 = 16;
+
 /// A model served over the OpenAI API, split into weighted variants (e.g. `stable` and a
 /// `canary` with a new quantisation). The operator runs one Deployment per variant, a Service
 /// for the model and one per variant, autoscalers, and the sidecar config that routes traffic.
@@ -206,7 +210,10 @@ pub struct EngineSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 16))]
     pub context_length: Option<u32>,
-    /// Sequences the engine batches at once (continuous batching). Default 16.
+    /// Sequences the engine batches at once (continuous batching). Default 16. Also where
+    /// the model's sidecars start shedding: `Sheddable` requests are refused (503) once a pod
+    /// has this many requests in flight, `Standard` ones at twice as many; with variants that
+    /// differ, the smallest value of any variant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1024))]
     pub max_concurrent_sequences: Option<u32>,
@@ -579,6 +586,19 @@ impl InferenceModel {
     }
 }
 
+// === impl Variant ===
+
+impl Variant {
+    /// The sequences this variant's engine runs at once: `engine.maxConcurrentSequences`, else
+    /// the sidecar's default.
+    pub fn max_concurrent_sequences(&self) -> u32 {
+        self.engine
+            .as_ref()
+            .and_then(|e| e.max_concurrent_sequences)
+            .unwrap_or(DEFAULT_MAX_CONCURRENT_SEQUENCES)
+    }
+}
+
 /// The prefix cache lives in the pod's memory: its budget must parse and leave room for the
 /// weights and the running sequences' KV caches.
 fn check_prefix_cache_memory(v: &Variant, resources: Option<&Resources>) -> Result<(), String> {
@@ -611,4 +631,39 @@ fn is_dns_label(s: &str) -> bool {
         && b[b.len() - 1] != b'-'
         && b.iter()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::CustomResourceExt;
+
+    use super::*;
+
+    #[test]
+    fn the_documented_engine_default_is_the_constant() {
+        let crd = serde_json::to_value(InferenceModel::crd()).expect("CRD serializes");
+        let field = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"]["variants"]["items"]["properties"]["engine"]["properties"]["maxConcurrentSequences"];
+        let doc = field["description"].as_str().expect("documented");
+        assert!(
+            doc.contains(&format!("Default {DEFAULT_MAX_CONCURRENT_SEQUENCES}.")),
+            "{doc}"
+        );
+        let variant = |engine: Option<EngineSettings>| Variant {
+            name: "v".into(),
+            weight: 100,
+            model: ModelSource::default(),
+            engine,
+            image: None,
+        };
+        assert_eq!(
+            variant(None).max_concurrent_sequences(),
+            DEFAULT_MAX_CONCURRENT_SEQUENCES
+        );
+        let eight = EngineSettings {
+            max_concurrent_sequences: Some(8),
+            ..Default::default()
+        };
+        assert_eq!(variant(Some(eight)).max_concurrent_sequences(), 8);
+    }
 }

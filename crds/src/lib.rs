@@ -1,12 +1,14 @@
 //! The sluice API: the two custom resources users write (`InferenceModel`, `RateLimitPolicy`)
 //! and the sidecar config document, the single contract between the operator and the sidecars,
-//! plus the names of the sidecar metrics the operator reads ([`contract`]).
+//! plus the names of the sidecar metrics the operator reads ([`contract`]) and how a sidecar pod
+//! stops ([`lifecycle`]).
 //!
 //! The Rust types are the source of truth: the CRD YAML in `crds/` is generated from them
 //! (`make crds`) and a test fails when the committed YAML is stale.
 
 pub mod contract;
 pub mod inference_model;
+pub mod lifecycle;
 pub mod quantity;
 pub mod rate_limit_policy;
 pub mod sidecar_config;

@@ -93,8 +93,10 @@ pub struct IdentityConfig {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SaturationConfig {
-    /// Requests in flight (running or queued) above which `Sheddable` requests are refused, and
-    /// `Standard` ones above twice this. Unset: no shedding.
+    /// Requests in flight (running or queued) at which `Sheddable` requests are refused, and
+    /// `Standard` ones at twice this. Unset: no shedding. The operator writes the sequences the
+    /// engine runs at once (`engine.maxConcurrentSequences`), the smallest of any variant: the
+    /// document is shared by every variant's pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_in_flight: Option<u32>,
 }

@@ -1,1 +1,86 @@
-//! End-to-end tests live in `tests/`; run them with `make e2e` (they need a cluster).
+//! The harness of the cluster tests: a real control plane on loopback ([`control_plane`]),
+//! a stand-in kubelet that runs the pods it creates as real processes ([`kubelet`]), and a
+//! real `helm install` of the chart into it ([`helm`]).
+
+pub mod control_plane;
+pub mod helm;
+pub mod http;
+pub mod kubelet;
+pub mod objects;
+pub mod wait;
+
+use std::path::PathBuf;
+
+use kube::Client;
+
+use crate::control_plane::ControlPlane;
+use crate::kubelet::{Images, Kubelet};
+
+/// What a scenario with the operator starts from: the control plane, a cluster-admin client
+/// (the test's own), a namespace for the chart, one for the models, and the kubelet running
+/// the pods of both.
+pub struct Cluster {
+    pub control_plane: &'static ControlPlane,
+    pub admin: Client,
+    pub system: String,
+    pub models: String,
+    pub kubelet: Kubelet,
+}
+
+impl Cluster {
+    /// Starts (or joins) the test binary's control plane and a kubelet for two new namespaces.
+    pub async fn start() -> anyhow::Result<Self> {
+        let control_plane = control_plane::shared()?;
+        let admin = control_plane.admin().await?;
+        let system = control_plane.namespace(&admin, "sluice-system").await?;
+        let models = control_plane.namespace(&admin, "models").await?;
+        let kubelet = Kubelet::start(
+            control_plane,
+            admin.clone(),
+            &[&system, &models],
+            &demo_model()?,
+            Images::workspace()?,
+        )
+        .await?;
+        Ok(Self {
+            control_plane,
+            admin,
+            system,
+            models,
+            kubelet,
+        })
+    }
+}
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("e2e/ sits in the workspace")
+        .to_owned()
+}
+
+/// The demo model every test pod serves (`SLUICE_TEST_MODEL`, which `make test` sets).
+pub fn demo_model() -> anyhow::Result<PathBuf> {
+    let path = std::env::var("SLUICE_TEST_MODEL").map_err(|_| {
+        anyhow::anyhow!("SLUICE_TEST_MODEL (the demo model, set by `make test`) is unset")
+    })?;
+    Ok(path.into())
+}
+
+/// A workspace binary (`sluice-operator`, `sluice-sidecar`) beside the running test binary;
+/// `cargo test --workspace` builds them.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .ok_or_else(|| anyhow::anyhow!("test binary {} has no target dir", exe.display()))?;
+    let path = dir.join(name);
+    anyhow::ensure!(
+        path.exists(),
+        "{} not built: run `cargo build --bins` (or `cargo test --workspace`) first",
+        path.display()
+    );
+    Ok(path)
+}

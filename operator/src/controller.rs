@@ -131,7 +131,8 @@ impl Context {
 }
 
 /// Reconciles one InferenceModel. Idempotent: a second call on an unchanged model and cluster
-/// only reads (lists), and writes nothing.
+/// only reads (lists) and asks to create the forwarding Secret, which the API server refuses
+/// (it exists): nothing changes.
 #[instrument(skip_all, fields(model = %model.name_any(), namespace = model.namespace().unwrap_or_default()))]
 pub async fn reconcile(model: Arc<InferenceModel>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started();
@@ -341,8 +342,10 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         .owns(Api::<ConfigMap>::all(client.clone()), children.clone())
         .owns(Api::<ServiceAccount>::all(client.clone()), children.clone())
         .owns(Api::<Role>::all(client.clone()), children.clone())
-        // The forwarding Secret: recreated at once if someone deletes it.
-        .owns(Api::<Secret>::all(client.clone()), children.clone())
+        // Not the forwarding Secret: watching Secrets takes list/watch on every Secret in the
+        // cluster. A deleted one is recreated by the next reconcile, which every model gets
+        // within RESYNC (PROGRESS_POLL while unsettled), and sooner once a new pod that cannot
+        // mount it changes its Deployment's status (watched above).
         .owns(Api::<RoleBinding>::all(client), children)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)

@@ -19,7 +19,7 @@ use crate::controller::{Context, desired_state};
 use crate::desired::weights::{EffectiveWeights, for_plan};
 use crate::desired::{Desired, Settings};
 use crate::metrics::Metrics;
-use crate::names::{FIELD_MANAGER, LABEL_MODEL, LABEL_VARIANT, forwarding_secret_name};
+use crate::names::{FIELD_MANAGER, LABEL_MODEL, LABEL_VARIANT};
 use crate::observe::ReadyCounts;
 use crate::policy::merge::ModelLimits;
 use crate::rollout::plan::route_plan;
@@ -243,18 +243,10 @@ impl Step {
         }
     }
 
-    /// `GET` of `model`'s forwarding Secret in `ns`, found (the reconcile leaves it alone).
-    pub fn forwarding_secret(ns: &str, model: &str) -> Self {
-        let name = forwarding_secret_name(model);
-        Self::get(
-            &format!("/api/v1/namespaces/{ns}/secrets/{name}"),
-            Some(json!({
-                "apiVersion": "v1", "kind": "Secret",
-                "metadata": {"name": name, "namespace": ns, "resourceVersion": "3"},
-                "type": "Opaque",
-                "data": {"token": "MDEyMzQ1Njc4OWFiY2RlZg=="},
-            })),
-        )
+    /// The `POST` of a forwarding Secret in `ns`, refused because it exists (the reconcile
+    /// leaves it alone, unread).
+    pub fn forwarding_secret_exists(ns: &str) -> Self {
+        Self::create(&format!("/api/v1/namespaces/{ns}/secrets")).fails_with(409)
     }
 
     /// Answers this step with an error Status instead.
@@ -275,6 +267,18 @@ pub struct Recorded {
     pub query: String,
     /// The JSON body (Null when empty).
     pub body: Value,
+    /// The status the mocked API server answered.
+    pub status: StatusCode,
+}
+
+// === impl Recorded ===
+
+impl Recorded {
+    /// Whether the request left the cluster as it was: a read, or a write the API server
+    /// refused (the forwarding Secret's create when it exists).
+    pub fn changes_nothing(&self) -> bool {
+        self.method == Method::GET || !self.status.is_success()
+    }
 }
 
 /// The mocked API server side.
@@ -360,7 +364,15 @@ impl ApiServerVerifier {
                         StatusCode::from_u16(*code).expect("status code"),
                         json!({
                             "apiVersion": "v1", "kind": "Status", "status": "Failure", "code": code,
-                            "reason": match code { 409 => "Conflict", 404 => "NotFound", _ => "InternalError" },
+                            // As the API server words them (a create of an existing name is
+                            // AlreadyExists; other 409s are Conflict).
+                            "reason": match (code, &method) {
+                                (409, &Method::POST) => "AlreadyExists",
+                                (409, _) => "Conflict",
+                                (404, _) => "NotFound",
+                                (403, _) => "Forbidden",
+                                _ => "InternalError",
+                            },
                             "message": format!("mocked {code}"),
                         }),
                     ),
@@ -375,6 +387,7 @@ impl ApiServerVerifier {
                     path,
                     query,
                     body,
+                    status,
                 });
             }
             recorded

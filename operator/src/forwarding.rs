@@ -1,10 +1,14 @@
 //! The per-model forwarding Secret: a random token (key `token`) every variant's sidecars
 //! mount (`--forward-token-file`) to authenticate requests forwarded between variants.
 //!
-//! Created once, when absent (GET, then `create` on 404), never applied: a server-side apply
-//! would re-send a fresh random value each reconcile, and pods started at different times would
-//! disagree. Owned by the InferenceModel, so deleting the model deletes it. `render` never
-//! prints it (the value is random); it renders only the volume and mount.
+//! Created once, never applied: a server-side apply would re-send a fresh random value each
+//! reconcile, and pods started at different times would disagree. Each reconcile asks to
+//! create it and takes "already exists" (409) for "there": the operator may create Secrets but
+//! not read any (a read permission cannot be limited to the Secrets it made, and would expose
+//! every Secret of the cluster). So it never looks inside an existing one; one without its
+//! `token` entry shows as pods that cannot mount it (delete it to have a new one created).
+//! Owned by the InferenceModel, so deleting the model deletes it. `render` never prints it
+//! (the value is random); it renders only the volume and mount.
 
 use std::collections::BTreeMap;
 
@@ -14,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, PostParams};
 use kube::{Client, Resource, ResourceExt};
 use sluice_crds::InferenceModel;
-use tracing::{info, warn};
+use tracing::{debug, info};
 
 use crate::names::{
     FIELD_MANAGER, FORWARDING_KEY, LABEL_MODEL, MANAGED_BY, forwarding_secret_name,
@@ -61,19 +65,11 @@ pub fn forwarding_secret(model: &InferenceModel, ns: &str, token: &str) -> Secre
     }
 }
 
-/// Creates `model`'s forwarding Secret when it does not exist; an existing one is left as it
-/// is (never rotated). Returns whether it was created.
+/// Creates `model`'s forwarding Secret unless it exists; an existing one is left as it is
+/// (never rotated, never read). Returns whether it was created.
 pub async fn ensure(client: &Client, model: &InferenceModel, ns: &str) -> Result<bool> {
     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
     let name = forwarding_secret_name(&model.name_any());
-    if let Some(existing) = api.get_opt(&name).await? {
-        let token = existing.data.as_ref().and_then(|d| d.get(FORWARDING_KEY));
-        if token.is_none_or(|v| v.0.is_empty()) {
-            // Pods cannot mount it; rotating someone's Secret is not ours to decide.
-            warn!(secret = %name, "forwarding Secret has no `{FORWARDING_KEY}` entry; delete it to have a new one created");
-        }
-        return Ok(false);
-    }
     let secret = forwarding_secret(model, ns, &new_token()?);
     let params = PostParams {
         field_manager: Some(FIELD_MANAGER.to_owned()),
@@ -84,8 +80,12 @@ pub async fn ensure(client: &Client, model: &InferenceModel, ns: &str) -> Result
             info!(secret = %name, "created the forwarding Secret");
             Ok(true)
         }
-        // Another reconcile (or replica) created it in between: theirs stands.
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        // It exists (from an earlier reconcile, or another replica's): theirs stands, and the
+        // token just drawn is dropped unseen.
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            debug!(secret = %name, "the forwarding Secret exists");
+            Ok(false)
+        }
         Err(e) => Err(e.into()),
     }
 }

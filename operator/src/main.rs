@@ -107,6 +107,10 @@ impl ImageArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    // kube's TLS (ring) and the model download's (aws-lc-rs) are both in this build, so rustls
+    // cannot choose a provider on its own and the first HTTPS connection (the API server's)
+    // would panic. An Err means one is installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     match Cli::parse().command {
         Command::Run(args) => run(args),
         Command::Render {

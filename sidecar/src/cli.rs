@@ -10,6 +10,8 @@ use std::{
 };
 
 use sluice_crds::SidecarConfig;
+use sluice_crds::inference_model::DEFAULT_MAX_CONCURRENT_SEQUENCES;
+use sluice_crds::lifecycle::{DRAIN_GRACE_SECS, DRAIN_GRACE_SECS_FLAG};
 use sluice_crds::sidecar_config::{SIDECAR_CONFIG_VERSION, VariantRoute};
 
 use crate::{
@@ -83,7 +85,11 @@ pub struct ServeArgs {
 
     /// Sequences the engine batches at once (continuous batching); also the number of requests
     /// in flight in the engine.
-    #[arg(long, env = "SLUICE_MAX_SEQS", default_value_t = 16)]
+    #[arg(
+        long,
+        env = "SLUICE_MAX_SEQS",
+        default_value_t = DEFAULT_MAX_CONCURRENT_SEQUENCES as usize
+    )]
     pub max_seqs: usize,
 
     /// Requests that may wait for an engine slot; beyond that new requests get 503.
@@ -94,8 +100,13 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_REQUEST_TIMEOUT_SECS", default_value_t = 300.0)]
     pub request_timeout_secs: f64,
 
-    /// On SIGTERM, seconds in-flight requests get to finish before the process exits.
-    #[arg(long, env = "SLUICE_DRAIN_GRACE_SECS", default_value_t = 30.0)]
+    /// On SIGTERM, seconds in-flight requests get to finish before the process exits. The
+    /// operator passes it and sizes the pod's termination grace period to outlast it.
+    #[arg(
+        long = DRAIN_GRACE_SECS_FLAG,
+        env = "SLUICE_DRAIN_GRACE_SECS",
+        default_value_t = f64::from(DRAIN_GRACE_SECS)
+    )]
     pub drain_grace_secs: f64,
 
     /// CPU threads for the engine's kernels (default: all cores).
@@ -287,7 +298,8 @@ impl ServeArgs {
             )));
         }
         let request_timeout = positive_secs("--request-timeout-secs", self.request_timeout_secs)?;
-        let drain_grace = positive_secs("--drain-grace-secs", self.drain_grace_secs)?;
+        let drain_grace =
+            positive_secs(&format!("--{DRAIN_GRACE_SECS_FLAG}"), self.drain_grace_secs)?;
         let cache_dir = self.cache_dir.unwrap_or_else(default_cache_dir);
         let variant = match self.variant {
             Some(v) if v.is_empty() => {
@@ -477,6 +489,33 @@ mod tests {
         assert!(cfg.forward_token.is_none());
         let cli = Cli::try_parse_from(["x", "--model", f.0.to_str().unwrap(), "--variant", ""]);
         assert!(cli.unwrap().serve.validate().is_err(), "empty --variant");
+    }
+
+    #[test]
+    fn the_flags_and_defaults_the_operator_relies_on() {
+        let f = gguf_file();
+        let p = f.0.to_str().unwrap();
+        // Unset: the defaults crds documents and the operator counts on.
+        let cfg = Cli::try_parse_from(["x", "--model", p])
+            .unwrap()
+            .serve
+            .validate()
+            .unwrap();
+        assert_eq!(cfg.max_seqs, DEFAULT_MAX_CONCURRENT_SEQUENCES as usize);
+        assert_eq!(
+            cfg.drain_grace,
+            Duration::from_secs(DRAIN_GRACE_SECS.into())
+        );
+        // The drain flag under the name the operator writes.
+        let flag = format!("--{DRAIN_GRACE_SECS_FLAG}");
+        let cli = Cli::try_parse_from(["x", "--model", p, &flag, "7"]).unwrap();
+        assert_eq!(
+            cli.serve.validate().unwrap().drain_grace,
+            Duration::from_secs(7)
+        );
+        let cli = Cli::try_parse_from(["x", "--model", p, &format!("{flag}=0")]).unwrap();
+        let err = cli.serve.validate().unwrap_err().to_string();
+        assert!(err.contains(&flag), "{err}");
     }
 
     #[test]

@@ -44,6 +44,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let process_start = Instant::now();
+    // kube's TLS (ring) and the model download's (aws-lc-rs) are both in this build, so rustls
+    // cannot choose a provider on its own and the first HTTPS connection (the API server's)
+    // would panic. An Err means one is installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     match run(cli, process_start) {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,7 +13,10 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 use sluice_crds::contract;
-use std::sync::{Arc, atomic::AtomicU64};
+use std::{
+    sync::{Arc, Mutex, atomic::AtomicU64},
+    time::{Duration, Instant},
+};
 
 use crate::engine::PrefixCacheMeter;
 
@@ -42,6 +45,9 @@ pub struct Metrics {
     pub prompt_tokens: Counter,
     /// Completion tokens generated.
     pub completion_tokens: Counter,
+    /// Completion tokens per second over the last [`TOKEN_RATE_WINDOW`], counted as they are
+    /// generated (`sluice_completion_tokens_per_second`, an autoscaler's `TokensPerSecond`).
+    pub completion_rate: Arc<TokenRate>,
     /// Time from request arrival to the first generated token.
     pub time_to_first_token: Histogram,
     /// Mean time between output tokens after the first, per request.
@@ -68,6 +74,7 @@ impl Metrics {
             queue_depth: Gauge::default(),
             prompt_tokens: Counter::default(),
             completion_tokens: Counter::default(),
+            completion_rate: Arc::new(TokenRate::new(TOKEN_RATE_WINDOW, Instant::now())),
             // 5 ms .. ~82 s
             time_to_first_token: Histogram::new(exponential_buckets(0.005, 2.0, 15)),
             // 0.5 ms .. ~8 s
@@ -102,6 +109,7 @@ impl Metrics {
             "Completion tokens generated",
             m.completion_tokens.clone(),
         );
+        registry.register_collector(Box::new(CompletionRate(m.completion_rate.clone())));
         registry.register_with_unit(
             contract::TIME_TO_FIRST_TOKEN,
             "Time from request arrival to the first generated token",
@@ -149,6 +157,99 @@ impl Metrics {
                 status,
             })
             .inc();
+    }
+}
+
+/// The window of `sluice_completion_tokens_per_second`: short enough that an autoscaler sees
+/// load change within a scrape or two, long enough to cover the usual 15-30 s scrape interval
+/// (no token goes unseen between two scrapes) and to smooth a batch's bursts.
+pub const TOKEN_RATE_WINDOW: Duration = Duration::from_secs(30);
+
+/// Tokens counted into one-second buckets, read as a rate over the last window. Callers pass
+/// the instant (on the monotonic clock), so the arithmetic is exact whatever the wall clock
+/// does; a lock per record is cheap next to generating a token.
+#[derive(Debug)]
+pub struct TokenRate {
+    /// Second 0 of the buckets.
+    start: Instant,
+    window_secs: u64,
+    /// `(second since start, tokens)`, at `second % window_secs`.
+    buckets: Mutex<Vec<(u64, u64)>>,
+}
+
+// === impl TokenRate ===
+
+impl TokenRate {
+    /// A rate over `window` (whole seconds, at least 2), counting from `start`.
+    pub fn new(window: Duration, start: Instant) -> Self {
+        let window_secs = window.as_secs().max(2);
+        Self {
+            start,
+            window_secs,
+            buckets: Mutex::new(vec![(u64::MAX, 0); window_secs as usize]),
+        }
+    }
+
+    /// Counts `tokens` generated now.
+    pub fn record(&self, tokens: u64) {
+        self.record_at(tokens, Instant::now());
+    }
+
+    /// Counts `tokens` generated at `now`.
+    pub fn record_at(&self, tokens: u64, now: Instant) {
+        if tokens == 0 {
+            return;
+        }
+        let second = now.saturating_duration_since(self.start).as_secs();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let bucket = &mut buckets[(second % self.window_secs) as usize];
+        if bucket.0 != second {
+            *bucket = (second, 0);
+        }
+        bucket.1 += tokens;
+    }
+
+    /// Tokens per second now.
+    pub fn per_second(&self) -> f64 {
+        self.per_second_at(Instant::now())
+    }
+
+    /// Tokens per second at `now`: the tokens of the current second and the `window - 1`
+    /// before it, over the time they span (less since `start` while the window is filling, and
+    /// never under a second, so the first tokens after start do not read as a burst).
+    pub fn per_second_at(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.start).as_secs_f64();
+        let second = elapsed as u64;
+        let oldest = second.saturating_sub(self.window_secs - 1);
+        let tokens: u64 = self
+            .buckets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(s, _)| (oldest..=second).contains(s))
+            .map(|(_, n)| n)
+            .sum();
+        let span = (elapsed - oldest as f64).max(1.0);
+        tokens as f64 / span
+    }
+}
+
+/// [`TokenRate`] as a gauge, computed at each scrape.
+#[derive(Debug)]
+struct CompletionRate(Arc<TokenRate>);
+
+impl Collector for CompletionRate {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let gauge = ConstGauge::new(self.0.per_second());
+        gauge.encode(encoder.encode_descriptor(
+            contract::COMPLETION_TOKENS_PER_SECOND,
+            &format!(
+                "Completion tokens generated per second over the last {} seconds",
+                self.0.window_secs
+            ),
+            None,
+            gauge.metric_type(),
+        )?)
     }
 }
 
@@ -254,6 +355,7 @@ mod tests {
             "sluice_queue_depth",
             "sluice_prompt_tokens_total",
             "sluice_completion_tokens_total",
+            "sluice_completion_tokens_per_second 0",
             "sluice_time_to_first_token_seconds_bucket",
             "sluice_time_per_output_token_seconds",
             "sluice_model_load_seconds 1.5",
@@ -298,5 +400,50 @@ mod tests {
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
+        // The autoscalers' per-pod metrics are gauges: the adapter serves them as they are.
+        for name in [
+            contract::REQUESTS_IN_FLIGHT_SERIES,
+            contract::COMPLETION_TOKENS_PER_SECOND_SERIES,
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {name} gauge\n")),
+                "{name} is no gauge in\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn token_rate_is_the_last_window_over_the_time_it_spans() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let rate = TokenRate::new(Duration::from_secs(30), start);
+        assert_eq!(rate.per_second_at(at(0)), 0.0);
+
+        // Filling: 20 tokens in the first two seconds read as 10/s, not as a burst.
+        rate.record_at(20, at(1_500));
+        assert_eq!(rate.per_second_at(at(2_000)), 10.0);
+
+        // Steady: 10 tokens every second for two minutes read as 10/s, within the current
+        // second's share.
+        let rate = TokenRate::new(Duration::from_secs(30), start);
+        for s in 0..120 {
+            rate.record_at(10, at(s * 1_000));
+        }
+        let r = rate.per_second_at(at(119_999));
+        assert!((r - 10.0).abs() < 0.01, "{r}");
+        // Halfway through a second whose tokens are in: 30 seconds' tokens over 29.5 s.
+        let r = rate.per_second_at(at(119_500));
+        assert!((r - 300.0 / 29.5).abs() < 1e-9, "{r}");
+
+        // A burst stays in the window for 30 s, then leaves it.
+        rate.record_at(600, at(125_000));
+        let r = rate.per_second_at(at(126_000));
+        assert!(r > 20.0, "{r}");
+        assert!(rate.per_second_at(at(154_999)) > 19.0);
+        assert_eq!(rate.per_second_at(at(155_000)), 0.0);
+        // Nothing for a long time: buckets from earlier laps of the ring do not count.
+        assert_eq!(rate.per_second_at(at(3_600_000)), 0.0);
+        rate.record_at(30, at(3_600_000));
+        assert_eq!(rate.per_second_at(at(3_601_000)), 30.0 / 29.0);
     }
 }

@@ -93,8 +93,7 @@ fn create_steps(model: &InferenceModel) -> Vec<Step> {
         Step::apply(&format!("{CORE}/services/chat")),
         Step::apply(&format!("{CORE}/services/chat-stable")),
         Step::apply(&format!("{CORE}/services/chat-canary")),
-        // The forwarding Secret: absent, so created (before the pods that mount it).
-        Step::get(&format!("{CORE}/secrets/chat-forwarding"), None),
+        // The forwarding Secret: created (before the pods that mount it), never read.
         Step::create(&format!("{CORE}/secrets")),
         Step::apply(&format!("{APPS}/deployments/chat-stable")),
         Step::apply(&format!("{APPS}/deployments/chat-canary")),
@@ -121,7 +120,7 @@ fn steady_lists(d: &Desired) -> Vec<Step> {
         Step::list(&format!("{RBAC}/rolebindings"), vec![live(&d.role_binding)]),
         Step::list(&format!("{CORE}/configmaps"), vec![live(&d.config_map)]),
         Step::list(&format!("{CORE}/services"), lives(&d.services)),
-        Step::forwarding_secret("ns", "chat"),
+        Step::forwarding_secret_exists("ns"),
         Step::list(HPA, lives(&d.autoscalers)),
     ]
 }
@@ -139,19 +138,19 @@ async fn create_applies_everything_then_status_and_events() {
         "not ready yet: poll"
     );
 
-    let deployment = &seen[17].body;
+    let deployment = &seen[16].body;
     assert_eq!(deployment["metadata"]["ownerReferences"][0]["uid"], "uid-1");
     assert_eq!(
         deployment["metadata"]["ownerReferences"][0]["controller"],
         true
     );
     assert_eq!(deployment["spec"]["replicas"], 1);
-    let status = &seen[20].body["status"];
+    let status = &seen[19].body["status"];
     assert_eq!(status["observedGeneration"], 1);
     assert_eq!(status["readyVariants"], "0/2");
     assert_eq!(status["weights"], "stable=90/90,canary=10/10");
     assert_eq!(status["endpoint"], "http://chat.ns.svc:8080/v1");
-    let reasons: Vec<_> = seen[21..]
+    let reasons: Vec<_> = seen[20..]
         .iter()
         .map(|r| r.body["reason"].clone())
         .collect();
@@ -166,14 +165,20 @@ async fn first_reconcile_creates_the_forwarding_secret_every_pod_mounts() {
     reconcile(model, ctx).await.expect("reconciles");
     let seen = verifier.await.expect("verifier");
 
-    // Created (POST, not an apply that would re-send a new value) after the 404 GET.
+    // Created (POST, not an apply that would re-send a new value), without reading first.
     assert_eq!(
-        (&seen[16].method, seen[16].path.as_str()),
+        (&seen[15].method, seen[15].path.as_str()),
         (&http::Method::POST, "/api/v1/namespaces/ns/secrets")
     );
-    assert!(seen[16].query.contains("fieldManager=sluice-operator"));
+    assert!(seen[15].query.contains("fieldManager=sluice-operator"));
+    assert!(
+        !seen
+            .iter()
+            .any(|r| r.method == http::Method::GET && r.path.contains("/secrets")),
+        "the operator reads no Secret"
+    );
     let secret: k8s_openapi::api::core::v1::Secret =
-        serde_json::from_value(seen[16].body.clone()).expect("a Secret");
+        serde_json::from_value(seen[15].body.clone()).expect("a Secret");
     assert_eq!(secret.metadata.name.as_deref(), Some("chat-forwarding"));
     let owner = &secret.metadata.owner_references.as_ref().expect("owner")[0];
     assert_eq!(
@@ -186,7 +191,7 @@ async fn first_reconcile_creates_the_forwarding_secret_every_pod_mounts() {
     assert_eq!(token.len(), 64, "32 random bytes, hex");
     assert!(token.bytes().all(|c| c.is_ascii_hexdigit()), "{token}");
 
-    for deployment in [&seen[17].body, &seen[18].body] {
+    for deployment in [&seen[16].body, &seen[17].body] {
         let pod = &deployment["spec"]["template"]["spec"];
         let volume = pod["volumes"]
             .as_array()
@@ -235,19 +240,43 @@ async fn first_reconcile_creates_the_forwarding_secret_every_pod_mounts() {
 }
 
 #[tokio::test]
-async fn forwarding_secret_created_meanwhile_is_kept() {
+async fn forwarding_secret_that_exists_is_kept() {
     let (ctx, server) = Context::test();
     let model = Arc::new(model_from_yaml(MODEL));
     let mut steps = create_steps(&model);
-    // Another replica (or reconcile) created it between the GET and the POST: theirs stands.
-    steps[16] = steps[16].clone().fails_with(409);
+    // An earlier reconcile (or another replica) created it: the create is refused, theirs
+    // stands, and the reconcile goes on to the Deployments that mount it.
+    steps[15] = steps[15].clone().fails_with(409);
     let verifier = server.run(steps);
-    reconcile(model, ctx).await.expect("reconciles");
-    verifier.await.expect("verifier");
+    reconcile(model, ctx.clone()).await.expect("reconciles");
+    let seen = verifier.await.expect("verifier");
+    assert!(seen[16].path.ends_with("/deployments/chat-stable"));
+    // Not counted as applied: only the objects patched are.
+    let patched = seen
+        .iter()
+        .filter(|r| r.method == http::Method::PATCH && !r.path.ends_with("/status"))
+        .count();
+    assert_eq!(ctx.metrics.applies.get(), patched as u64);
 }
 
 #[tokio::test]
-async fn present_forwarding_secret_is_only_read() {
+async fn forwarding_secret_that_cannot_be_created_fails_the_reconcile() {
+    let (ctx, server) = Context::test();
+    let model = Arc::new(model_from_yaml(MODEL));
+    let mut steps = create_steps(&model);
+    // Forbidden (no create on secrets granted): the pods would not start, so no Deployment
+    // is applied and the reconcile fails (retried with backoff).
+    steps[15] = steps[15].clone().fails_with(403);
+    steps.truncate(16);
+    let verifier = server.run(steps);
+    let err = reconcile(model, ctx).await.expect_err("fails");
+    assert!(err.to_string().contains("403"), "{err}");
+    let seen = verifier.await.expect("verifier");
+    assert!(!seen.iter().any(|r| r.path.contains("/deployments/")));
+}
+
+#[tokio::test]
+async fn present_forwarding_secret_is_never_read_or_replaced() {
     let (ctx, server) = Context::test();
     let model = model_from_yaml(MODEL);
     let d = desired_for(&model);
@@ -266,11 +295,8 @@ async fn present_forwarding_secret_is_only_read() {
         .collect();
     assert_eq!(
         secrets,
-        [(
-            http::Method::GET,
-            "/api/v1/namespaces/ns/secrets/chat-forwarding"
-        )],
-        "never rotated, never re-applied"
+        [(http::Method::POST, "/api/v1/namespaces/ns/secrets")],
+        "only a create, refused as it exists: never read, rotated or re-applied"
     );
 }
 
@@ -287,8 +313,9 @@ async fn unchanged_model_writes_nothing() {
     let verifier = server.run(steady_lists(&d));
     reconcile(model, ctx.clone()).await.expect("reconciles");
     let seen = verifier.await.expect("verifier");
+    // Only reads, and the forwarding Secret's create that the API server refuses (409).
     assert!(
-        seen.iter().all(|r| r.method == http::Method::GET),
+        seen.iter().all(fixtures::Recorded::changes_nothing),
         "only reads: {seen:#?}"
     );
     assert_eq!(ctx.metrics.applies.get(), 0);

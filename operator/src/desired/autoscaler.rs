@@ -1,12 +1,13 @@
 //! A HorizontalPodAutoscaler per variant when `spec.autoscaling` is set (CPU by default, or the
-//! sidecar's per-pod metrics through a custom metrics adapter).
+//! sidecar's per-pod gauges through a custom metrics adapter: the chart's
+//! `prometheus-adapter-rules.yaml` serves every name used here).
 
 use k8s_openapi::api::autoscaling::v2::{
     CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec,
     MetricIdentifier, MetricSpec, MetricTarget, PodsMetricSource, ResourceMetricSource,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use sluice_crds::contract::{COMPLETION_TOKENS_PER_SECOND, REQUESTS_IN_FLIGHT_SERIES};
+use sluice_crds::contract::{COMPLETION_TOKENS_PER_SECOND_SERIES, REQUESTS_IN_FLIGHT_SERIES};
 use sluice_crds::inference_model::{AutoscalingMetricType, Variant};
 
 use super::meta::Renderer;
@@ -27,7 +28,7 @@ impl Renderer<'_> {
                     pods_metric(REQUESTS_IN_FLIGHT_SERIES, m.target)
                 }
                 AutoscalingMetricType::TokensPerSecond => {
-                    pods_metric(COMPLETION_TOKENS_PER_SECOND, m.target)
+                    pods_metric(COMPLETION_TOKENS_PER_SECOND_SERIES, m.target)
                 }
             })
             .collect();

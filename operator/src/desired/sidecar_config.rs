@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use sluice_crds::sidecar_config::{
-    RoutingConfig, SIDECAR_CONFIG_KEY, SIDECAR_CONFIG_VERSION, VariantRoute,
+    RoutingConfig, SIDECAR_CONFIG_KEY, SIDECAR_CONFIG_VERSION, SaturationConfig, VariantRoute,
 };
 use sluice_crds::{InferenceModel, SidecarConfig};
 
@@ -18,9 +18,9 @@ use crate::policy::merge::{ModelLimits, replica_share};
 
 /// The sidecar config document for a model: the effective `weights`, each variant's
 /// in-cluster address, routing headers, the identity and rules of the policies that target it
-/// (`limits`, from [`crate::policy::merge::resolve`]) and this pod's share of cluster-scoped
-/// limits (from the `ready` pods). Sealed: `generation` is the content hash, so equal inputs
-/// give byte-identical ConfigMaps.
+/// (`limits`, from [`crate::policy::merge::resolve`]), this pod's share of cluster-scoped
+/// limits (from the `ready` pods) and where shedding starts ([`saturation`]). Sealed:
+/// `generation` is the content hash, so equal inputs give byte-identical ConfigMaps.
 pub fn desired_sidecar_config(
     model: &InferenceModel,
     namespace: &str,
@@ -52,9 +52,28 @@ pub fn desired_sidecar_config(
         // Cluster-scoped limits are split over the pods that serve; recomputed as pods come and
         // go (a ConfigMap change, never a restart).
         replica_share: replica_share(ready.total()),
-        saturation: Default::default(),
+        saturation: saturation(model),
     };
     Ok(config.sealed()?)
+}
+
+/// Shedding starts when a pod has as many requests in flight as its engine runs at once:
+/// beyond that a request only queues, so `Sheddable` traffic is refused rather than made to
+/// wait in front of the rest (and `Standard` traffic once the queue is as long again).
+///
+/// The document is shared by every variant's pods, so with variants whose engines differ the
+/// mark is the smallest concurrency of any of them: no pod queues `Sheddable` requests behind
+/// a full engine, and a variant with more slots sheds some early, the safe side to err on
+/// (the alternative, the largest, would let the smaller variants' queues grow unshed).
+pub fn saturation(model: &InferenceModel) -> SaturationConfig {
+    SaturationConfig {
+        max_in_flight: model
+            .spec
+            .variants
+            .iter()
+            .map(|v| v.max_concurrent_sequences())
+            .min(),
+    }
 }
 
 // === impl Renderer ===

@@ -6,6 +6,12 @@ use k8s_openapi::api::core::v1::Container;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::ResourceExt;
 
+use sluice_crds::contract::{COMPLETION_TOKENS_PER_SECOND_SERIES, REQUESTS_IN_FLIGHT_SERIES};
+use sluice_crds::inference_model::DEFAULT_MAX_CONCURRENT_SEQUENCES;
+use sluice_crds::lifecycle::{
+    DRAIN_GRACE_SECS, DRAIN_GRACE_SECS_FLAG, PRE_STOP_SLEEP_SECS, TERMINATION_GRACE_PERIOD_SECS,
+};
+
 use super::*;
 use crate::fixtures::{desired_for, model_from_yaml};
 use crate::names::{ANNOTATION_VARIANT_HASH, GPU_PRODUCT_LABEL, GPU_RESOURCE};
@@ -65,7 +71,7 @@ fn names_owner_refs_and_sidecar_args() {
         "serve --model /models/model.gguf --served-name chat --variant stable \
              --configmap ns/chat-sidecar-config --listen 0.0.0.0:8080 --admin-listen 0.0.0.0:9090 \
              --forward-token-file /etc/sluice/forwarding/token --cache-dir /tmp/sluice-cache \
-             --context-length 2048"
+             --drain-grace-secs 30 --context-length 2048"
     );
     let canary = container(&d.deployments[1]).args.clone().expect("args");
     assert_eq!(canary[2], "/models/b.gguf");
@@ -159,11 +165,99 @@ fn autoscaling_omits_replicas_and_renders_hpas() {
         "sluice_completion_tokens_per_second"
     );
     assert_eq!(
+        metrics[1].pods.as_ref().expect("pods").metric.name,
+        COMPLETION_TOKENS_PER_SECOND_SERIES
+    );
+    assert_eq!(
         spec.behavior
             .and_then(|b| b.scale_down)
             .and_then(|s| s.stabilization_window_seconds),
         Some(600)
     );
+}
+
+#[test]
+fn every_pods_metric_an_autoscaler_uses_is_a_contract_series() {
+    let yaml = TWO_VARIANTS.replace(
+        "replicas: 2",
+        "autoscaling: {minReplicas: 1, maxReplicas: 3, metrics: [{type: InFlightRequests, target: 8}, {type: TokensPerSecond, target: 50}]}",
+    );
+    for hpa in render(&yaml).autoscalers {
+        let names: Vec<String> = hpa
+            .spec
+            .and_then(|s| s.metrics)
+            .expect("metrics")
+            .into_iter()
+            .map(|m| {
+                assert_eq!(m.type_, "Pods");
+                m.pods.expect("pods").metric.name
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                REQUESTS_IN_FLIGHT_SERIES,
+                COMPLETION_TOKENS_PER_SECOND_SERIES
+            ]
+        );
+    }
+}
+
+#[test]
+fn shedding_starts_at_the_engines_concurrency_the_smallest_of_any_variant() {
+    let mark = |yaml: &str| render(yaml).sidecar_config.saturation.max_in_flight;
+    // Unset everywhere: the sidecar's own default.
+    assert_eq!(mark(TWO_VARIANTS), Some(DEFAULT_MAX_CONCURRENT_SEQUENCES));
+    // One variant runs 8 and the other the default: every pod sheds at 8.
+    let one_set = TWO_VARIANTS.replace(
+        "engine: {contextLength: 2048}",
+        "engine: {contextLength: 2048, maxConcurrentSequences: 8}",
+    );
+    assert_eq!(mark(&one_set), Some(8));
+    let larger = TWO_VARIANTS.replace(
+        "engine: {contextLength: 2048}",
+        "engine: {contextLength: 2048, maxConcurrentSequences: 64}",
+    );
+    assert_eq!(mark(&larger), Some(DEFAULT_MAX_CONCURRENT_SEQUENCES));
+    // What the sidecar reads: the document in the ConfigMap.
+    let d = render(&one_set);
+    let text = &d.config_map.data.as_ref().expect("data")["sidecar.yaml"];
+    let config = SidecarConfig::from_yaml(text).expect("the sidecar accepts it");
+    assert_eq!(config.saturation.max_in_flight, Some(8));
+    // A concurrency change re-renders the config (no restart) as well as the pods' flag.
+    assert_ne!(render(TWO_VARIANTS).config_map, d.config_map);
+}
+
+#[test]
+fn pods_sleep_before_sigterm_and_outlast_the_drain() {
+    let d = render(TWO_VARIANTS);
+    for deployment in &d.deployments {
+        let pod = deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .expect("pod spec");
+        let sidecar = &pod.containers[0];
+        let sleep = sidecar
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref())
+            .and_then(|h| h.sleep.as_ref())
+            .expect("a preStop sleep (the image has no shell for exec)");
+        assert_eq!(sleep.seconds, i64::from(PRE_STOP_SLEEP_SECS));
+        let args = sidecar.args.as_ref().expect("args");
+        let flag = format!("--{DRAIN_GRACE_SECS_FLAG}");
+        let at = args.iter().position(|a| *a == flag).expect("drain flag");
+        let drain: i64 = args[at + 1].parse().expect("whole seconds");
+        assert_eq!(drain, i64::from(DRAIN_GRACE_SECS));
+        let grace = pod.termination_grace_period_seconds.expect("grace period");
+        assert_eq!(grace, i64::from(TERMINATION_GRACE_PERIOD_SECS));
+        assert!(
+            grace > sleep.seconds + drain,
+            "the kubelet would SIGKILL mid-drain: {grace} s for a {} s sleep and a {drain} s drain",
+            sleep.seconds
+        );
+    }
 }
 
 #[test]

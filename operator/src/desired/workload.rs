@@ -1,6 +1,7 @@
 //! A variant's Deployment: the sidecar container (engine settings as flags, probes, the
-//! `restricted` security context), the fetch init container for downloaded weights, the
-//! volumes (model, config, forwarding token, API keys) and the placement GPUs imply.
+//! `restricted` security context, the preStop sleep and drain its grace period outlasts), the
+//! fetch init container for downloaded weights, the volumes (model, config, forwarding token,
+//! API keys) and the placement GPUs imply.
 
 use std::collections::BTreeMap;
 
@@ -9,15 +10,18 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, HTTPGetAction, HostPathVolumeSource, ImageVolumeSource, KeyToPath,
-    ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource,
-    SecurityContext, Toleration, Volume, VolumeMount,
+    EnvVarSource, HTTPGetAction, HostPathVolumeSource, ImageVolumeSource, KeyToPath, Lifecycle,
+    LifecycleHandler, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource,
+    SecurityContext, SleepAction, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use sluice_crds::inference_model::{ModelSource, Scheduling, Variant};
+use sluice_crds::lifecycle::{
+    DRAIN_GRACE_SECS, DRAIN_GRACE_SECS_FLAG, PRE_STOP_SLEEP_SECS, TERMINATION_GRACE_PERIOD_SECS,
+};
 use sluice_crds::quantity::parse_bytes;
 
 use super::meta::{Renderer, content_hash};
@@ -178,6 +182,9 @@ impl Renderer<'_> {
             format!("{FORWARDING_DIR}/{FORWARDING_KEY}"),
             "--cache-dir".to_owned(),
             CACHE_DIR.to_owned(),
+            // Explicit, not the image's default: the pod's grace period is sized to outlast it.
+            format!("--{DRAIN_GRACE_SECS_FLAG}"),
+            DRAIN_GRACE_SECS.to_string(),
         ];
         args.extend(engine_args(v));
 
@@ -216,6 +223,18 @@ impl Renderer<'_> {
             startup_probe: Some(probe("/readyz", 5, 60)),
             readiness_probe: Some(probe("/readyz", 5, 3)),
             liveness_probe: Some(probe("/healthz", 10, 3)),
+            // The sidecar stops accepting at SIGTERM: until the pod's removal from the Services'
+            // endpoints has reached every proxy, keep serving what still arrives. The image has
+            // no shell, hence the kubelet's own sleep rather than `exec sleep`.
+            lifecycle: Some(Lifecycle {
+                pre_stop: Some(LifecycleHandler {
+                    sleep: Some(SleepAction {
+                        seconds: PRE_STOP_SLEEP_SECS.into(),
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
             security_context: Some(restricted_security_context()),
             volume_mounts: Some(
                 vec![
@@ -342,6 +361,9 @@ impl Renderer<'_> {
             tolerations: (!tolerations.is_empty()).then_some(tolerations),
             affinity: scheduling.affinity,
             priority_class_name: scheduling.priority_class_name,
+            // The preStop sleep, the drain and a margin (`sluice_crds::lifecycle`): Kubernetes'
+            // default of 30 s would SIGKILL a drain of 30 s that starts after the sleep.
+            termination_grace_period_seconds: Some(TERMINATION_GRACE_PERIOD_SECS.into()),
             ..Default::default()
         }
     }

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -19,7 +19,7 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use sluice_crds::sidecar_config::SIDECAR_CONFIG_KEY;
 use sluice_crds::{InferenceModel, RateLimitPolicy, SidecarConfig};
-use tracing::{debug, instrument, warn};
+use tracing::{debug, info, instrument, warn};
 
 use crate::names::{FIELD_MANAGER, LABEL_MODEL, config_map_name};
 use crate::policy::convergence::pod_generations;
@@ -75,7 +75,14 @@ async fn list_policies(client: &Client, ns: &str) -> Result<Vec<RateLimitPolicy>
     Ok(api.list(&ListParams::default()).await?.items)
 }
 
-/// The key Secrets `policies` name that exist, with their entry names.
+/// The key Secrets `policies` name that exist, with their entry names, and those the operator
+/// may not read.
+///
+/// The operator reads only the Secrets the cluster admin granted it `get` on by name (the
+/// chart's `apiKeySecrets`), never Secrets at large. For any other, the API server answers 403:
+/// its existence is not checked (the policy is not rejected for it) and a missing Secret or
+/// entry shows where the kubelet mounts it, as pods that do not start. Logged at info once per
+/// Secret, then at debug.
 async fn read_secrets(
     client: &Client,
     ns: &str,
@@ -88,12 +95,43 @@ async fn read_secrets(
         .collect();
     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
     let mut found = Vec::new();
+    let mut unreadable = Vec::new();
     for name in names {
-        if let Some(secret) = api.get_opt(name).await? {
-            found.push(secret);
+        match api.get_opt(name).await {
+            Ok(Some(secret)) => found.push(secret),
+            Ok(None) => {}
+            Err(kube::Error::Api(s)) if s.code == 403 => unreadable.push(name),
+            Err(e) => return Err(e.into()),
         }
     }
-    Ok(KeysSecrets::from_secrets(&found))
+    let mut secrets = KeysSecrets::from_secrets(&found);
+    for name in unreadable {
+        if first_time_unreadable(ns, name) {
+            info!(
+                namespace = ns,
+                secret = name,
+                "no permission to read the API-key Secret (grant it with the chart's \
+                 apiKeySecrets); its existence is not checked, the pods' mount of it is"
+            );
+        } else {
+            debug!(
+                namespace = ns,
+                secret = name,
+                "API-key Secret not readable; not checked"
+            );
+        }
+        secrets.insert_unreadable(name);
+    }
+    Ok(secrets)
+}
+
+/// Whether `ns/name` is reported unreadable for the first time in this process.
+fn first_time_unreadable(ns: &str, name: &str) -> bool {
+    static SEEN: Mutex<BTreeSet<(String, String)>> = Mutex::new(BTreeSet::new());
+    // A poisoned lock only means another reconcile panicked; the set is still usable.
+    SEEN.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert((ns.to_owned(), name.to_owned()))
 }
 
 /// The sidecar config in `model`'s ConfigMap, if there is a valid one.

@@ -39,9 +39,13 @@ pub struct KeysMount {
 }
 
 /// API-key Secrets that exist in a namespace and their entries (names only: the operator
-/// never needs the keys themselves).
+/// never needs the keys themselves), and those the operator may not read (no `get` granted on
+/// them), which count as present: the pods' mount of the Secret is then the only check.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct KeysSecrets(BTreeMap<String, BTreeSet<String>>);
+pub struct KeysSecrets {
+    found: BTreeMap<String, BTreeSet<String>>,
+    unreadable: BTreeSet<String>,
+}
 
 /// What a model's sidecars enforced before this reconcile: the live sidecar config (from the
 /// ConfigMap) and the live key mount (from the Deployments). Lets a rejected policy change
@@ -131,7 +135,13 @@ impl KeysMount {
 impl KeysSecrets {
     /// Records that Secret `name` exists with these entries.
     pub fn insert(&mut self, name: impl Into<String>, entries: impl IntoIterator<Item = String>) {
-        self.0.entry(name.into()).or_default().extend(entries);
+        self.found.entry(name.into()).or_default().extend(entries);
+    }
+
+    /// Records that Secret `name` cannot be read (403): whether it exists, and with which
+    /// entries, is not known, so a policy naming it is not rejected for it.
+    pub fn insert_unreadable(&mut self, name: impl Into<String>) {
+        self.unreadable.insert(name.into());
     }
 
     /// From Secrets read from the cluster (entry names of `data` and `stringData`).
@@ -150,7 +160,10 @@ impl KeysSecrets {
     }
 
     fn check(&self, name: &str, entry: &str) -> Result<(), String> {
-        match self.0.get(name) {
+        if self.unreadable.contains(name) {
+            return Ok(());
+        }
+        match self.found.get(name) {
             None => Err(format!(
                 "the API-key Secret {name:?} does not exist in this namespace"
             )),

@@ -98,8 +98,9 @@ fn model_key(model: &InferenceModel) -> String {
 }
 
 /// Scrapes every running pod of each variant of `model` and returns each variant's counters'
-/// increase over the window (summed over its pods). Pods that cannot be scraped are skipped
-/// (logged); a variant without any scraped pod is absent.
+/// increase over the window: what its own pods answered, plus the forwards to it that other
+/// pods saw fail (a variant whose pods are all down is judged by those alone). Pods that cannot
+/// be scraped are skipped (logged).
 pub async fn measure(
     source: &dyn MetricsSource,
     history: &History,
@@ -130,22 +131,30 @@ pub async fn measure(
     let mut out: BTreeMap<String, Counters> = BTreeMap::new();
     let mut live = BTreeSet::new();
     for ((variant, ep), result) in targets.iter().zip(scraped) {
-        live.insert((variant.clone(), ep.name.clone()));
-        match result {
-            Ok(samples) => {
-                let counters = Counters::from_samples(&samples, variant);
-                let delta = history.observe(
-                    (&model_key, variant, &ep.name),
-                    generation,
-                    now,
-                    counters,
-                    analysis.window.into(),
-                );
-                out.entry(variant.clone()).or_default().add(&delta);
-            }
+        let samples = match result {
+            Ok(samples) => samples,
             Err(error) => {
                 warn!(%error, %variant, pod = %ep.name, "cannot read sidecar metrics for canary analysis");
+                continue;
             }
+        };
+        // What the pod answered as its own variant, and what its forwards to each other
+        // variant that failed say about that one; each kept as its own counter history.
+        for judged in &model.spec.variants {
+            let counters = if judged.name == *variant {
+                Counters::from_samples(&samples, variant)
+            } else {
+                Counters::from_forward_failures(&samples, &judged.name)
+            };
+            live.insert((judged.name.clone(), ep.name.clone()));
+            let delta = history.observe(
+                (&model_key, &judged.name, &ep.name),
+                generation,
+                now,
+                counters,
+                analysis.window.into(),
+            );
+            out.entry(judged.name.clone()).or_default().add(&delta);
         }
     }
     history.retain(&model_key, &live);

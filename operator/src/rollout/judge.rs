@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use sluice_crds::contract::{
-    LABEL_LE, LABEL_STATUS, LABEL_VARIANT, REQUESTS_TOTAL_SERIES, TIME_TO_FIRST_TOKEN_BUCKET_SERIES,
+    FORWARD_FAILURES_SERIES, LABEL_LE, LABEL_STATUS, LABEL_VARIANT, REQUESTS_TOTAL_SERIES,
+    TIME_TO_FIRST_TOKEN_BUCKET_SERIES,
 };
 use sluice_crds::inference_model::Analysis;
 
@@ -82,6 +83,27 @@ impl Counters {
         }
         out.ttft = buckets.into_values().collect();
         out
+    }
+
+    /// What a pod's forwards to `variant` that failed say about `variant`: each is a request it
+    /// did not answer, so a request and an error (a canary that is down serves nothing and
+    /// exposes no metrics of its own; only the pods forwarding to it see it fail).
+    pub fn from_forward_failures(samples: &[Sample], variant: &str) -> Self {
+        let failed: f64 = samples
+            .iter()
+            .filter(|s| {
+                s.name == FORWARD_FAILURES_SERIES
+                    && s.labels.get(LABEL_VARIANT).is_some_and(|v| v == variant)
+                    && s.value.is_finite()
+                    && s.value >= 0.0
+            })
+            .map(|s| s.value)
+            .sum();
+        Self {
+            requests: failed,
+            errors: failed,
+            ttft: Vec::new(),
+        }
     }
 
     /// The increase since `start`. A counter below its start means the pod restarted: the

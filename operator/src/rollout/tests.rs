@@ -183,6 +183,72 @@ fn history_keeps_one_window_and_resets_on_a_new_generation() {
     assert_eq!((d.requests, d.errors), (10.0, 0.0));
 }
 
+/// Sidecars whose `/metrics` are fixed texts; a pod without one cannot be reached.
+struct Expositions(std::sync::Mutex<BTreeMap<String, String>>);
+
+impl crate::scrape::MetricsSource for Expositions {
+    fn scrape<'a>(
+        &'a self,
+        pod: &'a crate::scrape::PodEndpoint,
+    ) -> futures::future::BoxFuture<
+        'a,
+        Result<Vec<crate::scrape::Sample>, crate::scrape::ScrapeError>,
+    > {
+        let text = self.0.lock().expect("lock").get(&pod.name).cloned();
+        Box::pin(
+            async move { parse_prometheus_text(&text.ok_or(crate::scrape::ScrapeError::Timeout)?) },
+        )
+    }
+}
+
+fn running_pod(name: &str, variant: &str) -> k8s_openapi::api::core::v1::Pod {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": {"sluice.dev/model": "chat", "sluice.dev/variant": variant}},
+        "status": {"phase": "Running", "podIP": "10.0.0.1"},
+    }))
+    .expect("pod")
+}
+
+#[tokio::test]
+async fn a_canary_that_is_down_is_judged_by_the_forwards_to_it_that_failed() {
+    // The canary's pod answers no scrape; the stable pod forwarded it 30 requests that all
+    // failed to connect (and fell back to stable, so users saw 200s).
+    let stable_metrics = |ok: u64, failed: u64| {
+        format!(
+            "sluice_requests_total{{status=\"200\",variant=\"stable\"}} {ok}\n\
+             sluice_forward_failures_total{{variant=\"canary\",kind=\"connect\"}} {failed}\n"
+        )
+    };
+    let sidecars = Expositions(Default::default());
+    let pods = [
+        running_pod("chat-stable-0", "stable"),
+        running_pod("chat-canary-0", "canary"),
+    ];
+    let (model, history) = (model(), History::default());
+    sidecars
+        .0
+        .lock()
+        .expect("lock")
+        .insert("chat-stable-0".into(), stable_metrics(100, 0));
+    measure(&sidecars, &history, &model, &pods, &analysis(), at(0)).await;
+    sidecars
+        .0
+        .lock()
+        .expect("lock")
+        .insert("chat-stable-0".into(), stable_metrics(160, 30));
+    let counters = measure(&sidecars, &history, &model, &pods, &analysis(), at(60)).await;
+
+    let canary = counters.get("canary").expect("the canary is measured");
+    assert_eq!((canary.requests, canary.errors), (30.0, 30.0));
+    let stable = counters.get("stable").expect("stable is measured");
+    assert_eq!(
+        (stable.requests, stable.errors),
+        (60.0, 0.0),
+        "stable is not blamed"
+    );
+    assert!(matches!(judge(canary, &analysis()), Verdict::Breach { .. }));
+}
+
 fn breach(requests: u64) -> Verdict {
     Verdict::Breach {
         measured: Measured {

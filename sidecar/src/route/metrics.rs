@@ -46,7 +46,7 @@ impl RoutingMetrics {
             m.routed.clone(),
         );
         registry.register(
-            "forward_failures",
+            sluice_crds::contract::FORWARD_FAILURES,
             "Forwards to another variant that failed, by variant and kind",
             m.forward_failures.clone(),
         );

@@ -67,7 +67,11 @@ pub async fn respond(
 ) -> Result<Response<ResponseBody>, ApiError> {
     let created = unix_now();
     let response_id = reply.kind.response_id(&reply.request_id);
-    let mut progress = Progress::new(timing, reply.prompt_tokens);
+    let mut progress = Progress::new(
+        timing,
+        reply.prompt_tokens,
+        reply.metrics.completion_rate.clone(),
+    );
 
     if !reply.stream {
         let text = collect(
@@ -79,7 +83,7 @@ pub async fn respond(
         )
         .await?;
         let usage = progress.usage();
-        record_usage(&reply.metrics, usage, &progress.timing);
+        record_usage(&reply.metrics, usage, &progress.timing, progress.rated());
         drop(in_flight);
         let finish_reason = progress.finish_reason().to_owned();
         tracing::info!(

@@ -2,7 +2,7 @@
 //! ([`Relay`]). Both read events through [`Progress`], so they count tokens, token times and
 //! finish reasons alike.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use hyper::body::Bytes;
 use tokio::{sync::mpsc::error::SendError, time::Instant as TokioInstant};
@@ -15,7 +15,7 @@ use super::{
 use crate::{
     admit::{Outcome, settle::Settlement},
     engine::{EngineError, Event, Generation},
-    metrics::Metrics,
+    metrics::{Metrics, TokenRate},
     openai::ApiError,
     usage::Usage,
 };
@@ -27,6 +27,11 @@ pub(super) struct Progress {
     prompt_tokens: usize,
     /// Text events read (the completion-token count when the engine reports none).
     chunks: usize,
+    /// `sluice_completion_tokens_per_second`: each streamed delta counts as it comes, so a long
+    /// generation shows in the rate while it runs, not all at once when it ends.
+    rate: Arc<TokenRate>,
+    /// Tokens counted into `rate` so far (the rest of the usage is counted at the end).
+    rated: usize,
     engine_usage: Option<Usage>,
     /// OpenAI's finish reason, once the last event has come.
     finish: Option<String>,
@@ -46,11 +51,13 @@ pub(super) enum Piece {
 }
 
 impl Progress {
-    pub(super) fn new(timing: Timing, prompt_tokens: usize) -> Self {
+    pub(super) fn new(timing: Timing, prompt_tokens: usize, rate: Arc<TokenRate>) -> Self {
         Self {
             timing,
             prompt_tokens,
             chunks: 0,
+            rate,
+            rated: 0,
             engine_usage: None,
             finish: None,
         }
@@ -63,7 +70,14 @@ impl Progress {
                 text,
                 finish_reason,
                 usage,
-            } => (text, finish_reason, usage),
+            } => {
+                // A delta is a token; a last one carrying only the finish reason is not.
+                if !text.is_empty() {
+                    self.rate.record(1);
+                    self.rated += 1;
+                }
+                (text, finish_reason, usage)
+            }
             // Non-streaming `/v1/completions`: only the end is seen, so it counts as both the
             // first and the last token (no per-token timing).
             Event::Done {
@@ -97,6 +111,11 @@ impl Progress {
     pub(super) fn usage(&self) -> Usage {
         self.engine_usage
             .unwrap_or_else(|| Usage::new(self.prompt_tokens, self.chunks))
+    }
+
+    /// Completion tokens already counted in the token rate.
+    pub(super) fn rated(&self) -> usize {
+        self.rated
     }
 
     /// OpenAI's finish reason (`stop` when the engine ended without one).
@@ -238,7 +257,12 @@ impl Relay {
         }
         self.settlement.add_response_bytes(self.sent);
         self.settlement.settle_with(usage, outcome);
-        record_usage(&self.metrics, usage, &self.progress.timing);
+        record_usage(
+            &self.metrics,
+            usage,
+            &self.progress.timing,
+            self.progress.rated(),
+        );
         if outcome == Outcome::Completed {
             tracing::info!(
                 prompt_tokens = usage.prompt_tokens,

@@ -35,12 +35,16 @@ pub async fn queue(
 }
 
 /// Counts a finished request's tokens, and its time to first token, time per output token and
-/// duration.
-pub fn record_usage(metrics: &Metrics, usage: Usage, timing: &Timing) {
+/// duration. `rated` completion tokens were counted in the token rate as they came; the rest
+/// of the usage (all of it for an answer the engine gave at once) is counted now.
+pub fn record_usage(metrics: &Metrics, usage: Usage, timing: &Timing, rated: usize) {
     metrics.prompt_tokens.inc_by(usage.prompt_tokens as u64);
     metrics
         .completion_tokens
         .inc_by(usage.completion_tokens as u64);
+    metrics
+        .completion_rate
+        .record(usage.completion_tokens.saturating_sub(rated) as u64);
     if let Some(first) = timing.first {
         metrics
             .time_to_first_token

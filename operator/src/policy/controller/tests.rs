@@ -83,6 +83,30 @@ fn policies_step(policies: &[RateLimitPolicy]) -> Step {
     )
 }
 
+/// What a first reconcile of `smollm2` applies once its limits are resolved: its objects,
+/// the forwarding Secret, status and events.
+fn first_apply() -> Vec<Step> {
+    vec![
+        Step::list(&format!("{NS}/serviceaccounts"), vec![]),
+        Step::apply(&format!("{NS}/serviceaccounts/smollm2-sidecar")),
+        Step::list(&format!("{RBAC}/roles"), vec![]),
+        Step::apply(&format!("{RBAC}/roles/smollm2-sidecar")),
+        Step::list(&format!("{RBAC}/rolebindings"), vec![]),
+        Step::apply(&format!("{RBAC}/rolebindings/smollm2-sidecar")),
+        Step::list(&format!("{NS}/configmaps"), vec![]),
+        Step::apply(&format!("{NS}/configmaps/smollm2-sidecar-config")),
+        Step::list(&format!("{NS}/services"), vec![]),
+        Step::apply(&format!("{NS}/services/smollm2")),
+        Step::apply(&format!("{NS}/services/smollm2-default")),
+        Step::create(&format!("{NS}/secrets")),
+        Step::apply(&format!("{APPS}/deployments/smollm2-default")),
+        Step::list(HPA, vec![]),
+        Step::apply_status(&model()),
+        Step::event("ns"),
+        Step::event("ns"),
+    ]
+}
+
 fn secret_step() -> Step {
     Step::get(&format!("{NS}/secrets/sluice-api-keys"), Some(secret()))
 }
@@ -123,31 +147,14 @@ fn sidecar_yaml(seen: &[Recorded]) -> SidecarConfig {
 #[tokio::test]
 async fn policy_rules_reach_the_config_map_and_the_keys_secret_the_pods() {
     let (ctx, server) = Context::test();
-    let steps = vec![
+    let mut steps = vec![
         Step::list(&format!("{APPS}/deployments"), vec![]),
         Step::list(&format!("{NS}/pods"), vec![]),
         policies_step(&[paid(), free()]),
         // One read for the Secret both tiers name.
         secret_step(),
-        Step::list(&format!("{NS}/serviceaccounts"), vec![]),
-        Step::apply(&format!("{NS}/serviceaccounts/smollm2-sidecar")),
-        Step::list(&format!("{RBAC}/roles"), vec![]),
-        Step::apply(&format!("{RBAC}/roles/smollm2-sidecar")),
-        Step::list(&format!("{RBAC}/rolebindings"), vec![]),
-        Step::apply(&format!("{RBAC}/rolebindings/smollm2-sidecar")),
-        Step::list(&format!("{NS}/configmaps"), vec![]),
-        Step::apply(&format!("{NS}/configmaps/smollm2-sidecar-config")),
-        Step::list(&format!("{NS}/services"), vec![]),
-        Step::apply(&format!("{NS}/services/smollm2")),
-        Step::apply(&format!("{NS}/services/smollm2-default")),
-        Step::get(&format!("{NS}/secrets/smollm2-forwarding"), None),
-        Step::create(&format!("{NS}/secrets")),
-        Step::apply(&format!("{APPS}/deployments/smollm2-default")),
-        Step::list(HPA, vec![]),
-        Step::apply_status(&model()),
-        Step::event("ns"),
-        Step::event("ns"),
     ];
+    steps.extend(first_apply());
     let verifier = server.run(steps);
     reconcile(Arc::new(model()), ctx).await.expect("reconciles");
     let seen = verifier.await.expect("verifier");
@@ -168,7 +175,7 @@ async fn policy_rules_reach_the_config_map_and_the_keys_secret_the_pods() {
         config.identity.keys_file.as_deref(),
         Some("/etc/sluice/keys/free-tier/keys.yaml")
     );
-    let pod = &seen[17].body["spec"]["template"]["spec"];
+    let pod = &seen[16].body["spec"]["template"]["spec"];
     let volume = pod["volumes"]
         .as_array()
         .expect("volumes")
@@ -211,7 +218,7 @@ fn steady(d: &Desired, policies: &[RateLimitPolicy], with_secret: bool) -> Vec<S
             &format!("{NS}/services"),
             d.services.iter().map(live).collect(),
         ),
-        Step::forwarding_secret("ns", "smollm2"),
+        Step::forwarding_secret_exists("ns"),
         Step::list(HPA, vec![]),
     ]);
     steps
@@ -505,4 +512,72 @@ async fn a_missing_keys_secret_is_reported_and_changes_nothing() {
     let c = conditions(&seen[4].body["status"]);
     assert_eq!(c["Accepted"], ("False".into(), "KeysSecretNotFound".into()));
     assert_eq!(seen[5].body["type"], "Warning");
+}
+
+#[tokio::test]
+async fn an_unreadable_keys_secret_is_not_checked_and_the_policy_applies() {
+    // No `get` granted on the Secret (not in the chart's apiKeySecrets): the API server says
+    // 403. The policy is accepted; the pods' mount of the Secret is the check.
+    let policies = [free(), paid()];
+    let (_, d) = desired(&policies, 1);
+    let (ctx, server) = policy_ctx(&[d.sidecar_config.generation]);
+    let mut steps = status_reads(&policies, &d);
+    steps[2] = secret_step().fails_with(403);
+    steps.push(Step::list(&format!("{NS}/pods"), vec![pod(0)]));
+    steps.push(status_patch(&free()));
+    steps.push(Step::event("ns"));
+    let verifier = server.run(steps);
+    reconcile_policy(Arc::new(free()), ctx)
+        .await
+        .expect("reconciles");
+    let seen = verifier.await.expect("verifier");
+    let c = conditions(&seen[5].body["status"]);
+    assert_eq!(c["Accepted"], ("True".into(), "Accepted".into()));
+    assert_eq!(c["Converged"], ("True".into(), "Converged".into()));
+}
+
+#[tokio::test]
+async fn an_unreadable_keys_secret_is_still_mounted_and_named_in_the_config() {
+    let (ctx, server) = Context::test();
+    let mut steps = vec![
+        Step::list(&format!("{APPS}/deployments"), vec![]),
+        Step::list(&format!("{NS}/pods"), vec![]),
+        policies_step(&[paid(), free()]),
+        secret_step().fails_with(403),
+    ];
+    // Then what a first reconcile applies, as with a readable Secret.
+    steps.extend(first_apply());
+    let verifier = server.run(steps);
+    reconcile(Arc::new(model()), ctx).await.expect("reconciles");
+    let seen = verifier.await.expect("verifier");
+    let config = sidecar_yaml(&seen);
+    assert_eq!(config.rules.len(), 5, "both tiers apply");
+    assert_eq!(
+        config.identity.keys_file.as_deref(),
+        Some("/etc/sluice/keys/free-tier/keys.yaml")
+    );
+    let pod = &seen[16].body["spec"]["template"]["spec"];
+    assert!(
+        pod["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .any(|v| v["secret"]["secretName"] == "sluice-api-keys"),
+        "{pod}"
+    );
+}
+
+#[tokio::test]
+async fn any_other_error_reading_a_keys_secret_fails_the_reconcile() {
+    let (ctx, server) = Context::test();
+    let verifier = server.run(vec![
+        Step::list(&format!("{APPS}/deployments"), vec![]),
+        Step::list(&format!("{NS}/pods"), vec![]),
+        policies_step(&[free()]),
+        secret_step().fails_with(500),
+    ]);
+    reconcile(Arc::new(model()), ctx)
+        .await
+        .expect_err("an API error is not a missing Secret");
+    verifier.await.expect("verifier");
 }

@@ -259,6 +259,34 @@ fn a_missing_keys_secret_or_entry_is_reported() {
 }
 
 #[test]
+fn an_unreadable_keys_secret_is_taken_as_present() {
+    // The operator may not read it (403): not checked, so the policy applies and its Secret is
+    // mounted; the kubelet's mount is the check.
+    let mut secrets = secrets();
+    secrets.insert_unreadable("locked");
+    let r = resolve(
+        &[model("m", "")],
+        &[policy("p", 1, &format!("{}{}", keys("locked"), to("m")))],
+        &secrets,
+        &BTreeMap::new(),
+    );
+    assert!(r.policies["p"].accepted(), "{:?}", r.policies["p"]);
+    let mount = r.models["m"].keys.clone().expect("mounted");
+    assert_eq!(mount.secret_name, "locked");
+    // A readable Secret is still checked, entry included.
+    let r = resolve(
+        &[model("m", "")],
+        &[policy("p", 1, &format!("{}{}", keys("nope"), to("m")))],
+        &secrets,
+        &BTreeMap::new(),
+    );
+    assert_eq!(
+        r.policies["p"].rejection.as_ref().map(|r| r.reason),
+        Some(REASON_KEYS_SECRET)
+    );
+}
+
+#[test]
 fn a_rejected_edit_keeps_what_was_in_force() {
     let models = [model("m", "")];
     let good = policy("p", 1, &format!("{}{}", keys("keys-a"), to("m")));

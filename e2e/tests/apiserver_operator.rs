@@ -1,0 +1,505 @@
+//! The operator as users install it, against a real API server (scripts/cluster.sh): the chart
+//! installed by Helm (two replicas, leader election, its own ServiceAccount and RBAC), its pods
+//! and every pod it creates run by the stand-in kubelet (real `sluice-operator` and
+//! `sluice-sidecar` processes on the demo model). One scenario, in the order a user meets it:
+//! every example reconciles with no 403 and only the Secrets it was granted readable; children
+//! are owned, idempotent, not fighting an autoscaler's scale or Argo CD's dry run; a policy edit
+//! converges on the running sidecars; killing the leader hands over; deleting a model collects
+//! its children and drains its pods within their grace period.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail, ensure};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use sluice_crds::{InferenceModel, RateLimitPolicy};
+use sluice_e2e::Cluster;
+use sluice_e2e::kubelet::Kubelet;
+use sluice_e2e::{control_plane, helm, http, objects, wait, workspace};
+use sluice_operator::names::{ADMIN_PORT, LABEL_MODEL};
+
+const RELEASE: &str = "sluice";
+/// The chart's ServiceAccount and Deployment for release `sluice`.
+const OPERATOR: &str = "sluice-operator";
+/// The operator's Lease (its `--lease-name` default).
+const LEASE: &str = "sluice-operator";
+/// The API-key Secret of examples/api-keys-secret.yaml.
+const KEYS_SECRET: &str = "sluice-api-keys";
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// The examples a user applies (all but Argo CD's Application and the sidecar's own file).
+fn examples() -> anyhow::Result<Vec<serde_json::Value>> {
+    let mut out = Vec::new();
+    let mut paths: Vec<_> = std::fs::read_dir(workspace().join("examples"))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    paths.sort();
+    for path in paths {
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        for object in objects::documents(&std::fs::read_to_string(&path)?)? {
+            let api_version = object["apiVersion"].as_str().unwrap_or_default();
+            if !api_version.is_empty() && !api_version.starts_with("argoproj.io") {
+                out.push(object);
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn metrics(ip: Ipv4Addr) -> anyhow::Result<String> {
+    let response = http::request(ip, ADMIN_PORT as u16, "GET", "/metrics", &[], None).await?;
+    ensure!(
+        response.status == 200,
+        "/metrics answered {}",
+        response.status
+    );
+    Ok(response.body)
+}
+
+fn condition(
+    conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    type_: &str,
+) -> Option<(String, String)> {
+    conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.message.clone()))
+}
+
+/// The operator's pods and which one holds the Lease.
+async fn leader(client: &Client, system: &str) -> anyhow::Result<Option<(String, Lease)>> {
+    let lease = Api::<Lease>::namespaced(client.clone(), system)
+        .get_opt(LEASE)
+        .await?;
+    Ok(lease.and_then(|l| {
+        let holder = l.spec.as_ref()?.holder_identity.clone()?;
+        Some((holder, l))
+    }))
+}
+
+/// The `sluice-operator` field manager's entries on every object labelled with a model:
+/// unchanged entries mean the operator wrote nothing.
+async fn operator_writes(client: &Client, ns: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    let params = ListParams::default().labels(LABEL_MODEL);
+    for (api_version, kind) in [
+        ("apps/v1", "Deployment"),
+        ("v1", "Service"),
+        ("v1", "ConfigMap"),
+        ("v1", "ServiceAccount"),
+        ("rbac.authorization.k8s.io/v1", "Role"),
+        ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+        ("autoscaling/v2", "HorizontalPodAutoscaler"),
+    ] {
+        let api = objects::api_for(
+            client,
+            ns,
+            &json!({"apiVersion": api_version, "kind": kind}),
+        );
+        for object in api.list(&params).await? {
+            for entry in object.metadata.managed_fields.iter().flatten() {
+                if entry.manager.as_deref() == Some(OPERATOR) {
+                    out.insert(
+                        format!("{kind}/{}/{:?}", object.name_any(), entry.subresource),
+                        format!(
+                            "{:?} {}",
+                            entry.time,
+                            serde_json::to_string(&entry.fields_v1)?
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[tokio::test]
+async fn the_chart_installed_operator_reconciles_converges_hands_over_and_cleans_up()
+-> anyhow::Result<()> {
+    let Cluster {
+        control_plane: cluster,
+        admin,
+        system,
+        models,
+        kubelet,
+    } = Cluster::start().await?;
+    let result = scenario(cluster, &admin, &kubelet, &system, &models).await;
+    if result.is_err() {
+        kubelet.print_logs(15);
+        if let Ok(list) = Api::<InferenceModel>::namespaced(admin.clone(), &models)
+            .list(&ListParams::default())
+            .await
+        {
+            for model in list {
+                eprintln!("--- status of {}: {:?}", model.name_any(), model.status);
+            }
+        }
+    }
+    result
+}
+
+async fn scenario(
+    cluster: &'static control_plane::ControlPlane,
+    admin: &Client,
+    kubelet: &Kubelet,
+    system: &str,
+    models: &str,
+) -> anyhow::Result<()> {
+    // --- The chart, as a user installs it; the key Secret named as readable ---------------
+    helm::install(
+        &cluster.kubeconfig(),
+        RELEASE,
+        system,
+        &json!({
+            "replicaCount": 2,
+            "leaderElection": {"enabled": true},
+            "apiKeySecrets": [{"namespace": models, "name": KEYS_SECRET}],
+        }),
+    )?;
+    let (first_leader, _) = wait::until("an operator replica to lead", 3 * MINUTE, || async {
+        leader(admin, system).await
+    })
+    .await?;
+
+    // --- Every example reconciles, as the chart's ServiceAccount ----------------------------
+    for object in examples()? {
+        objects::apply(admin, models, &object, "kubectl", false)
+            .await
+            .with_context(|| format!("applying {}", object["metadata"]["name"]))?;
+    }
+    let ims: Api<InferenceModel> = Api::namespaced(admin.clone(), models);
+    wait::until("every example InferenceModel Ready", 5 * MINUTE, || async {
+        let list = ims.list(&ListParams::default()).await?;
+        let not_ready: Vec<_> = list
+            .iter()
+            .filter(|m| {
+                let conditions = m
+                    .status
+                    .as_ref()
+                    .map(|s| s.conditions.as_slice())
+                    .unwrap_or_default();
+                condition(conditions, "Ready").is_none_or(|(s, _)| s != "True")
+            })
+            .map(|m| m.name_any())
+            .collect();
+        Ok((!list.items.is_empty() && not_ready.is_empty()).then_some(()))
+    })
+    .await?;
+    for (ns, pod) in kubelet.pods().into_iter().filter(|(ns, _)| ns == system) {
+        let log = kubelet.log(&ns, &pod);
+        ensure!(
+            // The API server's 403 reads `... is forbidden: User ... (Forbidden)`.
+            !log.to_lowercase().contains("forbidden"),
+            "operator pod {pod} was refused something:\n{log}"
+        );
+    }
+
+    // Least privilege: the operator's own token reads the Secret it was granted, no other.
+    let as_operator = control_plane::client_from(
+        &cluster
+            .service_account_kubeconfig(admin, system, OPERATOR)
+            .await?,
+    )
+    .await?;
+    let secrets: Api<Secret> = Api::namespaced(as_operator.clone(), models);
+    secrets
+        .get(KEYS_SECRET)
+        .await
+        .context("the granted key Secret")?;
+    let forwarding = format!("{}-forwarding", "chat");
+    for refused in [
+        secrets.get(&forwarding).await.map(drop),
+        secrets.list(&ListParams::default()).await.map(drop),
+        Api::<Pod>::namespaced(as_operator.clone(), models)
+            .delete_collection(&DeleteParams::default(), &ListParams::default())
+            .await
+            .map(drop),
+    ] {
+        match refused {
+            Err(kube::Error::Api(s)) if s.code == 403 => {}
+            other => bail!("expected 403 for the operator's ServiceAccount, got {other:?}"),
+        }
+    }
+
+    // --- Children are owned, and a second pass writes nothing -------------------------------
+    for object in [
+        objects::api_for(
+            admin,
+            models,
+            &json!({"apiVersion": "apps/v1", "kind": "Deployment"}),
+        ),
+        objects::api_for(
+            admin,
+            models,
+            &json!({"apiVersion": "v1", "kind": "ConfigMap"}),
+        ),
+    ] {
+        for child in object
+            .list(&ListParams::default().labels(LABEL_MODEL))
+            .await?
+        {
+            let owner = child
+                .owner_references()
+                .iter()
+                .find(|o| o.controller == Some(true));
+            ensure!(
+                owner.is_some_and(|o| o.kind == "InferenceModel"),
+                "{} has no InferenceModel controller owner",
+                child.name_any()
+            );
+        }
+    }
+    let leader_ip = |name: &str| {
+        kubelet
+            .pod_ip(system, name)
+            .with_context(|| format!("operator pod {name} not running"))
+    };
+    let reconciles = |text: &str| http::sum(text, "sluice_operator_reconciles_total");
+    let applies = |text: &str| http::sum(text, "sluice_operator_applies_total");
+    let before = metrics(leader_ip(&first_leader)?).await?;
+    let writes_before = operator_writes(admin, models).await?;
+    let model_names: Vec<String> = ims
+        .list(&ListParams::default())
+        .await?
+        .iter()
+        .map(|m| m.name_any())
+        .collect();
+    for name in &model_names {
+        let poke = json!({"metadata": {"annotations": {"e2e.sluice.dev/poke": "1"}}});
+        ims.patch(name, &PatchParams::default(), &Patch::Merge(&poke))
+            .await?;
+    }
+    let target = reconciles(&before) + model_names.len() as f64;
+    wait::until(
+        "a reconcile of every model after the poke",
+        MINUTE,
+        || async {
+            let now = metrics(leader_ip(&first_leader)?).await?;
+            Ok((reconciles(&now) >= target).then_some(now))
+        },
+    )
+    .await
+    .map(|after| {
+        assert_eq!(
+            applies(&after),
+            applies(&before),
+            "an unchanged second pass applied something"
+        )
+    })?;
+    assert_eq!(
+        operator_writes(admin, models).await?,
+        writes_before,
+        "an unchanged second pass changed the operator's managed fields"
+    );
+
+    // An autoscaler's scale through the scale subresource is not reverted.
+    let autoscaled = ims
+        .list(&ListParams::default())
+        .await?
+        .into_iter()
+        .find(|m| m.spec.autoscaling.is_some())
+        .context("an example with autoscaling")?;
+    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), models);
+    let scaled = deployments
+        .list(&ListParams::default().labels(&format!("{LABEL_MODEL}={}", autoscaled.name_any())))
+        .await?
+        .items
+        .first()
+        .context("a Deployment of the autoscaled model")?
+        .name_any();
+    let scale = json!({"spec": {"replicas": 2}});
+    deployments
+        .patch_scale(&scaled, &PatchParams::default(), &Patch::Merge(&scale))
+        .await?;
+    let poke = json!({"metadata": {"annotations": {"e2e.sluice.dev/poke": "2"}}});
+    let now = metrics(leader_ip(&first_leader)?).await?;
+    ims.patch(
+        &autoscaled.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&poke),
+    )
+    .await?;
+    let target = reconciles(&now) + 1.0;
+    wait::until("a reconcile after the scale", MINUTE, || async {
+        let now = metrics(leader_ip(&first_leader)?).await?;
+        Ok((reconciles(&now) >= target).then_some(()))
+    })
+    .await?;
+    let replicas = deployments
+        .get(&scaled)
+        .await?
+        .spec
+        .and_then(|s| s.replicas);
+    assert_eq!(
+        replicas,
+        Some(2),
+        "the operator reverted the autoscaler's scale"
+    );
+
+    // Argo CD's server-side dry run of the same manifests under its own manager: no diff.
+    for object in examples()?.iter().filter(|o| o["kind"] == "InferenceModel") {
+        let name = object["metadata"]["name"].as_str().unwrap_or_default();
+        let live = objects::api_for(admin, models, object).get(name).await?;
+        let dry = objects::apply(admin, models, object, "argocd-controller", true).await?;
+        assert_eq!(
+            dry.metadata.generation, live.metadata.generation,
+            "{name}: Argo CD's dry run would change the spec"
+        );
+        assert_eq!(
+            dry.data["spec"], live.data["spec"],
+            "{name}: Argo CD's dry run shows a diff"
+        );
+    }
+
+    // --- A policy edit converges on the running sidecars ------------------------------------
+    let policies: Api<RateLimitPolicy> = Api::namespaced(admin.clone(), models);
+    let mut edited = examples()?
+        .into_iter()
+        .find(|o| o["kind"] == "RateLimitPolicy")
+        .context("an example RateLimitPolicy")?;
+    let policy_name = edited["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let first_rule = edited["spec"]["rules"][0]
+        .as_object_mut()
+        .context("a rule")?;
+    first_rule.insert("requestsPerMinute".into(), json!(4242));
+    objects::apply(admin, models, &edited, "kubectl", false).await?;
+    let generation = policies.get(&policy_name).await?.metadata.generation;
+    let converged = wait::until("the edited policy Converged", 3 * MINUTE, || async {
+        let policy = policies.get(&policy_name).await?;
+        let status = policy.status.clone().unwrap_or_default();
+        let done = status.observed_generation == generation
+            && condition(&status.conditions, "Converged").is_some_and(|(s, _)| s == "True");
+        Ok(done.then_some(status))
+    })
+    .await?;
+    let configs: Api<ConfigMap> = Api::namespaced(admin.clone(), models);
+    for target in &converged.targets {
+        let config = configs
+            .get(&sluice_operator::names::config_map_name(&target.model))
+            .await?;
+        let text = config
+            .data
+            .unwrap_or_default()
+            .remove(sluice_crds::sidecar_config::SIDECAR_CONFIG_KEY)
+            .unwrap_or_default();
+        ensure!(
+            text.contains("4242"),
+            "{}'s ConfigMap lacks the edit:\n{text}",
+            target.model
+        );
+        // Every pod of the model reports the generation the status counts.
+        let pods = Api::<Pod>::namespaced(admin.clone(), models)
+            .list(&ListParams::default().labels(&format!("{LABEL_MODEL}={}", target.model)))
+            .await?;
+        for pod in pods {
+            let ip = kubelet
+                .pod_ip(models, &pod.name_any())
+                .context("pod not running")?;
+            let text = metrics(ip).await?;
+            let seen = http::sample(&text, sluice_crds::contract::CONFIG_GENERATION_SERIES);
+            assert_eq!(
+                seen,
+                Some(target.desired_generation as f64),
+                "pod {} runs another config generation",
+                pod.name_any()
+            );
+        }
+    }
+
+    // --- Leader election: the follower wrote nothing; killing the leader hands over ---------
+    let operator_pods: Vec<String> = kubelet
+        .pods()
+        .into_iter()
+        .filter(|(ns, _)| ns == system)
+        .map(|(_, p)| p)
+        .collect();
+    let (holder, lease) = leader(admin, system).await?.context("a leader")?;
+    let follower = operator_pods
+        .iter()
+        .find(|p| **p != holder)
+        .context("a second operator replica")?
+        .clone();
+    let standby = metrics(leader_ip(&follower)?).await?;
+    assert_eq!(http::sample(&standby, "sluice_operator_leader"), Some(0.0));
+    assert_eq!(reconciles(&standby), 0.0, "the follower reconciled");
+    assert_eq!(applies(&standby), 0.0, "the follower wrote objects");
+    kubelet.signal(system, &holder, "KILL")?;
+    let (_, taken) = wait::until("the follower to take the Lease", 2 * MINUTE, || async {
+        Ok(leader(admin, system).await?.filter(|(h, _)| *h == follower))
+    })
+    .await?;
+    let last_renewal = lease
+        .spec
+        .as_ref()
+        .and_then(|s| s.renew_time.clone())
+        .context("renewTime")?;
+    let acquired = taken
+        .spec
+        .as_ref()
+        .and_then(|s| s.acquire_time.clone())
+        .context("acquireTime")?;
+    let duration = taken
+        .spec
+        .as_ref()
+        .and_then(|s| s.lease_duration_seconds)
+        .unwrap_or(15);
+    let gap = acquired.0.duration_since(last_renewal.0);
+    assert!(
+        gap.as_secs() <= 2 * i64::from(duration),
+        "the Lease stood unclaimed for {gap:?} (duration {duration} s)"
+    );
+    wait::until("the new leader to report it", MINUTE, || async {
+        let text = metrics(leader_ip(&follower)?).await?;
+        Ok((http::sample(&text, "sluice_operator_leader") == Some(1.0)).then_some(()))
+    })
+    .await?;
+
+    // --- Deleting a model collects its children and drains its pods in their grace ----------
+    let victim = "smollm2";
+    let victim_pods: Vec<String> = Api::<Pod>::namespaced(admin.clone(), models)
+        .list(&ListParams::default().labels(&format!("{LABEL_MODEL}={victim}")))
+        .await?
+        .iter()
+        .map(|p| p.name_any())
+        .collect();
+    ensure!(!victim_pods.is_empty(), "{victim} has no pods");
+    ims.delete(victim, &DeleteParams::background()).await?;
+    wait::until(
+        &format!("{victim}'s children collected"),
+        3 * MINUTE,
+        || async {
+            let selector = ListParams::default().labels(&format!("{LABEL_MODEL}={victim}"));
+            let left = deployments.list(&selector).await?.items.len()
+                + configs.list(&selector).await?.items.len()
+                + Api::<Pod>::namespaced(admin.clone(), models)
+                    .list(&selector)
+                    .await?
+                    .items
+                    .len();
+            Ok((left == 0).then_some(()))
+        },
+    )
+    .await?;
+    for pod in victim_pods {
+        let ended = kubelet
+            .termination(models, &pod)
+            .with_context(|| format!("pod {pod} was not terminated by the kubelet"))?;
+        assert!(
+            ended.within_grace && ended.exit_code == Some(0),
+            "pod {pod} did not drain within its grace period: {ended:?}"
+        );
+    }
+    Ok(())
+}
