@@ -37,8 +37,10 @@ pub fn shared() -> anyhow::Result<&'static ControlPlane> {
 
 impl ControlPlane {
     fn start() -> anyhow::Result<Self> {
-        // Not under /tmp: pods get an emptyDir of their own mounted there.
-        let runs = crate::workspace().join(".cache/cluster-runs");
+        // Outside the clone, which may itself lie under /tmp: pods get their own /tmp (an
+        // emptyDir), and their kubeconfig and volumes must stay visible beside it.
+        let home = std::env::var_os("HOME").context("HOME is unset")?;
+        let runs = PathBuf::from(home).join(".cache/sluice/cluster-runs");
         // Earlier runs' logs stay for a look until their process is gone and a new run starts.
         for entry in std::fs::read_dir(&runs).into_iter().flatten().flatten() {
             let pid = entry.file_name().to_string_lossy().into_owned();

@@ -138,6 +138,12 @@ impl Kubelet {
         nodes.create(&PostParams::default(), &object).await?;
         let dir = control_plane.dir().join("kubelet").join(&node);
         std::fs::create_dir_all(&dir)?;
+        // The model beside the pods' volumes, not wherever the clone is (under /tmp, say, which
+        // each pod's own /tmp would hide): a hard link where it can be, else a copy.
+        let staged = dir.join("model.gguf");
+        if std::fs::hard_link(model, &staged).is_err() {
+            std::fs::copy(model, &staged).context("staging the model")?;
+        }
         let inner = Arc::new(Inner {
             client: admin,
             namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
@@ -145,7 +151,7 @@ impl Kubelet {
             bridge: bridge.trim().to_owned(),
             prefix: prefix.trim().to_owned(),
             dir,
-            model: model.to_owned(),
+            model: staged,
             images,
             control_plane,
             pods: Mutex::default(),
