@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 export SLUICE_TEST_MODEL ?= $(abspath $(MODEL))
 export SLUICE_TEST_PYTHON ?= $(abspath $(PY))
 
-.PHONY: demo test test-vendor model crds lint bench bench-anchor bench-limits bench-operator render e2e cluster cluster-servers images venv fmt test-py test-chart chart-crds argocd-cm-patch
+.PHONY: demo test test-vendor model crds lint bench bench-anchor bench-limits bench-operator render e2e cluster cluster-servers images images-from-host test-images venv fmt test-py test-chart chart-crds argocd-cm-patch
 
 ## model: fetch the embedded default model once into $(MODEL_DIR)
 model: $(MODEL)
@@ -70,16 +70,30 @@ test-chart: venv
 argocd-cm-patch:
 	python3 gitops/argocd/generate-cm-patch.py
 
-## images: build the operator, sidecar (CPU) and sidecar (CUDA) images with docker
+## images: the operator, sidecar (CPU) and sidecar (CUDA) images, built from source in the upstream
+## Rust image (needs a registry); DOCKER=docker (default) or DOCKER=podman
 IMAGE_REGISTRY ?= ghcr.io/sluice-dev
 IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
 DOCKER ?= docker
+BIN_DIR := $(or $(CARGO_TARGET_DIR),target)
 images:
 	@command -v $(DOCKER) >/dev/null 2>&1 || { echo "make images: '$(DOCKER)' not found; install Docker (or pass DOCKER=podman)" >&2; exit 1; }
 	@$(DOCKER) info >/dev/null 2>&1 || { echo "make images: '$(DOCKER)' is installed but reaches no container engine (is the daemon running?)" >&2; exit 1; }
 	$(DOCKER) build -f deploy/operator.Dockerfile -t $(IMAGE_REGISTRY)/sluice-operator:$(IMAGE_TAG) .
 	$(DOCKER) build -f deploy/sidecar.Dockerfile -t $(IMAGE_REGISTRY)/sluice-sidecar:$(IMAGE_TAG) .
 	$(DOCKER) build -f deploy/sidecar-cuda.Dockerfile -t $(IMAGE_REGISTRY)/sluice-sidecar-cuda:$(IMAGE_TAG) .
+
+## images-from-host: the same images around release binaries built on this machine (air-gapped
+## builds, CI); BUILD_ARGS="--build-arg RUNTIME_IMAGE=..." picks other base images
+images-from-host:
+	$(CARGO) build --release -p sluice-operator -p sluice-sidecar
+	DOCKER=$(DOCKER) IMAGE_REGISTRY=$(IMAGE_REGISTRY) scripts/images-from-host.sh $(BIN_DIR)/release $(IMAGE_TAG)
+
+## test-images: images from local Debian bases (debootstrap) around the test build's binaries,
+## run with podman and runc as a pod runs them (needs root; installs podman, runc, debootstrap)
+test-images: model
+	$(CARGO) build --workspace --bins
+	scripts/test-images.sh $(BIN_DIR)/debug $(abspath $(MODEL))
 
 ## demo: start the sidecar on the embedded model and show a real chat completion
 # The dev profile already builds the engine and every dependency at opt-level 3 (see Cargo.toml),

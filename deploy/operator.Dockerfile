@@ -6,8 +6,13 @@
 
 # The toolchain pinned in rust-toolchain.toml; Debian 12, the same glibc as the final stage.
 ARG RUST_VERSION=1.95.0
+# Base images, as build arguments so a machine with no registry builds the same file from local
+# ones (scripts/image-bases.sh: Debian 12 from debootstrap, and a shell-less runtime like
+# distroless's).
+ARG BUILD_IMAGE=docker.io/library/rust:${RUST_VERSION}-bookworm
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
 
-FROM docker.io/library/rust:${RUST_VERSION}-bookworm AS build
+FROM ${BUILD_IMAGE} AS build
 WORKDIR /src
 # The whole workspace: cargo needs every member's manifest to load it.
 COPY rust-toolchain.toml Cargo.toml Cargo.lock ./
@@ -24,15 +29,23 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && install -D -m 0755 target/release/sluice-operator /out/sluice-operator
 
 # Distroless: glibc + libgcc/libstdc++ + CA certificates, no shell, no package manager.
-FROM gcr.io/distroless/cc-debian12:nonroot
+FROM ${RUNTIME_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="sluice-operator" \
       org.opencontainers.image.description="sluice operator: InferenceModel and RateLimitPolicy controller" \
       org.opencontainers.image.source="https://github.com/sluice-dev/sluice" \
       org.opencontainers.image.licenses="Apache-2.0"
-COPY --from=build /out/sluice-operator /usr/local/bin/sluice-operator
 # 65532 = distroless "nonroot"; numeric so the kubelet can check runAsNonRoot.
 USER 65532:65532
 # Admin port: /metrics, /healthz, /readyz.
 EXPOSE 9090
 ENTRYPOINT ["/usr/local/bin/sluice-operator"]
 CMD ["run"]
+
+# The binary built on the host instead (`make images-from-host`: CI, air-gapped builds), from a
+# build context holding it at bin/sluice-operator.
+FROM runtime AS from-host
+COPY bin/sluice-operator /usr/local/bin/sluice-operator
+
+# The default target: the binary built from source above.
+FROM runtime AS from-source
+COPY --from=build /out/sluice-operator /usr/local/bin/sluice-operator

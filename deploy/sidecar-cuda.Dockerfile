@@ -8,8 +8,11 @@
 ARG CUDA_VERSION=12.8.1
 ARG UBUNTU=ubuntu24.04
 ARG RUST_VERSION=1.95.0
+# Base images, as build arguments (a registry mirror, or local images on a machine with none).
+ARG BUILD_IMAGE=docker.io/nvidia/cuda:${CUDA_VERSION}-devel-${UBUNTU}
+ARG RUNTIME_IMAGE=docker.io/nvidia/cuda:${CUDA_VERSION}-runtime-${UBUNTU}
 
-FROM docker.io/nvidia/cuda:${CUDA_VERSION}-devel-${UBUNTU} AS build
+FROM ${BUILD_IMAGE} AS build
 ARG RUST_VERSION
 ARG CUDA_COMPUTE_CAP=80
 RUN apt-get update \
@@ -35,7 +38,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && install -D -m 0755 target/release/sluice-sidecar /out/sluice-sidecar
 
 # The CUDA runtime libraries (cuBLAS, cuRAND, NVRTC) without the compiler.
-FROM docker.io/nvidia/cuda:${CUDA_VERSION}-runtime-${UBUNTU}
+FROM ${RUNTIME_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="sluice-sidecar-cuda" \
       org.opencontainers.image.description="sluice data plane: OpenAI API on mistral.rs (NVIDIA CUDA)" \
       org.opencontainers.image.source="https://github.com/sluice-dev/sluice" \
@@ -43,9 +46,17 @@ LABEL org.opencontainers.image.title="sluice-sidecar-cuda" \
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/*
-COPY --from=build /out/sluice-sidecar /usr/local/bin/sluice-sidecar
 ENV NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
 USER 65532:65532
 EXPOSE 8080 9090
 ENTRYPOINT ["/usr/local/bin/sluice-sidecar"]
 CMD ["serve"]
+
+# The binary built on the host instead (`make images-from-host`), from a build context holding
+# it at bin/sluice-sidecar.
+FROM runtime AS from-host
+COPY bin/sluice-sidecar /usr/local/bin/sluice-sidecar
+
+# The default target: the binary built from source above.
+FROM runtime AS from-source
+COPY --from=build /out/sluice-sidecar /usr/local/bin/sluice-sidecar

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
@@ -106,12 +107,12 @@ impl ImageArgs {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     // kube's TLS (ring) and the model download's (aws-lc-rs) are both in this build, so rustls
     // cannot choose a provider on its own and the first HTTPS connection (the API server's)
     // would panic. An Err means one is installed already.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    match Cli::parse().command {
+    let result = match Cli::parse().command {
         Command::Run(args) => run(args),
         Command::Render {
             files,
@@ -119,7 +120,31 @@ fn main() -> anyhow::Result<()> {
             images,
         } => render(&files, &namespace, &images.settings()),
         Command::Crds { out_dir } => crds(out_dir),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, for humans and for the pod's termination message.
+            eprintln!("sluice-operator: error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
     }
+}
+
+/// The error and its causes on one line, each cause once: kube's errors repeat their source's
+/// text in their own, which `{:#}` would print three or four times over.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
