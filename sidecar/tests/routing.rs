@@ -376,6 +376,33 @@ async fn unreachable_variant_falls_back_and_no_token_means_local_only() {
         "about half the requests tried ghost first: {failures}"
     );
 
+    // All the weight on ghost, none here to fall back to: 503, counted as ghost's failure (the
+    // canary analysis must not blame this pod's variant for another variant's outage).
+    let (all_ghost, to_ghost) = (free_port(), free_port());
+    let config = scratch.write(
+        "ghost-only.yaml",
+        &config_yaml(&[("solo", 0, all_ghost), ("ghost", 100, to_ghost)]),
+    );
+    let mut entry = spawn_variant("solo", all_ghost, &config, Some(&token), &cache);
+    entry.wait_ready().await;
+    let (status, variant, body) = complete(&client, &entry.api, &[]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(variant, "ghost", "the 503 names the variant that failed");
+    assert_eq!(body["error"]["code"], "variant_unavailable", "{body}");
+    let (_, metrics) = get(&format!("{}/metrics", entry.admin)).await.unwrap();
+    assert_eq!(
+        metric(
+            &metrics,
+            "sluice_requests_total{route=\"/v1/completions\",variant=\"ghost\",status=\"503\"}"
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("variant=\"solo\",status=\"503\""),
+        "{metrics}"
+    );
+
     let counts = split(&client, &[without.api.as_str()], 50).await;
     assert_eq!(counts.get("solo"), Some(&50), "{counts:?}");
     assert!(

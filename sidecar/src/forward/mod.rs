@@ -236,10 +236,13 @@ pub async fn dispatch(
                     }
                     None => {
                         reservation.settle(Usage::new(out.prompt_tokens, 0), Outcome::Failed);
-                        return Err(ApiError::VariantUnavailable(format!(
-                            "variant {variant:?} cannot be reached ({error}) and no other \
-                             variant can take the request"
-                        )));
+                        return Err(ApiError::VariantUnavailable {
+                            message: format!(
+                                "variant {variant:?} cannot be reached ({error}) and no other \
+                                 variant can take the request"
+                            ),
+                            variant: Some(variant),
+                        });
                     }
                 }
             }

@@ -126,9 +126,12 @@ impl Body for RelayBody {
                 this.finished = true;
                 this.settle(Outcome::Failed);
                 if this.scan.sse {
-                    let e = ApiError::VariantUnavailable(format!(
-                        "the variant serving this request failed mid-stream: {error}"
-                    ));
+                    let e = ApiError::VariantUnavailable {
+                        variant: None,
+                        message: format!(
+                            "the variant serving this request failed mid-stream: {error}"
+                        ),
+                    };
                     let mut bytes = sse::data_event(&e.body()).to_vec();
                     bytes.extend_from_slice(sse::DONE);
                     return Poll::Ready(Some(Ok(Frame::data(Bytes::from(bytes)))));

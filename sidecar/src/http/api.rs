@@ -44,7 +44,17 @@ pub async fn api(state: Arc<AppState>, req: Request<Incoming>) -> Response<Respo
                 } else {
                     tracing::info!(%error, status = error.status().as_u16(), "request refused");
                 }
-                error_response(&error)
+                let mut res = error_response(&error);
+                // Counted against the variant that could not serve it, not this pod's own.
+                if let ApiError::VariantUnavailable {
+                    variant: Some(variant),
+                    ..
+                } = &error
+                    && let Ok(v) = HeaderValue::from_str(variant)
+                {
+                    res.headers_mut().insert(VARIANT_HEADER, v);
+                }
+                res
             }
         };
         tracing::debug!(

@@ -105,9 +105,13 @@ pub enum ApiError {
     Forbidden(String),
 
     /// The variant routing chose (or the override header named) cannot be reached, and no
-    /// other variant can take the request.
-    #[error("{0}")]
-    VariantUnavailable(String),
+    /// other variant can take the request. `variant` names it, when known: the request is
+    /// that variant's failure, not this pod's (its metrics and the canary analysis say so).
+    #[error("{message}")]
+    VariantUnavailable {
+        variant: Option<String>,
+        message: String,
+    },
 
     /// The caller is not in the API-key list (401).
     #[error("{}", unauthorized_message(.0))]
@@ -190,7 +194,7 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
-            Self::VariantUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::VariantUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::NoPolicy => StatusCode::SERVICE_UNAVAILABLE,
             Self::Limited(r) => match r.cause {
@@ -208,7 +212,7 @@ impl ApiError {
             Self::Overloaded { .. }
             | Self::Timeout(_)
             | Self::Loading
-            | Self::VariantUnavailable(_) => Some(1),
+            | Self::VariantUnavailable { .. } => Some(1),
             Self::Draining => Some(5),
             Self::NoPolicy => Some(NO_POLICY_RETRY_NS.div_ceil(1_000_000_000)),
             Self::Limited(r) => r.retry_after_secs(),
@@ -242,7 +246,7 @@ impl ApiError {
             Self::Timeout(_) => ("server_error", None, Some("timeout")),
             Self::Draining => ("server_error", None, Some("shutting_down")),
             Self::Forbidden(_) => ("permission_error", None, Some("forbidden")),
-            Self::VariantUnavailable(_) => ("server_error", None, Some("variant_unavailable")),
+            Self::VariantUnavailable { .. } => ("server_error", None, Some("variant_unavailable")),
             Self::Loading => ("server_error", None, Some("loading")),
             Self::Unauthorized(_) => ("invalid_request_error", None, Some("invalid_api_key")),
             Self::NoPolicy => ("server_error", None, Some("config_invalid")),
@@ -319,7 +323,10 @@ impl From<RouteError> for ApiError {
                 param: Some(header),
                 code: None,
             },
-            RouteError::Unreachable(message) => Self::VariantUnavailable(message),
+            RouteError::Unreachable(message) => Self::VariantUnavailable {
+                variant: None,
+                message,
+            },
         }
     }
 }
