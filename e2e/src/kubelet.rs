@@ -317,7 +317,7 @@ impl Inner {
             lock(&self.pods).insert(key.clone(), running);
         }
         self.probe(key).await;
-        self.report(api, key).await
+        self.report(api, pod, key).await
     }
 
     /// Starts a pod's container in a network namespace of its own.
@@ -508,7 +508,13 @@ impl Inner {
     }
 
     /// Writes the pod's status when readiness or liveness changed.
-    async fn report(&self, api: &Api<Pod>, key: &(String, String)) -> anyhow::Result<()> {
+    async fn report(
+        &self,
+        api: &Api<Pod>,
+        pod: &Pod,
+        key: &(String, String),
+    ) -> anyhow::Result<()> {
+        let container = pod.spec.as_ref().and_then(|s| s.containers.first());
         let status = {
             let pods = lock(&self.pods);
             let Some(running) = pods.get(key) else {
@@ -543,29 +549,14 @@ impl Inner {
                     condition("Ready", ready),
                 ],
                 "containerStatuses": [{
-                    "name": "main", "ready": running.ready, "restartCount": 0,
-                    "image": "", "imageID": "", "started": running.exited.is_none(),
+                    "name": container.map(|c| c.name.as_str()).unwrap_or_default(),
+                    "image": container.and_then(|c| c.image.as_deref()).unwrap_or_default(),
+                    "ready": running.ready, "restartCount": 0,
+                    "imageID": "", "started": running.exited.is_none(),
                     "state": state,
                 }],
             }})
         };
-        let mut status = status;
-        if let Ok(pod) = api.get(&key.1).await
-            && let Some(name) = pod
-                .spec
-                .as_ref()
-                .and_then(|s| s.containers.first())
-                .map(|c| c.name.clone())
-        {
-            status["status"]["containerStatuses"][0]["name"] = name.into();
-            status["status"]["containerStatuses"][0]["image"] = pod
-                .spec
-                .as_ref()
-                .and_then(|s| s.containers.first())
-                .and_then(|c| c.image.clone())
-                .unwrap_or_default()
-                .into();
-        }
         api.patch_status(&key.1, &PatchParams::default(), &Patch::Merge(&status))
             .await?;
         let mut pods = lock(&self.pods);

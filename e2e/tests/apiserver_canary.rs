@@ -19,8 +19,7 @@ use sluice_crds::InferenceModel;
 use sluice_crds::contract::{CONFIG_GENERATION_SERIES, REQUESTS_TOTAL_SERIES};
 use sluice_crds::sidecar_config::{SIDECAR_CONFIG_KEY, SidecarConfig};
 use sluice_e2e::Cluster;
-use sluice_e2e::kubelet::Kubelet;
-use sluice_e2e::{control_plane, helm, http, objects, wait};
+use sluice_e2e::{helm, http, objects, wait};
 use sluice_operator::names::{ADMIN_PORT, API_PORT, LABEL_MODEL, LABEL_VARIANT, config_map_name};
 use sluice_operator::rollout::plan::REASON_ROLLED_BACK;
 
@@ -69,15 +68,15 @@ async fn canary_requests(ip: Ipv4Addr) -> anyhow::Result<f64> {
 #[tokio::test]
 async fn a_canary_whose_sidecar_dies_is_rolled_back_from_real_metrics_and_gets_no_more_traffic()
 -> anyhow::Result<()> {
-    let Cluster {
-        control_plane: cluster,
-        admin,
-        system,
-        models,
-        kubelet,
-    } = Cluster::start().await?;
-    let result = scenario(cluster, &admin, &kubelet, &system, &models).await;
+    let cluster = Cluster::start().await?;
+    let result = scenario(&cluster).await;
     if result.is_err() {
+        let Cluster {
+            admin,
+            kubelet,
+            models,
+            ..
+        } = &cluster;
         kubelet.print_logs(12);
         for (ns, pod) in kubelet.pods() {
             if let Some(ip) = kubelet.pod_ip(&ns, &pod)
@@ -94,7 +93,7 @@ async fn a_canary_whose_sidecar_dies_is_rolled_back_from_real_metrics_and_gets_n
                 }
             }
         }
-        if let Ok(im) = Api::<InferenceModel>::namespaced(admin.clone(), &models)
+        if let Ok(im) = Api::<InferenceModel>::namespaced(admin.clone(), models)
             .get(MODEL)
             .await
         {
@@ -104,13 +103,9 @@ async fn a_canary_whose_sidecar_dies_is_rolled_back_from_real_metrics_and_gets_n
     result
 }
 
-async fn scenario(
-    cluster: &'static control_plane::ControlPlane,
-    admin: &Client,
-    kubelet: &Kubelet,
-    system: &str,
-    models: &str,
-) -> anyhow::Result<()> {
+async fn scenario(c: &Cluster) -> anyhow::Result<()> {
+    let (cluster, admin, kubelet) = (c.control_plane, &c.admin, &c.kubelet);
+    let (system, models) = (c.system.as_str(), c.models.as_str());
     helm::install(
         &cluster.kubeconfig(),
         "sluice",

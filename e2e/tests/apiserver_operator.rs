@@ -20,7 +20,6 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use sluice_crds::{InferenceModel, RateLimitPolicy};
 use sluice_e2e::Cluster;
-use sluice_e2e::kubelet::Kubelet;
 use sluice_e2e::{control_plane, helm, http, objects, wait, workspace};
 use sluice_operator::names::{ADMIN_PORT, LABEL_MODEL};
 
@@ -125,17 +124,17 @@ async fn operator_writes(client: &Client, ns: &str) -> anyhow::Result<BTreeMap<S
 #[tokio::test]
 async fn the_chart_installed_operator_reconciles_converges_hands_over_and_cleans_up()
 -> anyhow::Result<()> {
-    let Cluster {
-        control_plane: cluster,
-        admin,
-        system,
-        models,
-        kubelet,
-    } = Cluster::start().await?;
-    let result = scenario(cluster, &admin, &kubelet, &system, &models).await;
+    let cluster = Cluster::start().await?;
+    let result = scenario(&cluster).await;
     if result.is_err() {
+        let Cluster {
+            admin,
+            kubelet,
+            models,
+            ..
+        } = &cluster;
         kubelet.print_logs(15);
-        if let Ok(list) = Api::<InferenceModel>::namespaced(admin.clone(), &models)
+        if let Ok(list) = Api::<InferenceModel>::namespaced(admin.clone(), models)
             .list(&ListParams::default())
             .await
         {
@@ -147,13 +146,9 @@ async fn the_chart_installed_operator_reconciles_converges_hands_over_and_cleans
     result
 }
 
-async fn scenario(
-    cluster: &'static control_plane::ControlPlane,
-    admin: &Client,
-    kubelet: &Kubelet,
-    system: &str,
-    models: &str,
-) -> anyhow::Result<()> {
+async fn scenario(c: &Cluster) -> anyhow::Result<()> {
+    let (cluster, admin, kubelet) = (c.control_plane, &c.admin, &c.kubelet);
+    let (system, models) = (c.system.as_str(), c.models.as_str());
     // --- The chart, as a user installs it; the key Secret named as readable ---------------
     helm::install(
         &cluster.kubeconfig(),
