@@ -44,7 +44,7 @@ test: model venv test-py cluster-servers
 
 ## test-vendor: the unit tests of our patches to the vendored engine (vendor/README.md)
 test-vendor:
-	$(CARGO) test -p mistralrs-core --lib prefix_cacher
+	$(CARGO) test -p mistralrs-core --lib -- prefix_cacher gguf::content::mapped_tests
 
 ## lint: formatting, clippy, CRD freshness
 lint:
@@ -111,6 +111,7 @@ bench: model
 	$(CARGO) bench --profile dev --workspace --bench kernels
 	$(CARGO) bench --profile dev --workspace --bench forwarding
 	$(CARGO) bench --profile dev --workspace --bench prefix_cache
+	$(CARGO) bench --profile dev --workspace --bench load_memory
 
 ## bench-limits: rate-limit admission (p99, vs governor), memory of 1M keys, 1,000-rule reload.
 # The dev profile builds only dependencies optimised; this one crate is rebuilt at opt-level 3

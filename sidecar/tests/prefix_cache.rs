@@ -69,9 +69,11 @@ async fn resident_memory_levels_off_with_default_flags() {
         after >> 20
     );
 
-    // Before the fix, 250 more requests added about 5.7 GB.
+    // Before the fix, 250 more requests added about 5.7 GB. An absolute margin: RssAnon holds
+    // no weights (they are mapped from the file), so a share of it is a few tens of MB, within
+    // what a busy machine's allocator arenas swing by.
     assert!(
-        after <= warm + warm / 10,
+        after <= warm + (64 << 20),
         "RssAnon grew from {} MB after 50 requests to {} MB after 300\n{text}",
         warm >> 20,
         after >> 20

@@ -79,6 +79,90 @@ impl TensorInfo {
             device,
         )
     }
+
+    /// sluice: this tensor, its data not read but mapped: on the CPU its storage is the blocks
+    /// inside `mmap` (a read-only mapping of the whole file: [`super::MmapBlocks`]), so loading
+    /// adds no private copy of the weights; on another device it is uploaded straight from the
+    /// mapping. Tensor data sits at multiples of `general.alignment` (32 by default), which
+    /// keeps every block type aligned; data that is not (a file that breaks the rule) is copied
+    /// into aligned blocks, as [`TensorInfo::read`] does.
+    pub fn read_mapped(
+        &self,
+        mmap: &std::sync::Arc<memmap2::Mmap>,
+        tensor_data_offset: u64,
+        device: &Device,
+    ) -> Result<QTensor> {
+        let tensor_elems = self.shape.elem_count();
+        let block_size = self.ggml_dtype.block_size();
+        if !tensor_elems.is_multiple_of(block_size) {
+            crate::bail!(
+            "the number of elements {tensor_elems} is not divisible by the block size {block_size}"
+        )
+        }
+        let size_in_bytes = tensor_elems / block_size * self.ggml_dtype.type_size();
+        let offset = usize::try_from(tensor_data_offset + self.offset)
+            .map_err(|_| crate::Error::Msg("tensor offset does not fit in usize".into()))?;
+        let dims = self.shape.dims().to_vec();
+        use super::k_quants::*;
+        let m = (mmap, offset, size_in_bytes, dims, device);
+        match self.ggml_dtype {
+            GgmlDType::F32 => mapped::<f32>(m),
+            GgmlDType::F16 => mapped::<half::f16>(m),
+            GgmlDType::BF16 => mapped::<half::bf16>(m),
+            GgmlDType::Q4_0 => mapped::<BlockQ4_0>(m),
+            GgmlDType::Q4_1 => mapped::<BlockQ4_1>(m),
+            GgmlDType::Q5_0 => mapped::<BlockQ5_0>(m),
+            GgmlDType::Q5_1 => mapped::<BlockQ5_1>(m),
+            GgmlDType::Q8_0 => mapped::<BlockQ8_0>(m),
+            GgmlDType::Q2K => mapped::<BlockQ2K>(m),
+            GgmlDType::Q3K => mapped::<BlockQ3K>(m),
+            GgmlDType::Q4K => mapped::<BlockQ4K>(m),
+            GgmlDType::Q5K => mapped::<BlockQ5K>(m),
+            GgmlDType::Q6K => mapped::<BlockQ6K>(m),
+            // As `read` (`qtensor_from_ggml`).
+            dtype => crate::bail!("quantized type {dtype:?} is not supported yet"),
+        }
+    }
+}
+
+/// sluice: [`TensorInfo::read_mapped`] for blocks of `T`.
+fn mapped<T: super::GgmlType + Send + Sync + 'static>(
+    (mmap, offset, size_in_bytes, dims, device): (
+        &std::sync::Arc<memmap2::Mmap>,
+        usize,
+        usize,
+        Vec<usize>,
+        &Device,
+    ),
+) -> Result<QTensor> {
+    use super::{cuda, metal, MmapBlocks, QStorage};
+    let storage = match MmapBlocks::<T>::new(mmap.clone(), offset, size_in_bytes)? {
+        Some(blocks) => match device {
+            Device::Cpu => QStorage::Cpu(Box::new(blocks)),
+            Device::Metal(dev) => metal::load_quantized(dev, blocks.as_slice())?,
+            Device::Cuda(dev) => cuda::load_quantized(dev, blocks.as_slice())?,
+        },
+        None => {
+            // Misaligned: copy the bytes into blocks (a `Vec<T>` is aligned for `T`).
+            let bytes = &mmap[offset..offset + size_in_bytes];
+            let mut blocks = vec![T::zeros(); size_in_bytes / std::mem::size_of::<T>()];
+            // SAFETY: `blocks` is `size_in_bytes` long (`new` checked the size is a whole
+            // number of blocks), and block types are plain data valid for any bytes.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    bytes.as_ptr(),
+                    blocks.as_mut_ptr() as *mut u8,
+                    size_in_bytes,
+                )
+            };
+            match device {
+                Device::Cpu => QStorage::Cpu(Box::new(blocks)),
+                Device::Metal(dev) => metal::load_quantized(dev, &blocks)?,
+                Device::Cuda(dev) => cuda::load_quantized(dev, &blocks)?,
+            }
+        }
+    };
+    QTensor::new(storage, dims)
 }
 
 #[derive(Debug)]
@@ -478,6 +562,21 @@ impl Content {
             None => crate::bail!("cannot find tensor info for {name}"),
         };
         tensor_info.read(reader, self.tensor_data_offset, device)
+    }
+
+    /// sluice: [`Content::tensor`] from a read-only mapping of the file this content was read
+    /// from ([`TensorInfo::read_mapped`]).
+    pub fn tensor_mapped(
+        &self,
+        mmap: &std::sync::Arc<memmap2::Mmap>,
+        name: &str,
+        device: &Device,
+    ) -> Result<QTensor> {
+        let tensor_info = match self.tensor_infos.get(name) {
+            Some(tensor_info) => tensor_info,
+            None => crate::bail!("cannot find tensor info for {name}"),
+        };
+        tensor_info.read_mapped(mmap, self.tensor_data_offset, device)
     }
 }
 

@@ -409,6 +409,43 @@ pub trait QuantizedType: Send + Sync {
     #[allow(clippy::wrong_self_convention)]
     fn from_float_imatrix(&mut self, xs: &[f32], imatrix_weights: &[f32], n_per_row: usize);
     fn size(&self) -> usize;
+
+    /// sluice: rows `rows` (each `row_len` elements, a whole number of blocks) dequantized into
+    /// `dst`, one after the other; each row holds exactly the values `dequantize` gives it.
+    fn dequantize_rows(&self, row_len: usize, rows: &[usize], dst: &mut [f32]) -> Result<()> {
+        let _ = (row_len, rows, dst);
+        crate::bail!("dequantize_rows is not implemented for {:?}", self.dtype())
+    }
+}
+
+/// sluice: [`QuantizedType::dequantize_rows`] on a slice of blocks. `to_float` turns each block
+/// into its elements independently of the others, so a row comes out as it does in the whole.
+fn dequantize_rows_of<T: k_quants::GgmlType>(
+    blocks: &[T],
+    row_len: usize,
+    rows: &[usize],
+    dst: &mut [f32],
+) -> Result<()> {
+    if !row_len.is_multiple_of(T::BLCK_SIZE) || dst.len() != rows.len() * row_len {
+        crate::bail!(
+            "dequantize_rows: rows of {row_len} into {} values ({} rows, block size {})",
+            dst.len(),
+            rows.len(),
+            T::BLCK_SIZE
+        )
+    }
+    let blocks_per_row = row_len / T::BLCK_SIZE;
+    for (&row, dst) in rows.iter().zip(dst.chunks_exact_mut(row_len.max(1))) {
+        let start = row * blocks_per_row;
+        match blocks.get(start..start + blocks_per_row) {
+            Some(row_blocks) => T::to_float(row_blocks, dst),
+            None => crate::bail!(
+                "dequantize_rows: row {row} is out of range ({} rows)",
+                blocks.len() / blocks_per_row.max(1)
+            ),
+        }
+    }
+    Ok(())
 }
 
 impl<T: k_quants::GgmlType + Send + Sync> QuantizedType for Vec<T> {
@@ -451,6 +488,116 @@ impl<T: k_quants::GgmlType + Send + Sync> QuantizedType for Vec<T> {
 
     fn as_ptr(&self) -> *const u8 {
         self.as_ptr() as *const u8
+    }
+
+    fn dequantize_rows(&self, row_len: usize, rows: &[usize], dst: &mut [f32]) -> Result<()> {
+        dequantize_rows_of(self.as_slice(), row_len, rows, dst)
+    }
+}
+
+/// sluice: the blocks of one tensor inside a read-only shared mapping of its GGUF file
+/// ([`gguf_file::TensorInfo::read_mapped`]), in place of a copy of them on the heap: the weights
+/// stay file pages in the page cache, shared by every process that maps the file (and clean, so
+/// the kernel can drop and re-read them rather than swap them).
+///
+/// The storage is read-only: quantizing into it (`from_float`, which only storage freshly made
+/// by [`QTensor::quantize`] and its siblings receives) panics.
+pub struct MmapBlocks<T> {
+    mmap: std::sync::Arc<memmap2::Mmap>,
+    /// Byte offset of the first block in the mapping.
+    offset: usize,
+    /// Number of blocks.
+    len: usize,
+    _blocks: std::marker::PhantomData<T>,
+}
+
+impl<T: k_quants::GgmlType> MmapBlocks<T> {
+    /// The `size_in_bytes` bytes at `offset` in `mmap` as blocks of `T`; `None` if they do not
+    /// start at an address aligned for `T` (the caller copies them instead). Fails if they are
+    /// not a whole number of blocks or run past the end of the mapping.
+    pub fn new(
+        mmap: std::sync::Arc<memmap2::Mmap>,
+        offset: usize,
+        size_in_bytes: usize,
+    ) -> Result<Option<Self>> {
+        let size = std::mem::size_of::<T>();
+        if !size_in_bytes.is_multiple_of(size) {
+            crate::bail!("{size_in_bytes} bytes are not a whole number of {size}-byte blocks")
+        }
+        match offset.checked_add(size_in_bytes) {
+            Some(end) if end <= mmap.len() => {}
+            _ => crate::bail!(
+                "tensor data at {offset}..+{size_in_bytes} is past the end of the file ({} bytes)",
+                mmap.len()
+            ),
+        }
+        if !(mmap.as_ptr() as usize + offset).is_multiple_of(std::mem::align_of::<T>()) {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            mmap,
+            offset,
+            len: size_in_bytes / size,
+            _blocks: std::marker::PhantomData,
+        }))
+    }
+
+    /// The blocks, inside the mapping.
+    pub fn as_slice(&self) -> &[T] {
+        // SAFETY: `new` checked that the range lies inside the mapping and is aligned for `T`;
+        // the mapping lives as long as `self` (the `Arc`), is never written through, and block
+        // types are plain data valid for any bytes. (Like every mapping of a file, this relies on
+        // the file not being truncated or rewritten in place while it is mapped.)
+        unsafe {
+            std::slice::from_raw_parts(self.mmap.as_ptr().add(self.offset) as *const T, self.len)
+        }
+    }
+}
+
+impl<T: k_quants::GgmlType + Send + Sync> QuantizedType for MmapBlocks<T> {
+    fn matmul_t(&self, mkn: (usize, usize, usize), lhs: &[f32], dst: &mut [f32]) -> Result<()> {
+        k_quants::matmul(mkn, lhs, self.as_slice(), dst)
+    }
+    fn matmul_t_f16(&self, mkn: (usize, usize, usize), lhs: &[f16], dst: &mut [f16]) -> Result<()> {
+        k_quants::matmul_f16(mkn, lhs, self.as_slice(), dst)
+    }
+
+    fn size(&self) -> usize {
+        self.len * core::mem::size_of::<T>()
+    }
+
+    fn from_float(&mut self, _xs: &[f32]) {
+        panic!("cannot quantize into the read-only mapping of a {:?} tensor", T::DTYPE)
+    }
+
+    fn from_float_imatrix(&mut self, _xs: &[f32], _imatrix_weights: &[f32], _n_per_row: usize) {
+        panic!("cannot quantize into the read-only mapping of a {:?} tensor", T::DTYPE)
+    }
+
+    fn dtype(&self) -> GgmlDType {
+        T::DTYPE
+    }
+
+    fn block_size(&self) -> usize {
+        T::BLCK_SIZE
+    }
+
+    fn dequantize(&self, elem_count: usize) -> Result<CpuStorage> {
+        let mut ys = vec![0.0f32; elem_count];
+        T::to_float(self.as_slice(), &mut ys);
+        Ok(CpuStorage::F32(ys))
+    }
+
+    fn storage_size_in_bytes(&self) -> usize {
+        self.len * std::mem::size_of::<T>()
+    }
+
+    fn as_ptr(&self) -> *const u8 {
+        self.as_slice().as_ptr() as *const u8
+    }
+
+    fn dequantize_rows(&self, row_len: usize, rows: &[usize], dst: &mut [f32]) -> Result<()> {
+        dequantize_rows_of(self.as_slice(), row_len, rows, dst)
     }
 }
 
@@ -648,6 +795,35 @@ impl QTensor {
 
     pub fn storage_size_in_bytes(&self) -> usize {
         self.storage.size_in_bytes()
+    }
+
+    /// sluice: rows `ids` of this 2D CPU tensor, dequantized to an F32 tensor `(ids.len(),
+    /// columns)` on the CPU; each row holds exactly the values [`QTensor::dequantize`] gives it.
+    /// An embedding lookup that keeps the table quantized (the whole table in F32 is 4 bytes a
+    /// value, several times the quantized one).
+    pub fn dequantize_rows(&self, ids: &[u32]) -> Result<Tensor> {
+        let (rows, cols) = self.shape.dims2()?;
+        let storage = match &self.storage {
+            QStorage::Cpu(storage) => storage,
+            QStorage::Metal(_) | QStorage::Cuda(_) => {
+                crate::bail!("dequantize_rows: the tensor is not on the CPU")
+            }
+        };
+        let ids = ids
+            .iter()
+            .map(|&id| match id as usize {
+                id if id < rows => Ok(id),
+                id => Err(crate::Error::InvalidIndex {
+                    op: "dequantize_rows",
+                    index: id,
+                    size: rows,
+                }
+                .bt()),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut dst = vec![0f32; ids.len() * cols];
+        storage.dequantize_rows(cols, &ids, &mut dst)?;
+        Tensor::from_vec(dst, (ids.len(), cols), &Device::Cpu)
     }
 
     pub fn data(&self) -> Result<Cow<'_, [u8]>> {

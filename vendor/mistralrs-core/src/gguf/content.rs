@@ -1,4 +1,4 @@
-use std::{collections::HashMap, fs};
+use std::{collections::HashMap, fs, sync::Arc};
 
 use anyhow::Context;
 use candle_core::{
@@ -75,6 +75,9 @@ pub struct Content<'a, R: std::io::Seek + std::io::Read> {
     readers: &'a mut [&'a mut R],
     arch: GGUFArchitecture,
     all_metadata: HashMap<String, Value>,
+    /// sluice: a read-only mapping of each file (paired with `contents`), where there is one:
+    /// `tensor` takes the tensors' data from it instead of reading it.
+    mmaps: Vec<Option<Arc<memmap2::Mmap>>>,
 }
 
 impl<'a, R: std::io::Seek + std::io::Read> Content<'a, R> {
@@ -163,7 +166,25 @@ impl<'a, R: std::io::Seek + std::io::Read> Content<'a, R> {
             readers,
             arch,
             all_metadata,
+            mmaps: Vec::new(),
         })
+    }
+
+    /// sluice: take the tensors' data from these read-only mappings of the files (one per
+    /// reader, in order; `None` for a file read as before). A mapped tensor's storage on the CPU
+    /// is the mapping itself (`candle_core::quantized::MmapBlocks`): the weights stay shared,
+    /// clean file pages instead of a private copy on the heap; on a GPU a tensor is uploaded
+    /// straight from the mapping. The mapping lives as long as the tensors taken from it.
+    pub fn with_mmaps(mut self, mmaps: Vec<Option<Arc<memmap2::Mmap>>>) -> Result<Self> {
+        if mmaps.len() != self.contents.len() {
+            candle_core::bail!(
+                "{} mappings for {} GGUF files",
+                mmaps.len(),
+                self.contents.len()
+            );
+        }
+        self.mmaps = mmaps;
+        Ok(self)
     }
 
     pub fn arch(&self) -> GGUFArchitecture {
@@ -182,8 +203,12 @@ impl<'a, R: std::io::Seek + std::io::Read> Content<'a, R> {
 
     /// Retrieve a tensor, searching through each content.
     pub fn tensor(&mut self, name: &str, device: &Device) -> Result<QTensor> {
-        for (ct, reader) in self.contents.iter().zip(self.readers.iter_mut()) {
+        for (i, (ct, reader)) in self.contents.iter().zip(self.readers.iter_mut()).enumerate() {
             if let Some(tensor_info) = ct.tensor_infos.get(name) {
+                // sluice: from the file's mapping when there is one.
+                if let Some(Some(mmap)) = self.mmaps.get(i) {
+                    return tensor_info.read_mapped(mmap, ct.tensor_data_offset, device);
+                }
                 return tensor_info.read(reader, ct.tensor_data_offset, device);
             }
         }
@@ -253,5 +278,101 @@ impl<'a, R: std::io::Seek + std::io::Read> Content<'a, R> {
     /// Get all metadatas
     pub fn get_metadata(&self) -> &HashMap<String, Value> {
         &self.all_metadata
+    }
+}
+
+/// sluice: tensors taken from the files' mappings (`with_mmaps`) against tensors read, and the
+/// mapped data copied where it is not aligned for its blocks.
+#[cfg(test)]
+mod mapped_tests {
+    use std::sync::Arc;
+
+    use candle_core::{
+        quantized::{gguf_file, GgmlDType, QMatMul, QTensor},
+        Device, Module, Result, Shape, Tensor,
+    };
+
+    use super::Content;
+
+    #[test]
+    fn mapped_tensors_equal_read_ones() -> Result<()> {
+        let dev = Device::Cpu;
+        let values = Tensor::arange(0f32, 64.0 * 256.0, &dev)?
+            .affine(0.01, -20.0)?
+            .sin()?
+            .reshape((64, 256))?;
+        let tensors = [
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+            GgmlDType::F32,
+        ]
+        .map(|dtype| {
+            let t = QTensor::quantize(&values, dtype).unwrap();
+            (format!("{dtype:?}"), t)
+        });
+        let path = std::env::temp_dir().join(format!("mapped-{}.gguf", std::process::id()));
+        {
+            let mut w = std::fs::File::create(&path)?;
+            let arch = gguf_file::Value::String("llama".into());
+            let named: Vec<(&str, &QTensor)> =
+                tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+            gguf_file::write(&mut w, &[("general.architecture", &arch)], &named)?;
+        }
+        let mut read_file = std::fs::File::open(&path)?;
+        let mut mapped_file = std::fs::File::open(&path)?;
+        // SAFETY: a private temporary file, not written while mapped.
+        let mmap = Arc::new(unsafe { memmap2::Mmap::map(&mapped_file)? });
+        std::fs::remove_file(&path)?;
+        let mut read_readers = [&mut read_file];
+        let mut read = Content::from_readers(&mut read_readers)?;
+        let mut mapped_readers = [&mut mapped_file];
+        let mut mapped =
+            Content::from_readers(&mut mapped_readers)?.with_mmaps(vec![Some(mmap.clone())])?;
+        let x = Tensor::arange(0f32, 256.0 * 3.0, &dev)?.reshape((3, 256))?;
+        let bits = |t: Tensor| -> Result<Vec<u32>> {
+            Ok(t.flatten_all()?
+                .to_vec1::<f32>()?
+                .into_iter()
+                .map(f32::to_bits)
+                .collect())
+        };
+        for (name, _) in &tensors {
+            let (r, m) = (read.tensor(name, &dev)?, mapped.tensor(name, &dev)?);
+            assert_eq!(r.data()?, m.data()?, "{name}");
+            // The storage is the mapping itself, at the tensor's offset in the file.
+            let ct = &mapped.contents[0];
+            let at = m.data()?.as_ptr() as usize - mmap.as_ptr() as usize;
+            assert_eq!(
+                at as u64,
+                ct.tensor_data_offset + ct.tensor_infos[name].offset,
+                "{name}"
+            );
+            let (r, m) = (QMatMul::from_qtensor(r)?, QMatMul::from_qtensor(m)?);
+            assert_eq!(bits(r.forward(&x)?)?, bits(m.forward(&x)?)?, "{name}");
+        }
+
+        // Data not aligned for its blocks (2 bytes for Q8_0) is copied, not mapped.
+        let ct = &mapped.contents[0];
+        let shifted = gguf_file::TensorInfo {
+            ggml_dtype: GgmlDType::Q8_0,
+            shape: Shape::from((1, 32)),
+            offset: ct.tensor_infos["Q8_0"].offset + 1,
+        };
+        let r = shifted.read(&mut read_file, ct.tensor_data_offset, &dev)?;
+        let m = shifted.read_mapped(&mmap, ct.tensor_data_offset, &dev)?;
+        assert_eq!(r.data()?, m.data()?);
+        let at = m.data()?.as_ptr() as usize;
+        let map = mmap.as_ptr() as usize..mmap.as_ptr() as usize + mmap.len();
+        assert!(!map.contains(&at));
+        // Past the end of the file: an error, not a read out of bounds.
+        let past = gguf_file::TensorInfo {
+            ggml_dtype: GgmlDType::Q8_0,
+            shape: Shape::from((64, 256)),
+            offset: mmap.len() as u64,
+        };
+        assert!(past.read_mapped(&mmap, 0, &dev).is_err());
+        Ok(())
     }
 }

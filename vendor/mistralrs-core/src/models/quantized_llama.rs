@@ -211,8 +211,34 @@ impl LayerWeights {
     }
 }
 
+/// sluice: the token embeddings. Upstream dequantizes the whole table to F32 at load (for the
+/// demo model, SmolLM2-135M, 49152 x 576 x 4 bytes = 113 MB of heap, more than its 98 MB file);
+/// on the CPU the table stays quantized (and mapped, with the rest of the file) and only the rows
+/// a forward looks up are dequantized, each to the values the whole table held.
+enum TokEmbeddings {
+    /// Dequantized at load (a device other than the CPU, and GGML files).
+    Dense(Embedding),
+    /// Quantized, on the CPU: 2D (vocabulary, hidden size).
+    Quantized(Arc<QTensor>),
+}
+
+impl TokEmbeddings {
+    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(embeddings) => embeddings.forward(ids),
+            Self::Quantized(table) => {
+                // As `Embedding::forward`: one row per id, shaped `ids`' dims + (hidden size).
+                let mut dims = ids.dims().to_vec();
+                dims.push(table.shape().dims2()?.1);
+                let ids = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+                table.dequantize_rows(&ids)?.reshape(dims)
+            }
+        }
+    }
+}
+
 pub struct ModelWeights {
-    tok_embeddings: Embedding,
+    tok_embeddings: TokEmbeddings,
     layers: Vec<LayerWeights>,
     norm: QRmsNorm,
     output: Arc<dyn QuantMethod>,
@@ -307,7 +333,11 @@ impl ModelConfig::FromGGML for ModelWeights {
             })
         }
         Ok(Self {
-            tok_embeddings: Embedding::new(tok_embeddings, ct.hparams.n_embd as usize),
+            // sluice: dequantized, as upstream (see `TokEmbeddings`).
+            tok_embeddings: TokEmbeddings::Dense(Embedding::new(
+                tok_embeddings,
+                ct.hparams.n_embd as usize,
+            )),
             layers,
             norm,
             output: Arc::new(GgufMatMul::new(QuantMethodConfig::Gguf {
@@ -435,13 +465,22 @@ impl ModelConfig::FromGGUF for ModelWeights {
             value_length,
         } = PropsGGUF::try_from(metadata).or_else(|err| candle_core::bail!("{err}"))?;
 
-        let qtok_embeddings = ct.tensor("token_embd.weight", device)?;
-        let tok_embeddings = qtok_embeddings.dequantize(device)?;
+        // sluice: the table is loaded once, kept quantized on the CPU, and is also the output
+        // projection when the model ties them (no `output.weight`), instead of a second copy.
+        let qtok_embeddings = Arc::new(ct.tensor("token_embd.weight", device)?);
+        let tok_embeddings = if device.is_cpu() {
+            TokEmbeddings::Quantized(qtok_embeddings.clone())
+        } else {
+            TokEmbeddings::Dense(Embedding::new(
+                qtok_embeddings.dequantize(device)?,
+                embedding_length,
+            ))
+        };
         let norm = QRmsNorm::new(ct.tensor("output_norm.weight", device)?, rms_norm_eps)?;
         let output = if !ct.has_tensor("output.weight") {
-            ct.tensor("token_embd.weight", device)?
+            qtok_embeddings
         } else {
-            ct.tensor("output.weight", device)?
+            Arc::new(ct.tensor("output.weight", device)?)
         };
         let mut layers = Vec::with_capacity(block_count);
 
@@ -641,11 +680,12 @@ impl ModelConfig::FromGGUF for ModelWeights {
             })
         }
         Ok(Self {
-            tok_embeddings: Embedding::new(tok_embeddings, embedding_length),
+            tok_embeddings,
             layers,
             norm,
             output: Arc::new(GgufMatMul::new(QuantMethodConfig::Gguf {
-                q_weight: Arc::new(output),
+                // sluice: already in an `Arc` (shared with the embeddings when tied).
+                q_weight: output,
                 b: None,
             })?),
             device: device.clone(),

@@ -320,8 +320,25 @@ impl Loader for GGUFLoader {
         for filename in paths.get_weight_filenames() {
             readers.push(std::fs::File::open(filename)?);
         }
+        // sluice: map each file read-only (shared); the tensors are taken from the mapping, not
+        // read into memory (`Content::with_mmaps`). A file that cannot be mapped is read.
+        let mmaps = readers
+            .iter()
+            .zip(paths.get_weight_filenames())
+            .map(|(file, filename)| {
+                // SAFETY: the mapping is only read. As with any mapped file, it must not be
+                // truncated or rewritten in place while mapped (replacing it, by a rename, is safe).
+                match unsafe { memmap2::Mmap::map(file) } {
+                    Ok(mmap) => Some(Arc::new(mmap)),
+                    Err(e) => {
+                        warn!("cannot map {}, reading it instead: {e}", filename.display());
+                        None
+                    }
+                }
+            })
+            .collect::<Vec<_>>();
         let mut readers = readers.iter_mut().collect::<Vec<_>>();
-        let model = Content::from_readers(&mut readers)?;
+        let model = Content::from_readers(&mut readers)?.with_mmaps(mmaps)?;
 
         if !silent {
             model.print_metadata()?;
