@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 export SLUICE_TEST_MODEL ?= $(abspath $(MODEL))
 export SLUICE_TEST_PYTHON ?= $(abspath $(PY))
 
-.PHONY: demo test test-vendor model crds lint bench bench-anchor bench-limits bench-operator render e2e cluster cluster-servers images images-from-host test-images venv fmt test-py test-chart chart-crds argocd-cm-patch
+.PHONY: demo test test-vendor model crds lint bench bench-anchor bench-limits bench-operator render e2e cluster cluster-servers images images-from-host test-images build-cuda test-cuda venv fmt test-py test-chart chart-crds argocd-cm-patch
 
 ## model: fetch the embedded default model once into $(MODEL_DIR)
 model: $(MODEL)
@@ -95,6 +95,17 @@ test-images: model
 	$(CARGO) build --workspace --bins
 	scripts/test-images.sh $(BIN_DIR)/debug $(abspath $(MODEL))
 
+## build-cuda: the sidecar's CUDA build (kernels for compute capability 8.0 and 9.0), with the
+## CUDA toolkit from NVIDIA's PyPI wheels (cached in ~/.cache/sluice/cuda); no GPU needed
+SIDECAR_CUDA_BIN ?= $(HOME)/.cache/sluice/target-cuda/release/sluice-sidecar
+build-cuda:
+	CARGO=$(CARGO) scripts/build-cuda.sh
+
+## test-cuda: the CUDA build's device tests (sidecar/tests/devices.rs) on this machine: it lists
+## cuda among its devices, refuses --device cuda without a GPU, and serves with --device auto
+test-cuda: model
+	CARGO=$(CARGO) scripts/build-cuda.sh test --release --locked -p sluice-sidecar --features cuda --test devices
+
 ## demo: start the sidecar on the embedded model and show a real chat completion
 # The dev profile already builds the engine and every dependency at opt-level 3 (see Cargo.toml),
 # so demo and bench reuse the test build instead of a second, release-profile build of mistral.rs.
@@ -152,3 +163,4 @@ e2e:
 ## bench-anchor: the throughput bench side by side with llama.cpp on the same files (builds llama.cpp once, cached)
 bench-anchor: model venv
 	CARGO=$(CARGO) VENV=$(VENV) scripts/bench-anchor.sh
+

@@ -2,10 +2,12 @@
 # sluice-sidecar image, NVIDIA CUDA build (the operator's `--sidecar-cuda-image`). Build from the
 # repository root:
 #   docker build -f deploy/sidecar-cuda.Dockerfile -t ghcr.io/sluice-dev/sluice-sidecar-cuda:0.1.0 .
-# (or `make images`). No GPU is needed to build. CUDA_COMPUTE_CAP picks the GPU architecture the
-# kernels are compiled for (80: A100, and newer GPUs through PTX; 89: L4/L40; 90: H100/H200).
+# (or `make images`). No GPU is needed to build. SLUICE_CUDA_ARCHS picks the GPU architectures
+# the kernels are compiled for (80: A100, 89: L4/L40, 90: H100/H200; PTX of the last for newer
+# GPUs), as `make build-cuda` does on a host. CUDA 13.0, as `make build-cuda`: the node needs an
+# NVIDIA driver 580 or newer.
 
-ARG CUDA_VERSION=12.8.1
+ARG CUDA_VERSION=13.0.1
 ARG UBUNTU=ubuntu24.04
 ARG RUST_VERSION=1.95.0
 # Base images, as build arguments (a registry mirror, or local images on a machine with none).
@@ -14,7 +16,7 @@ ARG RUNTIME_IMAGE=docker.io/nvidia/cuda:${CUDA_VERSION}-runtime-${UBUNTU}
 
 FROM ${BUILD_IMAGE} AS build
 ARG RUST_VERSION
-ARG CUDA_COMPUTE_CAP=80
+ARG SLUICE_CUDA_ARCHS="80 90"
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential ca-certificates curl pkg-config \
  && rm -rf /var/lib/apt/lists/*
@@ -30,8 +32,13 @@ COPY sidecar ./sidecar
 COPY e2e ./e2e
 # Patched upstream crates ([patch.crates-io] in Cargo.toml).
 COPY vendor ./vendor
-# candle's build scripts read CUDA_COMPUTE_CAP instead of asking nvidia-smi (none in a build).
-ENV CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP}
+# The engine's build scripts read one architecture from CUDA_COMPUTE_CAP (there is no GPU to ask);
+# the nvcc wrapper compiles each kernel for all of SLUICE_CUDA_ARCHS.
+COPY scripts/nvcc-archs.sh /tmp/nvcc-archs.sh
+RUN mv /usr/local/cuda/bin/nvcc /usr/local/cuda/bin/nvcc-real \
+ && install -m 0755 /tmp/nvcc-archs.sh /usr/local/cuda/bin/nvcc
+ENV SLUICE_CUDA_ARCHS=${SLUICE_CUDA_ARCHS}
+ENV CUDA_COMPUTE_CAP=80
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p sluice-sidecar --features cuda \

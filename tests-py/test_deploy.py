@@ -52,11 +52,6 @@ def test_default_bases_are_distroless_and_cuda():
     assert re.search(r"^ARG RUNTIME_IMAGE=\S+-runtime-", cuda, re.M)
 
 
-def test_cuda_feature_exists_on_the_sidecar_crate():
-    cargo = (REPO / "sidecar" / "Cargo.toml").read_text()
-    assert re.search(r'^\[features\][^\[]*^cuda = \["mistralrs/cuda"\]', cargo, re.M | re.S)
-
-
 def test_rust_version_matches_the_pinned_toolchain():
     toolchain = re.search(r'channel = "([^"]+)"', (REPO / "rust-toolchain.toml").read_text())[1]
     for name in IMAGES:

@@ -146,6 +146,12 @@ pub struct ModelSource {
     /// Weights format. Only `gguf` is supported.
     #[serde(default)]
     pub format: ModelFormat,
+
+    /// The weights file's size, e.g. `4700Mi`. Where `resources.memory` is not set, the pod's
+    /// memory request is derived from it (the file, mapped into memory, plus the engine's
+    /// working memory); GPU pods get a start-up allowance that grows with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<Quantity>,
 }
 
 /// A file in a Hugging Face repository.
@@ -566,6 +572,10 @@ impl InferenceModel {
                     v.name
                 ));
             }
+            if let Some(size) = &m.size {
+                parse_bytes(&size.0)
+                    .map_err(|e| format!("variant {:?}: model.size {e}", v.name))?;
+            }
             check_prefix_cache_memory(v, spec.resources.as_ref())?;
         }
         if total != 100 {
@@ -589,6 +599,14 @@ impl InferenceModel {
 // === impl Variant ===
 
 impl Variant {
+    /// The weights file's size in bytes (`model.size`), when given (and valid).
+    pub fn model_size_bytes(&self) -> Option<u64> {
+        self.model
+            .size
+            .as_ref()
+            .and_then(|q| parse_bytes(&q.0).ok())
+    }
+
     /// The sequences this variant's engine runs at once: `engine.maxConcurrentSequences`, else
     /// the sidecar's default.
     pub fn max_concurrent_sequences(&self) -> u32 {

@@ -529,6 +529,12 @@ impl Inner {
                 Some(status) => json!({"terminated": {
                     "exitCode": status.code().unwrap_or(137),
                     "reason": if status.success() { "Completed" } else { "Error" },
+                    "message": termination_message(
+                        container,
+                        status,
+                        &std::fs::read_to_string(self.pod_dir(&key.0, &key.1).join("log"))
+                            .unwrap_or_default(),
+                    ),
                     "startedAt": running.started,
                     "finishedAt": k8s_openapi::jiff::Timestamp::now().to_string(),
                 }}),
@@ -678,6 +684,26 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// What a kubelet puts in a terminated container's status: with `FallbackToLogsOnError`, a
+/// failed container's last log lines (at most 80 lines and 2048 bytes, as the kubelet takes).
+fn termination_message(
+    container: Option<&k8s_openapi::api::core::v1::Container>,
+    status: std::process::ExitStatus,
+    log: &str,
+) -> String {
+    let policy = container.and_then(|c| c.termination_message_policy.as_deref());
+    if status.success() || policy != Some("FallbackToLogsOnError") {
+        return String::new();
+    }
+    let lines: Vec<&str> = log.lines().rev().take(80).collect();
+    let tail = lines.into_iter().rev().collect::<Vec<_>>().join("\n");
+    let cut = tail.len().saturating_sub(2048);
+    let start = (cut..=tail.len())
+        .find(|&i| tail.is_char_boundary(i))
+        .unwrap_or(tail.len());
+    tail[start..].to_owned()
 }
 
 /// The state behind a mutex, even if a thread panicked holding it (the test fails anyway).

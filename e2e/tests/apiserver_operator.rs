@@ -172,23 +172,72 @@ async fn scenario(c: &Cluster) -> anyhow::Result<()> {
             .with_context(|| format!("applying {}", object["metadata"]["name"]))?;
     }
     let ims: Api<InferenceModel> = Api::namespaced(admin.clone(), models);
-    wait::until("every example InferenceModel Ready", 5 * MINUTE, || async {
-        let list = ims.list(&ListParams::default()).await?;
-        let not_ready: Vec<_> = list
-            .iter()
-            .filter(|m| {
-                let conditions = m
-                    .status
-                    .as_ref()
-                    .map(|s| s.conditions.as_slice())
-                    .unwrap_or_default();
-                condition(conditions, "Ready").is_none_or(|(s, _)| s != "True")
-            })
-            .map(|m| m.name_any())
-            .collect();
-        Ok((!list.items.is_empty() && not_ready.is_empty()).then_some(()))
-    })
+    // There is no GPU here: the GPU example's pods are told to compute on one (and below, stop).
+    let on_gpu = |m: &InferenceModel| {
+        m.spec
+            .resources
+            .as_ref()
+            .and_then(|r| r.gpu.as_ref())
+            .is_some_and(|g| g.count > 0)
+    };
+    wait::until(
+        "every CPU example InferenceModel Ready",
+        5 * MINUTE,
+        || async {
+            let list = ims.list(&ListParams::default()).await?;
+            let not_ready: Vec<_> = list
+                .iter()
+                .filter(|m| !on_gpu(m))
+                .filter(|m| {
+                    let conditions = m
+                        .status
+                        .as_ref()
+                        .map(|s| s.conditions.as_slice())
+                        .unwrap_or_default();
+                    condition(conditions, "Ready").is_none_or(|(s, _)| s != "True")
+                })
+                .map(|m| m.name_any())
+                .collect();
+            Ok((!list.items.is_empty() && not_ready.is_empty()).then_some(()))
+        },
+    )
     .await?;
+    // --- A GPU model where no GPU is: its pods stop at start-up and their status says why ----
+    let gpu_model = ims
+        .list(&ListParams::default())
+        .await?
+        .into_iter()
+        .find(|m| on_gpu(m))
+        .context("the GPU example")?
+        .name_any();
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), models);
+    let message = wait::until(
+        "the GPU model's pod to stop with its reason",
+        MINUTE,
+        || async {
+            let selector = ListParams::default().labels(&format!("{LABEL_MODEL}={gpu_model}"));
+            Ok(pods.list(&selector).await?.items.iter().find_map(|pod| {
+                let status = pod.status.as_ref()?.container_statuses.as_ref()?.first()?;
+                let terminated = status.state.as_ref()?.terminated.as_ref()?;
+                terminated.message.clone().filter(|m| !m.is_empty())
+            }))
+        },
+    )
+    .await?;
+    // The one line `sluice-sidecar serve` ends with (the stand-in kubelet runs the CPU build
+    // for the CUDA image, as a CPU-only build would be run on a node without a GPU).
+    ensure!(
+        message
+            .contains("sluice-sidecar: error: --device cuda: this sidecar was built without CUDA"),
+        "the GPU pod's termination message does not say why it stopped:\n{message}"
+    );
+    let gpu_status = ims.get(&gpu_model).await?.status.unwrap_or_default();
+    ensure!(
+        condition(&gpu_status.conditions, "Ready").is_some_and(|(s, _)| s == "False"),
+        "the GPU model reports Ready with no pod running: {:?}",
+        gpu_status.conditions
+    );
+
     for (ns, pod) in kubelet.pods().into_iter().filter(|(ns, _)| ns == system) {
         let log = kubelet.log(&ns, &pod);
         ensure!(

@@ -32,7 +32,10 @@ use hyper_util::{
 use serde_json::json;
 use sluice_sidecar::{
     cli::ServeArgs,
-    engine::{Activations, ChatTurn, Engine, EngineSettings, Event, GenerationParams, Prompt},
+    engine::{
+        Activations, ChatTurn, Engine, EngineSettings, Event, GenerationParams, Prompt,
+        device::{self, DeviceRequest},
+    },
     model::convert::{self, Quant},
 };
 use tokio::sync::oneshot;
@@ -243,7 +246,7 @@ async fn load_engine(model: &Path, v: Variant) -> Engine {
     let engine = Engine::load(&EngineSettings {
         model: weights(model, v),
         served_name: "bench".into(),
-        dtype: v.dtype,
+        device: device::select(DeviceRequest::Cpu, v.dtype).unwrap(),
         threads: threads(),
         kernel_nice: 10,
         max_seqs: 16,

@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use crate::{
     admit::limiter::LimitAdmission,
     cli::ServeConfig,
-    engine::{Engine, EngineSettings, PrefixCacheMeter, start_kernel_threads},
+    engine::{Engine, EngineSettings, PrefixCacheMeter, device, start_kernel_threads},
     error::{Result, StartupError},
     forward::Forwarder,
     http::{
@@ -45,6 +45,18 @@ pub async fn serve_until(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let mut shutdown = std::pin::pin!(shutdown);
+    // Before a port is bound: a device the pod cannot use stops it here, with one line.
+    let device = match &preloaded {
+        Some(engine) => engine.device().clone(),
+        None => device::select(config.device, config.dtype)?,
+    };
+    tracing::info!(
+        device = %device.label,
+        name = %device.name,
+        memory_bytes = device.memory_bytes,
+        dtype = device.dtype.as_str(),
+        "engine device"
+    );
     let api_listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| StartupError::Config(format!("cannot listen on {}: {e}", config.listen)))?;
@@ -64,6 +76,7 @@ pub async fn serve_until(
 
     let mut registry = metrics::new_registry();
     let metrics = Metrics::register(&mut registry);
+    metrics::register_device(&mut registry, &device);
     let prefix_cache_meter = Arc::new(PrefixCacheMeter::new(config.prefix_cache_budget.bytes));
     metrics::PrefixCacheMetrics::register(&mut registry, prefix_cache_meter.clone());
     let router = Arc::new(Router::new(
@@ -152,7 +165,7 @@ pub async fn serve_until(
         Engine::load(&EngineSettings {
             model,
             served_name: config.served_name.clone(),
-            dtype: config.dtype,
+            device,
             threads: config.threads,
             kernel_nice: config.kernel_nice,
             max_seqs: config.max_seqs,

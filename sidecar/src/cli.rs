@@ -10,12 +10,13 @@ use std::{
 };
 
 use sluice_crds::SidecarConfig;
+use sluice_crds::device::DEVICE_ENV;
 use sluice_crds::inference_model::DEFAULT_MAX_CONCURRENT_SEQUENCES;
 use sluice_crds::lifecycle::{DRAIN_GRACE_SECS, DRAIN_GRACE_SECS_FLAG};
 use sluice_crds::sidecar_config::{SIDECAR_CONFIG_VERSION, VariantRoute};
 
 use crate::{
-    engine::{Activations, SamplingDefaults},
+    engine::{Activations, SamplingDefaults, device::DeviceRequest},
     error::{Result, StartupError},
     model::convert::Quant,
     preflight::check_gguf,
@@ -119,8 +120,15 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_KERNEL_NICE", default_value_t = 10)]
     pub kernel_nice: i32,
 
-    /// Activation dtype. On CPU `f32` is fastest (F16, which `auto` picks, is ~16% slower).
-    #[arg(long, env = "SLUICE_DTYPE", value_enum, default_value_t = Activations::F32)]
+    /// Where the engine computes: `auto` (the first CUDA device when this build has CUDA and
+    /// the process sees one, else the CPU), `cpu`, `cuda` or `cuda:N`. Asking for CUDA where it
+    /// cannot be used stops the sidecar at start-up, never a fall back to the CPU.
+    #[arg(long, env = DEVICE_ENV, default_value_t = DeviceRequest::Auto)]
+    pub device: DeviceRequest,
+
+    /// Activation dtype. `auto`: F32 on the CPU (its fastest: F16 is ~16% slower), BF16 on a GPU
+    /// that has it (compute capability 8.0+), else F16.
+    #[arg(long, env = "SLUICE_DTYPE", value_enum, default_value_t = Activations::Auto)]
     pub dtype: Activations,
 
     /// Convert the weights once to a quantization with fast CPU kernels (cached beside
@@ -201,7 +209,9 @@ pub struct ServeConfig {
     pub threads: Option<usize>,
     /// Nice value of the kernel threads.
     pub kernel_nice: i32,
-    /// Activation dtype.
+    /// Where the engine computes.
+    pub device: DeviceRequest,
+    /// Activation dtype (`Auto`: by device).
     pub dtype: Activations,
     /// Weight conversion, if any.
     pub convert: Option<Quant>,
@@ -345,6 +355,7 @@ impl ServeArgs {
             drain_grace,
             threads: self.threads,
             kernel_nice: self.kernel_nice,
+            device: self.device,
             dtype: self.dtype,
             convert: self.convert,
             cache_dir,
@@ -481,7 +492,8 @@ mod tests {
         let cfg = cli.serve.validate().unwrap();
         assert_eq!(cfg.listen.port(), 8080);
         assert_eq!(cfg.admin_listen.port(), 9090);
-        assert_eq!(cfg.dtype, Activations::F32);
+        assert_eq!(cfg.dtype, Activations::Auto);
+        assert_eq!(cfg.device, DeviceRequest::Auto);
         assert!(cfg.served_name.starts_with("sluice-test-"));
         assert_eq!(cfg.sidecar.model, cfg.served_name);
         // Routing: the config's first variant, no forwarding.

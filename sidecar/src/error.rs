@@ -12,6 +12,10 @@ pub enum StartupError {
     #[error("invalid configuration: {0}")]
     Config(String),
 
+    /// The device `--device` asks for cannot be used (no CUDA in the build, no driver, no GPU).
+    #[error("{0}")]
+    Device(String),
+
     /// The model could not be read, converted or loaded.
     #[error("model: {0}")]
     Model(String),

@@ -28,6 +28,8 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Download a model's weights (resuming, verified) before `serve` starts: the init container.
     Fetch(Box<FetchArgs>),
+    /// List the devices this build computes on (cpu, cuda) and which of them this machine has.
+    Devices,
     /// Convert a GGUF model's weights to Q4_0 or Q8_0 (fast CPU kernels) and write a new file.
     Convert {
         /// Source GGUF.
@@ -78,6 +80,10 @@ fn run(cli: Cli, process_start: Instant) -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             runtime.block_on(fetch::fetch(&config))?;
+            Ok(())
+        }
+        Command::Devices => {
+            println!("{}", sluice_sidecar::engine::device::report());
             Ok(())
         }
         Command::Convert { model, to, out } => {

@@ -9,6 +9,7 @@ use prometheus_client::{
         family::Family,
         gauge::{ConstGauge, Gauge},
         histogram::{Histogram, exponential_buckets},
+        info::Info,
     },
     registry::{Registry, Unit},
 };
@@ -18,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::engine::PrefixCacheMeter;
+use crate::engine::{PrefixCacheMeter, device::EngineDevice};
 
 /// Labels of `sluice_requests_total`: the operator's canary analysis reads them by the names
 /// in [`contract`] (`LABEL_ROUTE`, `LABEL_VARIANT`, `LABEL_STATUS`).
@@ -321,6 +322,37 @@ impl Collector for PrefixCacheMetrics {
             entries.metric_type(),
         )?)
     }
+}
+
+/// Labels of `sluice_engine_device_info`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeviceLabels {
+    /// `cpu` or `cuda:N`.
+    device: String,
+    /// The processor's or GPU's name.
+    name: String,
+    /// The activation dtype, as `--dtype` spells it.
+    dtype: String,
+}
+
+/// Registers what the engine computes on: `sluice_engine_device_info{device,name,dtype} 1` and
+/// `sluice_engine_device_memory_bytes` (the GPU's memory; on the CPU, what the process may use).
+pub fn register_device(registry: &mut Registry, device: &EngineDevice) {
+    registry.register(
+        "engine_device",
+        "The device the engine computes on, its name and the activation dtype",
+        Info::new(DeviceLabels {
+            device: device.label.clone(),
+            name: device.name.clone(),
+            dtype: device.dtype.as_str().to_owned(),
+        }),
+    );
+    registry.register_with_unit(
+        "engine_device_memory",
+        "Memory of the device the engine computes on (for the CPU, what this process may use)",
+        Unit::Bytes,
+        ConstGauge::new(i64::try_from(device.memory_bytes).unwrap_or(i64::MAX)),
+    );
 }
 
 /// The binary's one registry, prefix `sluice` ([`contract::PREFIX`]).

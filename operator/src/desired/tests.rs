@@ -7,10 +7,12 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::ResourceExt;
 
 use sluice_crds::contract::{COMPLETION_TOKENS_PER_SECOND_SERIES, REQUESTS_IN_FLIGHT_SERIES};
+use sluice_crds::device::{DEVICE_CPU, DEVICE_CUDA, DEVICE_ENV, ENGINE_OVERHEAD_BYTES};
 use sluice_crds::inference_model::DEFAULT_MAX_CONCURRENT_SEQUENCES;
 use sluice_crds::lifecycle::{
     DRAIN_GRACE_SECS, DRAIN_GRACE_SECS_FLAG, PRE_STOP_SLEEP_SECS, TERMINATION_GRACE_PERIOD_SECS,
 };
+use sluice_crds::quantity::parse_bytes;
 
 use super::*;
 use crate::fixtures::{desired_for, model_from_yaml};
@@ -143,6 +145,87 @@ fn gpu_adds_limit_selector_toleration_and_cuda_image() {
             .and_then(|r| r.limits.as_ref())
             .is_some_and(|l| !l.contains_key(GPU_RESOURCE))
     );
+}
+
+fn env<'c>(c: &'c Container, name: &str) -> Option<&'c str> {
+    c.env
+        .as_ref()?
+        .iter()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value.as_deref())
+}
+
+fn startup_allowance_secs(c: &Container) -> i32 {
+    let p = c.startup_probe.as_ref().expect("startup probe");
+    p.period_seconds.unwrap_or(10) * p.failure_threshold.unwrap_or(3)
+}
+
+#[test]
+fn gpu_pods_are_told_to_compute_on_the_gpu_and_get_longer_to_load() {
+    let cpu = render(TWO_VARIANTS);
+    let gpu = render(&TWO_VARIANTS.replace(
+        "resources: {cpu: \"2\", memory: 1Gi}",
+        "resources: {cpu: \"2\", memory: 1Gi, gpu: {count: 1}}",
+    ));
+    let (cpu, gpu) = (
+        container(&cpu.deployments[0]),
+        container(&gpu.deployments[0]),
+    );
+    // The names the sidecar's --device reads (sidecar/src/engine/device.rs parses them).
+    assert_eq!(env(cpu, DEVICE_ENV), Some(DEVICE_CPU));
+    assert_eq!(env(gpu, DEVICE_ENV), Some(DEVICE_CUDA));
+    // Which GPUs the container sees is the device plugin's to say.
+    for name in ["NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"] {
+        assert_eq!(env(gpu, name), None, "{name}");
+    }
+    assert_eq!(startup_allowance_secs(cpu), 300);
+    assert_eq!(startup_allowance_secs(gpu), 600);
+}
+
+#[test]
+fn model_size_sizes_the_memory_request_and_the_startup_allowance() {
+    let yaml = TWO_VARIANTS
+        .replace(
+            "resources: {cpu: \"2\", memory: 1Gi}",
+            "resources: {gpu: {count: 1}}",
+        )
+        .replace(
+            "model: {url: \"https://example.com/a.gguf\"}",
+            "model: {url: \"https://example.com/a.gguf\", size: 8Gi}",
+        );
+    let d = render(&yaml);
+    let c = container(&d.deployments[0]);
+    let r = c.resources.as_ref().expect("resources");
+    let request = parse_bytes(&r.requests.as_ref().expect("requests")["memory"].0).unwrap();
+    assert_eq!(request, (8u64 << 30) * 6 / 5 + ENGINE_OVERHEAD_BYTES);
+    assert!(request > 8 << 30, "the request holds the weights");
+    // No memory limit the operator made up: the weights' pages are reclaimable file pages.
+    assert!(!r.limits.as_ref().expect("limits").contains_key("memory"));
+    // Ten minutes for a GPU load, a minute more per 2 GiB of weights.
+    assert_eq!(startup_allowance_secs(c), 600 + 4 * 60);
+    // The variant without a size asks for no memory at all, as before.
+    let other = container(&d.deployments[1])
+        .resources
+        .as_ref()
+        .expect("resources");
+    assert!(
+        other
+            .requests
+            .as_ref()
+            .is_none_or(|r| !r.contains_key("memory"))
+    );
+
+    // resources.memory, when set, is the request and the limit, whatever the size.
+    let set = render(&yaml.replace("resources: {gpu: {count: 1}}", "resources: {memory: 2Gi}"));
+    let r = container(&set.deployments[0])
+        .resources
+        .clone()
+        .expect("resources");
+    assert_eq!(
+        r.requests.expect("requests")["memory"],
+        Quantity("2Gi".into())
+    );
+    assert_eq!(r.limits.expect("limits")["memory"], Quantity("2Gi".into()));
 }
 
 #[test]
@@ -294,6 +377,12 @@ fn invalid_specs_are_rejected_with_the_reason() {
             .expect_err("dup")
             .contains("unique")
     );
+    let bad = TWO_VARIANTS.replace(
+        "model: {url: \"https://example.com/a.gguf\"}",
+        "model: {url: \"https://example.com/a.gguf\", size: lots}",
+    );
+    let err = model_from_yaml(&bad).validate().expect_err("size");
+    assert!(err.contains("model.size"), "{err}");
 }
 
 #[test]

@@ -18,6 +18,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use sluice_crds::device::{DEVICE_CPU, DEVICE_CUDA, DEVICE_ENV, ENGINE_OVERHEAD_BYTES};
 use sluice_crds::inference_model::{ModelSource, Scheduling, Variant};
 use sluice_crds::lifecycle::{
     DRAIN_GRACE_SECS, DRAIN_GRACE_SECS_FLAG, PRE_STOP_SLEEP_SECS, TERMINATION_GRACE_PERIOD_SECS,
@@ -62,7 +63,7 @@ impl Renderer<'_> {
         let sidecar = self.sidecar_container(v, &model, key_mounts);
         let init_containers = model
             .fetch
-            .map(|args| vec![self.fetch_container(sidecar.image.clone(), args)]);
+            .map(|args| vec![self.fetch_container(v, sidecar.image.clone(), args)]);
         let pod_spec = self.pod_spec(sidecar, init_containers, model.volume, key_volumes);
         let variant_hash = content_hash(&(
             &v.model,
@@ -131,20 +132,34 @@ impl Renderer<'_> {
         }
     }
 
-    fn resources(&self, with_gpu: bool) -> Option<ResourceRequirements> {
-        let r = self.model.spec.resources.as_ref()?;
+    /// A container's resources: the sidecar's when `serving` (the GPUs; the fetch init
+    /// container never asks for them). `resources.memory` is the request and the limit; without
+    /// it, the sidecar of a variant whose `model.size` is known requests what its weights need
+    /// ([`derived_memory_request`]) and sets no limit (the weights' pages are the file's, mapped:
+    /// the kernel can reclaim and re-read them).
+    fn resources(&self, v: &Variant, serving: bool) -> Option<ResourceRequirements> {
+        let r = self.model.spec.resources.as_ref();
         let mut requests = BTreeMap::new();
         let mut limits = BTreeMap::new();
-        if let Some(cpu) = &r.cpu {
+        if let Some(cpu) = r.and_then(|r| r.cpu.as_ref()) {
             requests.insert("cpu".to_owned(), cpu.clone());
             limits.insert("cpu".to_owned(), cpu.clone());
         }
-        if let Some(mem) = &r.memory {
-            requests.insert("memory".to_owned(), mem.clone());
-            limits.insert("memory".to_owned(), mem.clone());
+        match (r.and_then(|r| r.memory.as_ref()), v.model_size_bytes()) {
+            (Some(mem), _) => {
+                requests.insert("memory".to_owned(), mem.clone());
+                limits.insert("memory".to_owned(), mem.clone());
+            }
+            (None, Some(size)) if serving => {
+                requests.insert(
+                    "memory".to_owned(),
+                    Quantity(derived_memory_request(size).to_string()),
+                );
+            }
+            (None, _) => {}
         }
         let gpus = self.gpu_count();
-        if with_gpu && gpus > 0 {
+        if serving && gpus > 0 {
             limits.insert(GPU_RESOURCE.to_owned(), Quantity(gpus.to_string()));
         }
         if requests.is_empty() && limits.is_empty() {
@@ -164,6 +179,7 @@ impl Renderer<'_> {
         model: &ModelVolume,
         key_mounts: Vec<VolumeMount>,
     ) -> Container {
+        let gpus = self.gpu_count();
         let mut args = vec![
             "serve".to_owned(),
             "--model".to_owned(),
@@ -203,24 +219,30 @@ impl Renderer<'_> {
             name: "sidecar".to_owned(),
             image: Some(self.image(v)),
             args: Some(args),
+            // No NVIDIA_VISIBLE_DEVICES or CUDA_VISIBLE_DEVICES: the device plugin sets them to
+            // the GPUs it allocated.
             env: Some(
                 downward_env()
                     .into_iter()
-                    // The engine (mistral.rs) never contacts a model hub: weights are local.
-                    .chain([EnvVar {
-                        name: "HF_HUB_OFFLINE".to_owned(),
-                        value: Some("1".to_owned()),
-                        ..Default::default()
-                    }])
+                    .chain([
+                        // The engine (mistral.rs) never contacts a model hub: weights are local.
+                        plain_env("HF_HUB_OFFLINE", "1"),
+                        // On the GPU it was given, or the sidecar stops with the reason.
+                        plain_env(DEVICE_ENV, if gpus > 0 { DEVICE_CUDA } else { DEVICE_CPU }),
+                    ])
                     .collect(),
             ),
             ports: Some(vec![
                 container_port("http", API_PORT),
                 container_port("admin", ADMIN_PORT),
             ]),
-            resources: self.resources(true),
-            // Loading weights takes a while: up to 60 × 5s before liveness applies.
-            startup_probe: Some(probe("/readyz", 5, 60)),
+            resources: self.resources(v, true),
+            // Loading weights takes a while: liveness applies only once it is done.
+            startup_probe: Some(probe(
+                "/readyz",
+                STARTUP_PROBE_PERIOD_SECS,
+                startup_probe_failures(gpus > 0, v.model_size_bytes()),
+            )),
             readiness_probe: Some(probe("/readyz", 5, 3)),
             liveness_probe: Some(probe("/healthz", 10, 3)),
             // The sidecar stops accepting at SIGTERM: until the pod's removal from the Services'
@@ -273,12 +295,12 @@ impl Renderer<'_> {
 
     /// `sluice-sidecar fetch` (same image as the sidecar): downloads the weights into the
     /// models emptyDir before the sidecar starts. Never asks for a GPU.
-    fn fetch_container(&self, image: Option<String>, args: Vec<String>) -> Container {
+    fn fetch_container(&self, v: &Variant, image: Option<String>, args: Vec<String>) -> Container {
         Container {
             name: "fetch".to_owned(),
             image,
             args: Some(args),
-            resources: self.resources(false),
+            resources: self.resources(v, false),
             security_context: Some(restricted_security_context()),
             volume_mounts: Some(vec![
                 VolumeMount {
@@ -521,6 +543,33 @@ pub fn engine_args(v: &Variant) -> Vec<String> {
             .map(|n| n.to_string()),
     );
     args
+}
+
+/// The memory request of a variant whose weights file is `size` bytes and whose pod sets no
+/// memory: the file (mapped; on a GPU, read through the page cache once to upload it), a fifth
+/// more for the dequantized tensors and buffers that grow with the model, and the engine's
+/// fixed working memory.
+pub fn derived_memory_request(size: u64) -> u64 {
+    size + size / 5 + ENGINE_OVERHEAD_BYTES
+}
+
+const STARTUP_PROBE_PERIOD_SECS: i32 = 5;
+/// How long a pod may take to load before its startup probe gives up: 5 minutes on the CPU; 10
+/// on a GPU, whose load also compiles and uploads; plus a minute per 2 GiB of weights known
+/// from `model.size` (reading them at a slow disk's 35 MB/s).
+fn startup_probe_failures(gpu: bool, size: Option<u64>) -> i32 {
+    let base_secs: u64 = if gpu { 600 } else { 300 };
+    let per_size_secs = size.map_or(0, |bytes| bytes.div_ceil(2 << 30) * 60);
+    let secs = base_secs + per_size_secs;
+    i32::try_from(secs.div_ceil(STARTUP_PROBE_PERIOD_SECS as u64)).unwrap_or(i32::MAX)
+}
+
+fn plain_env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value.to_owned()),
+        ..Default::default()
+    }
 }
 
 fn container_port(name: &str, port: i32) -> ContainerPort {

@@ -8,6 +8,7 @@
 //! directory of the GGUF file, so its file lookups resolve on disk, and the tokenizer and chat
 //! template come from the GGUF metadata.
 
+pub mod device;
 mod error;
 mod priority;
 mod slots;
@@ -49,8 +50,8 @@ pub struct EngineSettings {
     pub model: PathBuf,
     /// The model id responses carry.
     pub served_name: String,
-    /// Activation dtype.
-    pub dtype: Activations,
+    /// Where to compute, with the activation dtype ([`device::select`]).
+    pub device: device::EngineDevice,
     /// Kernel threads (None: all cores).
     pub threads: Option<usize>,
     /// Nice value of the kernel threads (0: the HTTP threads' priority).
@@ -70,7 +71,8 @@ pub struct EngineSettings {
 /// Activation dtype of the engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Activations {
-    /// Let mistral.rs choose (F16 on CPU).
+    /// By device: F32 on the CPU (its fastest), BF16 on a GPU that has it (compute capability
+    /// 8.0 and newer), else F16.
     Auto,
     /// 32-bit floats: fastest on CPU.
     F32,
@@ -80,10 +82,23 @@ pub enum Activations {
     Bf16,
 }
 
+impl Activations {
+    /// As `--dtype` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+        }
+    }
+}
+
 /// A loaded model and its engine. Cloning shares the engine.
 #[derive(Clone)]
 pub struct Engine {
     runner: Arc<MistralRs>,
+    device: device::EngineDevice,
     /// Templates and tokenizes prompts as the engine would, off the engine loop.
     prompt_tokenizer: PromptTokenizer,
     served_name: Arc<str>,
@@ -248,13 +263,14 @@ impl Engine {
             StartupError::Model(format!("cannot read {}: {e}", settings.model.display()))
         })?;
         let (dir, file) = split_model_path(&path)?;
-        let dtype = match settings.dtype {
+        let dtype = match settings.device.dtype {
             Activations::Auto => ModelDType::Auto,
             Activations::F32 => ModelDType::F32,
             Activations::F16 => ModelDType::F16,
             Activations::Bf16 => ModelDType::BF16,
         };
         let started = Instant::now();
+        let device = settings.device.device.clone();
         let pipeline = tokio::task::spawn_blocking(move || {
             // The quantized model id is the local directory: mistral.rs resolves every file
             // on disk and never asks the hub. No tokenizer model id: tokenizer and chat
@@ -273,7 +289,8 @@ impl Engine {
                 None,
                 TokenSource::None,
                 &dtype,
-                &mistralrs::Device::Cpu,
+                &device,
+                // silent: no progress bars in the pod's log.
                 true,
                 DeviceMapSetting::Auto(AutoDeviceMapParams::default_text()),
                 None,
@@ -320,17 +337,24 @@ impl Engine {
         tracing::info!(
             model = %settings.model.display(),
             max_context,
-            dtype = ?settings.dtype,
+            device = %settings.device.label,
+            dtype = settings.device.dtype.as_str(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "model loaded"
         );
         Ok(Self {
             runner,
+            device: settings.device.clone(),
             prompt_tokenizer,
             served_name: settings.served_name.as_str().into(),
             max_context,
             slots: Slots::new(settings.max_seqs, settings.max_queue),
         })
+    }
+
+    /// The device it computes on.
+    pub fn device(&self) -> &device::EngineDevice {
+        &self.device
     }
 
     /// The id responses carry.

@@ -39,7 +39,11 @@ pub async fn load_engine(model: PathBuf) -> sluice_sidecar::engine::Engine {
     sluice_sidecar::engine::Engine::load(&sluice_sidecar::engine::EngineSettings {
         model,
         served_name: "m".into(),
-        dtype: sluice_sidecar::engine::Activations::F32,
+        device: sluice_sidecar::engine::device::select(
+            sluice_sidecar::engine::device::DeviceRequest::Cpu,
+            sluice_sidecar::engine::Activations::F32,
+        )
+        .unwrap(),
         threads: None,
         kernel_nice: 10,
         max_seqs: 4,
