@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 export SLUICE_TEST_MODEL ?= $(abspath $(MODEL))
 export SLUICE_TEST_PYTHON ?= $(abspath $(PY))
 
-.PHONY: demo test test-vendor model crds lint bench bench-anchor bench-limits bench-operator render e2e cluster cluster-servers images images-from-host test-images build-cuda test-cuda venv fmt test-py test-chart chart-crds argocd-cm-patch
+.PHONY: demo test test-vendor model crds lint bench bench-anchor bench-limits bench-operator render e2e cluster cluster-servers images images-from-host test-images build-cuda test-cuda gpu-stage gpu-check venv fmt test-py test-chart chart-crds argocd-cm-patch
 
 ## model: fetch the embedded default model once into $(MODEL_DIR)
 model: $(MODEL)
@@ -164,3 +164,12 @@ e2e:
 bench-anchor: model venv
 	CARGO=$(CARGO) VENV=$(VENV) scripts/bench-anchor.sh
 
+## gpu-stage: pack the CUDA sidecar (make build-cuda), the model and llama.cpp's source into .gpu/
+## for a lent GPU machine, and print the device calls that carry them (scripts/gpu-stage.sh)
+gpu-stage: model
+	scripts/gpu-stage.sh $(SIDECAR_CUDA_BIN)
+
+## gpu-check: on the GPU machine: the sidecar on CUDA beside llama.cpp's CUDA llama-server, same
+## file, 1/4/16 streams, with the goals (scripts/gpu-check.sh; SLUICE_GPU_CHECK_DEVICE=cpu: dry run)
+gpu-check:
+	scripts/gpu-check.sh
