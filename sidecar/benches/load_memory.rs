@@ -23,11 +23,10 @@ mod memory;
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    process::{Command, Stdio},
 };
 
-use common::{free_port, get, load_engine, model_path, post_json};
+use common::{Sidecar, free_port, load_engine, model_path, post_json};
 use http::StatusCode;
 use memory::{file_mapping, status_bytes};
 use serde_json::json;
@@ -53,54 +52,16 @@ fn mb(bytes: impl TryInto<i64>) -> String {
     format!("{:.1}", bytes as f64 / MB)
 }
 
-/// A `sluice-sidecar serve` process; killed on drop.
-struct Server {
-    child: Child,
-    api: String,
+/// `bin serve` on `model`, ready.
+async fn serve(bin: &Path, model: &Path) -> Sidecar {
+    let mut sidecar = Sidecar::launch(bin, model, free_port(), free_port(), &[]);
+    sidecar.wait_ready().await;
+    sidecar
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `bin serve` on `model` and waits until it is ready.
-async fn serve(bin: &Path, model: &Path) -> Server {
-    let (api, admin) = (free_port(), free_port());
-    let mut child = Command::new(bin)
-        .arg("serve")
-        .arg("--model")
-        .arg(model)
-        .args(["--served-name", "bench"])
-        .args(["--listen", &format!("127.0.0.1:{api}")])
-        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("{} exited early ({status})", bin.display());
-        }
-        if let Ok((StatusCode::OK, _)) = get(&format!("http://127.0.0.1:{admin}/readyz")).await {
-            break;
-        }
-        assert!(Instant::now() < deadline, "not ready after 120s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Server {
-        child,
-        api: format!("http://127.0.0.1:{api}"),
-    }
-}
-
-async fn one_chat(server: &Server) {
+async fn one_chat(server: &Sidecar) {
     let body = json!({
-        "model": "bench",
+        "model": server.name,
         "messages": [{"role": "user", "content": "Name a colour."}],
         "max_tokens": 4,
         "temperature": 0,

@@ -8,55 +8,13 @@ mod common;
 #[path = "memory/mod.rs"]
 mod memory;
 
-use std::{
-    path::Path,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::path::Path;
 
 use candle_core::{Device, Tensor, quantized::gguf_file};
 use common::*;
 use http::StatusCode;
 use memory::{file_mapping, status_bytes};
 use serde_json::json;
-
-/// A sidecar on `model` (the weight-less copy: `Sidecar` serves the test model); killed on drop.
-struct Other(Child);
-
-impl Drop for Other {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn serve_other(model: &Path) -> Other {
-    let admin = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice-sidecar"))
-        .arg("serve")
-        .arg("--model")
-        .arg(model)
-        .args(["--served-name", "weightless"])
-        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
-        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
-        .env("HF_HUB_OFFLINE", "1")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("the sidecar on the weight-less model exited early ({status})");
-        }
-        if let Ok((StatusCode::OK, _)) = get(&format!("http://127.0.0.1:{admin}/readyz")).await {
-            return Other(child);
-        }
-        assert!(Instant::now() < deadline, "not ready after 120s");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 async fn one_chat(sidecar: &Sidecar) {
     let body = json!({
@@ -77,8 +35,10 @@ async fn weights_are_one_shared_clean_copy_not_private_memory() {
 
     // What loading costs apart from the weights (tokenizer, grammar trie, warm-up KV cache...).
     let fixed = {
-        let other = serve_other(&weightless).await;
-        status_bytes(&other.0.id().to_string(), "RssAnon")
+        let bin = Path::new(env!("CARGO_BIN_EXE_sluice-sidecar"));
+        let mut other = Sidecar::launch(bin, &weightless, free_port(), free_port(), &[]);
+        other.wait_ready().await;
+        status_bytes(&other.child.id().to_string(), "RssAnon")
     };
     let _ = std::fs::remove_file(&weightless);
 

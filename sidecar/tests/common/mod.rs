@@ -4,7 +4,7 @@
 
 use std::{
     net::TcpListener,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
@@ -90,16 +90,22 @@ impl Sidecar {
 
     /// Starts the binary with `extra` flags on the given API and admin ports.
     pub fn spawn_at(api: u16, admin: u16, extra: &[&str]) -> Self {
-        let model = model_path();
+        let bin = Path::new(env!("CARGO_BIN_EXE_sluice-sidecar"));
+        Self::launch(bin, &model_path(), api, admin, extra)
+    }
+
+    /// Starts `bin serve` (this build's or another) on `model` with `extra` flags on the given
+    /// ports; does not wait for readiness.
+    pub fn launch(bin: &Path, model: &Path, api: u16, admin: u16, extra: &[&str]) -> Self {
         let log = std::env::temp_dir().join(format!(
             "sluice-sidecar-test-{}-{api}.log",
             std::process::id()
         ));
         let log_file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_sluice-sidecar"))
+        let child = Command::new(bin)
             .arg("serve")
             .arg("--model")
-            .arg(&model)
+            .arg(model)
             .args(["--served-name", "smollm2"])
             .args(["--listen", &format!("127.0.0.1:{api}")])
             .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
