@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 export SLUICE_TEST_MODEL ?= $(abspath $(MODEL))
 export SLUICE_TEST_PYTHON ?= $(abspath $(PY))
 
-.PHONY: demo test test-vendor model crds lint bench bench-anchor bench-limits bench-operator render e2e cluster cluster-servers images images-from-host test-images build-cuda test-cuda gpu-stage gpu-check venv fmt test-py test-chart chart-crds argocd-cm-patch
+.PHONY: demo test test-vendor model crds lint bench bench-anchor bench-http bench-limits bench-operator render e2e cluster cluster-servers images images-from-host test-images build-cuda test-cuda gpu-stage gpu-check venv fmt test-py test-chart chart-crds argocd-cm-patch
 
 ## model: fetch the embedded default model once into $(MODEL_DIR)
 model: $(MODEL)
@@ -163,6 +163,14 @@ e2e:
 ## bench-anchor: the throughput bench side by side with llama.cpp on the same files (builds llama.cpp once, cached)
 bench-anchor: model venv
 	CARGO=$(CARGO) VENV=$(VENV) scripts/bench-anchor.sh
+
+## bench-http: the sidecar (release build, as the images ship) beside llama.cpp's llama-server over
+## HTTP: same file and threads, fresh processes alternated BENCH_HTTP_ROUNDS times (3), streamed
+## chats at 1/4/8/16 streams and long prompts; medians, spread, RSS and the goals (builds
+## llama-server once, cached in .cache/anchor; results in .cache/bench-http; scripts/bench-http.sh)
+bench-http: model
+	$(CARGO) build --release -p sluice-sidecar
+	SIDECAR_BIN=$(BIN_DIR)/release/sluice-sidecar MODEL=$(abspath $(MODEL)) VENV=$(VENV) scripts/bench-http.sh
 
 ## gpu-stage: pack the CUDA sidecar (make build-cuda), the model and llama.cpp's source into .gpu/
 ## for a lent GPU machine, and print the device calls that carry them (scripts/gpu-stage.sh)

@@ -213,11 +213,13 @@ start_llama_build() {
   fi
   rm -f "$BUILD.rc"
   local cfg=(cmake -S "$LLAMA_DIR/llama.cpp" -B "$BUILD" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release
-    -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=OFF -DGGML_CCACHE=OFF -DLLAMA_CURL=OFF
+    -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON
+    -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_CCACHE=OFF -DLLAMA_CURL=OFF
     -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON
     -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF
     -DLLAMA_USE_PREBUILT_UI=OFF "${cuda[@]}")
-  # GGML_NATIVE=OFF: x86-64-v3 kernels (AVX2, FMA, F16C), as the sidecar's baseline. -march=native
+  # GGML_NATIVE=OFF with x86-64-v3's extensions named (alone it turns them all off): the
+  # sidecar's baseline. -march=native
   # turns AMX on where the CPU lists it, and a VM that does not grant AMX state kills
   # llama-server at start with SIGILL (seen on this workplace's CPU machine).
   local bld=(cmake --build "$BUILD" --target llama-server -j "$JOBS")

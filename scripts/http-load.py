@@ -241,15 +241,35 @@ def read_rss_kb(pid):
     return vals.get("VmRSS"), vals.get("VmHWM")
 
 
+def cpu_jiffies(pid):
+    """(busy jiffies of the whole machine, total jiffies, the process's own CPU jiffies, this
+    driver's own), from /proc/stat and /proc/PID/stat; None where unreadable."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read().rsplit(")", 1)[1].split()
+        tick = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+    total = sum(fields)  # user nice system idle iowait irq softirq steal
+    busy = total - fields[3] - fields[4]
+    t = os.times()
+    return busy, total, int(stat[11]) + int(stat[12]), (t.user + t.system) * tick
+
+
 class RssSampler:
     """Samples a process's VmRSS every `interval` seconds while the block runs (an asyncio task
-    beside the requests); `summary()` gives the peak and the last sample. No-op without a pid."""
+    beside the requests); `summary()` gives the peak and the last sample, and the share of all the
+    machine's CPUs that other processes (neither that server nor this driver) used meanwhile: a
+    busy machine skews the figures. No-op without a pid."""
 
     def __init__(self, pid, interval=0.05):
         self.pid, self.interval = pid, interval
         self.peak = self.last = self.hwm = None
         self.samples = 0
         self._task = None
+        self._cpu0 = self.other_cpu_pct = None
 
     def sample(self):
         rss, hwm = read_rss_kb(self.pid)
@@ -267,6 +287,7 @@ class RssSampler:
 
     async def __aenter__(self):
         if self.pid:
+            self._cpu0 = cpu_jiffies(self.pid)
             self._task = asyncio.ensure_future(self._run())
         return self
 
@@ -278,11 +299,16 @@ class RssSampler:
             except asyncio.CancelledError:
                 pass
             self.sample()
+            cpu1 = cpu_jiffies(self.pid)
+            if self._cpu0 and cpu1 and cpu1[1] > self._cpu0[1]:
+                d = [b - a for a, b in zip(self._cpu0, cpu1)]
+                other = max(0.0, d[0] - d[2] - d[3])
+                self.other_cpu_pct = min(100.0, 100.0 * other / d[1])
         return False
 
     def summary(self):
         return {"rss_peak_kb": self.peak, "rss_end_kb": self.last, "rss_hwm_kb": self.hwm,
-                "rss_samples": self.samples}
+                "rss_samples": self.samples, "other_cpu_pct": self.other_cpu_pct}
 
 
 async def run_round(args, model, streams, words, max_tokens, first_index):
@@ -596,7 +622,8 @@ def _keyed_levels(result):
 
 
 REPORT_METRICS = ("agg_tok_s", "ttft_p50_s", "ttft_last_s", "decode_tok_s_mean",
-                  "completion_tokens_mean", "prompt_tokens_mean", "rss_peak_kb")
+                  "completion_tokens_mean", "prompt_tokens_mean", "rss_peak_kb", "other_cpu_pct")
+BUSY_PCT = 10.0  # other processes' share of the CPUs during a level above which the report warns
 
 
 def build_report(runs_a, runs_b):
@@ -747,6 +774,21 @@ def print_report(rep, goals=True, goal_agg=1.0, goal_fair=2.0, goal_rss=1.2, out
         toks.append(f"{_level_name(row, short=True)}: {fmt(ta, 0)} vs {fmt(tb, 0)}")
     print("Completion tokens per request (median; fewer than max_tokens where the model ended "
           "its answer): " + "; ".join(toks), file=out)
+    busy = {}
+    for side in ("a", "b"):
+        worst = [row["metrics"]["other_cpu_pct"][side] for row in rep["rows"]]
+        worst = [w["max"] for w in worst if w]
+        busy[side] = max(worst) if worst else None
+    if busy["a"] is not None or busy["b"] is not None:
+        pct = lambda v: "-" if v is None else f"{v:.0f}%"  # noqa: E731
+        print(f"Other processes' share of the CPUs during the levels (worst level of any run): "
+              f"{pct(busy['a'])} while {a} ran, {pct(busy['b'])} while {b} ran", file=out)
+        top_busy = max(v for v in busy.values() if v is not None)
+        if top_busy > BUSY_PCT:
+            print(f"WARNING: other work took up to {top_busy:.0f}% of the CPUs during the "
+                  f"measurements: these figures do not compare the servers fairly (llama.cpp's "
+                  f"spinning threads lose the most when a core is taken); rerun on a quiet "
+                  f"machine", file=out)
     for row in rep["rows"]:
         for side, label in (("a", a), ("b", b)):
             if row["errors"][side]:

@@ -160,6 +160,7 @@ def test_rss_sampling_and_long_prompts_at_several_streams():
         assert lv["rss_samples"] >= 1
         assert lv["rss_peak_kb"] >= lv["rss_end_kb"] > 0
         assert lv["rss_hwm_kb"] >= lv["rss_peak_kb"]
+        assert 0.0 <= lv["other_cpu_pct"] <= 100.0
     longs = {lv["streams"]: lv for lv in result["long_levels"]}
     assert set(longs) == {1, 3}
     assert result["prefill"] is longs[1] or result["prefill"] == longs[1]
@@ -236,6 +237,14 @@ def test_report_medians_spread_and_goals(tmp_path):
             "worst run 2.80x) -> MET") in text
     assert "goal: peak RSS under the top level <= llama-server's + 20%" in text
     assert "goals: 1 of 4 met; NOT MET: aggregate, TTFT p50, RSS" in text
+    assert "WARNING: other work" not in text  # the synthetic runs say nothing of it
+    a[1]["levels"][1]["other_cpu_pct"] = 35.0
+    a[0]["levels"][1]["other_cpu_pct"] = 3.0
+    out = io.StringIO()
+    http_load.print_report(http_load.build_report(a, b), out=out)
+    assert "CPUs during the levels (worst level of any run): 35% while sidecar ran, - while" in (
+        out.getvalue())
+    assert "WARNING: other work took up to 35% of the CPUs" in out.getvalue()
 
     # The command line: files in, the table out, exit 3 while a goal is unmet, JSON saved.
     paths = {}
