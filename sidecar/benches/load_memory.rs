@@ -26,10 +26,8 @@ use std::{
     process::{Command, Stdio},
 };
 
-use common::{Sidecar, free_port, load_engine, model_path, post_json};
-use http::StatusCode;
+use common::{Sidecar, free_port, load_engine, model_path};
 use memory::{file_mapping, status_bytes};
-use serde_json::json;
 use sluice_sidecar::engine::{ChatTurn, Event, GenerationParams, Prompt, start_kernel_threads};
 
 const MB: f64 = 1e6;
@@ -57,17 +55,6 @@ async fn serve(bin: &Path, model: &Path) -> Sidecar {
     let mut sidecar = Sidecar::launch(bin, model, free_port(), free_port(), &[]);
     sidecar.wait_ready().await;
     sidecar
-}
-
-async fn one_chat(server: &Sidecar) {
-    let body = json!({
-        "model": server.name,
-        "messages": [{"role": "user", "content": "Name a colour."}],
-        "max_tokens": 4,
-        "temperature": 0,
-    });
-    let (status, body) = post_json(&format!("{}/v1/chat/completions", server.api), &body).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
 }
 
 /// What one `Engine::load` in a fresh process adds (this bench run again as a child, so that
@@ -161,8 +148,8 @@ async fn two_sidecars(label: &str, bin: &Path, model: &Path) {
     let b = serve(bin, model).await;
     let pids = [a.child.id(), b.child.id()];
     let ready = pids.map(|pid| status_bytes(&pid.to_string(), "RssAnon"));
-    one_chat(&a).await;
-    one_chat(&b).await;
+    a.chat_once().await;
+    b.chat_once().await;
     let maps = pids.map(|pid| file_mapping(pid, model));
     println!("\nTwo `sluice-sidecar serve` ({label}) on the same file, after one request each:");
     println!(

@@ -12,20 +12,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor, quantized::gguf_file};
 use common::*;
-use http::StatusCode;
 use memory::{file_mapping, status_bytes};
-use serde_json::json;
-
-async fn one_chat(sidecar: &Sidecar) {
-    let body = json!({
-        "model": sidecar.name,
-        "messages": [{"role": "user", "content": "Name a colour."}],
-        "max_tokens": 4,
-        "temperature": 0,
-    });
-    let (status, body) = post_json(&format!("{}/v1/chat/completions", sidecar.api), &body).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weights_are_one_shared_clean_copy_not_private_memory() {
@@ -67,8 +54,8 @@ async fn weights_are_one_shared_clean_copy_not_private_memory() {
     }
 
     // A request reads every weight (the embedding table too: it is also the output projection).
-    one_chat(&a).await;
-    one_chat(&b).await;
+    a.chat_once().await;
+    b.chat_once().await;
     for sidecar in [&a, &b] {
         let m = file_mapping(sidecar.child.id(), &model);
         eprintln!("mapping of the model: {m:?}");

@@ -153,6 +153,18 @@ impl Sidecar {
         }
     }
 
+    /// One short greedy chat completion, asserted to succeed (it reads every weight).
+    pub async fn chat_once(&self) {
+        let body = serde_json::json!({
+            "model": self.name,
+            "messages": [{"role": "user", "content": "Name a colour."}],
+            "max_tokens": 4,
+            "temperature": 0,
+        });
+        let (status, body) = post_json(&format!("{}/v1/chat/completions", self.api), &body).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+
     /// Sends SIGTERM.
     pub fn sigterm(&self) {
         let status = Command::new("kill")
