@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 export SLUICE_TEST_MODEL ?= $(abspath $(MODEL))
 export SLUICE_TEST_PYTHON ?= $(abspath $(PY))
 
-.PHONY: demo test test-vendor model crds lint bench bench-anchor bench-http bench-limits bench-operator render e2e cluster cluster-servers images images-from-host test-images build-cuda test-cuda gpu-stage gpu-check venv fmt test-py test-chart chart-crds argocd-cm-patch
+.PHONY: demo test test-vendor model crds lint bench bench-anchor bench-http bench-connections bench-limits bench-operator render e2e cluster cluster-servers images images-from-host test-images build-cuda test-cuda gpu-stage gpu-check venv fmt test-py test-chart chart-crds argocd-cm-patch
 
 ## model: fetch the embedded default model once into $(MODEL_DIR)
 model: $(MODEL)
@@ -171,6 +171,13 @@ bench-anchor: model venv
 bench-http: model
 	$(CARGO) build --release -p sluice-sidecar
 	SIDECAR_BIN=$(BIN_DIR)/release/sluice-sidecar MODEL=$(abspath $(MODEL)) VENV=$(VENV) scripts/bench-http.sh
+
+## bench-connections: what 2,000 idle connections cost (open files, RSS), /readyz latency while
+## the API port is flooded past its limit, and how long silent, half-sent and stalled requests
+## are held at the default timeouts (about a minute; scripts/bench-connections.py)
+bench-connections: model
+	$(CARGO) build --release -p sluice-sidecar
+	python3 scripts/bench-connections.py $(BIN_DIR)/release/sluice-sidecar $(abspath $(MODEL))
 
 ## gpu-stage: pack the CUDA sidecar (make build-cuda), the model and llama.cpp's source into .gpu/
 ## for a lent GPU machine, and print the device calls that carry them (scripts/gpu-stage.sh)

@@ -16,13 +16,15 @@ use crate::{
     error::{Result, StartupError},
     forward::Forwarder,
     http::{
-        self, AppState,
+        self, AppState, Drain,
         admin::{self, AdminState},
         api::api,
+        conn::{ConnectionLimits, Connections},
     },
     limits::Limiter,
-    metrics::{self, Metrics},
+    metrics::{self, ConnectionMetrics, Metrics},
     model::convert,
+    open_files,
     readiness::Readiness,
     reload::{self, ReloadMetrics, Reloader},
     route::{Router, RoutingMetrics},
@@ -60,9 +62,27 @@ pub async fn serve_until(
     let api_listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| StartupError::Config(format!("cannot listen on {}: {e}", config.listen)))?;
-    let admin_listener = TcpListener::bind(config.admin_listen).await.map_err(|e| {
-        StartupError::Config(format!("cannot listen on {}: {e}", config.admin_listen))
-    })?;
+    // The admin port runs on a thread and runtime of its own (see `serve_admin`), so its
+    // listener is registered there.
+    let admin_listener = std::net::TcpListener::bind(config.admin_listen)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|e| {
+            StartupError::Config(format!("cannot listen on {}: {e}", config.admin_listen))
+        })?;
+    let open_files = open_files::raise_to_hard_limit();
+    let api_limits = ConnectionLimits {
+        max_connections: config
+            .max_connections
+            .unwrap_or_else(|| open_files::api_connections(open_files)),
+        max_per_client: config.max_connections_per_client,
+        header_timeout: config.header_timeout,
+        idle_timeout: config.idle_timeout,
+    };
+    let admin_limits = ConnectionLimits {
+        max_connections: open_files::ADMIN_CONNECTIONS,
+        max_per_client: None,
+        ..api_limits
+    };
     tracing::info!(
         api = %config.listen,
         admin = %config.admin_listen,
@@ -71,6 +91,8 @@ pub async fn serve_until(
         prefix_cache_entries = config.prefix_cache,
         prefix_cache_bytes = config.prefix_cache_budget.bytes,
         prefix_cache_bytes_from = config.prefix_cache_budget.source,
+        open_files,
+        max_connections = api_limits.max_connections,
         "listening"
     );
 
@@ -92,6 +114,7 @@ pub async fn serve_until(
         .map(|_| Forwarder::new(config.forward_connect_timeout));
     let limiter = Limiter::new(&mut registry);
     let reload_metrics = ReloadMetrics::register(&mut registry);
+    let connection_metrics = ConnectionMetrics::register(&mut registry);
     let registry = Arc::new(registry);
     let readiness = Readiness::new();
 
@@ -116,13 +139,14 @@ pub async fn serve_until(
         readiness: readiness.clone(),
         registry: registry.clone(),
     });
-    let admin = tokio::spawn(http::serve(
+    let admin = serve_admin(
         admin_listener,
+        Connections::new("admin", admin_limits, connection_metrics.clone()),
         admin_state,
-        admin::admin,
         admin_shutdown_rx,
         config.drain_grace,
-    ));
+    )?;
+    let (drain_cut_tx, drain_cut_rx) = tokio::sync::watch::channel(false);
 
     let state = Arc::new(AppState {
         engine: OnceLock::new(),
@@ -135,15 +159,21 @@ pub async fn serve_until(
         served_name: config.served_name.clone(),
         max_body_bytes: config.max_body_bytes,
         request_timeout: config.request_timeout,
+        body_pace: config.body_pace,
+        drain_cut: drain_cut_rx,
         default_max_tokens: config.default_max_tokens,
         sampling: config.sampling_defaults,
     });
     let api = tokio::spawn(http::serve(
         api_listener,
+        Connections::new("api", api_limits, connection_metrics),
         state.clone(),
         api,
         shutdown_rx.clone(),
-        config.drain_grace,
+        Drain {
+            grace: config.drain_grace,
+            cut: Some(drain_cut_tx),
+        },
     ));
 
     // Load (and convert, if asked) while the admin port already answers: /readyz is false.
@@ -207,6 +237,39 @@ pub async fn serve_until(
     let _ = admin.await;
     tracing::info!("bye");
     Ok(())
+}
+
+/// Serves the admin port on a thread with a runtime of its own: probes and scrapes are answered
+/// however busy the API's runtime is. The receiver resolves when it has stopped.
+fn serve_admin(
+    listener: std::net::TcpListener,
+    connections: Arc<Connections>,
+    state: Arc<AdminState>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    grace: std::time::Duration,
+) -> Result<tokio::sync::oneshot::Receiver<()>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| StartupError::Config(format!("cannot start the admin port's runtime: {e}")))?;
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("sluice-admin".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => {
+                        let drain = Drain { grace, cut: None };
+                        http::serve(listener, connections, state, admin::admin, shutdown, drain)
+                            .await;
+                    }
+                    Err(error) => tracing::error!(%error, "admin port cannot listen"),
+                }
+            });
+            let _ = stopped_tx.send(());
+        })
+        .map_err(|e| StartupError::Config(format!("cannot start the admin port's thread: {e}")))?;
+    Ok(stopped_rx)
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -18,6 +18,7 @@ use sluice_crds::sidecar_config::{SIDECAR_CONFIG_VERSION, VariantRoute};
 use crate::{
     engine::{Activations, SamplingDefaults, device::DeviceRequest},
     error::{Result, StartupError},
+    http::conn::BodyPace,
     model::convert::Quant,
     preflight::check_gguf,
     reload::Sources,
@@ -83,6 +84,37 @@ pub struct ServeArgs {
     /// Largest request body accepted, in bytes; larger bodies get 413.
     #[arg(long, env = "SLUICE_MAX_BODY_BYTES", default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
+
+    /// Connections the API port holds at once; more are answered 503 and closed. Default: 4096,
+    /// or fewer where the open-file limit cannot hold them (the admin port keeps its own share).
+    #[arg(long, env = "SLUICE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
+    /// Connections one client address may hold on the API port (0: no such limit). Leave it at 0
+    /// behind a proxy or load balancer, where all requests come from a few addresses.
+    #[arg(long, env = "SLUICE_MAX_CONNECTIONS_PER_CLIENT", default_value_t = 0)]
+    pub max_connections_per_client: usize,
+
+    /// Seconds a client has to send a whole request head: on a new connection from when it
+    /// opens, on a kept-alive one from its first byte. Over it: 408 and the connection closed
+    /// (closed without an answer if nothing came).
+    #[arg(long, env = "SLUICE_HEADER_TIMEOUT_SECS", default_value_t = 20.0)]
+    pub header_timeout_secs: f64,
+
+    /// Seconds a kept-alive connection may wait for its next request before it is closed. Keep
+    /// it above the upstream idle timeout of a proxy in front (Envoy, a cloud load balancer), so
+    /// that the proxy closes first.
+    #[arg(long, env = "SLUICE_IDLE_TIMEOUT_SECS", default_value_t = 120.0)]
+    pub idle_timeout_secs: f64,
+
+    /// Seconds any request body may take, plus one for every `--body-min-rate` bytes received
+    /// (a stalled or trickled body gets 408 early; a large one at a usable pace does not).
+    #[arg(long, env = "SLUICE_BODY_TIMEOUT_SECS", default_value_t = 20.0)]
+    pub body_timeout_secs: f64,
+
+    /// Bytes per second that earn a request body more time (see `--body-timeout-secs`).
+    #[arg(long, env = "SLUICE_BODY_MIN_RATE", default_value_t = 1024)]
+    pub body_min_rate: u64,
 
     /// Sequences the engine batches at once (continuous batching); also the number of requests
     /// in flight in the engine.
@@ -197,6 +229,16 @@ pub struct ServeConfig {
     pub admin_listen: SocketAddr,
     /// Body size limit.
     pub max_body_bytes: usize,
+    /// API connections held at once (`None`: what the open-file limit allows, at most 4096).
+    pub max_connections: Option<usize>,
+    /// API connections held at once per client address (`None`: no such limit).
+    pub max_connections_per_client: Option<usize>,
+    /// Time to send a request head.
+    pub header_timeout: Duration,
+    /// Time a kept-alive connection waits for its next request.
+    pub idle_timeout: Duration,
+    /// The pace a request body must keep.
+    pub body_pace: BodyPace,
     /// Engine batch size / engine slots.
     pub max_seqs: usize,
     /// Queue bound.
@@ -308,6 +350,22 @@ impl ServeArgs {
             )));
         }
         let request_timeout = positive_secs("--request-timeout-secs", self.request_timeout_secs)?;
+        if self.max_connections == Some(0) {
+            return Err(StartupError::Config(
+                "--max-connections must be at least 1".into(),
+            ));
+        }
+        if self.body_min_rate == 0 {
+            return Err(StartupError::Config(
+                "--body-min-rate must be at least 1 byte per second".into(),
+            ));
+        }
+        let header_timeout = positive_secs("--header-timeout-secs", self.header_timeout_secs)?;
+        let idle_timeout = positive_secs("--idle-timeout-secs", self.idle_timeout_secs)?;
+        let body_pace = BodyPace {
+            allowance: positive_secs("--body-timeout-secs", self.body_timeout_secs)?,
+            min_bytes_per_sec: self.body_min_rate,
+        };
         let drain_grace =
             positive_secs(&format!("--{DRAIN_GRACE_SECS_FLAG}"), self.drain_grace_secs)?;
         let cache_dir = self.cache_dir.unwrap_or_else(default_cache_dir);
@@ -349,6 +407,12 @@ impl ServeArgs {
             listen: self.listen,
             admin_listen: self.admin_listen,
             max_body_bytes: self.max_body_bytes,
+            max_connections: self.max_connections,
+            max_connections_per_client: (self.max_connections_per_client > 0)
+                .then_some(self.max_connections_per_client),
+            header_timeout,
+            idle_timeout,
+            body_pace,
             max_seqs: self.max_seqs,
             max_queue: self.max_queue,
             request_timeout,

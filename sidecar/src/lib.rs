@@ -25,6 +25,7 @@ pub mod limits;
 pub mod memory_limit;
 pub mod metrics;
 pub mod model;
+pub mod open_files;
 pub mod openai;
 pub mod preflight;
 pub mod readiness;

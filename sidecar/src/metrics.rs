@@ -57,6 +57,9 @@ pub struct Metrics {
     pub request_duration: Histogram,
     /// Generations stopped because the client went away.
     pub cancelled: Counter,
+    /// Answers ended by the end of the drain grace period, with an error (event) and a clean
+    /// end of the body rather than a cut connection.
+    pub cut_at_drain_end: Counter,
     /// Seconds the model took to load.
     pub model_load: Gauge<f64, AtomicU64>,
     /// Seconds from process start to ready.
@@ -82,6 +85,7 @@ impl Metrics {
             time_per_output_token: Histogram::new(exponential_buckets(0.0005, 2.0, 15)),
             request_duration: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
             cancelled: Counter::default(),
+            cut_at_drain_end: Counter::default(),
             model_load: Gauge::default(),
             cold_start: Gauge::default(),
         };
@@ -133,6 +137,11 @@ impl Metrics {
             "generations_cancelled",
             "Generations stopped because the client disconnected",
             m.cancelled.clone(),
+        );
+        registry.register(
+            "answers_cut_at_drain_end",
+            "Answers still running when the drain grace period ended, ended with an error",
+            m.cut_at_drain_end.clone(),
         );
         registry.register_with_unit(
             "model_load",
@@ -321,6 +330,58 @@ impl Collector for PrefixCacheMetrics {
             None,
             entries.metric_type(),
         )?)
+    }
+}
+
+/// Labels of the connection metrics: which listener (`api` or `admin`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// `api` or `admin`.
+    pub listener: &'static str,
+}
+
+/// Labels of the connection counters: the listener and why the connection ended or was refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionReasonLabels {
+    /// `api` or `admin`.
+    pub listener: &'static str,
+    /// Refused: `max_connections` or `max_connections_per_client`; timed out: `idle` (nothing
+    /// sent since the last answer, or since the connection opened) or `header` (a request head
+    /// begun and not finished; answered 408).
+    pub reason: &'static str,
+}
+
+/// Connections per listener: open now, refused at accept, closed for want of a request.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectionMetrics {
+    /// Connections open now.
+    pub open: Family<ListenerLabels, Gauge>,
+    /// Connections refused at accept (503) because a connection limit was reached.
+    pub refused: Family<ConnectionReasonLabels, Counter>,
+    /// Connections closed because no request (or no whole head) came in time.
+    pub timed_out: Family<ConnectionReasonLabels, Counter>,
+}
+
+impl ConnectionMetrics {
+    /// Creates the connection metrics and registers them in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "connections_open",
+            "Connections open now, by listener",
+            m.open.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections refused with 503 at accept because a connection limit was reached",
+            m.refused.clone(),
+        );
+        registry.register(
+            "connections_timed_out",
+            "Connections closed because no request, or no whole request head, came in time",
+            m.timed_out.clone(),
+        );
+        m
     }
 }
 

@@ -289,6 +289,51 @@ async fn openai_api_end_to_end() {
         StatusCode::OK
     );
 
+    // --- logit_bias moves the greedy choice; ids outside the vocabulary get 400 ---
+    let banana = token_id(" banana");
+    let fruit = json!({
+        "model": model,
+        "prompt": "My favourite fruit is the",
+        "max_tokens": 1,
+        "temperature": 0,
+    });
+    let (status, plain) = post_json(&completions, &fruit).await;
+    assert_eq!(status, StatusCode::OK, "{plain}");
+    assert_ne!(
+        plain["choices"][0]["text"].as_str().map(str::trim),
+        Some("banana"),
+        "{plain}"
+    );
+    let mut biased = fruit.clone();
+    biased["logit_bias"] = json!({ banana.to_string(): 100 });
+    let (status, done) = post_json(&completions, &biased).await;
+    assert_eq!(status, StatusCode::OK, "{done}");
+    assert_eq!(
+        done["choices"][0]["text"].as_str().map(str::trim),
+        Some("banana"),
+        "{done}"
+    );
+    biased["logit_bias"] = json!({ "4000000": 5 });
+    let (status, e) = post_json(&completions, &biased).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{e}");
+    assert_eq!(e["error"]["param"], "logit_bias", "{e}");
+
+    // --- a user message without content, a tool message without tool_call_id: 400 ---
+    for (messages, param) in [
+        (
+            json!([{"role": "user", "content": null}]),
+            "messages[0].content",
+        ),
+        (
+            json!([{"role": "user", "content": "x"}, {"role": "tool", "content": "42"}]),
+            "messages[1].tool_call_id",
+        ),
+    ] {
+        let (status, e) = post_json(&chat, &json!({"model": model, "messages": messages})).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{e}");
+        assert_eq!(e["error"]["param"], param, "{e}");
+    }
+
     // --- the official openai Python client works unchanged, streaming included ---
     openai_python_client(&api, &model);
 
@@ -297,6 +342,20 @@ async fn openai_api_end_to_end() {
         !sidecar.log().contains("capital of France"),
         "prompt text leaked into the log"
     );
+}
+
+/// The id of `text`'s one token in the demo model's vocabulary (its GGUF's token list, where
+/// a leading space is spelled `Ġ`).
+fn token_id(text: &str) -> u32 {
+    let spelled = text.replace(' ', "\u{120}");
+    let mut file = std::fs::File::open(model_path()).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    let tokens = content.metadata["tokenizer.ggml.tokens"].to_vec().unwrap();
+    let id = tokens
+        .iter()
+        .position(|t| t.to_string().is_ok_and(|t| *t == spelled))
+        .unwrap_or_else(|| panic!("{spelled:?} is not one token of the demo model"));
+    u32::try_from(id).unwrap()
 }
 
 fn openai_python_client(api: &str, model: &str) {

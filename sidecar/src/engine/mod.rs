@@ -15,18 +15,20 @@ mod slots;
 mod threads;
 
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     sync::Arc,
     time::Instant,
 };
 
+use candle_core::Tensor;
 use either::Either;
 use indexmap::IndexMap;
 use mistralrs::core::{
-    AutoDeviceMapParams, DefaultSchedulerMethod, DeviceMapSetting, GGUFLoaderBuilder,
-    GGUFSpecificConfig, MessageContent, MistralRs, MistralRsBuilder, ModelDType, NormalRequest,
-    PromptTokenizer, Request, RequestMessage, Response, SamplingParams, SchedulerConfig,
-    StopTokens, TokenSource, TokenizationRequest,
+    AutoDeviceMapParams, CustomLogitsProcessor, DefaultSchedulerMethod, DeviceMapSetting,
+    GGUFLoaderBuilder, GGUFSpecificConfig, MessageContent, MistralRs, MistralRsBuilder, ModelDType,
+    NormalRequest, PromptTokenizer, Request, RequestMessage, Response, SamplingParams,
+    SchedulerConfig, StopTokens, TokenSource, TokenizationRequest,
 };
 use tokio::sync::mpsc;
 
@@ -103,6 +105,8 @@ pub struct Engine {
     prompt_tokenizer: PromptTokenizer,
     served_name: Arc<str>,
     max_context: usize,
+    /// Token ids run from 0 to this, exclusive ([`Engine::vocab_size`]).
+    vocab_size: usize,
     slots: Slots,
 }
 
@@ -192,6 +196,24 @@ pub struct GenerationParams {
     pub presence_penalty: Option<f32>,
     /// OpenAI frequency penalty.
     pub frequency_penalty: Option<f32>,
+    /// OpenAI `logit_bias`: added to these tokens' logits before sampling (greedy included).
+    pub logit_bias: BTreeMap<u32, f32>,
+}
+
+/// Adds a request's `logit_bias` to the logits, as OpenAI does before sampling; ids past the
+/// logits' width (validated against the vocabulary before) are skipped.
+struct LogitBias(BTreeMap<u32, f32>);
+
+impl CustomLogitsProcessor for LogitBias {
+    fn apply(&self, logits: &Tensor, _context: &[u32]) -> candle_core::Result<Tensor> {
+        let mut values = logits.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+        for (&id, &bias) in &self.0 {
+            if let Some(v) = values.get_mut(id as usize) {
+                *v += bias;
+            }
+        }
+        Tensor::new(values, logits.device())?.to_dtype(logits.dtype())
+    }
 }
 
 /// Sampling settings a model's operator chose (the InferenceModel's `engine`) for requests that
@@ -306,8 +328,23 @@ impl Engine {
         let scheduler = SchedulerConfig::DefaultScheduler {
             method: DefaultSchedulerMethod::Fixed(max_seqs),
         };
-        let prompt_tokenizer = PromptTokenizer::new(&*pipeline.lock().await)
-            .ok_or_else(|| StartupError::Model("the model has no text tokenizer".into()))?;
+        let (prompt_tokenizer, vocab_size) = {
+            let pipeline = pipeline.lock().await;
+            let prompt_tokenizer = PromptTokenizer::new(&*pipeline)
+                .ok_or_else(|| StartupError::Model("the model has no text tokenizer".into()))?;
+            // One past the highest id, added tokens included: the tokenizer's own count
+            // (`get_vocab_size(true)`) counts distinct token strings, which falls short of
+            // the ids in use when a vocabulary repeats a string or skips an id.
+            let vocab_size = pipeline.tokenizer().map_or(0, |t| {
+                let vocab = t.get_vocab(true);
+                vocab
+                    .values()
+                    .max()
+                    .map_or(0, |&id| id as usize + 1)
+                    .max(vocab.len())
+            });
+            (prompt_tokenizer, vocab_size)
+        };
         let runner = MistralRsBuilder::new(pipeline, scheduler, false, None)
             .with_model_id(settings.served_name.clone())
             .with_no_kv_cache(false)
@@ -348,6 +385,7 @@ impl Engine {
             prompt_tokenizer,
             served_name: settings.served_name.as_str().into(),
             max_context,
+            vocab_size,
             slots: Slots::new(settings.max_seqs, settings.max_queue),
         })
     }
@@ -365,6 +403,13 @@ impl Engine {
     /// The model's context window in tokens (prompt plus completion).
     pub fn max_context(&self) -> usize {
         self.max_context
+    }
+
+    /// The size of the model's vocabulary, added (special) tokens included: the token ids a
+    /// request may name (`logit_bias`) are those below it. From the tokenizer, not the logits'
+    /// width, which some models pad past the last token.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
     }
 
     /// The engine's request slots (the bounded queue in front of it).
@@ -493,8 +538,15 @@ impl Engine {
         // Room for a burst of tokens so the engine never waits on a slow reader; the server
         // relays them at once anyway.
         let (tx, rx) = mpsc::channel(64);
+        // mistral.rs's sampler has a `logits_bias` setting it never reads; a logits processor
+        // is applied before every sampling method.
+        let logits_processors = (!params.logit_bias.is_empty()).then(|| {
+            let bias = LogitBias(params.logit_bias.clone());
+            vec![Arc::new(bias) as Arc<dyn CustomLogitsProcessor>]
+        });
         let request = Request::Normal(Box::new(NormalRequest {
             is_streaming: engine_streams,
+            logits_processors,
             ..NormalRequest::new_simple(
                 messages,
                 sampling_params,
@@ -559,6 +611,7 @@ impl std::fmt::Debug for Engine {
         f.debug_struct("Engine")
             .field("served_name", &self.served_name)
             .field("max_context", &self.max_context)
+            .field("vocab_size", &self.vocab_size)
             .finish_non_exhaustive()
     }
 }

@@ -16,7 +16,9 @@ use tracing::Instrument;
 
 use super::{AppState, error_response, generate::generate};
 use crate::{
-    openai::{ApiError, CHAT_PATH, COMPLETIONS_PATH, Kind, MODELS_PATH},
+    openai::{
+        ApiError, CHAT_PATH, COMPLETIONS_PATH, Kind, MODELS_PATH, error::CLIENT_CLOSED_REQUEST,
+    },
     route::VARIANT_HEADER,
     stream::body::{ResponseBody, json},
 };
@@ -35,6 +37,13 @@ pub async fn api(state: Arc<AppState>, req: Request<Incoming>) -> Response<Respo
         _ => OTHER_ROUTE,
     };
     let span = tracing::info_span!("request", request_id = %id, method = %req.method(), route);
+    // hyper drops this future when the client goes away before the answer: still counted.
+    let mut unanswered = Unanswered {
+        state: &state,
+        route,
+        span: span.clone(),
+        counted: false,
+    };
     let mut res = async {
         let res = match handle(&state, route, req, &id, started).await {
             Ok(res) => res,
@@ -85,7 +94,34 @@ pub async fn api(state: Arc<AppState>, req: Request<Incoming>) -> Response<Respo
     state
         .metrics
         .record_request(route, served_by, res.status().as_u16());
+    unanswered.counted = true;
     res
+}
+
+/// Counts a request whose client left before it was answered (hyper dropped the handler) under
+/// 499, as a request abandoned mid-body is.
+struct Unanswered<'a> {
+    state: &'a AppState,
+    route: &'static str,
+    span: tracing::Span,
+    /// Set once the answer is counted.
+    counted: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if self.counted {
+            return;
+        }
+        let state = self.state;
+        state.metrics.record_request(
+            self.route,
+            state.router.local_variant(),
+            CLIENT_CLOSED_REQUEST.as_u16(),
+        );
+        self.span
+            .in_scope(|| tracing::info!("client closed the connection before the answer"));
+    }
 }
 
 async fn handle(

@@ -3,7 +3,7 @@
 //! the answer settles the admitted request's reservation when it ends (also on disconnect or
 //! error).
 
-use std::{sync::Arc, time::Instant};
+use std::{io::ErrorKind, sync::Arc, time::Instant};
 
 use http::{Request, Response, header};
 use http_body_util::{BodyExt, Limited};
@@ -20,7 +20,7 @@ use crate::{
     stream::{
         self, Reply,
         body::{ResponseBody, add_headers},
-        timing::{self, Timing},
+        timing::{self, Deadline, Timing},
     },
 };
 
@@ -32,7 +32,12 @@ pub async fn generate(
     id: &str,
     started: Instant,
 ) -> Result<Response<ResponseBody>, ApiError> {
-    let deadline = TokioInstant::now() + state.request_timeout;
+    let mut deadline = Deadline {
+        at: TokioInstant::now() + state.request_timeout,
+        timeout: state.request_timeout,
+        drain_cut: state.drain_cut.clone(),
+        cut_count: state.metrics.cut_at_drain_end.clone(),
+    };
     let headers = req.headers().clone();
     // --- routing: which variant serves this request (403 for a forged internal header) ---
     let config = state.config.borrow().clone();
@@ -43,6 +48,7 @@ pub async fn generate(
         return Err(ApiError::ModelNotFound(request.model));
     }
     let engine = state.engine.get().ok_or(ApiError::Loading)?;
+    validate::check_logit_bias(&request, engine.vocab_size())?;
 
     let tokenize_started = Instant::now();
     let prompt = engine.tokenize(&request.prompt).await?;
@@ -73,7 +79,7 @@ pub async fn generate(
         body: body.clone(),
         request_id: id,
         prompt_tokens: prompt.len(),
-        deadline,
+        deadline: deadline.at,
     };
     let dispatched = forward::dispatch(
         &state.router,
@@ -94,13 +100,7 @@ pub async fn generate(
     let mut settlement = Settlement::new(reservation, prompt.len());
 
     // --- bounded queue in front of the engine ---
-    let queued = timing::queue(
-        &state.metrics,
-        engine.slots(),
-        deadline,
-        state.request_timeout,
-    )
-    .await;
+    let queued = timing::queue(&state.metrics, engine.slots(), &mut deadline).await;
     let in_flight = match queued {
         Ok(in_flight) => in_flight,
         Err(e) => {
@@ -121,7 +121,6 @@ pub async fn generate(
         model: state.served_name.clone(),
         prompt_tokens,
         deadline,
-        timeout: state.request_timeout,
         rate_headers,
     };
     stream::respond(reply, generation, settlement, in_flight, timing).await
@@ -162,8 +161,10 @@ fn admit(
     Ok(state.admission.admit(request)?)
 }
 
-/// The request body, at most `--max-body-bytes` of it, within the request's timeout.
+/// The request body: declared JSON (415 otherwise), at most `--max-body-bytes` of it (413),
+/// arriving at the body pace (408) and within the request's timeout.
 async fn read_body(state: &AppState, req: Request<Incoming>) -> Result<Bytes, ApiError> {
+    json_content_type(req.headers())?;
     let limit = state.max_body_bytes;
     if let Some(len) = req
         .headers()
@@ -174,17 +175,135 @@ async fn read_body(state: &AppState, req: Request<Incoming>) -> Result<Bytes, Ap
     {
         return Err(ApiError::BodyTooLarge { limit });
     }
-    let body = Limited::new(req.into_body(), limit);
-    match tokio::time::timeout(state.request_timeout, body.collect()).await {
-        Err(_) => Err(ApiError::Timeout(state.request_timeout)),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(ApiError::BodyTooLarge { limit })
+    let mut body = Limited::new(req.into_body(), limit);
+    let start = TokioInstant::now();
+    let whole = start + state.request_timeout;
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut received = 0;
+    loop {
+        let deadline = state.body_pace.deadline(start, received).min(whole);
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) if deadline == whole => return Err(ApiError::Timeout(state.request_timeout)),
+            Err(_) => {
+                let pace = state.body_pace;
+                return Err(ApiError::ReadTimeout(format!(
+                    "the request body arrived too slowly: {received} bytes in {:.1}s; a body may \
+                     take {}s plus 1s per {} bytes",
+                    start.elapsed().as_secs_f64(),
+                    pace.allowance.as_secs_f64(),
+                    pace.min_bytes_per_sec
+                )));
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(body_error(&*e, limit)),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Ok(data) = frame.into_data() {
+            received += data.len();
+            chunks.push(data);
         }
-        Ok(Err(e)) => Err(ApiError::InvalidRequest {
-            message: format!("could not read the request body: {e}"),
-            param: None,
-            code: None,
-        }),
+    }
+    Ok(match chunks.len() {
+        1 => chunks.pop().unwrap_or_default(),
+        _ => Bytes::from(chunks.concat()),
+    })
+}
+
+/// Refuses a body not declared `application/json` (parameters such as `charset` allowed), as
+/// OpenAI does. Web pages may POST form and text types cross-origin without asking; JSON needs
+/// a CORS preflight, which this server never grants.
+fn json_content_type(headers: &http::HeaderMap) -> Result<(), ApiError> {
+    let value = headers.get(header::CONTENT_TYPE);
+    let is_json = value
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"));
+    if is_json {
+        return Ok(());
+    }
+    let got = value.map(|v| {
+        let text = String::from_utf8_lossy(v.as_bytes());
+        text.chars().take(100).collect::<String>()
+    });
+    Err(ApiError::UnsupportedMediaType(got))
+}
+
+/// What a failed body read means for the client: too large, gone, or a malformed body.
+fn body_error(error: &(dyn std::error::Error + 'static), limit: usize) -> ApiError {
+    if error.is::<http_body_util::LengthLimitError>() {
+        return ApiError::BodyTooLarge { limit };
+    }
+    // The connection closed (or reset) before the whole body came: nobody is left to answer.
+    // hyper reports it as an I/O error somewhere down the error's chain.
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        let closed_io = e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                ErrorKind::UnexpectedEof
+                    | ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+                    | ErrorKind::BrokenPipe
+            )
+        });
+        let closed_conn = e
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(|e| e.is_incomplete_message() || e.is_closed() || e.is_canceled());
+        if closed_io || closed_conn {
+            return ApiError::ClientClosed;
+        }
+        cause = e.source();
+    }
+    ApiError::InvalidRequest {
+        message: format!("could not read the request body: {error}"),
+        param: None,
+        code: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{super::conn::BodyPace, *};
+
+    #[test]
+    fn only_json_bodies_are_taken() {
+        let with = |value: Option<&'static str>| {
+            let mut headers = http::HeaderMap::new();
+            if let Some(v) = value {
+                headers.insert(header::CONTENT_TYPE, http::HeaderValue::from_static(v));
+            }
+            json_content_type(&headers)
+        };
+        assert!(with(Some("application/json")).is_ok());
+        assert!(with(Some("Application/JSON ; charset=utf-8")).is_ok());
+        for refused in [
+            None,
+            Some("text/plain"),
+            Some("application/jsonx"),
+            Some(""),
+        ] {
+            let e = with(refused).unwrap_err();
+            assert_eq!(
+                e.status(),
+                http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "{refused:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_body_earns_time_by_the_bytes_it_sends() {
+        let pace = BodyPace {
+            allowance: Duration::from_secs(20),
+            min_bytes_per_sec: 1024,
+        };
+        let start = TokioInstant::now();
+        assert_eq!(pace.deadline(start, 0), start + Duration::from_secs(20));
+        assert_eq!(
+            pace.deadline(start, 10_240),
+            start + Duration::from_secs(30)
+        );
     }
 }

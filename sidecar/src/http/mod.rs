@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod conn;
 pub mod generate;
 pub mod validate;
 
@@ -16,13 +17,15 @@ use std::{
 
 use http::{HeaderValue, Request, Response, header};
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
 };
 use sluice_crds::SidecarConfig;
 use tokio::{net::TcpListener, sync::watch};
 
+use self::conn::{Activity, BodyPace, Connections, Guarded};
 use crate::{
     admit::Admission,
     engine::{Engine, SamplingDefaults},
@@ -56,6 +59,10 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// Per-request timeout.
     pub request_timeout: Duration,
+    /// The pace a request body must keep (408 otherwise).
+    pub body_pace: BodyPace,
+    /// Turns true when the drain's grace period is over: answers still running end then.
+    pub drain_cut: watch::Receiver<bool>,
     /// Completion cap (and token reservation) of requests that set no `max_tokens`; `None`:
     /// the rest of the context window.
     pub default_max_tokens: Option<usize>,
@@ -74,25 +81,44 @@ pub fn error_response(error: &ApiError) -> Response<ResponseBody> {
     res
 }
 
-/// Accepts connections on `listener` and serves them with `handler` until `shutdown` turns
-/// true; then stops accepting, lets in-flight requests finish for at most `grace`, and returns.
+/// How a listener ends on shutdown.
+#[derive(Debug)]
+pub struct Drain {
+    /// How long answers in flight get to finish once the listener stops accepting.
+    pub grace: Duration,
+    /// Set when the grace period is over: answers still running end with an error (an SSE
+    /// error event and the end of the stream) instead of a cut connection.
+    pub cut: Option<watch::Sender<bool>>,
+}
+
+/// How long answers told to end at the end of the grace period get to flush before the
+/// connections are dropped.
+const CUT_FLUSH: Duration = Duration::from_secs(2);
+
+/// Accepts connections on `listener` within `connections`' limits and serves them (HTTP/1.1)
+/// with `handler` until `shutdown` turns true; then stops accepting, lets answers in flight
+/// finish for at most the drain's grace period, ends the rest, and returns.
 pub async fn serve<S, F, Fut>(
     listener: TcpListener,
+    connections: Arc<Connections>,
     state: Arc<S>,
     handler: F,
     mut shutdown: watch::Receiver<bool>,
-    grace: Duration,
+    drain: Drain,
 ) where
     S: Send + Sync + 'static,
     F: Fn(Arc<S>, Request<Incoming>) -> Fut + Copy + Send + Sync + 'static,
     Fut: Future<Output = Response<ResponseBody>> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // HTTP/1.1 only: what OpenAI clients and Kubernetes' proxies speak to a backend. Cleartext
+    // HTTP/2 would be a second set of limits to keep (streams per connection, resets, pings)
+    // for no client that needs it. Its preface is refused by closing the connection.
+    let mut builder = http1::Builder::new();
+    // The header timer is `TimedIo`'s: hyper's starts at the first byte and closes silently.
     builder
-        .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
+        .header_read_timeout(None::<Duration>);
     let local = listener.local_addr().ok();
     loop {
         let accepted = tokio::select! {
@@ -100,24 +126,37 @@ pub async fn serve<S, F, Fut>(
             // The watch guard must not live across the awaits below.
             _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
         };
-        let (stream, _peer) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(a) => a,
             Err(error) => {
+                // Out of file descriptors (EMFILE) ends here too: wait for some to free up.
                 tracing::warn!(%error, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
+        let permit = match connections.admit(peer.ip()) {
+            Ok(permit) => permit,
+            Err(error) => {
+                tracing::debug!(%peer, %error, "connection refused");
+                connections.refuse(stream, &error);
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
+        let activity = Arc::new(Activity::default());
+        let io = connections.wrap(stream, permit, activity.clone());
         let state = state.clone();
         let service = hyper::service::service_fn(move |req| {
+            // Before the future: the request is in flight from the moment hyper has its head.
+            let in_flight = activity.begin();
             let state = state.clone();
-            async move { Ok::<_, Infallible>(handler(state, req).await) }
+            async move {
+                let res = handler(state, req).await;
+                Ok::<_, Infallible>(res.map(|body| Guarded::new(body, in_flight)))
+            }
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(io), service));
         tokio::spawn(async move {
             if let Err(error) = conn.await {
                 tracing::debug!(%error, "connection ended with an error");
@@ -126,10 +165,22 @@ pub async fn serve<S, F, Fut>(
     }
     drop(listener);
     tracing::info!(addr = ?local, connections = graceful.count(), "stopped accepting; draining");
+    let finished = graceful.shutdown();
+    let mut finished = std::pin::pin!(finished);
     tokio::select! {
-        _ = graceful.shutdown() => tracing::info!(addr = ?local, "all connections finished"),
-        _ = tokio::time::sleep(grace) => {
-            tracing::warn!(addr = ?local, ?grace, "grace period over; closing remaining connections")
+        _ = &mut finished => {
+            tracing::info!(addr = ?local, "all connections finished");
+            return;
         }
+        _ = tokio::time::sleep(drain.grace) => {}
+    }
+    let Some(cut) = drain.cut else {
+        tracing::warn!(addr = ?local, grace = ?drain.grace, "grace period over; closing connections");
+        return;
+    };
+    tracing::warn!(addr = ?local, grace = ?drain.grace, "grace period over; ending answers still running");
+    let _ = cut.send(true);
+    if tokio::time::timeout(CUT_FLUSH, finished).await.is_err() {
+        tracing::warn!(addr = ?local, "answers did not end in time; closing connections");
     }
 }

@@ -2,6 +2,10 @@
 //! wrong types), every field checked as OpenAI does, and the prompt's completion budget checked
 //! against the context window once the prompt is counted.
 
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
 use crate::{
     engine::{ChatTurn, GenerationParams, Prompt},
     openai::{
@@ -119,6 +123,88 @@ fn check_common(
     Ok(stop)
 }
 
+/// `logit_bias` as OpenAI takes it: an object whose keys are token ids (non-negative integers,
+/// as strings) and whose values are biases between -100 and 100. Whether the ids are in the
+/// model's vocabulary only the loaded engine knows: [`check_logit_bias`].
+fn parse_logit_bias(logit_bias: Option<Value>) -> Result<BTreeMap<u32, f32>, ApiError> {
+    let entries = match logit_bias {
+        None => return Ok(BTreeMap::new()),
+        Some(Value::Object(entries)) => entries,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "logit_bias",
+                "logit_bias must be an object mapping token ids to biases",
+            ));
+        }
+    };
+    let mut bias = BTreeMap::new();
+    for (key, value) in entries {
+        let Ok(id) = key.parse::<u32>() else {
+            return Err(ApiError::invalid(
+                "logit_bias",
+                format!(
+                    "invalid key {key:?} in logit_bias: keys must be token ids (non-negative integers)"
+                ),
+            ));
+        };
+        let Some(b) = value.as_f64().filter(|b| (-100.0..=100.0).contains(b)) else {
+            return Err(ApiError::invalid(
+                "logit_bias",
+                format!(
+                    "invalid bias {value} for token {id} in logit_bias: it must be a number between -100 and 100"
+                ),
+            ));
+        };
+        bias.insert(id, b as f32);
+    }
+    Ok(bias)
+}
+
+/// Checks that every token id in the request's `logit_bias` is in the loaded model's
+/// vocabulary of `vocab_size` ids ([`crate::engine::Engine::vocab_size`]): parsing cannot, as
+/// only the engine knows the vocabulary, so this runs once the request is parsed and an engine
+/// is loaded.
+pub fn check_logit_bias(request: &GenerationRequest, vocab_size: usize) -> Result<(), ApiError> {
+    match request
+        .params
+        .logit_bias
+        .keys()
+        .find(|&&id| usize::try_from(id).map_or(true, |id| id >= vocab_size))
+    {
+        None => Ok(()),
+        Some(id) => Err(ApiError::invalid(
+            "logit_bias",
+            format!(
+                "invalid key {id} in logit_bias: token {id} is not in the model's vocabulary of {vocab_size} tokens (ids 0 to {})",
+                vocab_size.saturating_sub(1)
+            ),
+        )),
+    }
+}
+
+/// The `tool_call_id` of `messages[i]`, a tool message: required, as it names the call the
+/// message answers, and a non-empty string.
+fn check_tool_call_id(i: usize, tool_call_id: Option<&Value>) -> Result<(), ApiError> {
+    let param = format!("messages[{i}].tool_call_id");
+    match tool_call_id {
+        Some(Value::String(id)) if !id.is_empty() => Ok(()),
+        Some(Value::String(_)) => Err(ApiError::invalid(
+            param,
+            format!("messages[{i}].tool_call_id must not be empty"),
+        )),
+        None | Some(Value::Null) => Err(ApiError::invalid(
+            param,
+            format!(
+                "messages[{i}] is a tool message without a tool_call_id: it must name the call it answers"
+            ),
+        )),
+        Some(other) => Err(ApiError::invalid(
+            param,
+            format!("messages[{i}].tool_call_id must be a string, not {other}"),
+        )),
+    }
+}
+
 fn check_max_tokens(param: &str, v: Option<u64>) -> Result<Option<usize>, ApiError> {
     match v {
         None => Ok(None),
@@ -160,6 +246,7 @@ impl ChatCompletionRequest {
             Some(_) => check_max_tokens("max_completion_tokens", self.max_completion_tokens)?,
             None => check_max_tokens("max_tokens", self.max_tokens)?,
         };
+        let logit_bias = parse_logit_bias(self.logit_bias)?;
         let mut turns = Vec::with_capacity(self.messages.len());
         for (i, m) in self.messages.into_iter().enumerate() {
             let role = match m.role.as_str() {
@@ -176,8 +263,22 @@ impl ChatCompletionRequest {
                     ));
                 }
             };
+            if role == "tool" {
+                check_tool_call_id(i, m.tool_call_id.as_ref())?;
+            }
             let content = match m.content {
-                None => String::new(),
+                // Only an assistant message may leave its content null (OpenAI: one that
+                // carries tool calls instead).
+                None if role == "assistant" => String::new(),
+                None => {
+                    return Err(ApiError::invalid(
+                        format!("messages[{i}].content"),
+                        format!(
+                            "messages[{i}].content is required for a {} message: only an assistant message may leave it null",
+                            m.role
+                        ),
+                    ));
+                }
                 Some(MessageContent::Text(t)) => t,
                 Some(MessageContent::Parts(parts)) => {
                     let mut text = String::new();
@@ -214,6 +315,7 @@ impl ChatCompletionRequest {
                 stop,
                 presence_penalty: self.presence_penalty,
                 frequency_penalty: self.frequency_penalty,
+                logit_bias,
             },
             stream,
             include_usage: stream
@@ -275,6 +377,7 @@ impl CompletionRequest {
         )?;
         // OpenAI's default for /v1/completions.
         let max_tokens = check_max_tokens("max_tokens", self.max_tokens)?.or(Some(16));
+        let logit_bias = parse_logit_bias(self.logit_bias)?;
         let stream = self.stream.unwrap_or(false);
         Ok(GenerationRequest {
             kind: Kind::Completion,
@@ -287,6 +390,7 @@ impl CompletionRequest {
                 stop,
                 presence_penalty: self.presence_penalty,
                 frequency_penalty: self.frequency_penalty,
+                logit_bias,
             },
             stream,
             include_usage: stream
@@ -431,6 +535,139 @@ mod tests {
         assert_eq!(e.body().error.param.as_deref(), Some("messages[0].role"));
         let e = chat(r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]}"#).unwrap_err();
         assert_eq!(e.body().error.code, Some("unsupported_parameter"));
+    }
+
+    #[test]
+    fn only_assistant_messages_may_leave_content_null() {
+        for (role, content) in [
+            ("user", r#","content":null"#),
+            ("user", ""),
+            ("system", r#","content":null"#),
+            ("developer", ""),
+            ("tool", r#","content":null,"tool_call_id":"call_1""#),
+        ] {
+            let body = format!(
+                r#"{{"model":"m","messages":[{{"role":"system","content":"s"}},{{"role":"user","content":"x"}},
+                    {{"role":"{role}"{content}}}]}}"#
+            );
+            let e = chat(&body).unwrap_err();
+            assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{body}");
+            assert_eq!(
+                e.body().error.param.as_deref(),
+                Some("messages[2].content"),
+                "{body}: {e}"
+            );
+            assert!(e.to_string().contains(role), "{e}");
+        }
+        // An assistant turn that called tools has no content: still accepted, as empty text.
+        let p = chat(
+            r#"{"model":"m","messages":[{"role":"user","content":"x"},
+                {"role":"assistant","content":null,"tool_calls":[]},{"role":"assistant"},
+                {"role":"user","content":"y"}]}"#,
+        )
+        .unwrap();
+        let Prompt::Chat(turns) = p.prompt else {
+            panic!("chat prompt")
+        };
+        assert_eq!(
+            (turns[1].content.as_str(), turns[2].content.as_str()),
+            ("", "")
+        );
+    }
+
+    #[test]
+    fn tool_messages_need_a_tool_call_id() {
+        for tool_call_id in [
+            "",
+            r#","tool_call_id":null"#,
+            r#","tool_call_id":"""#,
+            r#","tool_call_id":7"#,
+        ] {
+            let body = format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":"x"}},
+                    {{"role":"tool","content":"42"{tool_call_id}}}]}}"#
+            );
+            let e = chat(&body).unwrap_err();
+            assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{body}");
+            assert_eq!(
+                e.body().error.param.as_deref(),
+                Some("messages[1].tool_call_id"),
+                "{body}: {e}"
+            );
+        }
+        let p = chat(
+            r#"{"model":"m","messages":[{"role":"user","content":"x"},
+                {"role":"tool","content":"42","tool_call_id":"call_1"}]}"#,
+        )
+        .unwrap();
+        let Prompt::Chat(turns) = p.prompt else {
+            panic!("chat prompt")
+        };
+        assert_eq!(
+            (turns[1].role.as_str(), turns[1].content.as_str()),
+            ("tool", "42")
+        );
+    }
+
+    #[test]
+    fn logit_bias_keys_are_token_ids_and_values_within_100() {
+        let base = r#""model":"m","messages":[{"role":"user","content":"x"}]"#;
+        for bias in [
+            r#"[1,2]"#,
+            r#""50256""#,
+            r#"{"hello":5}"#,
+            r#"{"-1":5}"#,
+            r#"{"1.5":5}"#,
+            r#"{"7":101}"#,
+            r#"{"7":-100.5}"#,
+            r#"{"7":"5"}"#,
+            r#"{"7":null}"#,
+        ] {
+            let e = chat(&format!(r#"{{{base},"logit_bias":{bias}}}"#)).unwrap_err();
+            assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{bias}");
+            assert_eq!(
+                e.body().error.param.as_deref(),
+                Some("logit_bias"),
+                "{bias}: {e}"
+            );
+        }
+        let p = chat(&format!(
+            r#"{{{base},"logit_bias":{{"7":-100,"31999":100,"12":2.5}}}}"#
+        ))
+        .unwrap();
+        assert_eq!(
+            p.params.logit_bias.into_iter().collect::<Vec<_>>(),
+            vec![(7, -100.0), (12, 2.5), (31999, 100.0)]
+        );
+        let p = chat(&format!(r#"{{{base},"logit_bias":null}}"#)).unwrap();
+        assert!(p.params.logit_bias.is_empty());
+        let e = completion(r#"{"model":"m","prompt":"x","logit_bias":{"x":1}}"#).unwrap_err();
+        assert_eq!(e.body().error.param.as_deref(), Some("logit_bias"));
+    }
+
+    #[test]
+    fn logit_bias_ids_must_be_in_the_vocabulary() {
+        let p =
+            completion(r#"{"model":"m","prompt":"x","logit_bias":{"0":1,"31999":-100}}"#).unwrap();
+        check_logit_bias(&p, 32000).unwrap();
+        let p = chat(r#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#).unwrap();
+        check_logit_bias(&p, 32000).unwrap();
+
+        let p = chat(
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"logit_bias":{"5":1,"32000":-100}}"#,
+        )
+        .unwrap();
+        let e = check_logit_bias(&p, 32000).unwrap_err();
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(e.body().error.param.as_deref(), Some("logit_bias"));
+        let message = e.to_string();
+        assert!(
+            message.contains("32000") && message.contains("vocabulary of 32000 tokens"),
+            "{message}"
+        );
+        let p = completion(r#"{"model":"m","prompt":"x","logit_bias":{"4294967295":1}}"#).unwrap();
+        let e = check_logit_bias(&p, 32000).unwrap_err();
+        assert!(e.to_string().contains("4294967295"), "{e}");
     }
 
     #[test]

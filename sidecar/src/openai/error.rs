@@ -16,6 +16,13 @@ use crate::{
     route::RouteError,
 };
 
+/// The status a request is counted under when its client left before the answer (nginx's 499;
+/// never sent).
+pub const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
+    Ok(status) => status,
+    Err(_) => panic!("499 is a valid status code"),
+};
+
 /// How long a request refused for want of a valid config should wait.
 const NO_POLICY_RETRY_NS: u64 = 1_000_000_000;
 
@@ -86,6 +93,38 @@ pub enum ApiError {
     /// The request did not finish (or start) within the per-request timeout.
     #[error("the request timed out after {0:?}")]
     Timeout(Duration),
+
+    /// The request head or body did not arrive in time (408): the message says which part
+    /// and what pace was expected.
+    #[error("{0}")]
+    ReadTimeout(String),
+
+    /// A POST body that is not declared `application/json` (415). Requiring it keeps web pages
+    /// from sending simple cross-origin POSTs (which may only use form or text types) to a
+    /// sidecar that has no API keys.
+    #[error(
+        "requests must have Content-Type: application/json (got {}); set the header to \
+         `application/json`",
+        .0.as_deref().unwrap_or("none")
+    )]
+    UnsupportedMediaType(Option<String>),
+
+    /// The listener holds as many connections as it may (all, or from this client): refused
+    /// before any request is read.
+    #[error("the server holds its limit of {limit} open connections{}; retry shortly",
+        if *.per_client { " from one client" } else { "" })]
+    TooManyConnections {
+        /// The limit reached.
+        limit: usize,
+        /// Whether it is the per-client limit.
+        per_client: bool,
+    },
+
+    /// The client went away before its answer could be sent (a body abandoned mid-way, a
+    /// connection closed while the request waited). Never sent: it only labels the request's
+    /// count, 499 as nginx logs it.
+    #[error("the client closed the connection before the answer")]
+    ClientClosed,
 
     /// The model is still loading.
     #[error("the model is still loading; retry when the server is ready")]
@@ -194,6 +233,10 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::ReadTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::TooManyConnections { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ClientClosed => CLIENT_CLOSED_REQUEST,
             Self::VariantUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::NoPolicy => StatusCode::SERVICE_UNAVAILABLE,
@@ -212,6 +255,7 @@ impl ApiError {
             Self::Overloaded { .. }
             | Self::Timeout(_)
             | Self::Loading
+            | Self::TooManyConnections { .. }
             | Self::VariantUnavailable { .. } => Some(1),
             Self::Draining => Some(5),
             Self::NoPolicy => Some(NO_POLICY_RETRY_NS.div_ceil(1_000_000_000)),
@@ -246,6 +290,14 @@ impl ApiError {
             Self::Timeout(_) => ("server_error", None, Some("timeout")),
             Self::Draining => ("server_error", None, Some("shutting_down")),
             Self::Forbidden(_) => ("permission_error", None, Some("forbidden")),
+            Self::ReadTimeout(_) => ("invalid_request_error", None, Some("request_timeout")),
+            Self::UnsupportedMediaType(_) => (
+                "invalid_request_error",
+                None,
+                Some("unsupported_media_type"),
+            ),
+            Self::TooManyConnections { .. } => ("server_error", None, Some("too_many_connections")),
+            Self::ClientClosed => ("invalid_request_error", None, Some("client_closed_request")),
             Self::VariantUnavailable { .. } => ("server_error", None, Some("variant_unavailable")),
             Self::Loading => ("server_error", None, Some("loading")),
             Self::Unauthorized(_) => ("invalid_request_error", None, Some("invalid_api_key")),

@@ -89,6 +89,10 @@ pub struct ChatCompletionRequest {
     /// Not supported (400 when non-empty).
     #[serde(default)]
     pub tools: Option<Vec<serde_json::Value>>,
+    /// Token id (as a string) to a bias in -100..=100; kept as JSON so a wrong shape is a 400
+    /// naming `logit_bias`, not a bare deserialization error.
+    #[serde(default)]
+    pub logit_bias: Option<serde_json::Value>,
 }
 
 /// `POST /v1/completions` body.
@@ -140,6 +144,9 @@ pub struct CompletionRequest {
     /// Only 1 is supported.
     #[serde(default)]
     pub best_of: Option<u64>,
+    /// As for chat.
+    #[serde(default)]
+    pub logit_bias: Option<serde_json::Value>,
 }
 
 /// `stream_options`.
@@ -180,6 +187,10 @@ pub struct ChatMessage {
     /// Text, text parts, or null (assistant messages with tool calls).
     #[serde(default)]
     pub content: Option<MessageContent>,
+    /// The call a `tool` message answers (required there); kept as JSON so a non-string is a
+    /// 400 naming `messages[i].tool_call_id`, not a bare deserialization error.
+    #[serde(default)]
+    pub tool_call_id: Option<serde_json::Value>,
 }
 
 /// Content of a chat message.

@@ -7,18 +7,17 @@ mod relay;
 pub mod sse;
 pub mod timing;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::{HeaderName, HeaderValue, Response, StatusCode, header};
 use http_body_util::BodyExt;
-use tokio::time::Instant as TokioInstant;
 use tracing::Instrument;
 
 use self::{
     body::{ResponseBody, add_headers, json},
     relay::{Piece, Progress, Relay, collect},
     sse::Framer,
-    timing::{InFlight, SERVER_TIMING, Timing, record_usage},
+    timing::{Deadline, InFlight, SERVER_TIMING, Timing, record_usage},
 };
 use crate::{
     admit::{Outcome, settle::Settlement},
@@ -47,10 +46,8 @@ pub struct Reply {
     pub model: String,
     /// Exact prompt tokens (the usage when the engine reports none).
     pub prompt_tokens: usize,
-    /// When the request times out.
-    pub deadline: TokioInstant,
-    /// The per-request timeout (for the timeout error).
-    pub timeout: Duration,
+    /// When the answer must end (timeout, end of the drain).
+    pub deadline: Deadline,
     /// The admitted request's rate-limit headers (`x-ratelimit-*`).
     pub rate_headers: Vec<(HeaderName, HeaderValue)>,
 }
@@ -59,7 +56,7 @@ pub struct Reply {
 /// first token is in its body, the rest relayed by a task of its own. The reservation is settled
 /// when the answer ends.
 pub async fn respond(
-    reply: Reply,
+    mut reply: Reply,
     mut generation: Generation,
     mut settlement: Settlement,
     in_flight: InFlight,
@@ -78,8 +75,7 @@ pub async fn respond(
             &mut progress,
             &mut generation,
             &mut settlement,
-            reply.deadline,
-            reply.timeout,
+            &mut reply.deadline,
         )
         .await?;
         let usage = progress.usage();
@@ -141,10 +137,10 @@ pub async fn respond(
     }
 
     // Streaming: wait for the first token so an engine refusal is still a clean JSON error.
-    let first = match tokio::time::timeout_at(reply.deadline, generation.next()).await {
-        Err(_) => {
+    let first = match reply.deadline.run(generation.next()).await {
+        Err(e) => {
             settlement.settle(Outcome::Failed);
-            return Err(ApiError::Timeout(reply.timeout));
+            return Err(e);
         }
         Ok(None) => {
             settlement.settle(Outcome::Failed);
@@ -175,7 +171,6 @@ pub async fn respond(
         progress,
         settlement,
         deadline: reply.deadline,
-        timeout: reply.timeout,
         sent: 0,
         _in_flight: in_flight,
     };

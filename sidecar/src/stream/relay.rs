@@ -2,15 +2,15 @@
 //! ([`Relay`]). Both read events through [`Progress`], so they count tokens, token times and
 //! finish reasons alike.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use hyper::body::Bytes;
-use tokio::{sync::mpsc::error::SendError, time::Instant as TokioInstant};
+use tokio::sync::mpsc::error::SendError;
 
 use super::{
     body::BodySender,
     sse::{DONE, Framer, data_event},
-    timing::{InFlight, Timing, record_usage},
+    timing::{Deadline, InFlight, Timing, record_usage},
 };
 use crate::{
     admit::{Outcome, settle::Settlement},
@@ -138,16 +138,15 @@ pub(super) async fn collect(
     progress: &mut Progress,
     generation: &mut Generation,
     settlement: &mut Settlement,
-    deadline: TokioInstant,
-    timeout: Duration,
+    deadline: &mut Deadline,
 ) -> Result<String, ApiError> {
     let mut text = String::new();
     loop {
-        let event = match tokio::time::timeout_at(deadline, generation.next()).await {
-            Err(_) => {
+        let event = match deadline.run(generation.next()).await {
+            Err(e) => {
                 let counted = Usage::new(progress.prompt_tokens, progress.chunks);
                 settlement.settle_with(counted, Outcome::Failed);
-                return Err(ApiError::Timeout(timeout));
+                return Err(e);
             }
             Ok(None) => break,
             Ok(Some(event)) => event,
@@ -176,9 +175,8 @@ pub(super) struct Relay {
     pub(super) tx: BodySender,
     pub(super) progress: Progress,
     pub(super) settlement: Settlement,
-    pub(super) deadline: TokioInstant,
-    /// The request's timeout (for the error event).
-    pub(super) timeout: Duration,
+    /// When the stream must end (timeout, end of the drain), with an error event.
+    pub(super) deadline: Deadline,
     /// Body bytes sent so far (for byte limits).
     pub(super) sent: u64,
     pub(super) _in_flight: InFlight,
@@ -222,9 +220,9 @@ impl Relay {
                 let event = tokio::select! {
                     // Notice a disconnect even while the engine is busy prefilling.
                     _ = self.tx.closed() => break Outcome::Cancelled,
-                    r = tokio::time::timeout_at(self.deadline, generation.next()) => match r {
-                        Err(_) => {
-                            let e = ApiError::Timeout(self.timeout);
+                    r = self.deadline.run(generation.next()) => match r {
+                        Err(e) => {
+                            tracing::warn!(error = %e, "stream ended early");
                             let _ = self.send(data_event(&e.body()));
                             break Outcome::Failed;
                         }

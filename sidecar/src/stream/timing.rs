@@ -2,10 +2,14 @@
 //! `Server-Timing` header ([`Timing`]), the bounded queue in front of the engine ([`queue`]), and
 //! the gauges that count a request while it waits and while it runs.
 
-use std::time::{Duration, Instant};
+use std::{
+    future::Future,
+    time::{Duration, Instant},
+};
 
 use http::{HeaderName, HeaderValue};
-use tokio::time::Instant as TokioInstant;
+use prometheus_client::metrics::counter::Counter;
+use tokio::{sync::watch, time::Instant as TokioInstant};
 
 use crate::{
     engine::{Slot, Slots},
@@ -17,19 +21,52 @@ use crate::{
 /// Where a response says how its time went ([`Timing::server_timing`]).
 pub const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
 
+/// When a request must be over: at its timeout, or when the drain's grace period ends.
+#[derive(Clone, Debug)]
+pub struct Deadline {
+    /// When the request times out.
+    pub at: TokioInstant,
+    /// The per-request timeout (for the error).
+    pub timeout: Duration,
+    /// Turns true when the drain's grace period is over.
+    pub drain_cut: watch::Receiver<bool>,
+    /// Counts the answers the end of the grace period ended.
+    pub cut_count: Counter,
+}
+
+impl Deadline {
+    /// `work`'s output, or why the request had to end first: [`ApiError::Timeout`] or
+    /// [`ApiError::Draining`] (counted) at the end of the grace period.
+    pub async fn run<F: Future>(&mut self, work: F) -> Result<F::Output, ApiError> {
+        let cut = &mut self.drain_cut;
+        tokio::select! {
+            biased;
+            out = tokio::time::timeout_at(self.at, work) => {
+                out.map_err(|_| ApiError::Timeout(self.timeout))
+            }
+            _ = async {
+                // A dropped sender never cuts (the process is going anyway).
+                if cut.wait_for(|cut| *cut).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            } => {
+                self.cut_count.inc();
+                Err(ApiError::Draining)
+            }
+        }
+    }
+}
+
 /// Waits in the bounded queue in front of the engine (counted in `sluice_queue_depth`) for a
-/// slot, until `deadline`; `timeout` is the request's, for the error. The slot comes back
-/// counted in `sluice_requests_in_flight`.
+/// slot, until the request's deadline. The slot comes back counted in
+/// `sluice_requests_in_flight`.
 pub async fn queue(
     metrics: &Metrics,
     slots: &Slots,
-    deadline: TokioInstant,
-    timeout: Duration,
+    deadline: &mut Deadline,
 ) -> Result<InFlight, ApiError> {
     let queued = QueueGuard::enter(metrics);
-    let slot = tokio::time::timeout_at(deadline, slots.acquire())
-        .await
-        .map_err(|_| ApiError::Timeout(timeout))?;
+    let slot = deadline.run(slots.acquire()).await?;
     drop(queued);
     Ok(InFlight::enter(metrics, slot?))
 }

@@ -97,12 +97,31 @@ impl Sidecar {
     /// Starts `bin serve` (this build's or another) on `model` with `extra` flags on the given
     /// ports; does not wait for readiness.
     pub fn launch(bin: &Path, model: &Path, api: u16, admin: u16, extra: &[&str]) -> Self {
+        Self::start(Command::new(bin), model, api, admin, extra)
+    }
+
+    /// [`Sidecar::spawn`] in a process limited to `open_files` open files (soft and hard).
+    pub fn spawn_with_open_files(open_files: u32, extra: &[&str]) -> Self {
+        let bin = Path::new(env!("CARGO_BIN_EXE_sluice-sidecar"));
+        let mut command = Command::new("sh");
+        command
+            .args([
+                "-c",
+                &format!("ulimit -n {open_files} && exec \"$@\""),
+                "sh",
+            ])
+            .arg(bin);
+        Self::start(command, &model_path(), free_port(), free_port(), extra)
+    }
+
+    /// Runs `command serve ...` (`command` is the binary, or a wrapper that execs it).
+    fn start(mut command: Command, model: &Path, api: u16, admin: u16, extra: &[&str]) -> Self {
         let log = std::env::temp_dir().join(format!(
             "sluice-sidecar-test-{}-{api}.log",
             std::process::id()
         ));
         let log_file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(bin)
+        let child = command
             .arg("serve")
             .arg("--model")
             .arg(model)
