@@ -10,6 +10,7 @@ use kube::core::Duration;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+use crate::lifecycle::{REQUEST_TIMEOUT_SECS, drain_grace_secs};
 use crate::quantity::parse_bytes;
 
 /// Sequences the engine batches at once when `engine.maxConcurrentSequences` is unset: the
@@ -211,6 +212,9 @@ pub enum ModelFormat {
 /// Engine settings for a variant; unset fields use the sidecar's defaults.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.requestTimeout) || duration(self.requestTimeout) > duration('0s')").message("requestTimeout must be positive"))]
+#[x_kube(validation = Rule::new("!has(self.firstTokenTimeout) || duration(self.firstTokenTimeout) > duration('0s')").message("firstTokenTimeout must be positive"))]
+#[x_kube(validation = Rule::new("!has(self.firstTokenTimeout) || duration(self.firstTokenTimeout) <= (has(self.requestTimeout) ? duration(self.requestTimeout) : duration('300s'))").message("firstTokenTimeout must not exceed requestTimeout (default 5m)"))]
 pub struct EngineSettings {
     /// Maximum context length in tokens (prompt + completion). Default: the model's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -241,6 +245,17 @@ pub struct EngineSettings {
     /// Default: an eighth of the pod's memory limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix_cache_memory: Option<Quantity>,
+    /// Time a request may take, queueing and generation included, e.g. `10m`. Past it the
+    /// request ends with a `timeout` error (an error event on a stream), its engine work
+    /// cancelled. Pods drain this long on shutdown (after a 5 s preStop sleep), so that a
+    /// rollout never cuts a generation that could still finish. Default `5m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_timeout: Option<Duration>,
+    /// Time a request may wait for its first token (queueing and prompt processing), e.g.
+    /// `30s`; at most `requestTimeout`. Past it: a `timeout` error before any output. Default:
+    /// `requestTimeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_token_timeout: Option<Duration>,
 }
 
 /// Compute per pod.
@@ -577,6 +592,7 @@ impl InferenceModel {
                     .map_err(|e| format!("variant {:?}: model.size {e}", v.name))?;
             }
             check_prefix_cache_memory(v, spec.resources.as_ref())?;
+            check_timeouts(v)?;
         }
         if total != 100 {
             return Err(format!("variant weights sum to {total}, not 100"));
@@ -594,6 +610,37 @@ impl InferenceModel {
         }
         Ok(())
     }
+}
+
+/// `engine.requestTimeout` and `firstTokenTimeout`: positive, and the first token no later
+/// than the whole request (the CEL rules on `EngineSettings`).
+fn check_timeouts(v: &Variant) -> Result<(), String> {
+    let Some(e) = &v.engine else {
+        return Ok(());
+    };
+    for (field, value) in [
+        ("requestTimeout", &e.request_timeout),
+        ("firstTokenTimeout", &e.first_token_timeout),
+    ] {
+        if let Some(d) = value
+            && (d.is_negative() || std::time::Duration::from(*d).is_zero())
+        {
+            return Err(format!(
+                "variant {:?}: engine.{field} must be positive",
+                v.name
+            ));
+        }
+    }
+    if let Some(first) = e.first_token_timeout
+        && std::time::Duration::from(first) > v.request_timeout()
+    {
+        return Err(format!(
+            "variant {:?}: engine.firstTokenTimeout must not exceed requestTimeout ({}s)",
+            v.name,
+            v.request_timeout().as_secs_f64()
+        ));
+    }
+    Ok(())
 }
 
 // === impl Variant ===
@@ -614,6 +661,30 @@ impl Variant {
             .as_ref()
             .and_then(|e| e.max_concurrent_sequences)
             .unwrap_or(DEFAULT_MAX_CONCURRENT_SEQUENCES)
+    }
+
+    /// How long this variant's requests may take: `engine.requestTimeout`, else the sidecar's
+    /// default ([`REQUEST_TIMEOUT_SECS`]).
+    pub fn request_timeout(&self) -> std::time::Duration {
+        self.engine.as_ref().and_then(|e| e.request_timeout).map_or(
+            std::time::Duration::from_secs(REQUEST_TIMEOUT_SECS.into()),
+            std::time::Duration::from,
+        )
+    }
+
+    /// How long this variant's requests may wait for their first token, when set.
+    pub fn first_token_timeout(&self) -> Option<std::time::Duration> {
+        self.engine
+            .as_ref()
+            .and_then(|e| e.first_token_timeout)
+            .map(std::time::Duration::from)
+    }
+
+    /// The drain this variant's pods need on shutdown, in whole seconds: their request timeout
+    /// (rounded up), so a rollout never cuts a generation that could still finish.
+    pub fn drain_grace_secs(&self) -> u32 {
+        let secs = self.request_timeout().as_secs_f64().ceil();
+        drain_grace_secs(u32::try_from(secs as u64).unwrap_or(u32::MAX))
     }
 }
 

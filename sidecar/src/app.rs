@@ -12,7 +12,9 @@ use tokio::net::TcpListener;
 use crate::{
     admit::limiter::LimitAdmission,
     cli::ServeConfig,
-    engine::{Engine, EngineSettings, PrefixCacheMeter, device, start_kernel_threads},
+    engine::{
+        Engine, EngineSettings, PrefixCacheMeter, Prompt, device, start_kernel_threads, watchdog,
+    },
     error::{Result, StartupError},
     forward::Forwarder,
     http::{
@@ -25,7 +27,7 @@ use crate::{
     metrics::{self, ConnectionMetrics, Metrics},
     model::convert,
     open_files,
-    readiness::Readiness,
+    readiness::{Liveness, Readiness},
     reload::{self, ReloadMetrics, Reloader},
     route::{Router, RoutingMetrics},
 };
@@ -135,8 +137,10 @@ pub async fn serve_until(
         policy_rx.clone(),
         shutdown_rx.clone(),
     );
+    let liveness = Liveness::default();
     let admin_state = Arc::new(AdminState {
         readiness: readiness.clone(),
+        liveness: liveness.clone(),
         registry: registry.clone(),
     });
     let admin = serve_admin(
@@ -159,6 +163,7 @@ pub async fn serve_until(
         served_name: config.served_name.clone(),
         max_body_bytes: config.max_body_bytes,
         request_timeout: config.request_timeout,
+        first_token_timeout: config.first_token_timeout,
         body_pace: config.body_pace,
         drain_cut: drain_cut_rx,
         default_max_tokens: config.default_max_tokens,
@@ -216,6 +221,21 @@ pub async fn serve_until(
         }
     };
     metrics.model_load.set(load_started.elapsed().as_secs_f64());
+    let watched = engine.clone();
+    tokio::spawn(watchdog::watch(
+        move || watched.slots().busy(),
+        {
+            let engine = engine.clone();
+            move || {
+                let engine = engine.clone();
+                async move {
+                    let _ = engine.tokenize_in_engine(&Prompt::Text("ok".into())).await;
+                }
+            }
+        },
+        config.first_token_timeout,
+        liveness,
+    ));
     // Set exactly once, here.
     let _ = state.engine.set(engine);
     readiness.set_loaded();

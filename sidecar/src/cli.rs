@@ -12,7 +12,10 @@ use std::{
 use sluice_crds::SidecarConfig;
 use sluice_crds::device::DEVICE_ENV;
 use sluice_crds::inference_model::DEFAULT_MAX_CONCURRENT_SEQUENCES;
-use sluice_crds::lifecycle::{DRAIN_GRACE_SECS, DRAIN_GRACE_SECS_FLAG};
+use sluice_crds::lifecycle::{
+    DRAIN_GRACE_SECS, DRAIN_GRACE_SECS_FLAG, FIRST_TOKEN_TIMEOUT_SECS_FLAG, REQUEST_TIMEOUT_SECS,
+    REQUEST_TIMEOUT_SECS_FLAG,
+};
 use sluice_crds::sidecar_config::{SIDECAR_CONFIG_VERSION, VariantRoute};
 
 use crate::{
@@ -129,9 +132,20 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_MAX_QUEUE", default_value_t = 64)]
     pub max_queue: usize,
 
-    /// Per-request timeout in seconds (queueing plus generation); 503 when exceeded.
-    #[arg(long, env = "SLUICE_REQUEST_TIMEOUT_SECS", default_value_t = 300.0)]
+    /// Per-request timeout in seconds (queueing plus generation); 503 `timeout` when exceeded
+    /// (an error event on a stream already answering).
+    #[arg(
+        long = REQUEST_TIMEOUT_SECS_FLAG,
+        env = "SLUICE_REQUEST_TIMEOUT_SECS",
+        default_value_t = f64::from(REQUEST_TIMEOUT_SECS)
+    )]
     pub request_timeout_secs: f64,
+
+    /// Seconds a request may wait for its first token (queueing plus prompt processing), at most
+    /// the request timeout; 503 `timeout` before any output when exceeded. Default: the request
+    /// timeout.
+    #[arg(long = FIRST_TOKEN_TIMEOUT_SECS_FLAG, env = "SLUICE_FIRST_TOKEN_TIMEOUT_SECS")]
+    pub first_token_timeout_secs: Option<f64>,
 
     /// On SIGTERM, seconds in-flight requests get to finish before the process exits. The
     /// operator passes it and sizes the pod's termination grace period to outlast it.
@@ -245,6 +259,8 @@ pub struct ServeConfig {
     pub max_queue: usize,
     /// Per-request timeout.
     pub request_timeout: Duration,
+    /// Time to the first token (at most `request_timeout`).
+    pub first_token_timeout: Duration,
     /// Grace period on SIGTERM.
     pub drain_grace: Duration,
     /// Kernel threads.
@@ -349,7 +365,25 @@ impl ServeArgs {
                 "--default-top-p {p} is out of range: it must be between 0 and 1"
             )));
         }
-        let request_timeout = positive_secs("--request-timeout-secs", self.request_timeout_secs)?;
+        let request_timeout = positive_secs(
+            &format!("--{REQUEST_TIMEOUT_SECS_FLAG}"),
+            self.request_timeout_secs,
+        )?;
+        let first_token_timeout = match self.first_token_timeout_secs {
+            None => request_timeout,
+            Some(secs) => {
+                let flag = format!("--{FIRST_TOKEN_TIMEOUT_SECS_FLAG}");
+                let t = positive_secs(&flag, secs)?;
+                if t > request_timeout {
+                    return Err(StartupError::Config(format!(
+                        "{flag} {secs} exceeds --{REQUEST_TIMEOUT_SECS_FLAG} {}: the first token \
+                         cannot come later than the whole answer",
+                        request_timeout.as_secs_f64()
+                    )));
+                }
+                t
+            }
+        };
         if self.max_connections == Some(0) {
             return Err(StartupError::Config(
                 "--max-connections must be at least 1".into(),
@@ -416,6 +450,7 @@ impl ServeArgs {
             max_seqs: self.max_seqs,
             max_queue: self.max_queue,
             request_timeout,
+            first_token_timeout,
             drain_grace,
             threads: self.threads,
             kernel_nice: self.kernel_nice,
@@ -592,6 +627,28 @@ mod tests {
         let cli = Cli::try_parse_from(["x", "--model", p, &format!("{flag}=0")]).unwrap();
         let err = cli.serve.validate().unwrap_err().to_string();
         assert!(err.contains(&flag), "{err}");
+        // The timeouts, as the operator writes them (seconds, fractions allowed).
+        assert_eq!(
+            cfg.request_timeout,
+            Duration::from_secs(REQUEST_TIMEOUT_SECS.into())
+        );
+        assert_eq!(cfg.first_token_timeout, cfg.request_timeout);
+        let (request, first) = (
+            format!("--{REQUEST_TIMEOUT_SECS_FLAG}"),
+            format!("--{FIRST_TOKEN_TIMEOUT_SECS_FLAG}"),
+        );
+        let cfg = Cli::try_parse_from(["x", "--model", p, &request, "600", &first, "2.5"])
+            .unwrap()
+            .serve
+            .validate()
+            .unwrap();
+        assert_eq!(
+            (cfg.request_timeout, cfg.first_token_timeout),
+            (Duration::from_secs(600), Duration::from_millis(2500))
+        );
+        let cli = Cli::try_parse_from(["x", "--model", p, &request, "10", &first, "11"]).unwrap();
+        let err = cli.serve.validate().unwrap_err().to_string();
+        assert!(err.contains(&first) && err.contains("exceeds"), "{err}");
     }
 
     #[test]

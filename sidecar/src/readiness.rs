@@ -1,5 +1,5 @@
 //! Readiness as a latch: ready only once the model is loaded and the config is valid, and never
-//! again once draining has begun.
+//! again once draining has begun; and liveness, lost while the engine is wedged.
 
 use std::sync::{
     Arc,
@@ -53,6 +53,23 @@ impl Readiness {
     /// Ready: loaded, config valid and not draining.
     pub fn is_ready(&self) -> bool {
         self.is_loaded() && self.0.config_valid.load(Ordering::SeqCst) && !self.is_draining()
+    }
+}
+
+/// Liveness beyond "the process answers": false only while the engine is wedged (the engine's
+/// watchdog sets it). Cheap to clone; every clone sees the same flag.
+#[derive(Clone, Debug, Default)]
+pub struct Liveness(Arc<AtomicBool>);
+
+impl Liveness {
+    /// Marks the engine wedged (`/healthz` fails) or live again.
+    pub fn set_wedged(&self, wedged: bool) {
+        self.0.store(wedged, Ordering::SeqCst);
+    }
+
+    /// Whether the engine is wedged.
+    pub fn is_wedged(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
     }
 }
 

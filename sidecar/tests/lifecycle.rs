@@ -112,3 +112,44 @@ async fn readiness_overload_and_graceful_drain() {
     };
     assert!(status.success(), "exit status {status}:\n{}", sidecar.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_a_first_token_in_time_gets_a_timeout_not_a_hang() {
+    // One engine slot: a second request waits in the queue, past its first-token timeout.
+    let mut sidecar = Sidecar::spawn(&["--max-seqs", "1", "--first-token-timeout-secs", "0.5"]);
+    sidecar.wait_ready().await;
+    let counting = json!({
+        "model": sidecar.name,
+        "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
+        "max_tokens": 2000,
+        "temperature": 0,
+        "stream": true,
+    });
+    let completions = format!("{}/v1/completions", sidecar.api);
+    let res = post_stream(&completions, &counting).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut long = res.into_body();
+    // The stream is under way: its first token came in time, so only the request timeout
+    // applies to it from here.
+    long.frame().await.unwrap().unwrap();
+
+    let (status, headers, text) = post_raw(
+        &format!("{}/v1/chat/completions", sidecar.api),
+        serde_json::to_vec(&json!({"model": sidecar.name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})).unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+    assert!(headers.contains_key("retry-after"));
+    let e: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(e["error"]["code"], "timeout", "{text}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no first token"),
+        "{text}"
+    );
+    // The stream that was under way goes on.
+    let next = long.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert!(String::from_utf8_lossy(&next).starts_with("data: "));
+}

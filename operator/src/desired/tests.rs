@@ -10,7 +10,8 @@ use sluice_crds::contract::{COMPLETION_TOKENS_PER_SECOND_SERIES, REQUESTS_IN_FLI
 use sluice_crds::device::{DEVICE_CPU, DEVICE_CUDA, DEVICE_ENV, ENGINE_OVERHEAD_BYTES};
 use sluice_crds::inference_model::DEFAULT_MAX_CONCURRENT_SEQUENCES;
 use sluice_crds::lifecycle::{
-    DRAIN_GRACE_SECS, DRAIN_GRACE_SECS_FLAG, PRE_STOP_SLEEP_SECS, TERMINATION_GRACE_PERIOD_SECS,
+    DRAIN_GRACE_SECS_FLAG, FIRST_TOKEN_TIMEOUT_SECS_FLAG, PRE_STOP_SLEEP_SECS,
+    REQUEST_TIMEOUT_SECS, REQUEST_TIMEOUT_SECS_FLAG, termination_grace_period_secs,
 };
 use sluice_crds::quantity::parse_bytes;
 
@@ -73,7 +74,7 @@ fn names_owner_refs_and_sidecar_args() {
         "serve --model /models/model.gguf --served-name chat --variant stable \
              --configmap ns/chat-sidecar-config --listen 0.0.0.0:8080 --admin-listen 0.0.0.0:9090 \
              --forward-token-file /etc/sluice/forwarding/token --cache-dir /tmp/sluice-cache \
-             --drain-grace-secs 30 --context-length 2048"
+             --drain-grace-secs 300 --context-length 2048"
     );
     let canary = container(&d.deployments[1]).args.clone().expect("args");
     assert_eq!(canary[2], "/models/b.gguf");
@@ -311,35 +312,68 @@ fn shedding_starts_at_the_engines_concurrency_the_smallest_of_any_variant() {
     assert_ne!(render(TWO_VARIANTS).config_map, d.config_map);
 }
 
+/// The value after `flag` in a container's args.
+fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    let at = args.iter().position(|a| a == flag)?;
+    args.get(at + 1).map(String::as_str)
+}
+
 #[test]
-fn pods_sleep_before_sigterm_and_outlast_the_drain() {
-    let d = render(TWO_VARIANTS);
-    for deployment in &d.deployments {
-        let pod = deployment
-            .spec
-            .as_ref()
-            .and_then(|s| s.template.spec.as_ref())
-            .expect("pod spec");
-        let sidecar = &pod.containers[0];
-        let sleep = sidecar
-            .lifecycle
-            .as_ref()
-            .and_then(|l| l.pre_stop.as_ref())
-            .and_then(|h| h.sleep.as_ref())
-            .expect("a preStop sleep (the image has no shell for exec)");
-        assert_eq!(sleep.seconds, i64::from(PRE_STOP_SLEEP_SECS));
-        let args = sidecar.args.as_ref().expect("args");
-        let flag = format!("--{DRAIN_GRACE_SECS_FLAG}");
-        let at = args.iter().position(|a| *a == flag).expect("drain flag");
-        let drain: i64 = args[at + 1].parse().expect("whole seconds");
-        assert_eq!(drain, i64::from(DRAIN_GRACE_SECS));
-        let grace = pod.termination_grace_period_seconds.expect("grace period");
-        assert_eq!(grace, i64::from(TERMINATION_GRACE_PERIOD_SECS));
-        assert!(
-            grace > sleep.seconds + drain,
-            "the kubelet would SIGKILL mid-drain: {grace} s for a {} s sleep and a {drain} s drain",
-            sleep.seconds
-        );
+fn pods_sleep_before_sigterm_and_drain_as_long_as_a_request_may_take() {
+    // Default request timeout; then one variant's set to 10 minutes, first token within 30 s.
+    let slow = TWO_VARIANTS.replace(
+        "engine: {contextLength: 2048}",
+        "engine: {contextLength: 2048, requestTimeout: 10m, firstTokenTimeout: 30s}",
+    );
+    assert_ne!(
+        slow, TWO_VARIANTS,
+        "the fixture has an engine block to extend"
+    );
+    for (yaml, timeouts) in [
+        (TWO_VARIANTS, vec![REQUEST_TIMEOUT_SECS; 2]),
+        (slow.as_str(), vec![600, REQUEST_TIMEOUT_SECS]),
+    ] {
+        let d = render(yaml);
+        for (deployment, timeout) in d.deployments.iter().zip(timeouts) {
+            let pod = deployment
+                .spec
+                .as_ref()
+                .and_then(|s| s.template.spec.as_ref())
+                .expect("pod spec");
+            let sidecar = &pod.containers[0];
+            let sleep = sidecar
+                .lifecycle
+                .as_ref()
+                .and_then(|l| l.pre_stop.as_ref())
+                .and_then(|h| h.sleep.as_ref())
+                .expect("a preStop sleep (the image has no shell for exec)");
+            assert_eq!(sleep.seconds, i64::from(PRE_STOP_SLEEP_SECS));
+            let args = sidecar.args.as_ref().expect("args");
+            let drain: i64 = flag_value(args, &format!("--{DRAIN_GRACE_SECS_FLAG}"))
+                .expect("drain flag")
+                .parse()
+                .expect("whole seconds");
+            assert_eq!(
+                drain,
+                i64::from(timeout),
+                "the drain is the request timeout"
+            );
+            let grace = pod.termination_grace_period_seconds.expect("grace period");
+            assert_eq!(grace, i64::from(termination_grace_period_secs(timeout)));
+            assert!(
+                grace > sleep.seconds + drain,
+                "the kubelet would SIGKILL mid-drain: {grace} s for a {} s sleep and a {drain} s drain",
+                sleep.seconds
+            );
+            // The timeouts reach the sidecar only when set, as seconds its flags parse.
+            let request = flag_value(args, &format!("--{REQUEST_TIMEOUT_SECS_FLAG}"));
+            let first = flag_value(args, &format!("--{FIRST_TOKEN_TIMEOUT_SECS_FLAG}"));
+            if timeout == 600 {
+                assert_eq!((request, first), (Some("600"), Some("30")));
+            } else {
+                assert_eq!((request, first), (None, None));
+            }
+        }
     }
 }
 
@@ -383,6 +417,32 @@ fn invalid_specs_are_rejected_with_the_reason() {
     );
     let err = model_from_yaml(&bad).validate().expect_err("size");
     assert!(err.contains("model.size"), "{err}");
+    // The CEL rules on the engine's timeouts, for a model applied without them.
+    for (engine, reason) in [
+        (
+            "requestTimeout: 0s",
+            "engine.requestTimeout must be positive",
+        ),
+        (
+            "firstTokenTimeout: 0s",
+            "engine.firstTokenTimeout must be positive",
+        ),
+        (
+            "requestTimeout: 30s, firstTokenTimeout: 1m",
+            "must not exceed requestTimeout (30s)",
+        ),
+        (
+            "firstTokenTimeout: 6m",
+            "must not exceed requestTimeout (300s)",
+        ),
+    ] {
+        let bad = TWO_VARIANTS.replace(
+            "engine: {contextLength: 2048}",
+            &format!("engine: {{contextLength: 2048, {engine}}}"),
+        );
+        let err = model_from_yaml(&bad).validate().expect_err(engine);
+        assert!(err.contains(reason), "{engine}: {err}");
+    }
 }
 
 #[test]

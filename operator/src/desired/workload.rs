@@ -21,7 +21,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use sluice_crds::device::{DEVICE_CPU, DEVICE_CUDA, DEVICE_ENV, ENGINE_OVERHEAD_BYTES};
 use sluice_crds::inference_model::{ModelSource, Scheduling, Variant};
 use sluice_crds::lifecycle::{
-    DRAIN_GRACE_SECS, DRAIN_GRACE_SECS_FLAG, PRE_STOP_SLEEP_SECS, TERMINATION_GRACE_PERIOD_SECS,
+    DRAIN_GRACE_SECS_FLAG, FIRST_TOKEN_TIMEOUT_SECS_FLAG, PRE_STOP_SLEEP_SECS,
+    REQUEST_TIMEOUT_SECS_FLAG, termination_grace_period_secs,
 };
 use sluice_crds::quantity::parse_bytes;
 
@@ -64,7 +65,7 @@ impl Renderer<'_> {
         let init_containers = model
             .fetch
             .map(|args| vec![self.fetch_container(v, sidecar.image.clone(), args)]);
-        let pod_spec = self.pod_spec(sidecar, init_containers, model.volume, key_volumes);
+        let pod_spec = self.pod_spec(v, sidecar, init_containers, model.volume, key_volumes);
         let variant_hash = content_hash(&(
             &v.model,
             &v.engine,
@@ -198,9 +199,10 @@ impl Renderer<'_> {
             format!("{FORWARDING_DIR}/{FORWARDING_KEY}"),
             "--cache-dir".to_owned(),
             CACHE_DIR.to_owned(),
-            // Explicit, not the image's default: the pod's grace period is sized to outlast it.
+            // As long as a request may take (explicit, not the image's default): the pod's
+            // grace period is sized to outlast it.
             format!("--{DRAIN_GRACE_SECS_FLAG}"),
-            DRAIN_GRACE_SECS.to_string(),
+            v.drain_grace_secs().to_string(),
         ];
         args.extend(engine_args(v));
 
@@ -324,6 +326,7 @@ impl Renderer<'_> {
     /// The pod: its containers, volumes, security context and placement.
     fn pod_spec(
         &self,
+        v: &Variant,
         sidecar: Container,
         init_containers: Option<Vec<Container>>,
         model_volume: Volume,
@@ -384,8 +387,10 @@ impl Renderer<'_> {
             affinity: scheduling.affinity,
             priority_class_name: scheduling.priority_class_name,
             // The preStop sleep, the drain and a margin (`sluice_crds::lifecycle`): Kubernetes'
-            // default of 30 s would SIGKILL a drain of 30 s that starts after the sleep.
-            termination_grace_period_seconds: Some(TERMINATION_GRACE_PERIOD_SECS.into()),
+            // default of 30 s would SIGKILL a drain that starts after the sleep.
+            termination_grace_period_seconds: Some(
+                termination_grace_period_secs(v.drain_grace_secs()).into(),
+            ),
             ..Default::default()
         }
     }
@@ -533,6 +538,16 @@ pub fn engine_args(v: &Variant) -> Vec<String> {
         e.temperature.map(|n| n.to_string()),
     );
     push("--default-top-p", e.top_p.map(|n| n.to_string()));
+    push(
+        &format!("--{REQUEST_TIMEOUT_SECS_FLAG}"),
+        e.request_timeout
+            .map(|d| std::time::Duration::from(d).as_secs_f64().to_string()),
+    );
+    push(
+        &format!("--{FIRST_TOKEN_TIMEOUT_SECS_FLAG}"),
+        e.first_token_timeout
+            .map(|d| std::time::Duration::from(d).as_secs_f64().to_string()),
+    );
     // In bytes, so the sidecar never has to agree on a spelling; `InferenceModel::validate`
     // checked that it parses.
     push(

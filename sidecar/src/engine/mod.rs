@@ -13,6 +13,7 @@ mod error;
 mod priority;
 mod slots;
 mod threads;
+pub mod watchdog;
 
 use std::{
     collections::BTreeMap,

@@ -14,6 +14,7 @@ use super::error::EngineError;
 #[derive(Clone, Debug)]
 pub struct Slots {
     running: Arc<Semaphore>,
+    max_running: usize,
     waiting: Arc<AtomicUsize>,
     max_queue: usize,
 }
@@ -31,9 +32,15 @@ impl Slots {
     pub fn new(running: usize, max_queue: usize) -> Self {
         Self {
             running: Arc::new(Semaphore::new(running)),
+            max_running: running,
             waiting: Arc::new(AtomicUsize::new(0)),
             max_queue,
         }
+    }
+
+    /// Whether any request holds a slot or waits for one: work the engine has pending.
+    pub fn busy(&self) -> bool {
+        self.running.available_permits() < self.max_running || self.waiting() > 0
     }
 
     /// Requests waiting for a slot right now.

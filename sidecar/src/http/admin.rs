@@ -1,4 +1,4 @@
-//! The admin port: `/healthz` (the process answers), `/readyz` (model loaded, config valid, not
+//! The admin port: `/healthz` (the process answers and its engine is not wedged), `/readyz` (model loaded, config valid, not
 //! draining) and `/metrics` (the one registry).
 
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use super::error_response;
 use crate::{
     metrics,
     openai::ApiError,
-    readiness::Readiness,
+    readiness::{Liveness, Readiness},
     stream::body::{ResponseBody, full},
 };
 
@@ -19,6 +19,8 @@ use crate::{
 pub struct AdminState {
     /// Readiness latch.
     pub readiness: Readiness,
+    /// False while the engine is wedged.
+    pub liveness: Liveness,
     /// The one registry.
     pub registry: Arc<Registry>,
 }
@@ -26,6 +28,11 @@ pub struct AdminState {
 /// Routes one admin request.
 pub async fn admin(state: Arc<AdminState>, req: Request<Incoming>) -> Response<ResponseBody> {
     match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") if state.liveness.is_wedged() => full(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "engine wedged: no answer to a probe while requests are pending\n",
+        ),
         (&Method::GET, "/healthz") => full(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/readyz") => {
             if state.readiness.is_ready() {

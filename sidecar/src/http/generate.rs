@@ -32,9 +32,11 @@ pub async fn generate(
     id: &str,
     started: Instant,
 ) -> Result<Response<ResponseBody>, ApiError> {
+    let now = TokioInstant::now();
     let mut deadline = Deadline {
-        at: TokioInstant::now() + state.request_timeout,
+        at: now + state.request_timeout,
         timeout: state.request_timeout,
+        first_token: Some((now + state.first_token_timeout, state.first_token_timeout)),
         drain_cut: state.drain_cut.clone(),
         cut_count: state.metrics.cut_at_drain_end.clone(),
     };

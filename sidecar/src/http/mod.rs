@@ -22,7 +22,7 @@ use hyper_util::{
     rt::{TokioIo, TokioTimer},
     server::graceful::GracefulShutdown,
 };
-use sluice_crds::SidecarConfig;
+use sluice_crds::{SidecarConfig, lifecycle::TERMINATION_MARGIN_SECS};
 use tokio::{net::TcpListener, sync::watch};
 
 use self::conn::{Activity, BodyPace, Connections, Guarded};
@@ -59,6 +59,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// Per-request timeout.
     pub request_timeout: Duration,
+    /// Time to the first token (queueing and prompt processing).
+    pub first_token_timeout: Duration,
     /// The pace a request body must keep (408 otherwise).
     pub body_pace: BodyPace,
     /// Turns true when the drain's grace period is over: answers still running end then.
@@ -94,6 +96,8 @@ pub struct Drain {
 /// How long answers told to end at the end of the grace period get to flush before the
 /// connections are dropped.
 const CUT_FLUSH: Duration = Duration::from_secs(2);
+// The pod's grace period leaves a margin after the drain; the flush must fit in it.
+const _: () = assert!(CUT_FLUSH.as_secs() < TERMINATION_MARGIN_SECS as u64);
 
 /// Accepts connections on `listener` within `connections`' limits and serves them (HTTP/1.1)
 /// with `handler` until `shutdown` turns true; then stops accepting, lets answers in flight

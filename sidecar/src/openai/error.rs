@@ -94,6 +94,13 @@ pub enum ApiError {
     #[error("the request timed out after {0:?}")]
     Timeout(Duration),
 
+    /// No first token within the first-token timeout (queueing and prompt processing).
+    #[error(
+        "no first token within {0:?} (queueing and prompt processing): the server is busy or \
+         the prompt is long; retry shortly"
+    )]
+    FirstTokenTimeout(Duration),
+
     /// The request head or body did not arrive in time (408): the message says which part
     /// and what pace was expected.
     #[error("{0}")]
@@ -229,9 +236,11 @@ impl ApiError {
             Self::ModelNotFound(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Overloaded { .. } | Self::Timeout(_) | Self::Draining | Self::Loading => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::Overloaded { .. }
+            | Self::Timeout(_)
+            | Self::FirstTokenTimeout(_)
+            | Self::Draining
+            | Self::Loading => StatusCode::SERVICE_UNAVAILABLE,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::ReadTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -254,6 +263,7 @@ impl ApiError {
         match self {
             Self::Overloaded { .. }
             | Self::Timeout(_)
+            | Self::FirstTokenTimeout(_)
             | Self::Loading
             | Self::TooManyConnections { .. }
             | Self::VariantUnavailable { .. } => Some(1),
@@ -287,7 +297,9 @@ impl ApiError {
                 ("invalid_request_error", None, Some("method_not_allowed"))
             }
             Self::Overloaded { .. } => ("server_error", None, Some("overloaded")),
-            Self::Timeout(_) => ("server_error", None, Some("timeout")),
+            Self::Timeout(_) | Self::FirstTokenTimeout(_) => {
+                ("server_error", None, Some("timeout"))
+            }
             Self::Draining => ("server_error", None, Some("shutting_down")),
             Self::Forbidden(_) => ("permission_error", None, Some("forbidden")),
             Self::ReadTimeout(_) => ("invalid_request_error", None, Some("request_timeout")),

@@ -156,6 +156,7 @@ pub async fn respond(
             piece => piece,
         },
     };
+    reply.deadline.first_token_came();
     let (tx, body) = body::channel();
     let framer = Framer::new(
         reply.kind,

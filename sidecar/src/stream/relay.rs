@@ -151,6 +151,7 @@ pub(super) async fn collect(
             Ok(None) => break,
             Ok(Some(event)) => event,
         };
+        deadline.first_token_came();
         match progress.read(event) {
             Piece::Text { text: piece, .. } => {
                 text.push_str(&piece);

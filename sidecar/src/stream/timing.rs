@@ -21,13 +21,17 @@ use crate::{
 /// Where a response says how its time went ([`Timing::server_timing`]).
 pub const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
 
-/// When a request must be over: at its timeout, or when the drain's grace period ends.
+/// When a request must be over: at its timeout, before its first token at the first-token
+/// timeout, or when the drain's grace period ends.
 #[derive(Clone, Debug)]
 pub struct Deadline {
     /// When the request times out.
     pub at: TokioInstant,
     /// The per-request timeout (for the error).
     pub timeout: Duration,
+    /// When the first token must have come, and the first-token timeout (for the error);
+    /// `None` once it has come.
+    pub first_token: Option<(TokioInstant, Duration)>,
     /// Turns true when the drain's grace period is over.
     pub drain_cut: watch::Receiver<bool>,
     /// Counts the answers the end of the grace period ended.
@@ -35,15 +39,23 @@ pub struct Deadline {
 }
 
 impl Deadline {
-    /// `work`'s output, or why the request had to end first: [`ApiError::Timeout`] or
-    /// [`ApiError::Draining`] (counted) at the end of the grace period.
+    /// The first token has come: from now on only the whole request's timeout applies.
+    pub fn first_token_came(&mut self) {
+        self.first_token = None;
+    }
+
+    /// `work`'s output, or why the request had to end first: [`ApiError::FirstTokenTimeout`],
+    /// [`ApiError::Timeout`], or [`ApiError::Draining`] (counted) at the end of the grace period.
     pub async fn run<F: Future>(&mut self, work: F) -> Result<F::Output, ApiError> {
+        let first_token = self.first_token.filter(|(at, _)| *at < self.at);
+        let at = first_token.map_or(self.at, |(at, _)| at);
         let cut = &mut self.drain_cut;
         tokio::select! {
             biased;
-            out = tokio::time::timeout_at(self.at, work) => {
-                out.map_err(|_| ApiError::Timeout(self.timeout))
-            }
+            out = tokio::time::timeout_at(at, work) => out.map_err(|_| match first_token {
+                Some((_, timeout)) => ApiError::FirstTokenTimeout(timeout),
+                None => ApiError::Timeout(self.timeout),
+            }),
             _ = async {
                 // A dropped sender never cuts (the process is going anyway).
                 if cut.wait_for(|cut| *cut).await.is_err() {
