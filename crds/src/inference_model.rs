@@ -368,6 +368,27 @@ pub struct Routing {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9-]+$"))]
     pub override_header: Option<String>,
+    /// Circuit breaker of forwards between variants: after `consecutiveFailures` failed
+    /// forwards to a variant in a row (no connection, a timeout, a 5xx answer), sidecars stop
+    /// forwarding to it for `openFor` and serve its share where a failed forward falls back
+    /// (their own variant, else another by weight); then the next forward decides whether it
+    /// opens again or closes. Defaults: 5 failures, `30s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub breaker: Option<Breaker>,
+}
+
+/// See `Routing.breaker`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.openFor) || duration(self.openFor) >= duration('1s')").message("openFor must be at least 1s"))]
+pub struct Breaker {
+    /// Failed forwards in a row that open the breaker. Default 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub consecutive_failures: Option<u32>,
+    /// How long an open breaker holds forwards back, e.g. `30s` (the default); at least `1s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_for: Option<Duration>,
 }
 
 /// Canary analysis, rollback and progressive steps.
@@ -596,6 +617,15 @@ impl InferenceModel {
         }
         if total != 100 {
             return Err(format!("variant weights sum to {total}, not 100"));
+        }
+        if let Some(open_for) = spec
+            .routing
+            .as_ref()
+            .and_then(|r| r.breaker.as_ref())
+            .and_then(|b| b.open_for)
+            && (open_for.is_negative() || std::time::Duration::from(open_for).as_secs() < 1)
+        {
+            return Err("routing.breaker.openFor must be at least 1s".to_owned());
         }
         if spec.replicas.is_some() && spec.autoscaling.is_some() {
             return Err("set either replicas or autoscaling, not both".to_owned());

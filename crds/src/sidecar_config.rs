@@ -71,6 +71,36 @@ pub struct RoutingConfig {
     /// Header that names the variant to use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub override_header: Option<String>,
+    /// When forwards to a failing variant stop (absent: [`BreakerConfig::default`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub breaker: Option<BreakerConfig>,
+}
+
+/// Failed forwards in a row that open a variant's circuit breaker, unless configured.
+pub const DEFAULT_BREAKER_FAILURES: u32 = 5;
+/// Seconds an open breaker holds forwards back, unless configured.
+pub const DEFAULT_BREAKER_OPEN_SECS: u32 = 30;
+
+/// The circuit breaker of forwards to each other variant: after `consecutiveFailures` failed
+/// forwards in a row (no connection, a timeout, a 5xx answer) the variant gets none for
+/// `openSeconds` (its requests go where a failed forward would fall back); then the next
+/// forward decides: a failure opens it again, a success closes it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Failed forwards in a row that open the breaker (at least 1).
+    pub consecutive_failures: u32,
+    /// Seconds it stays open (at least 1).
+    pub open_seconds: u32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: DEFAULT_BREAKER_FAILURES,
+            open_seconds: DEFAULT_BREAKER_OPEN_SECS,
+        }
+    }
 }
 
 /// Where the caller's key comes from, and the file of accepted keys.
@@ -164,6 +194,14 @@ impl SidecarConfig {
         }
         if self.variants.is_empty() {
             return Err(Error::invalid(WHAT, "at least one variant is required"));
+        }
+        if let Some(b) = self.routing.breaker
+            && (b.consecutive_failures == 0 || b.open_seconds == 0)
+        {
+            return Err(Error::invalid(
+                WHAT,
+                "routing.breaker: consecutiveFailures and openSeconds must be at least 1",
+            ));
         }
         let mut names = HashSet::new();
         for v in &self.variants {

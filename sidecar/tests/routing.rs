@@ -371,9 +371,16 @@ async fn unreachable_variant_falls_back_and_no_token_means_local_only() {
         "sluice_forward_failures_total{variant=\"ghost\",kind=\"connect\"}",
     )
     .unwrap_or(0.0);
+    // Ghost's breaker opened after 5 failed forwards in a row (the default): the requests in
+    // flight then (16 at a time) still tried it, the rest were served here without trying.
     assert!(
-        (70.0..=130.0).contains(&failures),
-        "about half the requests tried ghost first: {failures}"
+        (5.0..=20.0).contains(&failures),
+        "the breaker stopped forwards to ghost: {failures}"
+    );
+    assert_eq!(
+        metric(&metrics, "sluice_forward_breaker_open{variant=\"ghost\"}"),
+        Some(1.0),
+        "{metrics}"
     );
 
     // All the weight on ghost, none here to fall back to: 503, counted as ghost's failure (the
@@ -400,6 +407,48 @@ async fn unreachable_variant_falls_back_and_no_token_means_local_only() {
     );
     assert!(
         !metrics.contains("variant=\"solo\",status=\"503\""),
+        "{metrics}"
+    );
+
+    // --- the breaker lets a variant back once it answers again ---
+    let (entry_port, back_port) = (free_port(), free_port());
+    let mut yaml = config_yaml(&[("solo", 50, entry_port), ("ghost", 50, back_port)]);
+    yaml.push_str("  breaker: {consecutiveFailures: 2, openSeconds: 1}\n");
+    let config = scratch.write("breaker.yaml", &yaml);
+    let mut entry = spawn_variant("solo", entry_port, &config, Some(&token), &cache);
+    entry.wait_ready().await;
+    let counts = split(&client, &[entry.api.as_str()], 40).await;
+    assert_eq!(counts.get("solo"), Some(&40), "{counts:?}");
+    let mut ghost = spawn_variant("ghost", back_port, &config, Some(&token), &cache);
+    ghost.wait_ready().await;
+    // Once the breaker half-opens, a forward reaches ghost and closes it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (status, variant, body) = complete(&client, &entry.api, &[]).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        if variant == "ghost" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ghost never got traffic back:\n{}",
+            entry.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (_, metrics) = get(&format!("{}/metrics", entry.admin)).await.unwrap();
+    assert_eq!(
+        metric(&metrics, "sluice_forward_breaker_open{variant=\"ghost\"}"),
+        Some(0.0),
+        "{metrics}"
+    );
+    assert!(
+        metric(
+            &metrics,
+            "sluice_forward_breaker_opened_total{variant=\"ghost\"}"
+        )
+        .unwrap()
+            >= 1.0,
         "{metrics}"
     );
 

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use sluice_crds::sidecar_config::{
-    RoutingConfig, SIDECAR_CONFIG_KEY, SIDECAR_CONFIG_VERSION, SaturationConfig, VariantRoute,
+    BreakerConfig, RoutingConfig, SIDECAR_CONFIG_KEY, SIDECAR_CONFIG_VERSION, SaturationConfig,
+    VariantRoute,
 };
 use sluice_crds::{InferenceModel, SidecarConfig};
 
@@ -46,6 +47,19 @@ pub fn desired_sidecar_config(
         routing: RoutingConfig {
             sticky_header: routing.sticky_header,
             override_header: routing.override_header,
+            breaker: routing.breaker.map(|b| {
+                let default = BreakerConfig::default();
+                BreakerConfig {
+                    consecutive_failures: b
+                        .consecutive_failures
+                        .unwrap_or(default.consecutive_failures),
+                    // Whole seconds, rounded up; validate() checked at least 1 s.
+                    open_seconds: b.open_for.map_or(default.open_seconds, |d| {
+                        let secs = std::time::Duration::from(d).as_secs_f64().ceil() as u64;
+                        u32::try_from(secs).unwrap_or(u32::MAX)
+                    }),
+                }
+            }),
         },
         identity: limits.identity.clone(),
         rules: limits.rules.clone(),

@@ -452,3 +452,37 @@ fn rendering_is_deterministic() {
         render(TWO_VARIANTS).to_yaml().expect("yaml")
     );
 }
+
+#[test]
+fn the_breaker_reaches_the_sidecar_config_in_whole_seconds() {
+    let config_of = |yaml: &str| {
+        let d = render(yaml);
+        let text = &d.config_map.data.as_ref().expect("data")["sidecar.yaml"];
+        SidecarConfig::from_yaml(text).expect("the sidecar accepts it")
+    };
+    // Unset: absent, and the sidecar uses its defaults.
+    assert_eq!(config_of(TWO_VARIANTS).routing.breaker, None);
+    let with = TWO_VARIANTS.replace(
+        "  replicas: 2\n",
+        "  replicas: 2\n  routing: {breaker: {consecutiveFailures: 3, openFor: 1m30s}}\n",
+    );
+    let breaker = config_of(&with).routing.breaker.expect("breaker");
+    assert_eq!(
+        (breaker.consecutive_failures, breaker.open_seconds),
+        (3, 90)
+    );
+    let only_time = TWO_VARIANTS.replace(
+        "  replicas: 2\n",
+        "  replicas: 2\n  routing: {breaker: {openFor: 1500ms}}\n",
+    );
+    let breaker = config_of(&only_time).routing.breaker.expect("breaker");
+    assert_eq!((breaker.consecutive_failures, breaker.open_seconds), (5, 2));
+    let too_short = TWO_VARIANTS.replace(
+        "  replicas: 2\n",
+        "  replicas: 2\n  routing: {breaker: {openFor: 100ms}}\n",
+    );
+    let err = model_from_yaml(&too_short)
+        .validate()
+        .expect_err("too short");
+    assert!(err.contains("openFor must be at least 1s"), "{err}");
+}

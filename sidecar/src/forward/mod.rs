@@ -10,7 +10,8 @@
 //!
 //! A forward that fails to connect (no endpoints, connection refused, connect timeout) falls back
 //! to this pod when its variant has weight, else to another variant; other failures and pinned
-//! (override) requests get 503.
+//! (override) requests get 503. Every outcome feeds the destination's breaker
+//! ([`Router::record_forward`]), which keeps routing away from a variant that keeps failing.
 //!
 //! Where a request goes is [`crate::route`]'s decision; this module carries it out.
 
@@ -199,6 +200,7 @@ pub async fn dispatch(
         match forwarder.send(auth, &address, &out).await {
             Ok(res) => {
                 tracing::debug!(%variant, status = res.status().as_u16(), "forwarded");
+                router.record_forward(config, &variant, !res.status().is_server_error());
                 return Ok(Dispatched::Remote(relay::relay(
                     res,
                     reservation,
@@ -207,6 +209,7 @@ pub async fn dispatch(
             }
             Err(error) => {
                 tracing::warn!(%variant, %address, %error, "forwarding failed");
+                router.record_forward(config, &variant, false);
                 router
                     .metrics()
                     .forward_failures
@@ -260,6 +263,7 @@ mod tests {
     };
     use http_body_util::BodyExt;
     use hyper_util::rt::TokioIo;
+    use sluice_crds::sidecar_config::BreakerConfig;
     use std::{convert::Infallible, sync::Arc, sync::Mutex};
 
     /// Records how a reservation was settled.
@@ -426,8 +430,23 @@ mod tests {
         }
         assert_eq!(local, 200);
         assert!(rec.settled().is_empty());
-        assert!(routing.0.metrics().fallbacks.get() >= 190);
-        // It has none: 503, and the reservation is settled as failed.
+        // The first failed connects fell back; then the breaker opened and the rest were routed
+        // here without trying the dead variant.
+        let failures = BreakerConfig::default().consecutive_failures;
+        assert_eq!(routing.0.metrics().fallbacks.get(), u64::from(failures));
+        let dead_failures = routing
+            .0
+            .metrics()
+            .forward_failures
+            .get_or_create(&ForwardFailureLabels {
+                variant: "b".into(),
+                kind: "connect".into(),
+            })
+            .get();
+        assert_eq!(dead_failures, u64::from(failures));
+        // It has none (and a router whose breaker is still closed): 503, and the reservation
+        // is settled as failed.
+        let routing = super::tests::routing();
         let config = two_variants(0, &dead);
         let headers = HeaderMap::new();
         let decision = routing.0.decide(&config, &headers, "/json").unwrap();

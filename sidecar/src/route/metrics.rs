@@ -1,9 +1,9 @@
-//! Routing metrics: how traffic is split from this pod (`sluice_routed_requests_total`), and
-//! forwards that failed or fell back.
+//! Routing metrics: how traffic is split from this pod (`sluice_routed_requests_total`),
+//! forwards that failed or fell back, and the breakers that hold failing variants back.
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
@@ -25,6 +25,22 @@ pub struct ForwardFailureLabels {
     pub kind: String,
 }
 
+/// Labels of the breaker metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BreakerLabels {
+    /// The destination variant.
+    pub variant: String,
+}
+
+impl BreakerLabels {
+    /// The labels of `variant`'s breaker.
+    pub fn of(variant: &str) -> Self {
+        Self {
+            variant: variant.to_owned(),
+        }
+    }
+}
+
 /// Routing metrics: how traffic is split from this pod, and forwards that failed.
 #[derive(Clone, Debug, Default)]
 pub struct RoutingMetrics {
@@ -34,6 +50,10 @@ pub struct RoutingMetrics {
     pub forward_failures: Family<ForwardFailureLabels, Counter>,
     /// Requests that went to another variant (or local) because their forward failed to connect.
     pub fallbacks: Counter,
+    /// 1 while forwards to a variant are held back by its breaker.
+    pub breaker_open: Family<BreakerLabels, Gauge>,
+    /// Times a variant's breaker opened.
+    pub breaker_opened: Family<BreakerLabels, Counter>,
 }
 
 impl RoutingMetrics {
@@ -54,6 +74,16 @@ impl RoutingMetrics {
             "forward_fallbacks",
             "Requests re-routed because forwarding to their variant failed to connect",
             m.fallbacks.clone(),
+        );
+        registry.register(
+            "forward_breaker_open",
+            "1 while this sidecar's breaker holds forwards to the variant back",
+            m.breaker_open.clone(),
+        );
+        registry.register(
+            "forward_breaker_opened",
+            "Times this sidecar's breaker of forwards to the variant opened",
+            m.breaker_opened.clone(),
         );
         m
     }

@@ -29,22 +29,27 @@
 //! This module decides only; [`crate::forward`] carries out a [`RouteDecision::Forward`].
 
 pub mod auth;
+mod breaker;
 pub mod metrics;
 pub mod pick;
 
 use std::{
     fmt,
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    time::Instant,
 };
 
 use http::{HeaderMap, HeaderValue};
 use sluice_crds::{SidecarConfig, sidecar_config::VariantRoute};
 
-use self::pick::{GOLDEN, seed, unit_open};
 pub use self::{
     auth::{FORWARD_MAX_SKEW, FORWARDED_HEADER, ForwardAuth, ForwardToken},
     metrics::{ForwardFailureLabels, RouteLabels, RoutingMetrics},
     pick::{sticky_pick, weighted_pick},
+};
+use self::{
+    breaker::Breakers,
+    pick::{GOLDEN, seed, unit_open},
 };
 
 /// Set on every API response: the variant that served it.
@@ -115,6 +120,8 @@ pub struct Router {
     sequence: AtomicU64,
     metrics: RoutingMetrics,
     warned_local_only: AtomicBool,
+    /// Forwards held back from variants that keep failing.
+    breakers: Breakers,
 }
 
 impl fmt::Debug for Router {
@@ -140,6 +147,7 @@ impl Router {
             sequence: AtomicU64::new(seed()),
             metrics,
             warned_local_only: AtomicBool::new(false),
+            breakers: Breakers::default(),
         }
     }
 
@@ -194,7 +202,16 @@ impl Router {
             .variants
             .iter()
             .filter(|v| v.weight > 0 && self.reachable(v) && !exclude.contains(&v.name))
+            .filter(|v| v.name == self.local || !self.breakers.is_open(&v.name, Instant::now()))
             .collect()
+    }
+
+    /// Records how a forward to `variant` ended, for its breaker: a failure is no connection,
+    /// no answer in time, or a 5xx answer.
+    pub fn record_forward(&self, config: &SidecarConfig, variant: &str, succeeded: bool) {
+        let settings = config.routing.breaker.unwrap_or_default();
+        self.breakers
+            .record(variant, succeeded, settings, Instant::now(), &self.metrics);
     }
 
     fn to_decision(&self, variant: &VariantRoute) -> RouteDecision {
@@ -294,6 +311,12 @@ impl Router {
                 return Err(RouteError::Unreachable(format!(
                     "variant {name:?} (asked for with header {header}) cannot be reached from \
                      this server"
+                )));
+            }
+            if self.breakers.is_open(name, Instant::now()) {
+                return Err(RouteError::Unreachable(format!(
+                    "variant {name:?} (asked for with header {header}) failed repeatedly; its \
+                     breaker holds forwards back for a while"
                 )));
             }
             return Ok(self.to_decision(variant));
