@@ -468,3 +468,74 @@ async fn unreachable_variant_falls_back_and_no_token_means_local_only() {
     let (status, _, _) = complete(&client, &without.api, &[(FORWARDED_HEADER, &signed)]).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_stream_still_running_when_the_entry_pod_drains_ends_with_an_error_event() {
+    let scratch = Scratch::new("drain");
+    let token = scratch.write("token", TOKEN);
+    let (entry_port, serving_port) = (free_port(), free_port());
+    // All the weight on "serving": the entry pod relays its stream.
+    let config = scratch.write(
+        "config.yaml",
+        &config_yaml(&[("entry", 0, entry_port), ("serving", 100, serving_port)]),
+    );
+    let cache = q8_cache(&scratch);
+    let mut serving = spawn_variant("serving", serving_port, &config, Some(&token), &cache);
+    let (config, token) = (config.to_str().unwrap(), token.to_str().unwrap());
+    let mut entry = Sidecar::spawn_at(
+        entry_port,
+        free_port(),
+        &[
+            "--variant",
+            "entry",
+            "--config",
+            config,
+            "--forward-token-file",
+            token,
+            "--convert",
+            "q8_0",
+            "--cache-dir",
+            &cache,
+            "--drain-grace-secs",
+            "1",
+        ],
+    );
+    serving.wait_ready().await;
+    entry.wait_ready().await;
+
+    let counting = json!({
+        "model": "smollm2",
+        "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
+        "max_tokens": 2000,
+        "temperature": 0,
+        "stream": true,
+    });
+    let res = post_stream(&format!("{}{COMPLETIONS}", entry.api), &counting).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()[VARIANT_HEADER], "serving");
+    let mut body = res.into_body();
+    let mut received = body
+        .frame()
+        .await
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap()
+        .to_vec();
+    entry.sigterm();
+    // A clean end of the body (hyper reports a cut connection as an error here).
+    let rest = tokio::time::timeout(std::time::Duration::from_secs(60), body.collect())
+        .await
+        .expect("the stream never ended")
+        .expect("the stream was cut instead of ended")
+        .to_bytes();
+    received.extend_from_slice(&rest);
+    let text = String::from_utf8_lossy(&received).into_owned();
+    let events: Vec<&str> = text
+        .split("\n\n")
+        .filter_map(|e| e.trim().strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
+    let error: Value = serde_json::from_str(events[events.len() - 2]).unwrap();
+    assert_eq!(error["error"]["code"], "shutting_down", "{text}");
+}

@@ -34,7 +34,7 @@ use crate::{
     admit::{Outcome, Reservation},
     openai::ApiError,
     route::{FORWARDED_HEADER, ForwardAuth, ForwardFailureLabels, RouteDecision, Router},
-    stream::body::ResponseBody,
+    stream::{body::ResponseBody, timing::DrainCut},
     usage::Usage,
 };
 
@@ -53,6 +53,8 @@ pub struct Outbound<'a> {
     pub prompt_tokens: usize,
     /// When the request times out.
     pub deadline: TokioInstant,
+    /// Ends a relayed answer at the end of the drain's grace period (`None`: never).
+    pub drain_cut: Option<DrainCut>,
 }
 
 /// What became of a routed request.
@@ -205,6 +207,7 @@ pub async fn dispatch(
                     res,
                     reservation,
                     out.prompt_tokens,
+                    out.drain_cut.clone(),
                 )));
             }
             Err(error) => {
@@ -367,6 +370,7 @@ mod tests {
             request_id: "id-1",
             prompt_tokens: 3,
             deadline: TokioInstant::now() + Duration::from_secs(5),
+            drain_cut: None,
         };
         dispatch(
             router,
@@ -457,6 +461,7 @@ mod tests {
             request_id: "id-2",
             prompt_tokens: 3,
             deadline: TokioInstant::now() + Duration::from_secs(5),
+            drain_cut: None,
         };
         let rec = Recorder::default();
         let err = dispatch(

@@ -3,14 +3,16 @@
 
 use std::{
     convert::Infallible,
+    future::Future,
     pin::Pin,
-    sync::Mutex,
+    sync::{Mutex, PoisonError},
     task::{Context, Poll, ready},
 };
 
 use http::{HeaderMap, HeaderName, Response, header};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
+use prometheus_client::metrics::counter::Counter;
 
 use crate::{
     admit::{Outcome, Reservation},
@@ -18,6 +20,7 @@ use crate::{
     stream::{
         body::ResponseBody,
         sse::{self, find},
+        timing::DrainCut,
     },
     usage::Usage,
 };
@@ -31,6 +34,7 @@ pub(super) fn relay(
     res: Response<Incoming>,
     reservation: Box<dyn Reservation>,
     prompt_tokens: usize,
+    drain_cut: Option<DrainCut>,
 ) -> Response<ResponseBody> {
     let (mut parts, body) = res.into_parts();
     let mut headers = HeaderMap::with_capacity(parts.headers.len());
@@ -50,6 +54,11 @@ pub(super) fn relay(
         scan: UsageScan::new(sse, prompt_tokens),
         tail: None,
         finished: false,
+        cut: drain_cut.map(|cut| {
+            let count = cut.count.clone();
+            let wait: DrainWait = Box::pin(cut.wait());
+            (Mutex::new(wait), count)
+        }),
     };
     Response::from_parts(parts, body.boxed())
 }
@@ -65,7 +74,13 @@ struct RelayBody {
     /// An error event to send after an upstream failure mid-stream (SSE only).
     tail: Option<Bytes>,
     finished: bool,
+    /// Resolves when the drain's grace period is over (in a mutex only so the body is `Sync`),
+    /// and the counter of answers it ended.
+    cut: Option<(Mutex<DrainWait>, Counter)>,
 }
+
+/// Resolves when the drain's grace period is over.
+type DrainWait = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 impl RelayBody {
     /// The upstream body ended normally.
@@ -77,6 +92,36 @@ impl RelayBody {
             Outcome::Failed
         };
         self.settle(outcome);
+    }
+
+    /// At the end of the drain's grace period, ends the answer: a stream with an error event and
+    /// `[DONE]` (after the end of an event cut in two, so the error parses), a JSON body by
+    /// ending it short. `None` while the grace period lasts.
+    fn poll_cut(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Option<Option<Result<Frame<Bytes>, Infallible>>> {
+        let (wait, count) = self.cut.as_mut()?;
+        let wait = wait.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if wait.as_mut().poll(cx).is_pending() {
+            return None;
+        }
+        count.inc();
+        self.cut = None;
+        self.finished = true;
+        tracing::warn!("grace period over; forwarded answer ended");
+        self.settle(Outcome::Failed);
+        if !self.scan.sse {
+            return Some(None);
+        }
+        let mut bytes = if self.scan.mid_event() {
+            b"\n\n".to_vec()
+        } else {
+            Vec::new()
+        };
+        bytes.extend_from_slice(&sse::data_event(&ApiError::Draining.body()));
+        bytes.extend_from_slice(sse::DONE);
+        Some(Some(Ok(Frame::data(Bytes::from(bytes)))))
     }
 
     /// Settles once; returns whether this call did.
@@ -109,6 +154,9 @@ impl Body for RelayBody {
         }
         if this.finished {
             return Poll::Ready(None);
+        }
+        if let Some(ended) = this.poll_cut(cx) {
+            return Poll::Ready(ended);
         }
         match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
             Some(Ok(frame)) => {
@@ -211,6 +259,11 @@ impl UsageScan {
                 *deltas += 1;
             }
         });
+    }
+
+    /// Whether the stream relayed so far stops in the middle of an event.
+    fn mid_event(&self) -> bool {
+        self.sse && !self.buf.is_empty()
     }
 
     fn usage(&mut self) -> Usage {

@@ -82,6 +82,7 @@ pub async fn generate(
         request_id: id,
         prompt_tokens: prompt.len(),
         deadline: deadline.at,
+        drain_cut: Some(deadline.drain_cut()),
     };
     let dispatched = forward::dispatch(
         &state.router,

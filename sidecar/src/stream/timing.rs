@@ -38,7 +38,34 @@ pub struct Deadline {
     pub cut_count: Counter,
 }
 
+/// What a relayed answer needs to end at the end of the drain's grace period: the signal and
+/// the counter of answers it ended.
+#[derive(Clone, Debug)]
+pub struct DrainCut {
+    /// Turns true when the grace period is over.
+    pub signal: watch::Receiver<bool>,
+    /// Counts the answers the end of the grace period ended.
+    pub count: Counter,
+}
+
+impl DrainCut {
+    /// Resolves when the grace period is over (never, if the sender is gone without it).
+    pub async fn wait(mut self) {
+        if self.signal.wait_for(|cut| *cut).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 impl Deadline {
+    /// The drain signal, for an answer relayed from elsewhere.
+    pub fn drain_cut(&self) -> DrainCut {
+        DrainCut {
+            signal: self.drain_cut.clone(),
+            count: self.cut_count.clone(),
+        }
+    }
+
     /// The first token has come: from now on only the whole request's timeout applies.
     pub fn first_token_came(&mut self) {
         self.first_token = None;
