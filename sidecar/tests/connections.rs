@@ -12,7 +12,6 @@ use std::time::Duration;
 use common::*;
 use http::StatusCode;
 use http_body_util::BodyExt;
-use serde_json::json;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -289,39 +288,16 @@ async fn bodies_must_be_json_and_requests_left_by_their_client_count_as_499() {
 async fn a_stream_still_running_when_the_drain_ends_finishes_with_an_error_event() {
     let mut sidecar = Sidecar::spawn(&["--drain-grace-secs", "1"]);
     sidecar.wait_ready().await;
-    // A completion that counts on far past the grace period.
-    let counting = json!({
-        "model": sidecar.name,
-        "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
-        "max_tokens": 2000,
-        "temperature": 0,
-        "stream": true,
-    });
-    let res = post_stream(&format!("{}/v1/completions", sidecar.api), &counting).await;
+    let res = post_stream(
+        &format!("{}/v1/completions", sidecar.api),
+        &counting_stream(&sidecar.name),
+    )
+    .await;
     assert_eq!(res.status(), StatusCode::OK);
     let mut body = res.into_body();
-    let mut received = body
-        .frame()
-        .await
-        .unwrap()
-        .unwrap()
-        .into_data()
-        .unwrap()
-        .to_vec();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
     sidecar.sigterm();
-    // The body ends cleanly (a chunked terminator, not a cut connection: hyper would report
-    // an incomplete message as an error here).
-    let rest = tokio::time::timeout(HANG, body.collect())
-        .await
-        .expect("the stream never ended")
-        .expect("the stream was cut instead of ended")
-        .to_bytes();
-    received.extend_from_slice(&rest);
-    let text = String::from_utf8(received).unwrap();
-    let events = sse_data(&text);
-    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{text}");
-    let error: serde_json::Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
-    assert_eq!(error["error"]["code"], "shutting_down", "{text}");
+    assert_stream_ends_with_error(first.to_vec(), body, "shutting_down").await;
 
     let status = tokio::time::timeout(HANG, async {
         loop {

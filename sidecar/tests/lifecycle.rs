@@ -118,15 +118,8 @@ async fn a_request_without_a_first_token_in_time_gets_a_timeout_not_a_hang() {
     // One engine slot: a second request waits in the queue, past its first-token timeout.
     let mut sidecar = Sidecar::spawn(&["--max-seqs", "1", "--first-token-timeout-secs", "0.5"]);
     sidecar.wait_ready().await;
-    let counting = json!({
-        "model": sidecar.name,
-        "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
-        "max_tokens": 2000,
-        "temperature": 0,
-        "stream": true,
-    });
     let completions = format!("{}/v1/completions", sidecar.api);
-    let res = post_stream(&completions, &counting).await;
+    let res = post_stream(&completions, &counting_stream(&sidecar.name)).await;
     assert_eq!(res.status(), StatusCode::OK);
     let mut long = res.into_body();
     // The stream is under way: its first token came in time, so only the request timeout

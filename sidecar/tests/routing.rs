@@ -503,39 +503,15 @@ async fn a_forwarded_stream_still_running_when_the_entry_pod_drains_ends_with_an
     serving.wait_ready().await;
     entry.wait_ready().await;
 
-    let counting = json!({
-        "model": "smollm2",
-        "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
-        "max_tokens": 2000,
-        "temperature": 0,
-        "stream": true,
-    });
-    let res = post_stream(&format!("{}{COMPLETIONS}", entry.api), &counting).await;
+    let res = post_stream(
+        &format!("{}{COMPLETIONS}", entry.api),
+        &counting_stream("smollm2"),
+    )
+    .await;
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers()[VARIANT_HEADER], "serving");
     let mut body = res.into_body();
-    let mut received = body
-        .frame()
-        .await
-        .unwrap()
-        .unwrap()
-        .into_data()
-        .unwrap()
-        .to_vec();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
     entry.sigterm();
-    // A clean end of the body (hyper reports a cut connection as an error here).
-    let rest = tokio::time::timeout(std::time::Duration::from_secs(60), body.collect())
-        .await
-        .expect("the stream never ended")
-        .expect("the stream was cut instead of ended")
-        .to_bytes();
-    received.extend_from_slice(&rest);
-    let text = String::from_utf8_lossy(&received).into_owned();
-    let events: Vec<&str> = text
-        .split("\n\n")
-        .filter_map(|e| e.trim().strip_prefix("data: "))
-        .collect();
-    assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
-    let error: Value = serde_json::from_str(events[events.len() - 2]).unwrap();
-    assert_eq!(error["error"]["code"], "shutting_down", "{text}");
+    assert_stream_ends_with_error(first.to_vec(), body, "shutting_down").await;
 }

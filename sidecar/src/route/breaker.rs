@@ -62,13 +62,7 @@ impl Breakers {
                     open_secs = settings.open_seconds,
                     "breaker opened: no forwards to this variant for a while"
                 );
-                metrics
-                    .breaker_opened
-                    .get_or_create(&BreakerLabels::of(variant))
-                    .inc();
-                State::Open {
-                    until: now + open_time(settings),
-                }
+                open(variant, settings, now, metrics)
             }
             (State::Closed { failures }, false) => State::Closed {
                 failures: failures + 1,
@@ -76,13 +70,7 @@ impl Breakers {
             // Half-open, and the forward that tried failed: open again.
             (State::Open { until }, false) if now >= until => {
                 tracing::warn!(%variant, "the variant still fails; breaker open again");
-                metrics
-                    .breaker_opened
-                    .get_or_create(&BreakerLabels::of(variant))
-                    .inc();
-                State::Open {
-                    until: now + open_time(settings),
-                }
+                open(variant, settings, now, metrics)
             }
             // A forward sent before the breaker opened: it changes nothing.
             (open @ State::Open { .. }, false) => open,
@@ -96,8 +84,16 @@ impl Breakers {
     }
 }
 
-fn open_time(settings: BreakerConfig) -> std::time::Duration {
-    std::time::Duration::from_secs(settings.open_seconds.max(1).into())
+/// The open state from `now`, counted.
+fn open(variant: &str, settings: BreakerConfig, now: Instant, metrics: &RoutingMetrics) -> State {
+    metrics
+        .breaker_opened
+        .get_or_create(&BreakerLabels::of(variant))
+        .inc();
+    let open_for = std::time::Duration::from_secs(settings.open_seconds.max(1).into());
+    State::Open {
+        until: now + open_for,
+    }
 }
 
 #[cfg(test)]

@@ -256,6 +256,43 @@ pub async fn post_stream(url: &str, body: &serde_json::Value) -> http::Response<
     client().request(req).await.unwrap()
 }
 
+/// A streamed greedy completion that counts on for far longer than any test waits (2,000
+/// tokens): a stream still running when something is done to the server.
+pub fn counting_stream(model: &str) -> serde_json::Value {
+    serde_json::json!({
+        "model": model,
+        "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
+        "max_tokens": 2000,
+        "temperature": 0,
+        "stream": true,
+    })
+}
+
+/// The rest of a streamed body after `received`, asserted to end cleanly (a chunked terminator:
+/// hyper reports a cut connection as an error) within a minute, and to end with an error
+/// event of `code` then `[DONE]`. Returns the whole text.
+pub async fn assert_stream_ends_with_error(
+    mut received: Vec<u8>,
+    body: Incoming,
+    code: &str,
+) -> String {
+    let rest = tokio::time::timeout(Duration::from_secs(60), body.collect())
+        .await
+        .expect("the stream never ended")
+        .expect("the stream was cut instead of ended")
+        .to_bytes();
+    received.extend_from_slice(&rest);
+    let text = String::from_utf8_lossy(&received).into_owned();
+    let events: Vec<&str> = text
+        .split("\n\n")
+        .filter_map(|e| e.trim().strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
+    let error: serde_json::Value = serde_json::from_str(events[events.len() - 2]).unwrap();
+    assert_eq!(error["error"]["code"], code, "{text}");
+    text
+}
+
 /// Splits an SSE body into its `data:` payloads.
 pub fn sse_data(body: &str) -> Vec<String> {
     body.split("\n\n")
