@@ -105,6 +105,10 @@ async fn silent_slow_and_trickling_clients_are_cut() {
     let raw = read_to_close(&mut stalled).await;
     let (status, body) = status_and_json(&raw);
     assert_eq!(status, 408, "{raw}");
+    assert!(
+        raw.to_ascii_lowercase().contains("connection: close"),
+        "{raw}"
+    );
     assert_eq!(body["error"]["code"], "request_timeout", "{raw}");
     assert!(
         body["error"]["message"]
@@ -218,6 +222,55 @@ async fn a_connection_flood_is_refused_and_probes_still_answer() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     sidecar.chat_once().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_may_hold_only_its_share_of_connections() {
+    let mut sidecar = Sidecar::spawn(&["--max-connections-per-client", "2"]);
+    sidecar.wait_ready().await;
+    let api = addr(&sidecar.api);
+    // Two silent connections from this address are held (until the header timeout, 20 s).
+    let held = [
+        TcpStream::connect(&api).await.unwrap(),
+        TcpStream::connect(&api).await.unwrap(),
+    ];
+    let deadline = tokio::time::Instant::now() + HANG;
+    loop {
+        let text = metrics(&sidecar).await;
+        if metric(&text, "sluice_connections_open{listener=\"api\"}") == Some(2.0) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A third is refused, naming the per-client limit.
+    let mut third = TcpStream::connect(&api).await.unwrap();
+    let raw = read_to_close(&mut third).await;
+    let (status, body) = status_and_json(&raw);
+    assert_eq!(status, 503, "{raw}");
+    assert_eq!(body["error"]["code"], "too_many_connections", "{raw}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("from one client"),
+        "{raw}"
+    );
+    let text = metrics(&sidecar).await;
+    assert_eq!(
+        metric(
+            &text,
+            "sluice_connections_refused_total{listener=\"api\",reason=\"max_connections_per_client\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    // The admin port is not counted against the client.
+    assert_eq!(
+        get(&format!("{}/healthz", sidecar.admin)).await.unwrap().0,
+        StatusCode::OK
+    );
+    drop(held);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

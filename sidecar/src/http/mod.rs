@@ -80,6 +80,12 @@ pub fn error_response(error: &ApiError) -> Response<ResponseBody> {
             .insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     add_headers(&mut res, error.headers());
+    // The rest of a body too slow to wait for is still on its way: the connection cannot be
+    // reused, and the client is told so.
+    if matches!(error, ApiError::ReadTimeout(_)) {
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     res
 }
 
