@@ -411,10 +411,12 @@ async def measure(args):
     # Every request of the run gets its own index (the warm-up rounds too), so every prompt
     # is new to the server.
     index = args.index_base
-    for n in levels:
+
+    async def measure(n, prompt_words, max_tokens, warm_tokens):
+        """One level: untimed warm-up rounds, then the timed ones, the server's RSS sampled."""
+        nonlocal index
         for _ in range(args.warmup):
-            _, _, recs = await run_round(args, model, n, args.prompt_words,
-                                         min(args.max_tokens, 16), index)
+            _, _, recs = await run_round(args, model, n, prompt_words, warm_tokens, index)
             index += n
             bad = [r["error"] for r in recs if r["error"]]
             if bad:
@@ -422,12 +424,15 @@ async def measure(args):
         rounds = []
         async with RssSampler(pid, interval) as rss:
             for _ in range(args.repeat):
-                rounds.append(await run_round(args, model, n, args.prompt_words,
-                                              args.max_tokens, index))
+                rounds.append(await run_round(args, model, n, prompt_words, max_tokens, index))
                 index += n
         level = summarize(n, rounds)
         if pid:
             level.update(rss.summary())
+        return level
+
+    for n in levels:
+        level = await measure(n, args.prompt_words, args.max_tokens, min(args.max_tokens, 16))
         result["levels"].append(level)
         save(args, result)  # after every level: a run cut short keeps what it measured
         if not args.quiet:
@@ -436,19 +441,8 @@ async def measure(args):
                   f"TTFT p50 {fmt_ms(level['ttft_p50_s'])}, errors {level['errors']}",
                   file=sys.stderr, flush=True)
     for n in long_levels if args.long_prompt_words else []:
-        for _ in range(args.warmup):
-            await run_round(args, model, n, args.long_prompt_words, 4, index)
-            index += n
-        rounds = []
-        async with RssSampler(pid, interval) as rss:
-            for _ in range(args.repeat):
-                rounds.append(await run_round(args, model, n, args.long_prompt_words,
-                                              args.long_prompt_max_tokens, index))
-                index += n
-        level = summarize(n, rounds)
+        level = await measure(n, args.long_prompt_words, args.long_prompt_max_tokens, 4)
         level["prompt_words"] = args.long_prompt_words
-        if pid:
-            level.update(rss.summary())
         result["long_levels"].append(level)
         if n == 1:
             result["prefill"] = level  # the single-stream one, as before

@@ -30,6 +30,7 @@ use crate::{
     readiness::{Liveness, Readiness},
     reload::{self, ReloadMetrics, Reloader},
     route::{Router, RoutingMetrics},
+    stream::timing::DrainCut,
 };
 
 /// Runs `serve` until SIGTERM/SIGINT: binds both ports, loads the model (readiness false until
@@ -165,7 +166,10 @@ pub async fn serve_until(
         request_timeout: config.request_timeout,
         first_token_timeout: config.first_token_timeout,
         body_pace: config.body_pace,
-        drain_cut: drain_cut_rx,
+        drain_cut: DrainCut {
+            signal: drain_cut_rx,
+            count: metrics.cut_at_drain_end.clone(),
+        },
         default_max_tokens: config.default_max_tokens,
         sampling: config.sampling_defaults,
     });
@@ -221,16 +225,13 @@ pub async fn serve_until(
         }
     };
     metrics.model_load.set(load_started.elapsed().as_secs_f64());
-    let watched = engine.clone();
+    let (slots, probed) = (engine.slots().clone(), engine.clone());
     tokio::spawn(watchdog::watch(
-        move || watched.slots().busy(),
-        {
-            let engine = engine.clone();
-            move || {
-                let engine = engine.clone();
-                async move {
-                    let _ = engine.tokenize_in_engine(&Prompt::Text("ok".into())).await;
-                }
+        move || slots.busy(),
+        move || {
+            let engine = probed.clone();
+            async move {
+                let _ = engine.tokenize_in_engine(&Prompt::Text("ok".into())).await;
             }
         },
         config.first_token_timeout,

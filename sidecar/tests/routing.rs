@@ -77,6 +77,18 @@ fn spawn_variant(
     token: Option<&Path>,
     cache: &str,
 ) -> Sidecar {
+    spawn_variant_with(variant, api, config, token, cache, &[])
+}
+
+/// [`spawn_variant`] with `extra` flags.
+fn spawn_variant_with(
+    variant: &str,
+    api: u16,
+    config: &Path,
+    token: Option<&Path>,
+    cache: &str,
+    extra: &[&str],
+) -> Sidecar {
     let config = config.to_str().unwrap().to_owned();
     let mut args = vec![
         "--variant",
@@ -92,6 +104,7 @@ fn spawn_variant(
     if let Some(t) = &token {
         args.extend(["--forward-token-file", t.as_str()]);
     }
+    args.extend(extra);
     Sidecar::spawn_at(api, free_port(), &args)
 }
 
@@ -481,24 +494,13 @@ async fn a_forwarded_stream_still_running_when_the_entry_pod_drains_ends_with_an
     );
     let cache = q8_cache(&scratch);
     let mut serving = spawn_variant("serving", serving_port, &config, Some(&token), &cache);
-    let (config, token) = (config.to_str().unwrap(), token.to_str().unwrap());
-    let mut entry = Sidecar::spawn_at(
+    let mut entry = spawn_variant_with(
+        "entry",
         entry_port,
-        free_port(),
-        &[
-            "--variant",
-            "entry",
-            "--config",
-            config,
-            "--forward-token-file",
-            token,
-            "--convert",
-            "q8_0",
-            "--cache-dir",
-            &cache,
-            "--drain-grace-secs",
-            "1",
-        ],
+        &config,
+        Some(&token),
+        &cache,
+        &["--drain-grace-secs", "1"],
     );
     serving.wait_ready().await;
     entry.wait_ready().await;

@@ -54,9 +54,9 @@ pub(super) fn relay(
         scan: UsageScan::new(sse, prompt_tokens),
         tail: None,
         finished: false,
-        cut: drain_cut.map(|cut| {
+        cut: drain_cut.map(|mut cut| {
             let count = cut.count.clone();
-            let wait: DrainWait = Box::pin(cut.wait());
+            let wait: DrainWait = Box::pin(async move { cut.wait().await });
             (Mutex::new(wait), count)
         }),
     };

@@ -25,6 +25,7 @@ use std::{
 
 use futures::task::AtomicWaker;
 use hyper::body::{Body, Bytes, Frame, SizeHint};
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::TcpStream,
@@ -87,6 +88,8 @@ pub struct Connections {
     limits: ConnectionLimits,
     /// Open connections, in all and per client address.
     open: Mutex<OpenCount>,
+    /// `sluice_connections_open` of this listener.
+    open_gauge: Gauge,
     metrics: ConnectionMetrics,
     /// The 408 a connection gets when its head is too slow (the same for every connection).
     header_timeout_response: Bytes,
@@ -117,10 +120,15 @@ impl Connections {
             "the request head did not arrive within {}s",
             limits.header_timeout.as_secs_f64()
         ));
+        let open_gauge = metrics
+            .open
+            .get_or_create(&ListenerLabels { listener })
+            .clone();
         Arc::new(Self {
             listener,
             limits,
             open: Mutex::default(),
+            open_gauge,
             metrics,
             header_timeout_response: raw_response(&timeout),
             refusals: Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT)),
@@ -141,7 +149,7 @@ impl Connections {
             *from_peer += 1;
         }
         open.total += 1;
-        self.open_gauge().inc();
+        self.open_gauge.inc();
         Ok(Permit {
             connections: self.clone(),
             peer,
@@ -162,15 +170,6 @@ impl Connections {
             })
             .inc();
         ApiError::TooManyConnections { limit, per_client }
-    }
-
-    fn open_gauge(&self) -> prometheus_client::metrics::gauge::Gauge {
-        self.metrics
-            .open
-            .get_or_create(&ListenerLabels {
-                listener: self.listener,
-            })
-            .clone()
     }
 
     /// Answers a refused connection with `error` and closes it, in a task of its own so the
@@ -235,7 +234,7 @@ impl Drop for Permit {
                 open.per_client.remove(&self.peer);
             }
         }
-        c.open_gauge().dec();
+        c.open_gauge.dec();
     }
 }
 

@@ -38,7 +38,6 @@ pub async fn generate(
         timeout: state.request_timeout,
         first_token: Some((now + state.first_token_timeout, state.first_token_timeout)),
         drain_cut: state.drain_cut.clone(),
-        cut_count: state.metrics.cut_at_drain_end.clone(),
     };
     let headers = req.headers().clone();
     // --- routing: which variant serves this request (403 for a forged internal header) ---
@@ -82,7 +81,7 @@ pub async fn generate(
         request_id: id,
         prompt_tokens: prompt.len(),
         deadline: deadline.at,
-        drain_cut: Some(deadline.drain_cut()),
+        drain_cut: Some(deadline.drain_cut.clone()),
     };
     let dispatched = forward::dispatch(
         &state.router,

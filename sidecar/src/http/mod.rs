@@ -34,7 +34,10 @@ use crate::{
     openai::ApiError,
     readiness::Readiness,
     route::Router,
-    stream::body::{ResponseBody, add_headers, full},
+    stream::{
+        body::{ResponseBody, add_headers, full},
+        timing::DrainCut,
+    },
 };
 
 /// Everything a request handler needs; one per process, shared by every connection.
@@ -64,7 +67,7 @@ pub struct AppState {
     /// The pace a request body must keep (408 otherwise).
     pub body_pace: BodyPace,
     /// Turns true when the drain's grace period is over: answers still running end then.
-    pub drain_cut: watch::Receiver<bool>,
+    pub drain_cut: DrainCut,
     /// Completion cap (and token reservation) of requests that set no `max_tokens`; `None`:
     /// the rest of the context window.
     pub default_max_tokens: Option<usize>,

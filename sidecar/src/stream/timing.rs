@@ -32,13 +32,11 @@ pub struct Deadline {
     /// When the first token must have come, and the first-token timeout (for the error);
     /// `None` once it has come.
     pub first_token: Option<(TokioInstant, Duration)>,
-    /// Turns true when the drain's grace period is over.
-    pub drain_cut: watch::Receiver<bool>,
-    /// Counts the answers the end of the grace period ended.
-    pub cut_count: Counter,
+    /// The end of the drain's grace period.
+    pub drain_cut: DrainCut,
 }
 
-/// What a relayed answer needs to end at the end of the drain's grace period: the signal and
+/// The end of the drain's grace period, which ends the answers still running: the signal and
 /// the counter of answers it ended.
 #[derive(Clone, Debug)]
 pub struct DrainCut {
@@ -49,8 +47,9 @@ pub struct DrainCut {
 }
 
 impl DrainCut {
-    /// Resolves when the grace period is over (never, if the sender is gone without it).
-    pub async fn wait(mut self) {
+    /// Resolves when the grace period is over (never, if the sender is gone without it: the
+    /// process is going anyway).
+    pub async fn wait(&mut self) {
         if self.signal.wait_for(|cut| *cut).await.is_err() {
             std::future::pending::<()>().await;
         }
@@ -58,14 +57,6 @@ impl DrainCut {
 }
 
 impl Deadline {
-    /// The drain signal, for an answer relayed from elsewhere.
-    pub fn drain_cut(&self) -> DrainCut {
-        DrainCut {
-            signal: self.drain_cut.clone(),
-            count: self.cut_count.clone(),
-        }
-    }
-
     /// The first token has come: from now on only the whole request's timeout applies.
     pub fn first_token_came(&mut self) {
         self.first_token = None;
@@ -76,20 +67,14 @@ impl Deadline {
     pub async fn run<F: Future>(&mut self, work: F) -> Result<F::Output, ApiError> {
         let first_token = self.first_token.filter(|(at, _)| *at < self.at);
         let at = first_token.map_or(self.at, |(at, _)| at);
-        let cut = &mut self.drain_cut;
         tokio::select! {
             biased;
             out = tokio::time::timeout_at(at, work) => out.map_err(|_| match first_token {
                 Some((_, timeout)) => ApiError::FirstTokenTimeout(timeout),
                 None => ApiError::Timeout(self.timeout),
             }),
-            _ = async {
-                // A dropped sender never cuts (the process is going anyway).
-                if cut.wait_for(|cut| *cut).await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            } => {
-                self.cut_count.inc();
+            () = self.drain_cut.wait() => {
+                self.drain_cut.count.inc();
                 Err(ApiError::Draining)
             }
         }
