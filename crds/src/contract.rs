@@ -1,7 +1,8 @@
 //! The metrics contract between the sidecar, which exports these series on its admin
 //! `/metrics`, and the operator, which reads them: the canary analysis judges variants by
 //! requests and time to first token, the RateLimitPolicy status counts the pods that enforce a
-//! config generation, and the autoscalers the operator renders name per-pod metrics (served to
+//! config generation, the InferenceModel status counts the pods whose circuit breaker holds a
+//! variant back, and the autoscalers the operator renders name per-pod metrics (served to
 //! them through the custom metrics API by the prometheus-adapter rules the chart ships,
 //! `charts/sluice/prometheus-adapter-rules.yaml`).
 //!
@@ -30,6 +31,13 @@ pub const COMPLETION_TOKENS_PER_SECOND: &str = "completion_tokens_per_second";
 /// [`LABEL_VARIANT`] (the variant that could not be reached) and `kind`. The canary analysis
 /// counts them against that variant: a pod that is down answers nothing itself.
 pub const FORWARD_FAILURES: &str = "forward_failures";
+/// Registered name of the gauge, by [`LABEL_VARIANT`] (the destination), that is 1 while the
+/// sidecar's circuit breaker holds its forwards to that variant back. The operator counts, per
+/// variant, the pods that hold it open, in the model's status.
+pub const FORWARD_BREAKER_OPEN: &str = "forward_breaker_open";
+/// Registered name of the counter, by [`LABEL_VARIANT`], of the times the sidecar's breaker of
+/// forwards to that variant opened (for alerts on a breaker that keeps flapping).
+pub const FORWARD_BREAKER_OPENED: &str = "forward_breaker_opened";
 
 /// [`REQUESTS`] as exposed.
 pub const REQUESTS_TOTAL_SERIES: &str = "sluice_requests_total";
@@ -37,6 +45,10 @@ pub const REQUESTS_TOTAL_SERIES: &str = "sluice_requests_total";
 pub const TIME_TO_FIRST_TOKEN_BUCKET_SERIES: &str = "sluice_time_to_first_token_seconds_bucket";
 /// [`FORWARD_FAILURES`] as exposed.
 pub const FORWARD_FAILURES_SERIES: &str = "sluice_forward_failures_total";
+/// [`FORWARD_BREAKER_OPEN`] as exposed.
+pub const FORWARD_BREAKER_OPEN_SERIES: &str = "sluice_forward_breaker_open";
+/// [`FORWARD_BREAKER_OPENED`] as exposed.
+pub const FORWARD_BREAKER_OPENED_TOTAL_SERIES: &str = "sluice_forward_breaker_opened_total";
 /// [`CONFIG_GENERATION`] as exposed.
 pub const CONFIG_GENERATION_SERIES: &str = "sluice_config_generation";
 /// [`REQUESTS_IN_FLIGHT`] as exposed; an autoscaler's `InFlightRequests` metric.
@@ -68,6 +80,14 @@ mod tests {
         );
         assert_eq!(exposed(CONFIG_GENERATION, ""), CONFIG_GENERATION_SERIES);
         assert_eq!(exposed(FORWARD_FAILURES, "_total"), FORWARD_FAILURES_SERIES);
+        assert_eq!(
+            exposed(FORWARD_BREAKER_OPEN, ""),
+            FORWARD_BREAKER_OPEN_SERIES
+        );
+        assert_eq!(
+            exposed(FORWARD_BREAKER_OPENED, "_total"),
+            FORWARD_BREAKER_OPENED_TOTAL_SERIES
+        );
         assert_eq!(exposed(REQUESTS_IN_FLIGHT, ""), REQUESTS_IN_FLIGHT_SERIES);
         assert_eq!(
             exposed(COMPLETION_TOKENS_PER_SECOND, ""),

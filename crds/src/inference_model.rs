@@ -36,6 +36,7 @@ pub const DEFAULT_MAX_CONCURRENT_SEQUENCES: u32 = 16;
     printcolumn(name = "Status", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("size(self.metadata.name) <= 40 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message("metadata.name must be a DNS label of at most 40 characters starting with a letter: it names the model's Services and Deployments"),
+    validation = Rule::new("!has(self.spec.fallback) || self.spec.fallback.model != self.metadata.name").message("spec.fallback.model must name another InferenceModel, not this one"),
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!(has(self.replicas) && has(self.autoscaling))").message("set either replicas or autoscaling, not both"))]
@@ -78,6 +79,49 @@ pub struct InferenceModelSpec {
     /// Canary analysis and automatic rollback.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<Rollout>,
+
+    /// Another InferenceModel in the namespace that takes this model's requests when it cannot:
+    /// its engine queue is full, its saturation mark sheds the request, or no variant can be
+    /// reached (their breakers open). At most once per request; limits are charged here, once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<Fallback>,
+
+    /// A response cache for deterministic requests (temperature 0, or a fixed `seed`): an
+    /// identical request is answered from it without the engine, and identical requests
+    /// arriving together share one generation. Off unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<ResponseCache>,
+}
+
+/// See `InferenceModelSpec.fallback`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Fallback {
+    /// The InferenceModel's `metadata.name` (same namespace). Its answers carry its own
+    /// `model` id and the `x-sluice-fallback` header.
+    #[schemars(
+        length(min = 1, max = 40),
+        regex(pattern = r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub model: String,
+}
+
+/// See `InferenceModelSpec.cache`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.ttl) || duration(self.ttl) >= duration('1s')").message("cache.ttl must be at least 1s"))]
+pub struct ResponseCache {
+    /// Memory the cached answers may take per pod, e.g. `64Mi` (the default); least recently
+    /// used answers are dropped first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_size: Option<Quantity>,
+    /// How long an answer stays, e.g. `10m` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<Duration>,
+    /// Share answers between tenants. By default each tenant (API key owner) has its own
+    /// entries, so one caller never learns what another asked.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
 }
 
 /// One deployable flavour of the model (weights file, quantisation, engine settings) and its
@@ -463,7 +507,7 @@ pub struct InferenceModelStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// `Ready`, `Progressing`, `Degraded`, with reasons such as `Unschedulable`,
-    /// `WeightsFetchFailed`, `InvalidSpec`, `CanaryRolledBack`.
+    /// `WeightsFetchFailed`, `InvalidSpec`, `CanaryRolledBack`, `BreakerOpen`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// Per variant: weights and pods.
@@ -534,6 +578,17 @@ pub struct VariantStatus {
     pub ready_replicas: i32,
     /// Pods that exist.
     pub replicas: i32,
+    /// Pods whose circuit breaker holds their forwards to this variant back (forwards there
+    /// failed `routing.breaker.consecutiveFailures` times in a row), as the operator's last
+    /// scrape of the sidecars found them; absent when none. Those pods serve that traffic where
+    /// a failed forward falls back, and while the variant has an effective weight the
+    /// `Degraded` condition says `BreakerOpen` (unless a more pressing reason holds it).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub breaker_open_pods: i32,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
 }
 
 // === impl InferenceModel ===
@@ -627,6 +682,18 @@ impl InferenceModel {
         {
             return Err("routing.breaker.openFor must be at least 1s".to_owned());
         }
+        if let Some(f) = &spec.fallback
+            && (f.model == name || !is_dns_label(&f.model) || f.model.len() > 40)
+        {
+            return Err(format!(
+                "spec.fallback.model {:?} must name another InferenceModel (a DNS label of at \
+                 most 40 characters), not this one",
+                f.model
+            ));
+        }
+        if let Some(c) = &spec.cache {
+            c.limits()?;
+        }
         if spec.replicas.is_some() && spec.autoscaling.is_some() {
             return Err("set either replicas or autoscaling, not both".to_owned());
         }
@@ -639,6 +706,30 @@ impl InferenceModel {
             ));
         }
         Ok(())
+    }
+}
+
+/// Default `cache.maxSize`: room for thousands of typical chat answers.
+pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
+/// Default `cache.ttl`, seconds.
+pub const DEFAULT_CACHE_TTL_SECS: u32 = 600;
+
+impl ResponseCache {
+    /// Bytes and seconds, defaults filled in; an error names a size that does not parse or a
+    /// TTL under a second.
+    pub fn limits(&self) -> Result<(u64, u32), String> {
+        let bytes = match &self.max_size {
+            Some(q) => parse_bytes(&q.0).map_err(|e| format!("cache.maxSize {e}"))?,
+            None => DEFAULT_CACHE_BYTES,
+        };
+        let ttl = match self.ttl {
+            Some(d) if d.is_negative() || std::time::Duration::from(d).as_secs() < 1 => {
+                return Err("cache.ttl must be at least 1s".to_owned());
+            }
+            Some(d) => u32::try_from(std::time::Duration::from(d).as_secs()).unwrap_or(u32::MAX),
+            None => DEFAULT_CACHE_TTL_SECS,
+        };
+        Ok((bytes, ttl))
     }
 }
 

@@ -46,6 +46,39 @@ pub struct SidecarConfig {
     /// When the engine counts as saturated, so sheddable requests are refused first.
     #[serde(default)]
     pub saturation: SaturationConfig,
+    /// The model that takes requests this one cannot serve (absent: none; they get 503).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<FallbackRoute>,
+    /// The response cache (absent: off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheConfig>,
+}
+
+/// The sidecar flag naming the file of the fallback model's forwarding token (its forwarding
+/// Secret, mounted by the operator): the fallback's sidecars verify forwards with it.
+pub const FALLBACK_TOKEN_FILE_FLAG: &str = "fallback-token-file";
+
+/// Where requests go that this model cannot serve (`InferenceModel.spec.fallback`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FallbackRoute {
+    /// The fallback InferenceModel's name (reported in the `x-sluice-fallback` header).
+    pub model: String,
+    /// Base URL of its model Service, e.g. `http://backup.default.svc:8080`.
+    pub address: String,
+}
+
+/// The response cache (`InferenceModel.spec.cache`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Bytes of answers a pod keeps at most.
+    pub max_bytes: u64,
+    /// Seconds an answer stays.
+    pub ttl_seconds: u32,
+    /// Entries are shared between tenants (else each tenant has its own).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
 }
 
 /// One variant as the sidecars route to it.
@@ -251,6 +284,25 @@ impl SidecarConfig {
             return Err(Error::invalid(
                 WHAT,
                 "saturation.maxInFlight must be positive",
+            ));
+        }
+        if let Some(f) = &self.fallback
+            && (f.model.is_empty() || !f.address.starts_with("http://"))
+        {
+            return Err(Error::invalid(
+                WHAT,
+                format!(
+                    "fallback needs a model and an http:// address, not {:?} at {:?}",
+                    f.model, f.address
+                ),
+            ));
+        }
+        if let Some(c) = &self.cache
+            && (c.max_bytes == 0 || c.ttl_seconds == 0)
+        {
+            return Err(Error::invalid(
+                WHAT,
+                "cache.maxBytes and cache.ttlSeconds must be positive",
             ));
         }
         Ok(())

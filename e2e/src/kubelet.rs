@@ -351,9 +351,13 @@ impl Inner {
                 )?;
             } else if let Some(source) = &volume.secret {
                 let name = source.secret_name.as_deref().unwrap_or_default();
-                let secret = Api::<Secret>::namespaced(self.client.clone(), &ns)
-                    .get(name)
-                    .await?;
+                let api = Api::<Secret>::namespaced(self.client.clone(), &ns);
+                // As the kubelet does: a missing optional Secret mounts as an empty directory.
+                let secret = match api.get_opt(name).await? {
+                    Some(secret) => secret,
+                    None if source.optional == Some(true) => Secret::default(),
+                    None => api.get(name).await?,
+                };
                 let data = secret.data.unwrap_or_default();
                 write_items(
                     &dir,

@@ -2,9 +2,10 @@
 //! desired state (server-side apply, one field manager, forced), prunes what no longer belongs,
 //! and patches status.
 //!
-//! A reconcile reads top-down: observe → limits → canary analysis → weights → desired →
-//! apply → status. The effective weights are computed once ([`desired_state`]) and given to
-//! both the sidecar config and the status, so the two never disagree.
+//! A reconcile reads top-down: observe (the cluster, then the sidecars' `/metrics`) → limits →
+//! canary analysis → weights → desired → apply → status. The effective weights are computed
+//! once ([`desired_state`]) and given to both the sidecar config and the status, so the two
+//! never disagree.
 
 pub mod apply;
 
@@ -39,7 +40,7 @@ use crate::policy::controller::{PolicyContext, model_limits};
 use crate::policy::merge::{KeysSecrets, ModelLimits, resolve};
 use crate::rollout::analyze::{History, analyze};
 use crate::rollout::plan::{requeue, route_plan};
-use crate::scrape::{HttpMetricsSource, MetricsSource};
+use crate::scrape::{self, HttpMetricsSource, MetricsSource, scrape_variants};
 use crate::status;
 use crate::{Error, Result};
 
@@ -48,6 +49,11 @@ const RESYNC: Duration = Duration::from_secs(600);
 /// Requeue a model that is still rolling out or unready this often (pod problems do not
 /// trigger a watch event on the model's own objects).
 const PROGRESS_POLL: Duration = Duration::from_secs(15);
+/// Requeue a model whose variants forward to each other at least this often, so the breakers
+/// the sidecars open and close reach the status (and its Event) within about this long, not at
+/// the next resync. A model with an open breaker is unsettled and polled every
+/// [`PROGRESS_POLL`].
+const BREAKER_POLL: Duration = Duration::from_secs(60);
 /// First and longest error backoff.
 const BACKOFF_MIN: Duration = Duration::from_secs(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
@@ -70,7 +76,7 @@ pub struct Context {
     failures: Mutex<HashMap<ObjectRef<InferenceModel>, u32>>,
     /// The clock conditions are stamped with (fixed in tests).
     now: fn() -> Timestamp,
-    /// Reads the sidecars' `/metrics` for the canary analysis (faked in tests).
+    /// Reads the sidecars' `/metrics` for the canary analysis and the breakers (faked in tests).
     metrics_source: Arc<dyn MetricsSource>,
     /// The counters the canary analysis read from each pod, over one window.
     analysis: History,
@@ -102,7 +108,8 @@ impl Context {
         self
     }
 
-    /// Replaces the source of sidecar metrics the canary analysis reads (tests).
+    /// Replaces the source of sidecar metrics the canary analysis and the breaker counts read
+    /// (tests).
     pub fn with_metrics_source(mut self, source: Arc<dyn MetricsSource>) -> Self {
         self.metrics_source = source;
         self
@@ -167,9 +174,28 @@ pub async fn reconcile(model: Arc<InferenceModel>, ctx: Arc<Context>) -> Result<
         .list(&ListParams::default().labels(&format!("{LABEL_MODEL}={name}")))
         .await?
         .items;
+    // The sidecars' metrics, scraped once for every reader: the canary analysis and the
+    // breakers the pods hold open.
+    let scraped = if reads_sidecar_metrics(&model) {
+        let variants = model.spec.variants.iter().map(|v| v.name.as_str());
+        scrape_variants(ctx.metrics_source.as_ref(), variants, &live_pods).await
+    } else {
+        Vec::new()
+    };
+    // The fallback model is only named (its Service address and Secret name derive from its
+    // name); whether it exists is reported, not required.
+    let fallback_missing = match &model.spec.fallback {
+        Some(f) => {
+            let models: Api<InferenceModel> = Api::namespaced(client.clone(), &ns);
+            models.get_opt(&f.model).await?.is_none()
+        }
+        None => false,
+    };
     let observed = Observed {
         deployments: live_deployments,
         pods: live_pods,
+        breakers: scrape::breakers(&scraped),
+        fallback_missing,
     };
     let ready = observed.ready_counts();
 
@@ -180,14 +206,7 @@ pub async fn reconcile(model: Arc<InferenceModel>, ctx: Arc<Context>) -> Result<
     // Canary analysis: rollbacks and steps, decided into `status.rollout` (never spec). The
     // planned model carries them; the weights, the desired state and the status are computed
     // from it.
-    let (planned, _) = analyze(
-        ctx.metrics_source.as_ref(),
-        &ctx.analysis,
-        &model,
-        &observed.pods,
-        now,
-    )
-    .await;
+    let (planned, _) = analyze(&ctx.analysis, &model, &scraped, now);
 
     // Weights and desired state.
     let (weights, desired) = desired_state(&planned, &ns, &ctx.settings, &limits, &ready)?;
@@ -211,7 +230,22 @@ pub async fn reconcile(model: Arc<InferenceModel>, ctx: Arc<Context>) -> Result<
         // The analysis reads metrics every interval (and steps wait out their pauses).
         requeue_in = requeue_in.min(every);
     }
+    if weights.weights.iter().filter(|(_, _, w)| *w > 0).count() > 1 {
+        requeue_in = requeue_in.min(BREAKER_POLL);
+    }
     Ok(Action::requeue(requeue_in))
+}
+
+/// Whether a reconcile of `model` reads its sidecars' `/metrics`: for the canary analysis, and
+/// for the breakers of forwards between its variants (a model with one variant forwards
+/// nowhere, so it has none).
+fn reads_sidecar_metrics(model: &InferenceModel) -> bool {
+    let analysis = model
+        .spec
+        .rollout
+        .as_ref()
+        .is_some_and(|r| r.analysis.is_some());
+    analysis || model.spec.variants.len() > 1
 }
 
 /// The effective weights and the desired state of `planned` (the model with this reconcile's
@@ -247,7 +281,7 @@ pub fn error_policy(model: Arc<InferenceModel>, error: &Error, ctx: Arc<Context>
 }
 
 /// Patches status (server-side apply on the status subresource) when it changed, and publishes
-/// one Event per condition transition.
+/// its Events ([`status::events`]: condition transitions, breakers that opened).
 async fn write_status(
     ctx: &Context,
     model: &InferenceModel,
@@ -257,11 +291,6 @@ async fn write_status(
     if model.status.as_ref() == Some(&status) {
         return Ok(());
     }
-    let old = model
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
     let api: Api<InferenceModel> = Api::namespaced(ctx.client.clone(), ns);
     let patch = serde_json::json!({
         "apiVersion": InferenceModel::api_version(&()),
@@ -274,7 +303,7 @@ async fn write_status(
         &Patch::Apply(&patch),
     )
     .await?;
-    for t in status::transitions(&old, &status.conditions) {
+    for t in status::events(model.status.as_ref(), &status) {
         publish(ctx, model, &t).await;
     }
     Ok(())

@@ -5,7 +5,8 @@
 //! imports form no cycle (`tests/layering.rs` holds the same table and checks both):
 //!
 //! 1. Foundation: [`names`] (labels, ports, object names), [`conditions`], [`observe`] (what
-//!    the controller saw: Deployments, pods, ready counts).
+//!    the controller saw: Deployments, pods, ready counts, the breakers the sidecars hold
+//!    open).
 //! 2. One concern each: [`scrape`] (the sidecars' `/metrics`), [`policy::merge`]
 //!    (RateLimitPolicy targeting and limits), [`policy::convergence`],
 //!    [`rollout::judge`](mod@rollout::judge) and [`rollout::plan`] (canary verdicts, steps,

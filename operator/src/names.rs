@@ -30,6 +30,10 @@ pub const FORWARDING_DIR: &str = "/etc/sluice/forwarding";
 pub const FORWARDING_KEY: &str = "token";
 /// Pod volume of the forwarding Secret.
 pub const FORWARDING_VOLUME: &str = "forwarding";
+/// Where the fallback model's forwarding Secret is mounted (`spec.fallback`).
+pub const FALLBACK_FORWARDING_DIR: &str = "/etc/sluice/fallback";
+/// The pod volume of the fallback model's forwarding Secret.
+pub const FALLBACK_FORWARDING_VOLUME: &str = "fallback-forwarding";
 /// Where API-key Secrets are mounted in the model's pods: `<KEYS_DIR>/<policy>/<entry>`.
 pub const KEYS_DIR: &str = "/etc/sluice/keys";
 /// The pod volume carrying the API-key Secret (a model has at most one: its identity's).
@@ -65,7 +69,12 @@ pub fn sidecar_account_name(model: &str) -> String {
 
 /// The in-cluster OpenAI base URL of a model.
 pub fn endpoint(model: &str, namespace: &str) -> String {
-    format!("http://{model}.{namespace}.svc:{API_PORT}/v1")
+    format!("{}/v1", model_address(model, namespace))
+}
+
+/// The in-cluster address of a model's Service (every variant's pods).
+pub fn model_address(model: &str, namespace: &str) -> String {
+    format!("http://{model}.{namespace}.svc:{API_PORT}")
 }
 
 /// The in-cluster address of a variant's Service (where other variants' sidecars forward to).

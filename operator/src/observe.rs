@@ -1,6 +1,7 @@
 //! What the controller observed in the cluster for one model: its Deployments and pods, the
-//! ready pods per variant, and the most pressing problem on them. Read by the desired state
-//! (ready counts), the status and the canary analysis; pure.
+//! ready pods per variant, the most pressing problem on them, and the circuit breakers the
+//! sidecars hold open. Read by the desired state (ready counts), the status and the canary
+//! analysis; pure.
 
 use std::collections::BTreeMap;
 
@@ -18,6 +19,22 @@ pub struct Observed {
     pub deployments: Vec<Deployment>,
     /// The model's pods.
     pub pods: Vec<Pod>,
+    /// The breakers the sidecars of those pods hold open, as this reconcile's scrape found them
+    /// (none when nothing was scraped).
+    pub breakers: Breakers,
+    /// `spec.fallback` names an InferenceModel the namespace does not have.
+    pub fallback_missing: bool,
+}
+
+/// The sidecars' circuit breakers of forwards, as one scrape of a model's pods found them: per
+/// destination variant, the pods whose breaker holds their forwards to it back. A pod that
+/// could not be scraped counts nowhere.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Breakers {
+    /// Pods scraped, per variant of the pod.
+    scraped: BTreeMap<String, i32>,
+    /// Per destination variant: the pods holding its breaker open.
+    open: BTreeMap<String, i32>,
 }
 
 /// A problem found on the model's pods or Deployments: the Degraded reason and message.
@@ -74,6 +91,33 @@ impl ReadyCounts {
 impl<S: Into<String>> FromIterator<(S, i32)> for ReadyCounts {
     fn from_iter<T: IntoIterator<Item = (S, i32)>>(iter: T) -> Self {
         Self(iter.into_iter().map(|(k, v)| (k.into(), v)).collect())
+    }
+}
+
+// === impl Breakers ===
+
+impl Breakers {
+    /// Records one scraped pod of `variant` whose breakers of forwards to `open` are open.
+    pub fn record<'a>(&mut self, variant: &str, open: impl IntoIterator<Item = &'a str>) {
+        *self.scraped.entry(variant.to_owned()).or_default() += 1;
+        for destination in open {
+            *self.open.entry(destination.to_owned()).or_default() += 1;
+        }
+    }
+
+    /// Pods whose breaker holds forwards to `variant` back.
+    pub fn open(&self, variant: &str) -> i32 {
+        self.open.get(variant).copied().unwrap_or(0)
+    }
+
+    /// Pods scraped that forward to `variant`: those of the other variants (a pod serves its
+    /// own variant itself, so it holds no breaker for it).
+    pub fn forwarding_to(&self, variant: &str) -> i32 {
+        self.scraped
+            .iter()
+            .filter(|(v, _)| *v != variant)
+            .map(|(_, n)| n)
+            .sum()
     }
 }
 

@@ -56,8 +56,9 @@
 //!   [`Verdict`]; pure.
 //! - [`plan`]: the rollout state in `status.rollout` → the [`RoutePlan`] the weights follow,
 //!   and this reconcile's [`Decision`] (rollbacks, steps); pure.
-//! - [`analyze`](mod@analyze): scrapes the pods, keeps each pod's counters over the window
-//!   ([`History`]), judges and decides.
+//! - [`analyze`](mod@analyze): keeps each pod's counters over the window ([`History`]) from the
+//!   reconcile's scrape of the pods ([`crate::scrape::scrape_variants`], shared with the
+//!   breaker counts in the status), judges and decides.
 
 pub mod analyze;
 pub mod judge;

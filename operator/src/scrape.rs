@@ -1,7 +1,8 @@
 //! Reading the sidecars' admin `/metrics` (Prometheus text format) into samples. The scrape
 //! is behind [`MetricsSource`] so tests use a fake; it returns every sample, and each reader
-//! picks its series (canary analysis, policy convergence) by the names in
-//! [`sluice_crds::contract`].
+//! picks its series (canary analysis, policy convergence, the breakers in [`breakers`]) by the
+//! names in [`sluice_crds::contract`]. A model's pods are scraped once per reconcile
+//! ([`scrape_variants`]) and every reader of that reconcile reads the same samples.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -14,9 +15,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use sluice_crds::contract::CONFIG_GENERATION_SERIES;
+use sluice_crds::contract::{CONFIG_GENERATION_SERIES, FORWARD_BREAKER_OPEN_SERIES, LABEL_VARIANT};
+use tracing::warn;
 
-use crate::names::ADMIN_PORT;
+use crate::names::{self, ADMIN_PORT};
+use crate::observe::Breakers;
 
 /// How long one pod's scrape may take.
 pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -41,6 +44,17 @@ pub struct PodEndpoint {
     pub name: String,
     /// Base URL of its admin server, e.g. `http://10.0.0.7:9090`.
     pub admin_url: String,
+}
+
+/// One pod of a model, scraped: its variant, where it was scraped and what it exports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scraped {
+    /// The pod's variant.
+    pub variant: String,
+    /// The pod.
+    pub pod: PodEndpoint,
+    /// Its samples, or why they could not be read.
+    pub samples: Result<Vec<Sample>, ScrapeError>,
 }
 
 /// Why a pod's metrics could not be read.
@@ -160,6 +174,57 @@ pub fn pod_endpoints(pods: &[Pod]) -> Vec<PodEndpoint> {
         })
         .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// Scrapes every running pod of each of `variants` at once (see [`pod_endpoints`]), in the
+/// order of `variants` then of pod names. A pod that cannot be read is logged and kept with its
+/// error: each reader skips it.
+pub async fn scrape_variants<'a>(
+    source: &dyn MetricsSource,
+    variants: impl IntoIterator<Item = &'a str>,
+    pods: &[Pod],
+) -> Vec<Scraped> {
+    let mut targets: Vec<(String, PodEndpoint)> = Vec::new();
+    for variant in variants {
+        let of_variant: Vec<Pod> = pods
+            .iter()
+            .filter(|p| p.labels().get(names::LABEL_VARIANT).map(String::as_str) == Some(variant))
+            .cloned()
+            .collect();
+        for ep in pod_endpoints(&of_variant) {
+            targets.push((variant.to_owned(), ep));
+        }
+    }
+    let results = futures::future::join_all(targets.iter().map(|(_, ep)| source.scrape(ep))).await;
+    targets
+        .into_iter()
+        .zip(results)
+        .map(|((variant, pod), samples)| {
+            if let Err(error) = &samples {
+                warn!(%error, %variant, pod = %pod.name, "cannot read sidecar metrics");
+            }
+            Scraped {
+                variant,
+                pod,
+                samples,
+            }
+        })
+        .collect()
+}
+
+/// The breakers the scraped pods hold open: a pod holds the breaker of each variant for which
+/// it exports [`FORWARD_BREAKER_OPEN_SERIES`] above 0.
+pub fn breakers(scraped: &[Scraped]) -> Breakers {
+    let mut out = Breakers::default();
+    for s in scraped {
+        let Ok(samples) = &s.samples else { continue };
+        let open = samples
+            .iter()
+            .filter(|x| x.name == FORWARD_BREAKER_OPEN_SERIES && x.value > 0.0)
+            .filter_map(|x| x.labels.get(LABEL_VARIANT).map(String::as_str));
+        out.record(&s.variant, open);
+    }
     out
 }
 
@@ -292,6 +357,43 @@ mod tests {
                 other => panic!("{text:?}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_pod_holds_the_breakers_it_exports_open() {
+        let scraped = |variant: &str, pod: &str, text: Option<&str>| Scraped {
+            variant: variant.to_owned(),
+            pod: PodEndpoint {
+                name: pod.to_owned(),
+                admin_url: String::new(),
+            },
+            samples: text
+                .map(|t| parse_prometheus_text(t).expect("parses"))
+                .ok_or(ScrapeError::Timeout),
+        };
+        let b = breakers(&[
+            scraped(
+                "stable",
+                "stable-0",
+                Some(
+                    "sluice_forward_breaker_open{variant=\"canary\"} 1\n\
+                     sluice_forward_breaker_open{variant=\"beta\"} 0\n\
+                     sluice_forward_breaker_opened_total{variant=\"beta\"} 4\n",
+                ),
+            ),
+            scraped("stable", "stable-1", Some("sluice_requests_in_flight 0\n")),
+            scraped(
+                "beta",
+                "beta-0",
+                Some("sluice_forward_breaker_open{variant=\"canary\"} 1\n"),
+            ),
+            // Unreadable: counts nowhere, neither as open nor among the pods forwarding.
+            scraped("stable", "stable-2", None),
+            scraped("canary", "canary-0", Some("")),
+        ]);
+        assert_eq!((b.open("canary"), b.forwarding_to("canary")), (2, 3));
+        assert_eq!((b.open("beta"), b.forwarding_to("beta")), (0, 3));
+        assert_eq!((b.open("stable"), b.forwarding_to("stable")), (0, 2));
     }
 
     #[test]

@@ -19,6 +19,13 @@ pub const PROGRESSING: &str = "Progressing";
 /// Condition type: something needs a user's attention; the reason says what.
 pub const DEGRADED: &str = "Degraded";
 
+/// Degraded reason: the sidecars' circuit breakers hold forwards to a variant that gets
+/// traffic back, so its share is served elsewhere. Also the reason of the Warning Event
+/// published when a variant's breaker opens ([`events`]).
+pub const REASON_BREAKER_OPEN: &str = "BreakerOpen";
+/// Degraded reason: `spec.fallback` names an InferenceModel that does not exist.
+pub const REASON_FALLBACK_NOT_FOUND: &str = "FallbackNotFound";
+
 /// Longest condition message; pod messages (scheduler, fetch logs) can be long.
 const MAX_MESSAGE: usize = 1024;
 
@@ -50,6 +57,7 @@ pub fn compute(
             effective_weight: *effective,
             ready_replicas: ready,
             replicas: st.replicas.unwrap_or(0),
+            breaker_open_pods: observed.breakers.open(variant),
         });
         if wanted > 0 && ready == 0 {
             not_ready.push(variant.clone());
@@ -118,10 +126,47 @@ pub fn compute(
         )
     };
     // A rollback (or a breach that was not rolled back) explains the weights users see, so it
-    // comes first; pod problems follow.
+    // comes first; pod problems follow (they are often why forwards fail); open breakers last
+    // (`variants` counts them whatever the reason says).
+    let breakers: Vec<String> = variants
+        .iter()
+        .filter(|v| diverted(v))
+        .map(|v| {
+            format!(
+                "breaker open for variant {} on {} of {} pods that forward to it",
+                v.name,
+                v.breaker_open_pods,
+                observed.breakers.forwarding_to(&v.name)
+            )
+        })
+        .collect();
     let degraded = match (crate::rollout::plan::problem(model), problem) {
         (Some((reason, message)), _) => cond(DEGRADED, true, reason, message),
         (None, Some(p)) => cond(DEGRADED, true, p.reason, p.message),
+        (None, None) if !breakers.is_empty() => cond(
+            DEGRADED,
+            true,
+            REASON_BREAKER_OPEN,
+            format!(
+                "{}: forwards there failed in a row, so those pods serve that traffic where \
+                 failed forwards fall back until a forward succeeds again",
+                breakers.join("; ")
+            ),
+        ),
+        (None, None) if observed.fallback_missing => cond(
+            DEGRADED,
+            true,
+            REASON_FALLBACK_NOT_FOUND,
+            format!(
+                "spec.fallback names InferenceModel {:?}, which this namespace does not have: \
+                 requests this model cannot serve get 503 until it exists",
+                model
+                    .spec
+                    .fallback
+                    .as_ref()
+                    .map_or("", |f| f.model.as_str())
+            ),
+        ),
         (None, None) => cond(DEGRADED, false, "AsExpected", "no problems found".into()),
     };
 
@@ -180,6 +225,13 @@ pub fn invalid(model: &InferenceModel, reason: &str, now: Timestamp) -> Inferenc
         ),
     ];
     status
+}
+
+/// Whether the breakers of `v` divert traffic: some pod holds its breaker open while it should
+/// get traffic. A variant with no effective weight gets no forwards, so its breakers change
+/// nothing (and a sidecar updates them only on a forward's outcome: they may be stale).
+fn diverted(v: &VariantStatus) -> bool {
+    v.breaker_open_pods > 0 && v.effective_weight > 0
 }
 
 /// `stable=90/90,canary=10/0`: desired/effective per variant, for `kubectl get im`.
@@ -243,6 +295,43 @@ pub fn transitions(old: &[Condition], new: &[Condition]) -> Vec<Transition> {
     out
 }
 
+/// The Events of a status change from `old` to `new`: one per condition transition
+/// ([`transitions`]), and a Warning ([`REASON_BREAKER_OPEN`]) for each variant whose breaker
+/// opened: held open by no pod before, by some now, while it gets traffic. Those replace the
+/// Degraded transition to the same reason, which would say the same once more.
+pub fn events(old: Option<&InferenceModelStatus>, new: &InferenceModelStatus) -> Vec<Transition> {
+    let (old_conditions, old_variants) = old
+        .map(|s| (s.conditions.as_slice(), s.variants.as_slice()))
+        .unwrap_or_default();
+    let opened: Vec<Transition> = new
+        .variants
+        .iter()
+        .filter(|v| diverted(v))
+        .filter(|v| !old_variants.iter().any(|o| o.name == v.name && diverted(o)))
+        .map(|v| Transition {
+            type_: DEGRADED.to_owned(),
+            status: "True".to_owned(),
+            reason: REASON_BREAKER_OPEN.to_owned(),
+            message: format!(
+                "breaker open for variant {} on {}: forwards there failed in a row, so that \
+                 traffic is served where failed forwards fall back",
+                v.name,
+                match v.breaker_open_pods {
+                    1 => "1 pod".to_owned(),
+                    n => format!("{n} pods"),
+                }
+            ),
+            warning: true,
+        })
+        .collect();
+    let mut out = transitions(old_conditions, &new.conditions);
+    if !opened.is_empty() {
+        out.retain(|t| t.reason != REASON_BREAKER_OPEN);
+        out.extend(opened);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,6 +372,7 @@ spec:
                 deployment_with_status("chat", "canary", 1, 1),
             ],
             pods: vec![],
+            ..Default::default()
         };
         let s = status_for(&model, &observed);
         assert_eq!(cond(&s, READY).status, "True");
@@ -303,6 +393,7 @@ spec:
                 deployment_with_status("chat", "canary", 1, 0),
             ],
             pods: vec![],
+            ..Default::default()
         };
         let s = status_for(&model, &observed);
         assert_eq!(s.weights.as_deref(), Some("stable=90/100,canary=10/0"));
@@ -344,6 +435,7 @@ status:
         let mut observed = Observed {
             deployments: vec![deployment_with_status("chat", "stable", 1, 0)],
             pods: vec![unschedulable.clone()],
+            ..Default::default()
         };
         let s = status_for(&model, &observed);
         let d = cond(&s, DEGRADED);
@@ -376,6 +468,111 @@ status:
             "an unchanged model yields an identical status"
         );
         assert!(transitions(&first.conditions, &second.conditions).is_empty());
+    }
+
+    #[test]
+    fn open_breakers_are_counted_per_variant_and_degrade_a_variant_that_gets_traffic() {
+        let mut model = model_from_yaml(MODEL);
+        let with_breakers = |open: &[(&str, &[&str])]| {
+            let mut observed = Observed {
+                deployments: vec![
+                    deployment_with_status("chat", "stable", 2, 2),
+                    deployment_with_status("chat", "canary", 1, 1),
+                ],
+                ..Default::default()
+            };
+            for (pod_variant, held) in open {
+                observed.breakers.record(pod_variant, held.iter().copied());
+            }
+            observed
+        };
+        let healthy = status_for(
+            &model,
+            &with_breakers(&[("stable", &[]), ("stable", &[]), ("canary", &[])]),
+        );
+        assert_eq!(cond(&healthy, DEGRADED).reason, "AsExpected");
+        model.status = Some(healthy.clone());
+
+        // One stable pod holds the canary's breaker open.
+        let open = status_for(
+            &model,
+            &with_breakers(&[("stable", &["canary"]), ("stable", &[]), ("canary", &[])]),
+        );
+        let counts: Vec<(&str, i32)> = open
+            .variants
+            .iter()
+            .map(|v| (v.name.as_str(), v.breaker_open_pods))
+            .collect();
+        assert_eq!(counts, [("stable", 0), ("canary", 1)]);
+        let json = serde_json::to_value(&open.variants).expect("encodes");
+        assert_eq!(json[1]["breakerOpenPods"], 1);
+        assert!(json[0].get("breakerOpenPods").is_none(), "omitted at 0");
+        let d = cond(&open, DEGRADED);
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", REASON_BREAKER_OPEN)
+        );
+        assert!(
+            d.message
+                .starts_with("breaker open for variant canary on 1 of 2 pods that forward to it:"),
+            "{}",
+            d.message
+        );
+        // One Warning for the variant, not a second one for the condition.
+        let e = events(Some(&healthy), &open);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].warning && e[0].reason == REASON_BREAKER_OPEN);
+        assert!(e[0].message.contains("variant canary"), "{}", e[0].message);
+        assert!(events(Some(&open), &open).is_empty(), "still open: no news");
+
+        // Then the canary's pod holds stable's open too: news for stable only.
+        model.status = Some(open.clone());
+        let both = status_for(
+            &model,
+            &with_breakers(&[
+                ("stable", &["canary"]),
+                ("stable", &[]),
+                ("canary", &["stable"]),
+            ]),
+        );
+        let e = events(Some(&open), &both);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].message.contains("variant stable"), "{}", e[0].message);
+
+        // All closed again: Degraded clears, which is the Event.
+        model.status = Some(both.clone());
+        let closed = status_for(
+            &model,
+            &with_breakers(&[("stable", &[]), ("stable", &[]), ("canary", &[])]),
+        );
+        assert!(closed.variants.iter().all(|v| v.breaker_open_pods == 0));
+        assert_eq!(cond(&closed, DEGRADED).reason, "AsExpected");
+        let e = events(Some(&both), &closed);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(!e[0].warning && e[0].reason == "AsExpected");
+    }
+
+    #[test]
+    fn a_breaker_of_a_variant_without_traffic_is_reported_but_diverts_nothing() {
+        let model = model_from_yaml(MODEL);
+        let mut observed = Observed {
+            deployments: vec![
+                deployment_with_status("chat", "stable", 1, 1),
+                // Not ready: no traffic, so no forwards its breaker could hold back.
+                deployment_with_status("chat", "canary", 1, 0),
+            ],
+            ..Default::default()
+        };
+        observed.breakers.record("stable", ["canary"]);
+        let s = status_for(&model, &observed);
+        assert_eq!(s.variants[1].breaker_open_pods, 1);
+        assert_eq!(s.variants[1].effective_weight, 0);
+        assert_eq!(cond(&s, DEGRADED).reason, "AsExpected");
+        assert!(
+            !events(None, &s)
+                .iter()
+                .any(|t| t.reason == REASON_BREAKER_OPEN)
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ use sluice_operator::observe::{Observed, ReadyCounts};
 use sluice_operator::policy::ModelLimits;
 use sluice_operator::rollout::{self, History, REASON_ROLLED_BACK, route_plan};
 use sluice_operator::scrape::{
-    MetricsSource, PodEndpoint, Sample, ScrapeError, parse_prometheus_text,
+    MetricsSource, PodEndpoint, Sample, ScrapeError, parse_prometheus_text, scrape_variants,
 };
 use sluice_operator::status::{self, DEGRADED};
 
@@ -116,9 +116,8 @@ async fn reconcile(
         pod("chat-stable-1", "stable", "10.0.0.2"),
         pod("chat-canary-0", "canary", "10.0.0.3"),
     ];
-    rollout::analyze(sidecars, history, model, &pods, now)
-        .await
-        .0
+    let scraped = scrape_variants(sidecars, ["stable", "canary"], &pods).await;
+    rollout::analyze(history, model, &scraped, now).0
 }
 
 #[tokio::test]
@@ -206,13 +205,12 @@ async fn a_healthy_canary_keeps_its_weight_and_unscrapable_pods_do_not_count() {
     assert_eq!(degraded(&model).0, "False");
 }
 
-#[tokio::test]
-async fn without_rollout_nothing_is_scraped_or_changed() {
-    let sidecars = FakeSidecars::default();
+#[test]
+fn without_rollout_nothing_is_changed() {
     let history = History::default();
     let mut model: InferenceModel = serde_yaml::from_str(MODEL).expect("model");
     model.spec.rollout = None;
-    let (planned, decision) = rollout::analyze(&sidecars, &history, &model, &[], at(0)).await;
+    let (planned, decision) = rollout::analyze(&history, &model, &[], at(0));
     assert_eq!(decision.rollout, None);
     assert_eq!(planned, model);
 }

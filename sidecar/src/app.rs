@@ -11,16 +11,21 @@ use tokio::net::TcpListener;
 
 use crate::{
     admit::limiter::LimitAdmission,
+    cache::CacheMetrics,
     cli::ServeConfig,
     engine::{
         Engine, EngineSettings, PrefixCacheMeter, Prompt, device, start_kernel_threads, watchdog,
     },
     error::{Result, StartupError},
-    forward::Forwarder,
+    forward::{
+        Forwarder,
+        fallback::{Fallback, FallbackToken},
+    },
     http::{
         self, AppState, Drain,
         admin::{self, AdminState},
         api::api,
+        cached::AnswerCache,
         conn::{ConnectionLimits, Connections},
     },
     limits::Limiter,
@@ -115,6 +120,14 @@ pub async fn serve_until(
         .forward_token
         .as_ref()
         .map(|_| Forwarder::new(config.forward_connect_timeout));
+    let fallback = config.fallback_token_file.clone().map(|path| {
+        Fallback::new(
+            Forwarder::new(config.forward_connect_timeout),
+            FallbackToken::new(path),
+            &mut registry,
+        )
+    });
+    let cache = AnswerCache::new(CacheMetrics::register(&mut registry));
     let limiter = Limiter::new(&mut registry);
     let reload_metrics = ReloadMetrics::register(&mut registry);
     let connection_metrics = ConnectionMetrics::register(&mut registry);
@@ -161,6 +174,8 @@ pub async fn serve_until(
         admission: Arc::new(LimitAdmission::new(limiter, policy_rx)),
         router,
         forwarder,
+        fallback,
+        cache,
         served_name: config.served_name.clone(),
         max_body_bytes: config.max_body_bytes,
         request_timeout: config.request_timeout,

@@ -16,7 +16,7 @@ use sluice_crds::lifecycle::{
     DRAIN_GRACE_SECS, DRAIN_GRACE_SECS_FLAG, FIRST_TOKEN_TIMEOUT_SECS_FLAG, REQUEST_TIMEOUT_SECS,
     REQUEST_TIMEOUT_SECS_FLAG,
 };
-use sluice_crds::sidecar_config::{SIDECAR_CONFIG_VERSION, VariantRoute};
+use sluice_crds::sidecar_config::{FALLBACK_TOKEN_FILE_FLAG, SIDECAR_CONFIG_VERSION, VariantRoute};
 
 use crate::{
     engine::{Activations, SamplingDefaults, device::DeviceRequest},
@@ -210,6 +210,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_FORWARD_TOKEN_FILE")]
     pub forward_token_file: Option<PathBuf>,
 
+    /// File holding the fallback model's forwarding token (its mounted Secret): requests this
+    /// model cannot serve go to the config's `fallback` signed with it. Read when first needed,
+    /// so it may appear after start-up.
+    #[arg(long = FALLBACK_TOKEN_FILE_FLAG, env = "SLUICE_FALLBACK_TOKEN_FILE")]
+    pub fallback_token_file: Option<PathBuf>,
+
     /// Seconds a forward to another variant may take to connect before the request falls back.
     #[arg(
         long,
@@ -285,6 +291,8 @@ pub struct ServeConfig {
     pub variant: String,
     /// The forwarding token, when forwarding is enabled.
     pub forward_token: Option<ForwardToken>,
+    /// The fallback model's forwarding token file (`--fallback-token-file`).
+    pub fallback_token_file: Option<PathBuf>,
     /// Connect timeout of forwards.
     pub forward_connect_timeout: Duration,
 }
@@ -463,6 +471,7 @@ impl ServeArgs {
             log_format: self.log_format,
             variant,
             forward_token,
+            fallback_token_file: self.fallback_token_file,
             forward_connect_timeout,
         })
     }
@@ -533,6 +542,8 @@ pub fn default_sidecar_config(model: &str) -> SidecarConfig {
         rules: Vec::new(),
         replica_share: 1.0,
         saturation: Default::default(),
+        fallback: None,
+        cache: None,
     }
 }
 
@@ -616,6 +627,13 @@ mod tests {
         assert_eq!(
             cfg.drain_grace,
             Duration::from_secs(DRAIN_GRACE_SECS.into())
+        );
+        // The fallback token file under the name the operator writes.
+        let flag = format!("--{FALLBACK_TOKEN_FILE_FLAG}");
+        let cli = Cli::try_parse_from(["x", "--model", p, &flag, "/f/token"]).unwrap();
+        assert_eq!(
+            cli.serve.validate().unwrap().fallback_token_file,
+            Some(PathBuf::from("/f/token"))
         );
         // The drain flag under the name the operator writes.
         let flag = format!("--{DRAIN_GRACE_SECS_FLAG}");

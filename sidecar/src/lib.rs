@@ -5,7 +5,7 @@
 //!
 //! - at the bottom, pure decisions and the engine: [`limits`] (rate limits, no HTTP),
 //!   [`engine`] (mistral.rs in-process), [`route`] (which variant serves a request), with
-//!   [`usage`], [`readiness`] and the start-up [`error`] beneath them;
+//!   [`usage`], [`readiness`], the response [`cache`] and the start-up [`error`] beneath them;
 //! - [`admit`] (the admission contract and its limiter) and [`metrics`];
 //! - [`openai`]: the wire types, and the one place errors become statuses and headers;
 //! - [`stream`] (JSON and SSE answers) and [`forward`] (to other variants);
@@ -16,6 +16,7 @@
 
 pub mod admit;
 pub mod app;
+pub mod cache;
 pub mod cli;
 pub mod engine;
 pub mod error;

@@ -12,6 +12,10 @@ pub struct Usage {
     pub completion_tokens: usize,
     /// Sum of both.
     pub total_tokens: usize,
+    /// The answer came from the response cache: the engine did none of this work (only ever
+    /// serialised as `true`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cached: bool,
 }
 
 impl Usage {
@@ -21,6 +25,7 @@ impl Usage {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
+            cached: false,
         }
     }
 }

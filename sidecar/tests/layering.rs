@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[(&str, &str)] = &[
     (
         "foundation",
-        "crate error usage readiness memory_limit open_files",
+        "crate error usage readiness memory_limit open_files cache",
     ),
     (
         "decisions and the engine, no HTTP answers",
@@ -27,7 +27,7 @@ const LAYERS: &[(&str, &str)] = &[
 
 /// Modules that know no HTTP: no `http::` or `hyper::` path in their code (the rate limiter
 /// carries a refusal's cause; `openai` turns it into a status and headers).
-const NO_HTTP: &[&str] = &["limits"];
+const NO_HTTP: &[&str] = &["limits", "cache"];
 
 fn layer(module: &str) -> usize {
     let under = |entry: &str| module == entry || module.starts_with(&format!("{entry}::"));

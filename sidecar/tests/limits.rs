@@ -13,9 +13,9 @@ use std::{
 };
 
 use common::*;
-use http::{HeaderMap, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
+use http::{HeaderMap, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use serde_json::{Value, json};
 
 /// A directory laid out like a mounted ConfigMap, updated the way the kubelet does it.
@@ -142,26 +142,11 @@ fn stream(content: &str, max_tokens: u64) -> Value {
 }
 
 async fn send(url: &str, key: Option<&str>, body: &Value) -> http::Response<Incoming> {
-    let mut req = Request::builder()
-        .method(Method::POST)
-        .uri(url)
-        .header("content-type", "application/json");
-    if let Some(key) = key {
-        req = req.header("authorization", format!("Bearer {key}"));
-    }
-    let req = req
-        .body(Full::new(Bytes::from(serde_json::to_vec(body).unwrap())))
-        .unwrap();
-    client().request(req).await.unwrap()
+    post_as(url, key, &[], body).await
 }
 
 async fn call(url: &str, key: Option<&str>, body: &Value) -> (StatusCode, HeaderMap, Value) {
-    let res = send(url, key, body).await;
-    let (status, headers) = (res.status(), res.headers().clone());
-    let bytes = res.into_body().collect().await.unwrap().to_bytes();
-    let value = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&bytes)));
-    (status, headers, value)
+    read_json(send(url, key, body).await).await
 }
 
 fn h<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {

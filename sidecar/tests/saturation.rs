@@ -23,10 +23,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Sidecar, client, counting_stream, get, metric};
-use http::{HeaderMap, Method, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
+use common::{Sidecar, counting_stream, get, metric, post_as, read_json};
+use http::{HeaderMap, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use serde_json::{Value, json};
 use sluice_crds::rate_limit_policy::Priority;
 use sluice_crds::{InferenceModel, SidecarConfig};
@@ -157,24 +157,12 @@ impl Drop for TempDir {
 
 /// POSTs `body` with `key` as its bearer token; the response with its body unread.
 async fn send(url: &str, key: &str, body: &Value) -> http::Response<Incoming> {
-    let req = http::Request::builder()
-        .method(Method::POST)
-        .uri(url)
-        .header("content-type", "application/json")
-        .header("authorization", format!("Bearer {key}"))
-        .body(Full::new(Bytes::from(serde_json::to_vec(body).unwrap())))
-        .unwrap();
-    client().request(req).await.unwrap()
+    post_as(url, Some(key), &[], body).await
 }
 
 /// [`send`], whole answer: status, headers and JSON body.
 async fn call(url: &str, key: &str, body: &Value) -> (StatusCode, HeaderMap, Value) {
-    let res = send(url, key, body).await;
-    let (status, headers) = (res.status(), res.headers().clone());
-    let bytes = res.into_body().collect().await.unwrap().to_bytes();
-    let value = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&bytes)));
-    (status, headers, value)
+    read_json(send(url, key, body).await).await
 }
 
 /// A short greedy completion.

@@ -15,6 +15,8 @@ use crate::fixtures::{self, Step, model_from_yaml, test_now, weights_for};
 use crate::observe::Observed;
 use crate::status;
 
+mod breakers;
+mod fallback;
 mod rollout;
 
 const MODEL: &str = r#"
@@ -283,6 +285,7 @@ async fn present_forwarding_secret_is_never_read_or_replaced() {
     let observed = Observed {
         deployments: serde_json::from_value(json!(lives(&d.deployments))).expect("deployments"),
         pods: vec![],
+        ..Default::default()
     };
     let model = Arc::new(with_status(model, &observed));
     let verifier = server.run(steady_lists(&d));
@@ -308,6 +311,7 @@ async fn unchanged_model_writes_nothing() {
     let observed = Observed {
         deployments: serde_json::from_value(json!(lives(&d.deployments))).expect("deployments"),
         pods: vec![],
+        ..Default::default()
     };
     let model = Arc::new(with_status(model, &observed));
     let verifier = server.run(steady_lists(&d));
@@ -329,6 +333,7 @@ async fn weight_change_updates_only_the_config_map_and_status() {
     let observed = Observed {
         deployments: serde_json::from_value(json!(lives(&d.deployments))).expect("deployments"),
         pods: vec![],
+        ..Default::default()
     };
     let old = with_status(old, &observed);
     let mut new = old.clone();
@@ -373,6 +378,7 @@ async fn drifted_deployment_is_reapplied() {
     let observed = Observed {
         deployments: serde_json::from_value(json!(deployments.clone())).expect("d"),
         pods: vec![],
+        ..Default::default()
     };
     let model = Arc::new(with_status(model, &observed));
     let mut steps = steady_lists(&d);

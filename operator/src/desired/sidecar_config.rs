@@ -5,15 +5,15 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use sluice_crds::sidecar_config::{
-    BreakerConfig, RoutingConfig, SIDECAR_CONFIG_KEY, SIDECAR_CONFIG_VERSION, SaturationConfig,
-    VariantRoute,
+    BreakerConfig, CacheConfig, FallbackRoute, RoutingConfig, SIDECAR_CONFIG_KEY,
+    SIDECAR_CONFIG_VERSION, SaturationConfig, VariantRoute,
 };
 use sluice_crds::{InferenceModel, SidecarConfig};
 
 use super::meta::Renderer;
 use super::weights::EffectiveWeights;
 use crate::Result;
-use crate::names::{config_map_name, variant_address};
+use crate::names::{config_map_name, model_address, variant_address};
 use crate::observe::ReadyCounts;
 use crate::policy::merge::{ModelLimits, replica_share};
 
@@ -67,6 +67,19 @@ pub fn desired_sidecar_config(
         // go (a ConfigMap change, never a restart).
         replica_share: replica_share(ready.total()),
         saturation: saturation(model),
+        fallback: model.spec.fallback.as_ref().map(|f| FallbackRoute {
+            model: f.model.clone(),
+            address: model_address(&f.model, namespace),
+        }),
+        cache: model.spec.cache.as_ref().and_then(|c| {
+            // validate() checked the limits.
+            let (max_bytes, ttl_seconds) = c.limits().ok()?;
+            Some(CacheConfig {
+                max_bytes,
+                ttl_seconds,
+                shared: c.shared,
+            })
+        }),
     };
     Ok(config.sealed()?)
 }

@@ -14,6 +14,7 @@ use sluice_crds::lifecycle::{
     REQUEST_TIMEOUT_SECS, REQUEST_TIMEOUT_SECS_FLAG, termination_grace_period_secs,
 };
 use sluice_crds::quantity::parse_bytes;
+use sluice_crds::sidecar_config::FALLBACK_TOKEN_FILE_FLAG;
 
 use super::*;
 use crate::fixtures::{desired_for, model_from_yaml};
@@ -485,4 +486,96 @@ fn the_breaker_reaches_the_sidecar_config_in_whole_seconds() {
         .validate()
         .expect_err("too short");
     assert!(err.contains("openFor must be at least 1s"), "{err}");
+}
+
+#[test]
+fn a_fallback_model_is_addressed_and_its_token_mounted_optionally() {
+    let with = TWO_VARIANTS.replace(
+        "  replicas: 2\n",
+        "  replicas: 2\n  fallback: {model: backup}\n",
+    );
+    let d = render(&with);
+    let text = &d.config_map.data.as_ref().expect("data")["sidecar.yaml"];
+    let config = SidecarConfig::from_yaml(text).expect("the sidecar accepts it");
+    let fallback = config.fallback.expect("fallback");
+    assert_eq!(fallback.model, "backup");
+    assert_eq!(fallback.address, "http://backup.ns.svc:8080");
+    for deployment in &d.deployments {
+        let pod = deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .expect("pod spec");
+        let args = pod.containers[0].args.as_ref().expect("args");
+        let file = flag_value(args, &format!("--{FALLBACK_TOKEN_FILE_FLAG}")).expect("flag");
+        let mount = pod.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| file.starts_with(&format!("{}/", m.mount_path)))
+            .expect("the token file is on a mount");
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == mount.name)
+            .expect("its volume");
+        let secret = volume.secret.as_ref().expect("a Secret");
+        assert_eq!(secret.secret_name.as_deref(), Some("backup-forwarding"));
+        assert_eq!(
+            secret.optional,
+            Some(true),
+            "a missing fallback must not keep pods from starting"
+        );
+    }
+    // Without one: no flag, no volume.
+    let d = render(TWO_VARIANTS);
+    let args = d.deployments[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .args
+        .clone()
+        .unwrap();
+    assert!(flag_value(&args, &format!("--{FALLBACK_TOKEN_FILE_FLAG}")).is_none());
+    // Itself: refused.
+    let itself = TWO_VARIANTS.replace(
+        "  replicas: 2\n",
+        "  replicas: 2\n  fallback: {model: chat}\n",
+    );
+    let err = model_from_yaml(&itself).validate().expect_err("itself");
+    assert!(err.contains("spec.fallback.model"), "{err}");
+}
+
+#[test]
+fn a_response_cache_reaches_the_sidecars_with_its_defaults() {
+    let config_of = |yaml: &str| {
+        let d = render(yaml);
+        let text = &d.config_map.data.as_ref().expect("data")["sidecar.yaml"];
+        SidecarConfig::from_yaml(text).expect("the sidecar accepts it")
+    };
+    assert_eq!(config_of(TWO_VARIANTS).cache, None);
+    let on = TWO_VARIANTS.replace("  replicas: 2\n", "  replicas: 2\n  cache: {}\n");
+    let cache = config_of(&on).cache.expect("cache");
+    assert_eq!(
+        (cache.max_bytes, cache.ttl_seconds, cache.shared),
+        (64 << 20, 600, false)
+    );
+    let set = TWO_VARIANTS.replace(
+        "  replicas: 2\n",
+        "  replicas: 2\n  cache: {maxSize: 1Mi, ttl: 90s, shared: true}\n",
+    );
+    let cache = config_of(&set).cache.expect("cache");
+    assert_eq!(
+        (cache.max_bytes, cache.ttl_seconds, cache.shared),
+        (1 << 20, 90, true)
+    );
+    let bad = TWO_VARIANTS.replace("  replicas: 2\n", "  replicas: 2\n  cache: {ttl: 10ms}\n");
+    let err = model_from_yaml(&bad).validate().expect_err("too short");
+    assert!(err.contains("cache.ttl"), "{err}");
 }

@@ -25,13 +25,15 @@ use sluice_crds::lifecycle::{
     REQUEST_TIMEOUT_SECS_FLAG, termination_grace_period_secs,
 };
 use sluice_crds::quantity::parse_bytes;
+use sluice_crds::sidecar_config::FALLBACK_TOKEN_FILE_FLAG;
 
 use super::meta::{Renderer, content_hash};
 use crate::Result;
 use crate::names::{
-    ADMIN_PORT, ANNOTATION_VARIANT_HASH, API_PORT, CACHE_DIR, CONFIG_DIR, FORWARDING_DIR,
-    FORWARDING_KEY, FORWARDING_VOLUME, GPU_PRODUCT_LABEL, GPU_RESOURCE, MODELS_DIR,
-    config_map_name, forwarding_secret_name, sidecar_account_name, variant_object_name,
+    ADMIN_PORT, ANNOTATION_VARIANT_HASH, API_PORT, CACHE_DIR, CONFIG_DIR, FALLBACK_FORWARDING_DIR,
+    FALLBACK_FORWARDING_VOLUME, FORWARDING_DIR, FORWARDING_KEY, FORWARDING_VOLUME,
+    GPU_PRODUCT_LABEL, GPU_RESOURCE, MODELS_DIR, config_map_name, forwarding_secret_name,
+    sidecar_account_name, variant_object_name,
 };
 use crate::policy::merge::key_secret_volumes;
 
@@ -60,6 +62,7 @@ impl Renderer<'_> {
         let (key_volumes, key_mounts): (Vec<Volume>, Vec<VolumeMount>) =
             key_secret_volumes(self.limits.keys.as_ref())
                 .into_iter()
+                .chain(self.fallback_token_volume())
                 .unzip();
         let sidecar = self.sidecar_container(v, &model, key_mounts);
         let init_containers = model
@@ -173,6 +176,37 @@ impl Renderer<'_> {
         })
     }
 
+    /// The fallback model's forwarding Secret (`spec.fallback`), mounted for the flag
+    /// [`FALLBACK_TOKEN_FILE_FLAG`]: forwards to the fallback model are signed with its token,
+    /// which its sidecars verify. Optional: a fallback model that does not exist yet (so has no
+    /// Secret) must not keep this model's pods from starting; the sidecar reads the file when
+    /// it first needs it.
+    fn fallback_token_volume(&self) -> Option<(Volume, VolumeMount)> {
+        let fallback = self.model.spec.fallback.as_ref()?;
+        Some((
+            Volume {
+                name: FALLBACK_FORWARDING_VOLUME.to_owned(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(forwarding_secret_name(&fallback.model)),
+                    items: Some(vec![KeyToPath {
+                        key: FORWARDING_KEY.to_owned(),
+                        path: FORWARDING_KEY.to_owned(),
+                        ..Default::default()
+                    }]),
+                    default_mode: Some(0o440),
+                    optional: Some(true),
+                }),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: FALLBACK_FORWARDING_VOLUME.to_owned(),
+                mount_path: FALLBACK_FORWARDING_DIR.to_owned(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+        ))
+    }
+
     /// `sluice-sidecar serve` for variant `v`: the model, its config, the engine settings.
     fn sidecar_container(
         &self,
@@ -204,6 +238,10 @@ impl Renderer<'_> {
             format!("--{DRAIN_GRACE_SECS_FLAG}"),
             v.drain_grace_secs().to_string(),
         ];
+        if self.model.spec.fallback.is_some() {
+            args.push(format!("--{FALLBACK_TOKEN_FILE_FLAG}"));
+            args.push(format!("{FALLBACK_FORWARDING_DIR}/{FORWARDING_KEY}"));
+        }
         args.extend(engine_args(v));
 
         let probe = |path: &str, period: i32, failures: i32| Probe {

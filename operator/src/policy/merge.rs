@@ -272,6 +272,8 @@ pub fn check_policy(policy: &RateLimitPolicy) -> Result<(), String> {
         rules: renamed(&name, &spec.rules),
         replica_share: 1.0,
         saturation: Default::default(),
+        fallback: None,
+        cache: None,
     };
     probe.validate().map_err(|e| {
         let text = e.to_string();

@@ -1,22 +1,21 @@
-//! The canary analysis' I/O: scrapes every running pod of each variant, keeps each pod's
-//! counters over the window ([`History`]), then judges ([`judge`](mod@crate::rollout::judge)) and
-//! decides ([`plan`](crate::rollout::plan)).
+//! The canary analysis over one reconcile's scrape of the model's pods
+//! ([`crate::scrape::scrape_variants`]): keeps each pod's counters over the window
+//! ([`History`]), then judges ([`judge`](mod@crate::rollout::judge)) and decides
+//! ([`plan`](crate::rollout::plan)).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use sluice_crds::InferenceModel;
 use sluice_crds::inference_model::Analysis;
-use tracing::{debug, warn};
+use tracing::debug;
 
-use crate::names::LABEL_VARIANT;
 use crate::rollout::judge::{Counters, Verdict, judge};
 use crate::rollout::plan::{Decision, decide, millis_between};
-use crate::scrape::{MetricsSource, PodEndpoint, pod_endpoints};
+use crate::scrape::Scraped;
 
 /// Identifies one pod's series: model (`namespace/name`), variant, pod.
 type PodKey = (String, String, String);
@@ -97,54 +96,35 @@ fn model_key(model: &InferenceModel) -> String {
     )
 }
 
-/// Scrapes every running pod of each variant of `model` and returns each variant's counters'
-/// increase over the window: what its own pods answered, plus the forwards to it that other
-/// pods saw fail (a variant whose pods are all down is judged by those alone). Pods that cannot
-/// be scraped are skipped (logged).
-pub async fn measure(
-    source: &dyn MetricsSource,
+/// Each variant's counters' increase over the window, from the `scraped` pods of `model`:
+/// what its own pods answered, plus the forwards to it that other pods saw fail (a variant
+/// whose pods are all down is judged by those alone). Pods that could not be scraped are
+/// skipped.
+pub fn measure(
     history: &History,
     model: &InferenceModel,
-    pods: &[Pod],
+    scraped: &[Scraped],
     analysis: &Analysis,
     now: Timestamp,
 ) -> BTreeMap<String, Counters> {
     let model_key = model_key(model);
     let generation = model.metadata.generation.unwrap_or(0);
-    let mut targets: Vec<(String, PodEndpoint)> = Vec::new();
-    for v in &model.spec.variants {
-        let of_variant: Vec<Pod> = pods
-            .iter()
-            .filter(|p| p.labels().get(LABEL_VARIANT) == Some(&v.name))
-            .cloned()
-            .collect();
-        for ep in pod_endpoints(&of_variant) {
-            targets.push((v.name.clone(), ep));
-        }
-    }
-    let scraped = futures::future::join_all(
-        targets
-            .iter()
-            .map(|(_, ep)| async move { source.scrape(ep).await }),
-    )
-    .await;
     let mut out: BTreeMap<String, Counters> = BTreeMap::new();
     let mut live = BTreeSet::new();
-    for ((variant, ep), result) in targets.iter().zip(scraped) {
-        let samples = match result {
-            Ok(samples) => samples,
-            Err(error) => {
-                warn!(%error, %variant, pod = %ep.name, "cannot read sidecar metrics for canary analysis");
-                continue;
-            }
-        };
+    for Scraped {
+        variant,
+        pod: ep,
+        samples,
+    } in scraped
+    {
+        let Ok(samples) = samples else { continue };
         // What the pod answered as its own variant, and what its forwards to each other
         // variant that failed say about that one; each kept as its own counter history.
         for judged in &model.spec.variants {
             let counters = if judged.name == *variant {
-                Counters::from_samples(&samples, variant)
+                Counters::from_samples(samples, variant)
             } else {
-                Counters::from_forward_failures(&samples, &judged.name)
+                Counters::from_forward_failures(samples, &judged.name)
             };
             live.insert((judged.name.clone(), ep.name.clone()));
             let delta = history.observe(
@@ -161,14 +141,14 @@ pub async fn measure(
     out
 }
 
-/// Scrapes, judges and decides for one model: the model with its new `status.rollout` (what
-/// [`crate::rollout::plan::route_plan`] and [`crate::status::compute`] read). Without
-/// `spec.rollout` the model is returned with no rollout state.
-pub async fn analyze(
-    source: &dyn MetricsSource,
+/// Judges and decides for one model from this reconcile's `scraped` pods: the model with its
+/// new `status.rollout` (what [`crate::rollout::plan::route_plan`] and
+/// [`crate::status::compute`] read). Without `spec.rollout` the model is returned with no
+/// rollout state; without `spec.rollout.analysis` the samples are not read.
+pub fn analyze(
     history: &History,
     model: &InferenceModel,
-    pods: &[Pod],
+    scraped: &[Scraped],
     now: Timestamp,
 ) -> (InferenceModel, Decision) {
     let analysis = model
@@ -177,8 +157,7 @@ pub async fn analyze(
         .as_ref()
         .and_then(|r| r.analysis.as_ref());
     let verdicts: BTreeMap<String, Verdict> = match analysis {
-        Some(a) => measure(source, history, model, pods, a, now)
-            .await
+        Some(a) => measure(history, model, scraped, a, now)
             .into_iter()
             .map(|(v, c)| {
                 let verdict = judge(&c, a);

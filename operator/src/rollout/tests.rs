@@ -9,7 +9,7 @@ use sluice_crds::inference_model::Analysis;
 
 use super::plan::with_step;
 use super::*;
-use crate::scrape::parse_prometheus_text;
+use crate::scrape::{parse_prometheus_text, scrape_variants};
 
 const MODEL: &str = r#"
 apiVersion: sluice.dev/v1alpha1
@@ -230,13 +230,14 @@ async fn a_canary_that_is_down_is_judged_by_the_forwards_to_it_that_failed() {
         .lock()
         .expect("lock")
         .insert("chat-stable-0".into(), stable_metrics(100, 0));
-    measure(&sidecars, &history, &model, &pods, &analysis(), at(0)).await;
+    let scrape = || scrape_variants(&sidecars, ["stable", "canary"], &pods);
+    measure(&history, &model, &scrape().await, &analysis(), at(0));
     sidecars
         .0
         .lock()
         .expect("lock")
         .insert("chat-stable-0".into(), stable_metrics(160, 30));
-    let counters = measure(&sidecars, &history, &model, &pods, &analysis(), at(60)).await;
+    let counters = measure(&history, &model, &scrape().await, &analysis(), at(60));
 
     let canary = counters.get("canary").expect("the canary is measured");
     assert_eq!((canary.requests, canary.errors), (30.0, 30.0));

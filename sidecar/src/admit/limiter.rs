@@ -2,6 +2,8 @@
 //! picks the policy in force (one `watch` borrow, no lock held past it), admits or refuses, and
 //! settles the ticket when the response ends.
 
+use std::sync::Arc;
+
 use tokio::sync::watch;
 
 use super::{Admission, AdmissionRequest, AdmitError, Outcome, Reservation, caller};
@@ -42,9 +44,15 @@ impl Admission for LimitAdmission {
             max_tokens: req.max_completion_tokens as u64,
             request_bytes: req.request_bytes as u64,
         };
-        match self.limiter.admit(&policy, &request) {
+        let admitted = if req.overflow {
+            self.limiter.admit_or_overflow(&policy, &request)
+        } else {
+            self.limiter.admit(&policy, &request)
+        };
+        match admitted {
             Ok(ticket) => Ok(Box::new(TicketReservation {
                 ticket: Some(ticket),
+                tenant: caller.tenant.clone(),
                 response_bytes: 0,
             })),
             Err(refusal) => {
@@ -64,6 +72,7 @@ impl Admission for LimitAdmission {
 /// An admitted request's ticket as the request path holds it.
 struct TicketReservation {
     ticket: Option<Ticket>,
+    tenant: Arc<str>,
     response_bytes: u64,
 }
 
@@ -74,6 +83,14 @@ impl Reservation for TicketReservation {
 
     fn add_response_bytes(&mut self, bytes: u64) {
         self.response_bytes = self.response_bytes.saturating_add(bytes);
+    }
+
+    fn shed(&self) -> bool {
+        self.ticket.as_ref().is_some_and(|t| t.shed)
+    }
+
+    fn tenant(&self) -> Option<&str> {
+        Some(&self.tenant)
     }
 
     fn settle(mut self: Box<Self>, usage: Usage, _outcome: Outcome) {

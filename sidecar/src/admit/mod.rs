@@ -38,6 +38,9 @@ pub struct AdmissionRequest<'a> {
     pub variant: &'a str,
     /// Request body bytes.
     pub request_bytes: usize,
+    /// A fallback model can take the request: one this pod's saturation mark would shed is
+    /// admitted under the limits anyway and marked ([`Reservation::shed`]).
+    pub overflow: bool,
 }
 
 /// Decides whether a request may proceed. Implemented by the rate limiter; the default admits
@@ -61,6 +64,17 @@ pub trait Reservation: Send + 'static {
 
     /// Counts response body bytes sent (for byte limits), before `settle`.
     fn add_response_bytes(&mut self, _bytes: u64) {}
+
+    /// The caller's tenant, as admission identified it (`None`: no identity).
+    fn tenant(&self) -> Option<&str> {
+        None
+    }
+
+    /// Admitted for the fallback model only: this pod's saturation mark sheds it (see
+    /// [`AdmissionRequest::overflow`]).
+    fn shed(&self) -> bool {
+        false
+    }
 }
 
 /// How an admitted request ended.

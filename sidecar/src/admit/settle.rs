@@ -31,6 +31,17 @@ impl Settlement {
         self.settle(outcome);
     }
 
+    /// The caller's tenant, as admission identified it.
+    pub fn tenant(&self) -> Option<&str> {
+        self.reservation.as_ref().and_then(|r| r.tenant())
+    }
+
+    /// Hands the reservation back unsettled, for whoever serves the request instead (a
+    /// fallback model).
+    pub fn hand_over(mut self) -> Option<Box<dyn Reservation>> {
+        self.reservation.take()
+    }
+
     /// Counts response body bytes sent (for byte limits).
     pub fn add_response_bytes(&mut self, bytes: u64) {
         if let Some(r) = &mut self.reservation {

@@ -15,6 +15,7 @@
 //!
 //! Where a request goes is [`crate::route`]'s decision; this module carries it out.
 
+pub mod fallback;
 mod relay;
 
 use std::time::Duration;
@@ -31,15 +32,14 @@ use tokio::time::Instant as TokioInstant;
 
 use self::relay::copy_end_to_end;
 use crate::{
-    admit::{Outcome, Reservation},
+    admit::Reservation,
     openai::ApiError,
     route::{FORWARDED_HEADER, ForwardAuth, ForwardFailureLabels, RouteDecision, Router},
     stream::{body::ResponseBody, timing::DrainCut},
-    usage::Usage,
 };
 
 /// A routed request as it is forwarded: the body the entry pod already read and validated.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Outbound<'a> {
     /// The API path, e.g. `/v1/chat/completions`.
     pub path: &'a str,
@@ -64,6 +64,9 @@ pub enum Dispatched {
     /// Serve it here (routing chose this pod, or forwarding fell back to it); the reservation
     /// is handed back.
     Local(Box<dyn Reservation>),
+    /// No variant can take it: the answer is `error` (503) unless a fallback model takes it
+    /// with the reservation, handed back unsettled.
+    Unavailable(Box<dyn Reservation>, ApiError),
 }
 
 impl std::fmt::Debug for Dispatched {
@@ -71,6 +74,7 @@ impl std::fmt::Debug for Dispatched {
         match self {
             Self::Remote(res) => f.debug_tuple("Remote").field(&res.status()).finish(),
             Self::Local(_) => f.write_str("Local"),
+            Self::Unavailable(_, e) => f.debug_tuple("Unavailable").field(e).finish(),
         }
     }
 }
@@ -175,8 +179,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Carries out `decision` for an admitted request: returns its reservation for local serving,
 /// or forwards it with `forwarder` (falling back as `router` says when the variant cannot be
-/// reached) and returns the relayed response. On an error the reservation has been settled as
-/// failed.
+/// reached) and returns the relayed response, or the reservation and the error when no variant
+/// can take it.
 pub async fn dispatch(
     router: &Router,
     forwarder: Option<&Forwarder>,
@@ -241,14 +245,14 @@ pub async fn dispatch(
                         return Ok(Dispatched::Local(reservation));
                     }
                     None => {
-                        reservation.settle(Usage::new(out.prompt_tokens, 0), Outcome::Failed);
-                        return Err(ApiError::VariantUnavailable {
+                        let error = ApiError::VariantUnavailable {
                             message: format!(
                                 "variant {variant:?} cannot be reached ({error}) and no other \
                                  variant can take the request"
                             ),
                             variant: Some(variant),
-                        });
+                        };
+                        return Ok(Dispatched::Unavailable(reservation, error));
                     }
                 }
             }
@@ -261,6 +265,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::{
+        admit::Outcome,
         route::{ForwardToken, RoutingMetrics, VARIANT_HEADER},
         usage::Usage,
     };
@@ -464,7 +469,7 @@ mod tests {
             drain_cut: None,
         };
         let rec = Recorder::default();
-        let err = dispatch(
+        let dispatched = dispatch(
             &routing.0,
             Some(&routing.1),
             &config,
@@ -473,8 +478,12 @@ mod tests {
             Box::new(rec.clone()),
         )
         .await
-        .unwrap_err();
+        .unwrap();
+        let Dispatched::Unavailable(reservation, err) = dispatched else {
+            panic!("unavailable: {dispatched:?}")
+        };
         assert_eq!(err.status(), http::StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(rec.settled(), vec![(Usage::new(3, 0), Outcome::Failed)]);
+        assert!(rec.settled().is_empty(), "handed back for a fallback");
+        drop(reservation);
     }
 }

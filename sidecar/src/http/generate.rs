@@ -1,20 +1,26 @@
 //! THE request path of a generation, top-down: route → read → validate → tokenize → budget →
-//! admit → forward, or queue → generate → answer. Each step is a call into one lower module;
-//! the answer settles the admitted request's reservation when it ends (also on disconnect or
-//! error).
+//! admit → forward, or cache → queue → generate → answer; what this pod cannot serve (shed,
+//! no variant reachable, queue full) goes to the fallback model. Each step is a call into one
+//! lower module; the answer settles the admitted request's reservation when it ends (also on
+//! disconnect or error).
 
 use std::{io::ErrorKind, sync::Arc, time::Instant};
 
 use http::{Request, Response, header};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Bytes, Incoming};
+use sluice_crds::sidecar_config::FallbackRoute;
 use tokio::time::Instant as TokioInstant;
 
-use super::{AppState, validate};
+use super::{AppState, cached::CacheRequest, validate};
 use crate::{
     admit::{AdmissionRequest, NoReservation, Outcome, Reservation, settle::Settlement},
+    cache::Lookup,
     engine::{Engine, GenerationParams},
-    forward::{self, Dispatched, Outbound},
+    forward::{
+        self, Dispatched, Outbound,
+        fallback::{Fallback, FallbackReason},
+    },
     openai::{self, ApiError, Kind},
     route::RouteDecision,
     stream::{
@@ -22,6 +28,7 @@ use crate::{
         body::{ResponseBody, add_headers},
         timing::{self, Deadline, Timing},
     },
+    usage::Usage,
 };
 
 /// Serves one `kind` generation request (`id` is its request id, `started` when it arrived).
@@ -33,7 +40,7 @@ pub async fn generate(
     started: Instant,
 ) -> Result<Response<ResponseBody>, ApiError> {
     let now = TokioInstant::now();
-    let mut deadline = Deadline {
+    let deadline = Deadline {
         at: now + state.request_timeout,
         timeout: state.request_timeout,
         first_token: Some((now + state.first_token_timeout, state.first_token_timeout)),
@@ -45,9 +52,16 @@ pub async fn generate(
     let decision = state.router.decide(&config, &headers, kind.path())?;
     let body = read_body(state, req).await?;
     let request = validate::parse(kind, &body)?;
-    if request.model != state.served_name {
+    // A forwarded request names the model of the pod that sent it: a sibling variant's (the
+    // same), or, from a model this one is the fallback of, that model's.
+    if request.model != state.served_name && !decision.skips_admission() {
         return Err(ApiError::ModelNotFound(request.model));
     }
+    // Only requests admitted here fall back (so at most once).
+    let fallback = match (&config.fallback, &state.fallback) {
+        (Some(route), Some(fallback)) if !decision.skips_admission() => Some((route, fallback)),
+        _ => None,
+    };
     let engine = state.engine.get().ok_or(ApiError::Loading)?;
     validate::check_logit_bias(&request, engine.vocab_size())?;
 
@@ -70,6 +84,7 @@ pub async fn generate(
             _ => state.router.local_variant(),
         },
         request_bytes: body.len(),
+        overflow: fallback.is_some(),
     };
     let reservation = admit(state, &decision, &admission)?;
     let rate_headers = openai::rate_headers(&reservation.rate());
@@ -83,49 +98,130 @@ pub async fn generate(
         deadline: deadline.at,
         drain_cut: Some(deadline.drain_cut.clone()),
     };
+    // --- fallback: the saturation mark sheds it here, so the fallback model serves it ---
+    if reservation.shed() {
+        let error = ApiError::Overloaded {
+            queued: engine.slots().waiting(),
+        };
+        let reason = FallbackReason::Shed;
+        return fall_back(
+            fallback,
+            reason,
+            &outbound,
+            reservation,
+            error,
+            rate_headers,
+        )
+        .await;
+    }
     let dispatched = forward::dispatch(
         &state.router,
         state.forwarder.as_ref(),
         &config,
         decision,
-        outbound,
+        outbound.clone(),
         reservation,
     )
     .await?;
     let reservation = match dispatched {
-        Dispatched::Remote(mut res) => {
-            add_headers(&mut res, rate_headers);
-            return Ok(res);
-        }
+        Dispatched::Remote(res) => return Ok(with_headers(res, rate_headers)),
         Dispatched::Local(reservation) => reservation,
+        Dispatched::Unavailable(reservation, error) => {
+            let reason = FallbackReason::Unavailable;
+            return fall_back(
+                fallback,
+                reason,
+                &outbound,
+                reservation,
+                error,
+                rate_headers,
+            )
+            .await;
+        }
     };
     let mut settlement = Settlement::new(reservation, prompt.len());
-
-    // --- bounded queue in front of the engine ---
-    let queued = timing::queue(&state.metrics, engine.slots(), &mut deadline).await;
-    let in_flight = match queued {
-        Ok(in_flight) => in_flight,
-        Err(e) => {
-            settlement.settle(Outcome::Failed);
-            return Err(e);
-        }
-    };
-
-    let prompt_tokens = prompt.len();
-    let generation = engine.submit(prompt, &params, request.stream).await?;
-    let timing = Timing::new(started, tokenize_time, Instant::now());
-    let reply = Reply {
+    let mut reply = Reply {
         metrics: state.metrics.clone(),
         kind,
         stream: request.stream,
         include_usage: request.include_usage,
         request_id: id.to_owned(),
         model: state.served_name.clone(),
-        prompt_tokens,
+        prompt_tokens: prompt.len(),
         deadline,
         rate_headers,
+        fill: None,
     };
+
+    // --- response cache: a deterministic request answered before is answered again ---
+    let cache_request = CacheRequest {
+        kind,
+        variant: state.router.local_variant(),
+        tenant: settlement.tenant(),
+        prompt: &prompt,
+        params: &params,
+    };
+    let lookup = state.cache.lookup(config.cache.as_ref(), &cache_request);
+    match reply.deadline.run(lookup).await {
+        Ok(Some(Lookup::Hit(answer))) => return Ok(stream::replay(reply, &answer, settlement)),
+        Ok(Some(Lookup::Fill(filler))) => reply.fill = Some(filler),
+        Ok(None) => {}
+        Err(e) => {
+            settlement.settle(Outcome::Failed);
+            return Err(e);
+        }
+    }
+
+    // --- bounded queue in front of the engine (when full, the fallback model serves it) ---
+    let queued = timing::queue(&state.metrics, engine.slots(), &mut reply.deadline).await;
+    let in_flight = match queued {
+        Ok(in_flight) => in_flight,
+        Err(error @ ApiError::Overloaded { .. }) if fallback.is_some() => {
+            let Some(reservation) = settlement.hand_over() else {
+                return Err(error);
+            };
+            let (reason, headers) = (FallbackReason::Overloaded, reply.rate_headers);
+            return fall_back(fallback, reason, &outbound, reservation, error, headers).await;
+        }
+        Err(e) => {
+            settlement.settle(Outcome::Failed);
+            return Err(e);
+        }
+    };
+
+    let generation = engine.submit(prompt, &params, request.stream).await?;
+    let timing = Timing::new(started, tokenize_time, Instant::now());
     stream::respond(reply, generation, settlement, in_flight, timing).await
+}
+
+/// Sends an admitted request this pod cannot serve to the fallback model, if the model has one
+/// (`reason` says why); else, or when that fails too, the client gets `error` and the
+/// reservation is settled as failed.
+async fn fall_back(
+    fallback: Option<(&FallbackRoute, &Fallback)>,
+    reason: FallbackReason,
+    out: &Outbound<'_>,
+    reservation: Box<dyn Reservation>,
+    error: ApiError,
+    rate_headers: Vec<(http::HeaderName, http::HeaderValue)>,
+) -> Result<Response<ResponseBody>, ApiError> {
+    let Some((route, fallback)) = fallback else {
+        reservation.settle(Usage::new(out.prompt_tokens, 0), Outcome::Failed);
+        return Err(error);
+    };
+    let res = fallback
+        .send(route, reason, out, reservation, error)
+        .await?;
+    Ok(with_headers(res, rate_headers))
+}
+
+/// `res` with the `x-ratelimit-*` headers of its admission.
+fn with_headers(
+    mut res: Response<ResponseBody>,
+    rate_headers: Vec<(http::HeaderName, http::HeaderValue)>,
+) -> Response<ResponseBody> {
+    add_headers(&mut res, rate_headers);
+    res
 }
 
 /// The completion budget (`max_tokens`, else the default cap, checked against the context

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod cached;
 pub mod conn;
 pub mod generate;
 pub mod validate;
@@ -25,11 +26,12 @@ use hyper_util::{
 use sluice_crds::{SidecarConfig, lifecycle::TERMINATION_MARGIN_SECS};
 use tokio::{net::TcpListener, sync::watch};
 
+use self::cached::AnswerCache;
 use self::conn::{Activity, BodyPace, Connections, Guarded};
 use crate::{
     admit::Admission,
     engine::{Engine, SamplingDefaults},
-    forward::Forwarder,
+    forward::{Forwarder, fallback::Fallback},
     metrics::Metrics,
     openai::ApiError,
     readiness::Readiness,
@@ -56,6 +58,11 @@ pub struct AppState {
     pub router: Arc<Router>,
     /// The client forwards to other variants go through (`None`: forwarding disabled).
     pub forwarder: Option<Forwarder>,
+    /// The response cache (on when the config in force has `cache`).
+    pub cache: AnswerCache,
+    /// Sends requests this model cannot serve to the config's fallback model (`None`: no
+    /// `--fallback-token-file`).
+    pub fallback: Option<Fallback>,
     /// The id clients use.
     pub served_name: String,
     /// Body size limit.

@@ -183,6 +183,9 @@ pub struct Ticket {
     pub rate: RateInfo,
     /// The priority the request was admitted at.
     pub priority: Priority,
+    /// Admitted for another model to serve ([`Limiter::admit_or_overflow`]): this pod's
+    /// saturation mark sheds it.
+    pub shed: bool,
     done: bool,
 }
 
@@ -294,17 +297,40 @@ impl Limiter {
         req: &Request<'_>,
         now: u64,
     ) -> Result<Ticket, Box<Refusal>> {
+        self.admit_inner(policy, req, now, false)
+    }
+
+    /// Admits `req` as [`Limiter::admit`] does, except that a request the saturation mark
+    /// would shed is admitted under the rules all the same, its ticket marked
+    /// [`Ticket::shed`]: another model takes it (a fallback), and its limits are charged
+    /// here, once.
+    pub fn admit_or_overflow(
+        &self,
+        policy: &Arc<Policy>,
+        req: &Request<'_>,
+    ) -> Result<Ticket, Box<Refusal>> {
+        self.admit_inner(policy, req, self.now(), true)
+    }
+
+    fn admit_inner(
+        &self,
+        policy: &Arc<Policy>,
+        req: &Request<'_>,
+        now: u64,
+        overflow: bool,
+    ) -> Result<Ticket, Box<Refusal>> {
         let mut keys = Keys::new(&self.0.hasher, req);
         let priority = assigned_priority(policy, req);
 
+        let mut shed = false;
         if let Some(mark) = policy.max_in_flight {
             let in_flight = self.0.in_flight.sum();
-            let shed = match priority {
+            shed = match priority {
                 Priority::Sheddable => in_flight >= mark,
                 Priority::Standard => in_flight >= mark.saturating_mul(2),
                 Priority::Critical => false,
             };
-            if shed {
+            if shed && !overflow {
                 let refusal = Refusal::shed(priority, in_flight, mark);
                 self.0
                     .metrics
@@ -402,6 +428,7 @@ impl Limiter {
             held,
             rate,
             priority,
+            shed,
             done: false,
         })
     }

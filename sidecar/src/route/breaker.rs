@@ -23,15 +23,33 @@ pub struct Breakers {
 enum State {
     /// Forwards go through; `failures` in a row so far.
     Closed { failures: u32 },
-    /// No forwards until `until`; half-open after it.
-    Open { until: Instant },
+    /// No forwards until `until`; half-open after it. `reported`: the gauge still shows it
+    /// open.
+    Open { until: Instant, reported: bool },
 }
 
 impl Breakers {
-    /// Whether forwards to `variant` are held back at `now`.
-    pub fn is_open(&self, variant: &str, now: Instant) -> bool {
-        let states = self.states.lock().unwrap_or_else(|e| e.into_inner());
-        matches!(states.get(variant), Some(State::Open { until }) if now < *until)
+    /// Whether forwards to `variant` are held back at `now`. The first look after the open
+    /// time is over reports the breaker half-open in `metrics` (forwards go through again),
+    /// so the gauge does not wait for the next forward's outcome to drop.
+    pub fn is_open(&self, variant: &str, now: Instant, metrics: &RoutingMetrics) -> bool {
+        let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        match states.get_mut(variant) {
+            Some(State::Open { until, reported }) => {
+                if now < *until {
+                    return true;
+                }
+                if *reported {
+                    *reported = false;
+                    metrics
+                        .breaker_open
+                        .get_or_create(&BreakerLabels::of(variant))
+                        .set(0);
+                }
+                false
+            }
+            _ => false,
+        }
     }
 
     /// Records the outcome of a forward to `variant` that ended at `now`.
@@ -68,7 +86,7 @@ impl Breakers {
                 failures: failures + 1,
             },
             // Half-open, and the forward that tried failed: open again.
-            (State::Open { until }, false) if now >= until => {
+            (State::Open { until, .. }, false) if now >= until => {
                 tracing::warn!(%variant, "the variant still fails; breaker open again");
                 open(variant, settings, now, metrics)
             }
@@ -93,6 +111,7 @@ fn open(variant: &str, settings: BreakerConfig, now: Instant, metrics: &RoutingM
     let open_for = std::time::Duration::from_secs(settings.open_seconds.max(1).into());
     State::Open {
         until: now + open_for,
+        reported: true,
     }
 }
 
@@ -121,24 +140,35 @@ mod tests {
         b.record("canary", true, SETTINGS, t0, &m);
         fail(t0);
         fail(t0);
-        assert!(!b.is_open("canary", t0));
+        assert!(!b.is_open("canary", t0, &m));
         fail(t0);
-        assert!(b.is_open("canary", t0), "third failure in a row");
-        assert!(!b.is_open("stable", t0), "per variant");
+        assert!(b.is_open("canary", t0, &m), "third failure in a row");
+        assert!(!b.is_open("stable", t0, &m), "per variant");
         // Forwards already in flight when it opened change nothing.
         fail(t0 + Duration::from_secs(1));
-        assert!(b.is_open("canary", t0 + Duration::from_secs(9)));
-        // Half-open after 10 s: one failure opens it again at once.
+        assert!(b.is_open("canary", t0 + Duration::from_secs(9), &m));
+        // Half-open after 10 s (the gauge drops as soon as that is seen): one failure opens
+        // it again at once.
         let t1 = t0 + Duration::from_secs(10);
-        assert!(!b.is_open("canary", t1));
+        let gauge = || {
+            m.breaker_open
+                .get_or_create(&BreakerLabels::of("canary"))
+                .get()
+        };
+        assert_eq!(gauge(), 1);
+        assert!(!b.is_open("canary", t1, &m));
+        assert_eq!(gauge(), 0);
         fail(t1);
-        assert!(b.is_open("canary", t1 + Duration::from_secs(9)));
+        assert!(b.is_open("canary", t1 + Duration::from_secs(9), &m));
         // Half-open again: a success closes it.
         let t2 = t1 + Duration::from_secs(10);
         b.record("canary", true, SETTINGS, t2, &m);
-        assert!(!b.is_open("canary", t2));
+        assert!(!b.is_open("canary", t2, &m));
         fail(t2);
-        assert!(!b.is_open("canary", t2), "closed: counting from zero again");
+        assert!(
+            !b.is_open("canary", t2, &m),
+            "closed: counting from zero again"
+        );
         assert_eq!(
             m.breaker_opened
                 .get_or_create(&BreakerLabels::of("canary"))

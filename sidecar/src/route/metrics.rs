@@ -76,12 +76,12 @@ impl RoutingMetrics {
             m.fallbacks.clone(),
         );
         registry.register(
-            "forward_breaker_open",
+            sluice_crds::contract::FORWARD_BREAKER_OPEN,
             "1 while this sidecar's breaker holds forwards to the variant back",
             m.breaker_open.clone(),
         );
         registry.register(
-            "forward_breaker_opened",
+            sluice_crds::contract::FORWARD_BREAKER_OPENED,
             "Times this sidecar's breaker of forwards to the variant opened",
             m.breaker_opened.clone(),
         );

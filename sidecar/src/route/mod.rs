@@ -202,7 +202,12 @@ impl Router {
             .variants
             .iter()
             .filter(|v| v.weight > 0 && self.reachable(v) && !exclude.contains(&v.name))
-            .filter(|v| v.name == self.local || !self.breakers.is_open(&v.name, Instant::now()))
+            .filter(|v| {
+                v.name == self.local
+                    || !self
+                        .breakers
+                        .is_open(&v.name, Instant::now(), &self.metrics)
+            })
             .collect()
     }
 
@@ -313,7 +318,7 @@ impl Router {
                      this server"
                 )));
             }
-            if self.breakers.is_open(name, Instant::now()) {
+            if self.breakers.is_open(name, Instant::now(), &self.metrics) {
                 return Err(RouteError::Unreachable(format!(
                     "variant {name:?} (asked for with header {header}) failed repeatedly; its \
                      breaker holds forwards back for a while"

@@ -2,17 +2,22 @@
 //! Events ([`respond`]), on a response body that notices when the client goes away; the
 //! admitted request's reservation is settled when the answer ends (also on disconnect or error).
 
+mod answer;
 pub mod body;
 mod relay;
 pub mod sse;
 pub mod timing;
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::{
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use http::{HeaderName, HeaderValue, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use tracing::Instrument;
 
+pub use self::answer::{Answer, CACHE_HEADER};
 use self::{
     body::{ResponseBody, add_headers, json},
     relay::{Piece, Progress, Relay, collect},
@@ -21,12 +26,14 @@ use self::{
 };
 use crate::{
     admit::{Outcome, settle::Settlement},
+    cache::Filler,
     engine::Generation,
     metrics::Metrics,
     openai::{
         ApiError, Kind,
         types::{AssistantMessage, ChatChoice, ChatCompletion, Completion, CompletionChoice},
     },
+    usage::Usage,
 };
 
 /// How to answer one admitted request, besides the generation itself.
@@ -50,6 +57,8 @@ pub struct Reply {
     pub deadline: Deadline,
     /// The admitted request's rate-limit headers (`x-ratelimit-*`).
     pub rate_headers: Vec<(HeaderName, HeaderValue)>,
+    /// The response cache's entry this answer fills, when it completes (`None`: not cached).
+    pub fill: Option<Filler<Arc<Answer>>>,
 }
 
 /// Answers with `generation`: one JSON object, or (streaming) the response head as soon as the
@@ -89,43 +98,15 @@ pub async fn respond(
             ttft_ms = progress.timing.ttft_ms(),
             "completed"
         );
-        let mut res = match reply.kind {
-            Kind::Chat => json(
-                StatusCode::OK,
-                &ChatCompletion {
-                    id: response_id,
-                    object: "chat.completion".into(),
-                    created,
-                    model: reply.model,
-                    choices: vec![ChatChoice {
-                        index: 0,
-                        message: AssistantMessage {
-                            role: "assistant".into(),
-                            content: text,
-                        },
-                        finish_reason,
-                        logprobs: None,
-                    }],
-                    usage,
-                },
-            ),
-            Kind::Completion => json(
-                StatusCode::OK,
-                &Completion {
-                    id: response_id,
-                    object: "text_completion".into(),
-                    created,
-                    model: reply.model,
-                    choices: vec![CompletionChoice {
-                        text,
-                        index: 0,
-                        logprobs: None,
-                        finish_reason,
-                    }],
-                    usage,
-                },
-            ),
+        let answer = Answer {
+            text,
+            finish_reason,
+            usage,
         };
+        let mut res = json_answer(reply.kind, response_id, created, reply.model, &answer);
+        if let Some(filler) = reply.fill {
+            filler.fill(Arc::new(answer));
+        }
         if let Some(bytes) = hyper::body::Body::size_hint(res.body()).exact() {
             settlement.add_response_bytes(bytes);
         }
@@ -173,6 +154,7 @@ pub async fn respond(
         settlement,
         deadline: reply.deadline,
         sent: 0,
+        fill: reply.fill.map(|filler| (filler, String::new())),
         _in_flight: in_flight,
     };
     // The first chunk is in the body before the response leaves, so the head and the first
@@ -194,6 +176,96 @@ pub async fn respond(
     h.insert(SERVER_TIMING, server_timing);
     add_headers(&mut res, reply.rate_headers);
     Ok(res)
+}
+
+/// Answers from the response cache: `answer` as one JSON object or as a stream (its whole
+/// text in one chunk), its usage marked `cached`, with `x-sluice-cache: hit`. The reservation
+/// is settled with no tokens (the engine did no work; request limits were charged) once the
+/// body is built: it is sent whole, at once.
+pub fn replay(reply: Reply, answer: &Answer, mut settlement: Settlement) -> Response<ResponseBody> {
+    let created = unix_now();
+    let response_id = reply.kind.response_id(&reply.request_id);
+    let mut answer = answer.clone();
+    answer.usage.prompt_tokens = reply.prompt_tokens;
+    answer.usage.total_tokens = reply.prompt_tokens + answer.usage.completion_tokens;
+    answer.usage.cached = true;
+    let mut res = if reply.stream {
+        let mut framer = Framer::new(
+            reply.kind,
+            response_id,
+            reply.model,
+            created,
+            reply.include_usage,
+        );
+        let mut body = framer.delta(answer.text, None).to_vec();
+        body.extend_from_slice(&framer.delta(String::new(), Some(answer.finish_reason)));
+        if let Some(usage) = framer.usage(answer.usage) {
+            body.extend_from_slice(&usage);
+        }
+        body.extend_from_slice(sse::DONE);
+        let mut res = body::full(StatusCode::OK, "text/event-stream", body);
+        res.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        res
+    } else {
+        json_answer(reply.kind, response_id, created, reply.model, &answer)
+    };
+    if let Some(bytes) = hyper::body::Body::size_hint(res.body()).exact() {
+        settlement.add_response_bytes(bytes);
+    }
+    settlement.settle_with(Usage::new(0, 0), Outcome::Completed);
+    add_headers(&mut res, reply.rate_headers);
+    res.headers_mut()
+        .insert(CACHE_HEADER, HeaderValue::from_static("hit"));
+    res
+}
+
+/// One JSON answer (`chat.completion` or `text_completion`).
+fn json_answer(
+    kind: Kind,
+    id: String,
+    created: u64,
+    model: String,
+    answer: &Answer,
+) -> Response<ResponseBody> {
+    let (text, finish_reason) = (answer.text.clone(), answer.finish_reason.clone());
+    match kind {
+        Kind::Chat => json(
+            StatusCode::OK,
+            &ChatCompletion {
+                id,
+                object: "chat.completion".into(),
+                created,
+                model,
+                choices: vec![ChatChoice {
+                    index: 0,
+                    message: AssistantMessage {
+                        role: "assistant".into(),
+                        content: text,
+                    },
+                    finish_reason,
+                    logprobs: None,
+                }],
+                usage: answer.usage,
+            },
+        ),
+        Kind::Completion => json(
+            StatusCode::OK,
+            &Completion {
+                id,
+                object: "text_completion".into(),
+                created,
+                model,
+                choices: vec![CompletionChoice {
+                    text,
+                    index: 0,
+                    logprobs: None,
+                    finish_reason,
+                }],
+                usage: answer.usage,
+            },
+        ),
+    }
 }
 
 fn unix_now() -> u64 {

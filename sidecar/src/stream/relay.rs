@@ -8,12 +8,14 @@ use hyper::body::Bytes;
 use tokio::sync::mpsc::error::SendError;
 
 use super::{
+    answer::Answer,
     body::BodySender,
     sse::{DONE, Framer, data_event},
     timing::{Deadline, InFlight, Timing, record_usage},
 };
 use crate::{
     admit::{Outcome, settle::Settlement},
+    cache::Filler,
     engine::{EngineError, Event, Generation},
     metrics::{Metrics, TokenRate},
     openai::ApiError,
@@ -180,6 +182,8 @@ pub(super) struct Relay {
     pub(super) deadline: Deadline,
     /// Body bytes sent so far (for byte limits).
     pub(super) sent: u64,
+    /// The response cache's entry to fill, and the text so far.
+    pub(super) fill: Option<(Filler<Arc<Answer>>, String)>,
     pub(super) _in_flight: InFlight,
 }
 
@@ -197,6 +201,9 @@ impl Relay {
                 finish_reason,
             } => {
                 let done = finish_reason.is_some();
+                if let Some((_, so_far)) = &mut self.fill {
+                    so_far.push_str(&text);
+                }
                 let event = self.framer.delta(text, finish_reason);
                 if self.send(event).is_err() {
                     return Some(Outcome::Cancelled);
@@ -245,6 +252,13 @@ impl Relay {
                 let _ = self.send(bytes);
             }
             let _ = self.send(Bytes::from_static(DONE));
+            if let Some((filler, text)) = self.fill.take() {
+                filler.fill(Arc::new(Answer {
+                    text,
+                    finish_reason: self.progress.finish_reason().to_owned(),
+                    usage,
+                }));
+            }
         } else if outcome == Outcome::Failed {
             let _ = self.send(Bytes::from_static(DONE));
         } else {

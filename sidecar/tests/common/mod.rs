@@ -114,8 +114,26 @@ impl Sidecar {
         Self::start(command, &model_path(), free_port(), free_port(), extra)
     }
 
+    /// [`Sidecar::spawn`] serving the model as `name` (instead of `smollm2`).
+    pub fn spawn_named(name: &str, extra: &[&str]) -> Self {
+        let bin = Path::new(env!("CARGO_BIN_EXE_sluice-sidecar"));
+        let (api, admin) = (free_port(), free_port());
+        Self::start_as(Command::new(bin), name, &model_path(), api, admin, extra)
+    }
+
     /// Runs `command serve ...` (`command` is the binary, or a wrapper that execs it).
-    fn start(mut command: Command, model: &Path, api: u16, admin: u16, extra: &[&str]) -> Self {
+    fn start(command: Command, model: &Path, api: u16, admin: u16, extra: &[&str]) -> Self {
+        Self::start_as(command, "smollm2", model, api, admin, extra)
+    }
+
+    fn start_as(
+        mut command: Command,
+        name: &str,
+        model: &Path,
+        api: u16,
+        admin: u16,
+        extra: &[&str],
+    ) -> Self {
         let log = std::env::temp_dir().join(format!(
             "sluice-sidecar-test-{}-{api}.log",
             std::process::id()
@@ -125,7 +143,7 @@ impl Sidecar {
             .arg("serve")
             .arg("--model")
             .arg(model)
-            .args(["--served-name", "smollm2"])
+            .args(["--served-name", name])
             .args(["--listen", &format!("127.0.0.1:{api}")])
             .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
             .args(extra)
@@ -139,7 +157,7 @@ impl Sidecar {
             child,
             api: format!("http://127.0.0.1:{api}"),
             admin: format!("http://127.0.0.1:{admin}"),
-            name: "smollm2".into(),
+            name: name.to_owned(),
             log,
         }
     }
@@ -235,6 +253,41 @@ pub async fn post_raw(url: &str, body: impl Into<Bytes>) -> (StatusCode, http::H
     let headers = res.headers().clone();
     let body = res.into_body().collect().await.unwrap().to_bytes();
     (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// POSTs `body` as JSON with `key` as its bearer token (none: no `Authorization`) and `extra`
+/// headers; the response with its body unread.
+pub async fn post_as(
+    url: &str,
+    key: Option<&str>,
+    extra: &[(&str, &str)],
+    body: &serde_json::Value,
+) -> http::Response<Incoming> {
+    let mut req = Request::builder()
+        .method(Method::POST)
+        .uri(url)
+        .header("content-type", "application/json");
+    if let Some(key) = key {
+        req = req.header("authorization", format!("Bearer {key}"));
+    }
+    for (name, value) in extra {
+        req = req.header(*name, *value);
+    }
+    let req = req
+        .body(Full::new(Bytes::from(serde_json::to_vec(body).unwrap())))
+        .unwrap();
+    client().request(req).await.unwrap()
+}
+
+/// A response read whole: status, headers and the JSON body.
+pub async fn read_json(
+    res: http::Response<Incoming>,
+) -> (StatusCode, http::HeaderMap, serde_json::Value) {
+    let (status, headers) = (res.status(), res.headers().clone());
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&bytes)));
+    (status, headers, value)
 }
 
 /// POST JSON; status and parsed JSON body.

@@ -68,7 +68,7 @@ impl MetricsSource for FakeSidecars {
     }
 }
 
-fn pods() -> Vec<Value> {
+pub(super) fn pods() -> Vec<Value> {
     [
         ("chat-stable-0", "stable", "10.0.0.1"),
         ("chat-canary-0", "canary", "10.0.0.2"),
@@ -92,7 +92,7 @@ fn live<T: serde::Serialize>(obj: &T) -> Value {
     v
 }
 
-fn lives<T: serde::Serialize>(objs: &[T]) -> Vec<Value> {
+pub(super) fn lives<T: serde::Serialize>(objs: &[T]) -> Vec<Value> {
     objs.iter().map(live).collect()
 }
 
@@ -108,6 +108,7 @@ fn settled(mut model: InferenceModel, rollout: RolloutStatus) -> (InferenceModel
     let observed = Observed {
         deployments: serde_json::from_value(json!(lives(&d.deployments))).expect("deployments"),
         pods: serde_json::from_value(json!(pods())).expect("pods"),
+        ..Default::default()
     };
     let weights = weights_for(&model, &observed.ready_counts());
     model.status = Some(status::compute(
@@ -121,7 +122,7 @@ fn settled(mut model: InferenceModel, rollout: RolloutStatus) -> (InferenceModel
 }
 
 /// Lists answered with everything `d` already applied: reads only.
-fn steady_lists(d: &Desired) -> Vec<Step> {
+pub(super) fn steady_lists(d: &Desired) -> Vec<Step> {
     vec![
         Step::list(&format!("{APPS}/deployments"), lives(&d.deployments)),
         Step::list(&format!("{CORE}/pods"), pods()),

@@ -247,6 +247,7 @@ async fn deleting_a_policy_rewrites_only_the_config_map() {
             ))
             .expect("deployments"),
             pods: vec![],
+            ..Default::default()
         },
         &weights_for(&model, &ReadyCounts::none()),
         test_now(),

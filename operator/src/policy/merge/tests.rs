@@ -407,6 +407,8 @@ fn base_config() -> SidecarConfig {
         rules: Vec::new(),
         replica_share: 1.0,
         saturation: Default::default(),
+        fallback: None,
+        cache: None,
     }
 }
 
