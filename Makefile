@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 export SLUICE_TEST_MODEL ?= $(abspath $(MODEL))
 export SLUICE_TEST_PYTHON ?= $(abspath $(PY))
 
-.PHONY: demo test test-vendor model crds lint bench bench-anchor bench-http bench-connections bench-cache bench-limits bench-operator render e2e cluster cluster-servers images images-from-host test-images build-cuda test-cuda gpu-stage gpu-check venv fmt test-py test-chart chart-crds argocd-cm-patch
+.PHONY: demo test test-vendor model crds lint bench bench-anchor bench-http bench-connections bench-cache bench-breaker bench-limits bench-operator render e2e cluster cluster-servers images images-from-host test-images build-cuda test-cuda gpu-stage gpu-check venv fmt test-py test-chart chart-crds argocd-cm-patch
 
 ## model: fetch the embedded default model once into $(MODEL_DIR)
 model: $(MODEL)
@@ -185,6 +185,12 @@ bench-connections: model
 bench-cache: model
 	$(CARGO) build --release -p sluice-sidecar
 	python3 scripts/bench-cache.py $(BIN_DIR)/release/sluice-sidecar $(abspath $(MODEL))
+
+## bench-breaker: how fast a sidecar's breaker opens on a dead variant (5 failures) and traffic
+## returns once it is back (open 5 s), and what the client sees meanwhile (scripts/bench-breaker.py)
+bench-breaker: model
+	$(CARGO) build --release -p sluice-sidecar
+	python3 scripts/bench-breaker.py $(BIN_DIR)/release/sluice-sidecar $(abspath $(MODEL))
 
 ## gpu-stage: pack the CUDA sidecar (make build-cuda), the model and llama.cpp's source into .gpu/
 ## for a lent GPU machine, and print the device calls that carry them (scripts/gpu-stage.sh)

@@ -3,7 +3,8 @@
 //! goes through the stable pod, which forwards the canary's share to the canary's Service; the
 //! harness then kills the canary's sidecar mid-window while its pod still looks Ready. The
 //! operator must see it in the sidecars' real `/metrics` (the stable pod's failed forwards),
-//! roll the canary back (status `CanaryRolledBack`, an Event) and the stable pod must stop
+//! roll the canary back (status `CanaryRolledBack`, an Event), report the stable pod's open
+//! breaker for the canary (`status.variants[].breakerOpenPods`), and the stable pod must stop
 //! sending it traffic.
 
 use std::net::Ipv4Addr;
@@ -166,10 +167,22 @@ async fn scenario(c: &Cluster) -> anyhow::Result<()> {
     // back to itself). Only the stable pod's metrics can tell.
     kubelet.hold(models, &canary)?;
     kubelet.signal(models, &canary, "KILL")?;
+    // The stable pod's breaker for the canary opens after a few failed forwards, and the
+    // operator reports it in the canary's status (whichever comes first, that or the rollback).
+    let breaker_seen = std::sync::atomic::AtomicBool::new(false);
+    let breaker_open = |status: &sluice_crds::InferenceModelStatus| {
+        status
+            .variants
+            .iter()
+            .any(|v| v.name == "canary" && v.breaker_open_pods > 0)
+    };
     let rolled_back = wait::until("the canary rolled back", 3 * MINUTE, || async {
         let _ = chat(stable_ip).await;
         let im = ims.get(MODEL).await?;
         let status = im.status.unwrap_or_default();
+        if breaker_open(&status) {
+            breaker_seen.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         let back = status
             .rollout
             .as_ref()
@@ -181,6 +194,17 @@ async fn scenario(c: &Cluster) -> anyhow::Result<()> {
         Ok((back && condition).then_some(status))
     })
     .await?;
+    if !breaker_seen.load(std::sync::atomic::Ordering::Relaxed) {
+        wait::until(
+            "the stable pod's open breaker in the canary's status",
+            2 * MINUTE,
+            || async {
+                let status = ims.get(MODEL).await?.status.unwrap_or_default();
+                Ok(breaker_open(&status).then_some(()))
+            },
+        )
+        .await?;
+    }
     let canary_weight = rolled_back
         .variants
         .iter()
