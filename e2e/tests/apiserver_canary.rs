@@ -129,6 +129,9 @@ async fn scenario(c: &Cluster) -> anyhow::Result<()> {
                 "autoRollback": true,
                 "analysis": {"interval": "2s", "window": "1m", "maxErrorRate": 0.2, "minRequests": 4},
             },
+            // Opened by the second failed forward, before the analysis can judge (it needs 4
+            // requests), and held open long after the test: the status must show it.
+            "routing": {"breaker": {"consecutiveFailures": 2, "openFor": "10m"}},
         },
     });
     objects::apply(admin, models, &model, "kubectl", false).await?;

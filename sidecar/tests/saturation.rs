@@ -292,6 +292,14 @@ async fn the_real_sidecar_sheds_the_free_tier_at_the_engines_concurrency() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
+    // What the mark is compared with: the eight streams and the queued request.
+    let m = metrics(&sidecar).await;
+    assert_eq!(
+        metric(&m, "sluice_ratelimit_in_flight"),
+        Some(full + 1.0),
+        "{m}"
+    );
+
     // At the same moment a free (Sheddable) request is shed: 503 in OpenAI's shape. (Were it
     // admitted, it would wait for an engine slot until the streams end: bounded, so that such a
     // failure says so instead of hanging for the request timeout.)

@@ -453,6 +453,21 @@ mod tests {
             })
             .get();
         assert_eq!(dead_failures, u64::from(failures));
+        // Requests routed to it while its breaker was open still count against it (the canary
+        // analysis would otherwise see an idle variant, not a broken one).
+        let held_back = routing
+            .0
+            .metrics()
+            .forward_failures
+            .get_or_create(&ForwardFailureLabels {
+                variant: "b".into(),
+                kind: crate::route::BREAKER_OPEN_KIND.into(),
+            })
+            .get();
+        assert!(
+            (150..=200 - u64::from(failures)).contains(&held_back),
+            "{held_back} of the ~99% routed to b"
+        );
         // It has none (and a router whose breaker is still closed): 503, and the reservation
         // is settled as failed.
         let routing = super::tests::routing();

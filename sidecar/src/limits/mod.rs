@@ -234,7 +234,9 @@ enum Check {
 impl Limiter {
     /// A limiter whose metrics are registered in `registry`.
     pub fn new(registry: &mut Registry) -> Self {
-        Self::with_metrics(LimitMetrics::register(registry))
+        let limiter = Self::with_metrics(LimitMetrics::register(registry));
+        registry.register_collector(Box::new(metrics::AdmittedInFlight(limiter)));
+        limiter
     }
 
     /// A limiter with the given metrics. Its shared state is leaked (see [`Limiter`]): a process

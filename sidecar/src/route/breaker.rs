@@ -1,6 +1,7 @@
 //! Circuit breakers of forwards, one per destination variant. A variant that failed
 //! `consecutiveFailures` forwards in a row gets none for `openSeconds`: routing leaves it out, so
-//! its share goes where a failed forward falls back, without first paying for a failed connect.
+//! its share goes where a failed forward falls back, without first paying for a failed connect
+//! (each such request still counts as a failed forward to it, kind `breaker_open`).
 //! Once that time is over the breaker is half-open: forwards go through again and the next
 //! outcome decides (a failure opens it again, a success closes it).
 //!

@@ -21,7 +21,8 @@ pub struct RouteLabels {
 pub struct ForwardFailureLabels {
     /// The variant that could not be reached.
     pub variant: String,
-    /// `connect`, `timeout` or `error`.
+    /// `connect`, `timeout`, `error`, or `breaker_open` (routed to it while its breaker held
+    /// forwards back: not sent, served elsewhere).
     pub kind: String,
 }
 
@@ -67,7 +68,7 @@ impl RoutingMetrics {
         );
         registry.register(
             sluice_crds::contract::FORWARD_FAILURES,
-            "Forwards to another variant that failed, by variant and kind",
+            "Forwards to another variant that failed (or were held back by its open breaker), by variant and kind",
             m.forward_failures.clone(),
         );
         registry.register(

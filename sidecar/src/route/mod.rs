@@ -54,6 +54,9 @@ use self::{
 
 /// Set on every API response: the variant that served it.
 pub const VARIANT_HEADER: &str = "x-sluice-variant";
+/// The `kind` of `sluice_forward_failures_total` for a request routed to a variant whose
+/// breaker was open (so not sent there).
+pub const BREAKER_OPEN_KIND: &str = "breaker_open";
 
 /// Where one request goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -202,13 +205,15 @@ impl Router {
             .variants
             .iter()
             .filter(|v| v.weight > 0 && self.reachable(v) && !exclude.contains(&v.name))
-            .filter(|v| {
-                v.name == self.local
-                    || !self
-                        .breakers
-                        .is_open(&v.name, Instant::now(), &self.metrics)
-            })
             .collect()
+    }
+
+    /// Whether forwards to `variant` are held back by its breaker now (never this pod's own).
+    fn held_back(&self, variant: &VariantRoute) -> bool {
+        variant.name != self.local
+            && self
+                .breakers
+                .is_open(&variant.name, Instant::now(), &self.metrics)
     }
 
     /// Records how a forward to `variant` ended, for its breaker: a failure is no connection,
@@ -345,11 +350,38 @@ impl Router {
         exclude: &[String],
     ) -> Option<RouteDecision> {
         let candidates = self.candidates(config, exclude);
-        let chosen = match Self::sticky_key(config, headers) {
-            Some(key) => sticky_pick(&candidates, key),
-            None => weighted_pick(&candidates, self.next_unit()),
-        }?;
+        let mut chosen = self.pick(config, headers, &candidates)?;
+        if self.held_back(chosen) {
+            // Its breaker is open: counted as a failed forward to it (what the canary analysis
+            // judges a variant by; a variant held back would otherwise look idle, not broken),
+            // then the choice is made again among the others, as a failed forward falls back.
+            self.metrics
+                .forward_failures
+                .get_or_create(&ForwardFailureLabels {
+                    variant: chosen.name.clone(),
+                    kind: BREAKER_OPEN_KIND.to_owned(),
+                })
+                .inc();
+            let rest: Vec<&VariantRoute> = candidates
+                .into_iter()
+                .filter(|v| !self.held_back(v))
+                .collect();
+            chosen = self.pick(config, headers, &rest)?;
+        }
         Some(self.to_decision(chosen))
+    }
+
+    /// The sticky choice among `among` for a request with a sticky key, else the weighted one.
+    fn pick<'a>(
+        &self,
+        config: &SidecarConfig,
+        headers: &HeaderMap,
+        among: &[&'a VariantRoute],
+    ) -> Option<&'a VariantRoute> {
+        match Self::sticky_key(config, headers) {
+            Some(key) => sticky_pick(among, key),
+            None => weighted_pick(among, self.next_unit()),
+        }
     }
 
     /// Where a request goes after forwarding to the variants in `failed` could not connect: this
