@@ -115,8 +115,10 @@ async fn readiness_overload_and_graceful_drain() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_without_a_first_token_in_time_gets_a_timeout_not_a_hang() {
-    // One engine slot: a second request waits in the queue, past its first-token timeout.
-    let mut sidecar = Sidecar::spawn(&["--max-seqs", "1", "--first-token-timeout-secs", "0.5"]);
+    // One engine slot: a second request waits in the queue, past its first-token timeout. (Two
+    // seconds: ample for the first request's first token on a loaded machine, and far shorter
+    // than its 2,000-token stream the second one queues behind.)
+    let mut sidecar = Sidecar::spawn(&["--max-seqs", "1", "--first-token-timeout-secs", "2"]);
     sidecar.wait_ready().await;
     let completions = format!("{}/v1/completions", sidecar.api);
     let res = post_stream(&completions, &counting_stream(&sidecar.name)).await;

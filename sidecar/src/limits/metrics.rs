@@ -2,37 +2,16 @@
 //! and the buckets held.
 
 use prometheus_client::{
-    collector::Collector,
-    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
-    metrics::{counter::Counter, family::Family, gauge::ConstGauge, gauge::Gauge},
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
-
-use super::Limiter;
 
 /// Name of the gauge of requests the limiter admitted and not yet settled (running, queued
 /// for the engine, or forwarded): the number the saturation mark (`saturation.maxInFlight`) is
 /// compared with. `sluice_requests_in_flight` and `sluice_queue_depth` count only what
 /// reached this pod's engine.
 pub const ADMITTED_IN_FLIGHT: &str = "ratelimit_in_flight";
-
-/// [`Limiter::in_flight`] as a gauge, read at each scrape (it sums the limiter's stripes, which
-/// admission never does unless a saturation mark is set).
-#[derive(Debug)]
-pub(super) struct AdmittedInFlight(pub(super) Limiter);
-
-impl Collector for AdmittedInFlight {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-        let gauge = ConstGauge::new(i64::try_from(self.0.in_flight()).unwrap_or(i64::MAX));
-        gauge.encode(encoder.encode_descriptor(
-            ADMITTED_IN_FLIGHT,
-            "Requests admitted and not yet finished (running, queued or forwarded): what the \
-             saturation mark is compared with",
-            None,
-            gauge.metric_type(),
-        )?)
-    }
-}
 
 /// Labels naming a rule.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

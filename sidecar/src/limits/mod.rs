@@ -60,7 +60,12 @@ use std::{
     time::Instant,
 };
 
-use prometheus_client::registry::Registry;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::gauge::ConstGauge,
+    registry::Registry,
+};
 use rustc_hash::FxBuildHasher;
 use sluice_crds::rate_limit_policy::{BucketKey, Priority};
 use tokio::sync::watch;
@@ -235,7 +240,7 @@ impl Limiter {
     /// A limiter whose metrics are registered in `registry`.
     pub fn new(registry: &mut Registry) -> Self {
         let limiter = Self::with_metrics(LimitMetrics::register(registry));
-        registry.register_collector(Box::new(metrics::AdmittedInFlight(limiter)));
+        registry.register_collector(Box::new(AdmittedInFlight(limiter)));
         limiter
     }
 
@@ -693,6 +698,24 @@ impl Drop for Ticket {
             let now = self.limiter.now();
             self.finish(None, now);
         }
+    }
+}
+
+/// [`Limiter::in_flight`] as a gauge, read at each scrape (it sums the limiter's stripes, which
+/// admission never does unless a saturation mark is set).
+#[derive(Debug)]
+struct AdmittedInFlight(Limiter);
+
+impl Collector for AdmittedInFlight {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let gauge = ConstGauge::new(i64::try_from(self.0.in_flight()).unwrap_or(i64::MAX));
+        gauge.encode(encoder.encode_descriptor(
+            metrics::ADMITTED_IN_FLIGHT,
+            "Requests admitted and not yet finished (running, queued or forwarded): what the \
+             saturation mark is compared with",
+            None,
+            gauge.metric_type(),
+        )?)
     }
 }
 
