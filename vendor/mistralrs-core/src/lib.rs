@@ -752,7 +752,9 @@ impl MistralRs {
             Self::create_engine_instance(pipeline.clone(), method, engine_config, reboot_state)
                 .expect("Failed to create engine instance");
 
-        let pipeline_name = pipeline.try_lock().unwrap().name();
+        // sluice: wait for the lock; the engine thread just started may hold it (its dummy
+        // run), and `try_lock().unwrap()` then panicked at start-up.
+        let pipeline_name = pipeline.lock().await.name();
         let (id, alias_map) = match model_id_override {
             Some(override_id) => {
                 let mut alias_map = HashMap::new();
