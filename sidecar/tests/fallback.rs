@@ -47,7 +47,8 @@ async fn requests_primary_cannot_serve_are_answered_by_its_fallback_and_charged_
         "backup.yaml",
         &format!(
             "version: v1alpha1\nmodel: backup\nvariants:\n  - name: default\n    weight: 100\n\
-             identity:\n  source: Bearer\n  keysFile: {}\n",
+             identity:\n  source: Bearer\n  keysFile: {}\n\
+             cache:\n  maxBytes: 1048576\n  ttlSeconds: 600\n",
             keys.display()
         ),
     );
@@ -164,6 +165,10 @@ fallback:
     let res = post_as(&chat, Some("streamer"), &[], &short(true)).await;
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers()["x-sluice-fallback"], "backup");
+    // The same greedy chat as the one before, from another caller: the backup's response cache
+    // (per tenant, and the tenant is known only where the request was admitted) stays out of
+    // forwarded requests.
+    assert!(res.headers().get("x-sluice-cache").is_none());
     assert_eq!(res.headers()["x-ratelimit-remaining-requests"], "999");
     let text =
         String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();

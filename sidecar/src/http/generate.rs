@@ -57,11 +57,14 @@ pub async fn generate(
     if request.model != state.served_name && !decision.skips_admission() {
         return Err(ApiError::ModelNotFound(request.model));
     }
-    // Only requests admitted here fall back (so at most once).
+    // Only requests admitted here fall back (so at most once) or use the response cache (whose
+    // entries are per tenant: the tenant is known where the request was admitted).
+    let admitted_here = !decision.skips_admission();
     let fallback = match (&config.fallback, &state.fallback) {
-        (Some(route), Some(fallback)) if !decision.skips_admission() => Some((route, fallback)),
+        (Some(route), Some(fallback)) if admitted_here => Some((route, fallback)),
         _ => None,
     };
+    let cache = config.cache.as_ref().filter(|_| admitted_here);
     let engine = state.engine.get().ok_or(ApiError::Loading)?;
     validate::check_logit_bias(&request, engine.vocab_size())?;
 
@@ -161,7 +164,7 @@ pub async fn generate(
         prompt: &prompt,
         params: &params,
     };
-    let lookup = state.cache.lookup(config.cache.as_ref(), &cache_request);
+    let lookup = state.cache.lookup(cache, &cache_request);
     match reply.deadline.run(lookup).await {
         Ok(Some(Lookup::Hit(answer))) => return Ok(stream::replay(reply, &answer, settlement)),
         Ok(Some(Lookup::Fill(filler))) => reply.fill = Some(filler),
