@@ -9,18 +9,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-
 use common::*;
 use http::StatusCode;
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 fn fallbacks(metrics: &str, reason: &str, outcome: &str) -> f64 {
     metric(
@@ -32,18 +24,14 @@ fn fallbacks(metrics: &str, reason: &str, outcome: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_primary_cannot_serve_are_answered_by_its_fallback_and_charged_once() {
-    let dir = std::env::temp_dir().join(format!("sluice-fallback-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let backup_token = write(&dir, "backup.token", "backup-forwarding-token\n");
-    let primary_token = write(&dir, "primary.token", "primary-forwarding-token\n");
-    let keys = write(
-        &dir,
+    let dir = TempDir::new("fallback");
+    let backup_token = dir.write("backup.token", "backup-forwarding-token\n");
+    let primary_token = dir.write("primary.token", "primary-forwarding-token\n");
+    let keys = dir.write(
         "keys.yaml",
         "- key: backup-only-key\n  tenant: backup-users\n",
     );
-    let backup_config = write(
-        &dir,
+    let backup_config = dir.write(
         "backup.yaml",
         &format!(
             "version: v1alpha1\nmodel: backup\nvariants:\n  - name: default\n    weight: 100\n\
@@ -63,8 +51,7 @@ async fn requests_primary_cannot_serve_are_answered_by_its_fallback_and_charged_
     );
     // Nothing listens here: the `dead` variant cannot be reached.
     let dead = free_port();
-    let primary_config = write(
-        &dir,
+    let primary_config = dir.write(
         "primary.yaml",
         &format!(
             r#"version: v1alpha1
@@ -210,5 +197,4 @@ fallback:
     assert_eq!(fallbacks(&metrics, "shed", "failed"), 1.0, "{metrics}");
 
     drop(holder);
-    let _ = std::fs::remove_dir_all(&dir);
 }

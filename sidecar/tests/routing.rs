@@ -6,11 +6,7 @@
 
 mod common;
 
-use std::{
-    collections::HashMap,
-    path::{Path, PathBuf},
-    time::Instant,
-};
+use std::{collections::HashMap, path::Path, time::Instant};
 
 use common::*;
 use futures::{StreamExt, stream};
@@ -26,30 +22,6 @@ use sluice_sidecar::{
 const TOKEN: &str = "test-forwarding-token-0123456789abcdef";
 const COMPLETIONS: &str = "/v1/completions";
 
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("sluice-routing-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, text).unwrap();
-        path
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A sidecar config listing `variants` as (name, weight, api port).
 fn config_yaml(variants: &[(&str, u32, u16)]) -> String {
     let mut y = String::from("version: v1alpha1\nmodel: smollm2\nvariants:\n");
@@ -64,7 +36,7 @@ fn config_yaml(variants: &[(&str, u32, u16)]) -> String {
 
 /// Converts the model to Q8_0 once into `cache` (the tests send thousands of requests; Q8_0 has
 /// fast CPU kernels), so the sidecars started on it do not race to convert.
-fn q8_cache(scratch: &Scratch) -> String {
+fn q8_cache(scratch: &TempDir) -> String {
     let cache = scratch.0.join("cache");
     sluice_sidecar::model::convert::ensure_converted(&model_path(), Quant::Q8_0, &cache).unwrap();
     cache.to_str().unwrap().to_owned()
@@ -180,7 +152,7 @@ fn share(counts: &HashMap<String, usize>, variant: &str, n: usize) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traffic_split_sticky_override_and_forwarding_auth() {
-    let scratch = Scratch::new("split");
+    let scratch = TempDir::new("routing-split");
     let token = scratch.write("token", &format!("{TOKEN}\n"));
     let (stable, canary, stable2, dead) = (free_port(), free_port(), free_port(), free_port());
     // Two variants with pods, and "blue" with none (the operator writes weight 0 for it).
@@ -355,7 +327,7 @@ async fn traffic_split_sticky_override_and_forwarding_auth() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_variant_falls_back_and_no_token_means_local_only() {
-    let scratch = Scratch::new("fallback");
+    let scratch = TempDir::new("routing-fallback");
     let token = scratch.write("token", TOKEN);
     let (solo, ghost, lone) = (free_port(), free_port(), free_port());
     // "ghost" still has weight (the operator has not caught up) but nothing listens there.
@@ -484,7 +456,7 @@ async fn unreachable_variant_falls_back_and_no_token_means_local_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarded_stream_still_running_when_the_entry_pod_drains_ends_with_an_error_event() {
-    let scratch = Scratch::new("drain");
+    let scratch = TempDir::new("routing-drain");
     let token = scratch.write("token", TOKEN);
     let (entry_port, serving_port) = (free_port(), free_port());
     // All the weight on "serving": the entry pod relays its stream.

@@ -18,12 +18,12 @@
 mod common;
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use common::{Sidecar, counting_stream, get, metric, post_as, read_json};
+use common::{Sidecar, TempDir, counting_stream, get, metric, post_as, read_json};
 use http::{HeaderMap, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -130,31 +130,6 @@ fn shedding_engages_when_in_flight_reaches_the_engines_concurrency() {
 const FREE_KEY: &str = "sk-free-saturation-test";
 const PAID_KEY: &str = "sk-acme-saturation-test";
 
-/// A directory of its own for the config and keys files; removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("sluice-saturation-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, text).unwrap();
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// POSTs `body` with `key` as its bearer token; the response with its body unread.
 async fn send(url: &str, key: &str, body: &Value) -> http::Response<Incoming> {
     post_as(url, Some(key), &[], body).await
@@ -215,7 +190,7 @@ async fn the_real_sidecar_sheds_the_free_tier_at_the_engines_concurrency() {
         .keys_file
         .as_deref()
         .expect("the tiers' keys Secret");
-    let dir = TempDir::new("real");
+    let dir = TempDir::new("saturation-real");
     let keys = dir.write(
         "keys.yaml",
         &format!("- key: {FREE_KEY}\n  tenant: free\n- key: {PAID_KEY}\n  tenant: acme\n"),

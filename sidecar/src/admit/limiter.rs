@@ -52,7 +52,9 @@ impl Admission for LimitAdmission {
         match admitted {
             Ok(ticket) => Ok(Box::new(TicketReservation {
                 ticket: Some(ticket),
-                tenant: caller.tenant.clone(),
+                // Only the response cache asks (its entries are per tenant); cloning the shared
+                // `Arc` otherwise would touch its count on every request.
+                tenant: req.config.cache.as_ref().map(|_| caller.tenant.clone()),
                 response_bytes: 0,
             })),
             Err(refusal) => {
@@ -72,7 +74,7 @@ impl Admission for LimitAdmission {
 /// An admitted request's ticket as the request path holds it.
 struct TicketReservation {
     ticket: Option<Ticket>,
-    tenant: Arc<str>,
+    tenant: Option<Arc<str>>,
     response_bytes: u64,
 }
 
@@ -90,7 +92,7 @@ impl Reservation for TicketReservation {
     }
 
     fn tenant(&self) -> Option<&str> {
-        Some(&self.tenant)
+        self.tenant.as_deref()
     }
 
     fn settle(mut self: Box<Self>, usage: Usage, _outcome: Outcome) {

@@ -65,7 +65,8 @@ pub trait Reservation: Send + 'static {
     /// Counts response body bytes sent (for byte limits), before `settle`.
     fn add_response_bytes(&mut self, _bytes: u64) {}
 
-    /// The caller's tenant, as admission identified it (`None`: no identity).
+    /// The caller's tenant, as admission identified it (`None`: no identity, or the config
+    /// has no response cache, its only reader).
     fn tenant(&self) -> Option<&str> {
         None
     }

@@ -71,7 +71,9 @@ impl AnswerCache {
         request: &CacheRequest<'_>,
     ) -> Option<Lookup<Arc<Answer>>> {
         let Some(config) = config else {
-            if self.active.swap(false, Ordering::Relaxed) {
+            // A load first: on a model without a cache this runs on every request, and a swap
+            // would write the shared flag each time.
+            if self.active.load(Ordering::Relaxed) && self.active.swap(false, Ordering::Relaxed) {
                 // Turned off: give the memory back.
                 self.cache.set_limits(0, Duration::ZERO);
                 *self.applied.lock().unwrap_or_else(|e| e.into_inner()) = None;

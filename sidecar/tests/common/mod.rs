@@ -365,3 +365,29 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
         (n == name).then(|| v.parse().ok())?
     })
 }
+
+/// A scratch directory for one test's files, removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// An empty directory named after `name` and this process.
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("sluice-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    /// Writes `text` to the file `name` in it; its path.
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
