@@ -428,10 +428,13 @@ where
 
     // final output
     let mut out = vec![T::cast(0.0); b * h * dv];
-    // scratch: one tile  ×  heads ×  dv  (flattened)
-    let mut scratch = vec![0f32; kv_tiles * h * dv];
-    let mut scratch_s = vec![0f32; kv_tiles * h]; // softmax S per tile
-    let mut scratch_m = vec![f32::NEG_INFINITY; kv_tiles * h];
+    // scratch: batch × tile × heads × dv (flattened).
+    // sluice: upstream left the batch out of the scratch, so each sequence of a batch wrote over
+    // the previous one's partial sums and every sequence got the attention of the batch's last:
+    // concurrent requests answered with each other's text.
+    let mut scratch = vec![0f32; b * kv_tiles * h * dv];
+    let mut scratch_s = vec![0f32; b * kv_tiles * h]; // softmax S per tile
+    let mut scratch_m = vec![f32::NEG_INFINITY; b * kv_tiles * h];
 
     // Store as plain usize so the capture is Sync (raw *mut T is not Sync)
     let scratch_ptr = scratch.as_mut_ptr() as usize;
@@ -460,8 +463,8 @@ where
                     let v_head = h_i / rv2;
 
                     // pointers into scratch
-                    let base_vk = ((tile_idx * h + h_i) * dv) as isize;
-                    let base_s = (tile_idx * h + h_i) as isize;
+                    let base_s = ((b_i * kv_tiles + tile_idx) * h + h_i) as isize;
+                    let base_vk = base_s * dv as isize;
 
                     let q_base = b_i * qstride[0] + h_i * qstride[2];
                     let q_row = &q_data[q_base..q_base + d];
@@ -545,14 +548,15 @@ where
             let out_off = (b_i * h + h_i) * dv;
 
             // start with tile 0
+            let first = b_i * kv_tiles * h + h_i;
             let mut vkq = vec![0f32; dv];
-            vkq.copy_from_slice(&scratch[(h_i * dv)..(h_i * dv + dv)]);
-            let mut s = scratch_s[h_i];
-            let mut m = scratch_m[h_i];
+            vkq.copy_from_slice(&scratch[(first * dv)..(first * dv + dv)]);
+            let mut s = scratch_s[first];
+            let mut m = scratch_m[first];
 
             for tile_idx in 1..kv_tiles {
-                let base = (tile_idx * h + h_i) * dv;
-                let base_s = tile_idx * h + h_i;
+                let base_s = (b_i * kv_tiles + tile_idx) * h + h_i;
+                let base = base_s * dv;
 
                 let m_b = scratch_m[base_s];
                 let s_b = scratch_s[base_s];
@@ -743,6 +747,46 @@ mod tests {
     use candle_core::Result as CandleResult;
 
     const EPS: f32 = 1e-4;
+
+    /// sluice: each sequence of a decode batch attends to its own keys and values only: its
+    /// output is what it gets alone, bit for bit, and what naive attention gives.
+    #[test]
+    fn single_q_batch_rows_are_independent() -> CandleResult<()> {
+        let (b, h, d, kv_len) = (3, 4, 8, 2 * TILE_KV + 5);
+        // Distinct values per sequence, head and position.
+        let values = |n: usize, salt: f32| -> Vec<f32> {
+            (0..n)
+                .map(|i| (i as f32 * 0.37 + salt).sin() * 1.5)
+                .collect()
+        };
+        let q = Tensor::from_vec(values(b * h * d, 0.1), (b, 1, h, d), &Device::Cpu)?;
+        let k = Tensor::from_vec(values(b * kv_len * h * d, 0.7), (b, kv_len, h, d), &Device::Cpu)?;
+        let v = Tensor::from_vec(values(b * kv_len * h * d, 1.3), (b, kv_len, h, d), &Device::Cpu)?;
+        let sdpa = SdpaParams {
+            softmax_scale: 1.0 / (d as f32).sqrt(),
+            softcap: None,
+            n_kv_groups: 1,
+            sliding_window: None,
+            sinks: None,
+        };
+        let batched = run_flash_attn_cpu::<f32>(&q, &k, &v, None, &sdpa)?;
+        for i in 0..b {
+            let (qi, ki, vi) = (q.narrow(0, i, 1)?, k.narrow(0, i, 1)?, v.narrow(0, i, 1)?);
+            let alone = run_flash_attn_cpu::<f32>(&qi.contiguous()?, &ki.contiguous()?, &vi.contiguous()?, None, &sdpa)?;
+            let got = batched.narrow(0, i, 1)?.flatten_all()?.to_vec1::<f32>()?;
+            assert_eq!(got, alone.flatten_all()?.to_vec1::<f32>()?, "sequence {i}");
+            // Naive attention of sequence i.
+            let qn = qi.permute((0, 2, 1, 3))?.reshape((h, 1, d))?;
+            let kn = ki.permute((0, 2, 1, 3))?.reshape((h, kv_len, d))?;
+            let vn = vi.permute((0, 2, 1, 3))?.reshape((h, kv_len, d))?;
+            let logits = (qn.matmul(&kn.transpose(1, 2)?)? * sdpa.softmax_scale as f64)?;
+            let naive = softmax(&logits, D::Minus1)?.matmul(&vn)?.flatten_all()?.to_vec1::<f32>()?;
+            for (a, n) in got.iter().zip(&naive) {
+                assert!((a - n).abs() < EPS, "sequence {i}: {a} vs {n}");
+            }
+        }
+        Ok(())
+    }
 
     #[test]
     fn test_flash_attn_cpu_single_q() -> CandleResult<()> {
