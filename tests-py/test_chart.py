@@ -69,6 +69,7 @@ VALUE_SETS = {
         "metrics": {"port": 9090, "service": {"annotations": {"x": "y"}}},
         "sidecarPodMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
         "apiKeySecrets": [{"namespace": "team-a", "name": "api-keys"}],
+        "gateway": {"enabled": True, "port": 80, "annotations": {"a": "b"}},
     },
     "minimal": {
         "replicaCount": 1,
@@ -459,6 +460,36 @@ def test_sidecar_pod_monitor_is_optional_and_scrapes_the_admin_port(default_rend
         assert "admin" in ports
 
 
+# === one endpoint for all models ===
+
+
+def test_gateway_service_is_optional_and_selects_every_model_pod(default_render):
+    assert not [s for s in default_render.of_kind("Service") if s["metadata"]["name"].endswith("-gateway")]
+    assert "gateway" not in default_render.notes
+    rendered = helm_render.render({"gateway": {"enabled": True}}, namespace=NS)
+    svc = rendered.one("Service", "sluice-gateway")
+    assert svc["metadata"]["namespace"] == NS
+    assert svc["spec"]["type"] == "ClusterIP"
+    assert svc["spec"]["ports"] == [
+        {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}]
+    selector = svc["spec"]["selector"]
+    # Every inference pod the operator renders, whatever its model, by labels and port name.
+    pods = [o["spec"]["template"] for o in golden_renders() if o["kind"] == "Deployment"]
+    models = {p["metadata"]["labels"]["sluice.dev/model"] for p in pods}
+    assert len(models) > 1, models
+    for pod in pods:
+        assert selector.items() <= pod["metadata"]["labels"].items(), pod["metadata"]["labels"]
+        ports = [p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])]
+        assert "http" in ports
+    # Not the operator's own pods.
+    operator_pod = rendered.one("Deployment", OPERATOR)["spec"]["template"]["metadata"]["labels"]
+    assert not selector.items() <= operator_pod.items()
+    assert f"http://sluice-gateway.{NS}.svc:8080/v1" in rendered.notes
+
+    port = helm_render.render({"gateway": {"enabled": True, "port": 80}}, namespace=NS)
+    assert port.one("Service", "sluice-gateway")["spec"]["ports"][0]["port"] == 80
+
+
 # === values.schema.json ===
 
 BAD_VALUES = [
@@ -482,6 +513,8 @@ BAD_VALUES = [
     ({"apiKeySecrets": [{"namespace": "Team A", "name": "k"}]}, "at '/apiKeySecrets/0/namespace'"),
     ({"sidecarPodMonitor": {"enabled": True, "interval": "often"}},
      "at '/sidecarPodMonitor/interval'"),
+    ({"gateway": {"enabled": "yes"}}, "at '/gateway/enabled': got string, want boolean"),
+    ({"gateway": {"port": 0}}, "at '/gateway/port': minimum: got 0, want 1"),
 ]
 
 

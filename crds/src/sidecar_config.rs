@@ -52,6 +52,20 @@ pub struct SidecarConfig {
     /// The response cache (absent: off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheConfig>,
+    /// Every other model served in the same namespace, so that any sidecar answers for all of
+    /// them: a request naming one of these is sent on to it (one endpoint for all models).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<ModelAddress>,
+}
+
+/// Another model of the namespace, as a sidecar sends requests on to it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ModelAddress {
+    /// The model id clients send for it (its `spec.servedName`, else its name).
+    pub name: String,
+    /// Base URL of its model Service, e.g. `http://chat.default.svc:8080`.
+    pub address: String,
 }
 
 /// The sidecar flag naming the file of the fallback model's forwarding token (its forwarding
@@ -305,6 +319,29 @@ impl SidecarConfig {
                 "cache.maxBytes and cache.ttlSeconds must be positive",
             ));
         }
+        let mut models = HashSet::new();
+        for m in &self.models {
+            // A name listed twice, or this model's own, would make where a request goes
+            // depend on the order of the list.
+            if m.name.is_empty() || m.name == self.model || !models.insert(m.name.as_str()) {
+                return Err(Error::invalid(
+                    WHAT,
+                    format!(
+                        "models: names must be unique, non-empty and not this model's own: {:?}",
+                        m.name
+                    ),
+                ));
+            }
+            if !m.address.starts_with("http://") {
+                return Err(Error::invalid(
+                    WHAT,
+                    format!(
+                        "models: {:?} needs an http:// address, not {:?}",
+                        m.name, m.address
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -404,6 +441,48 @@ mod tests {
         let mut changed = config;
         changed.rules[0].requests_per_minute = Some(3);
         assert_ne!(changed.sealed().expect("seals").generation, a.generation);
+    }
+
+    #[test]
+    fn the_other_models_are_checked_and_sealed() {
+        let base = SidecarConfig::from_yaml(EXAMPLE).expect("example parses");
+        assert!(base.models.is_empty());
+        assert!(!base.to_json().expect("renders").contains("models"));
+        let with = |models: &[(&str, &str)]| {
+            let mut c = base.clone();
+            c.models = models
+                .iter()
+                .map(|(name, address)| ModelAddress {
+                    name: (*name).to_owned(),
+                    address: (*address).to_owned(),
+                })
+                .collect();
+            c
+        };
+        let good = with(&[
+            ("chat", "http://chat.ns.svc:8080"),
+            ("embed", "http://embed.ns.svc:8080"),
+        ]);
+        let text = good.to_json().expect("renders");
+        assert_eq!(SidecarConfig::from_yaml(&text).expect("valid"), good);
+        assert_ne!(
+            good.clone().sealed().expect("seals").generation,
+            base.clone().sealed().expect("seals").generation,
+            "the generation covers the list"
+        );
+        for (models, expected) in [
+            (vec![("", "http://x:1")], "non-empty"),
+            (vec![("smollm2", "http://x:1")], "not this model's own"),
+            (vec![("a", "http://x:1"), ("a", "http://y:1")], "unique"),
+            (vec![("a", "https://x:1")], "http:// address"),
+            (vec![("a", "x:1")], "http:// address"),
+        ] {
+            let err = with(&models).validate().expect_err("rejected").to_string();
+            assert!(err.contains(expected), "{models:?}: {err}");
+        }
+        let typo = text.replacen("\"address\"", "\"adress\"", 1);
+        let err = SidecarConfig::from_yaml(&typo).expect_err("unknown field");
+        assert!(err.to_string().contains("unknown field"), "{err}");
     }
 
     #[test]

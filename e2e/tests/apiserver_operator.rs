@@ -4,8 +4,9 @@
 //! `sluice-sidecar` processes on the demo model). One scenario, in the order a user meets it:
 //! every example reconciles with no 403 and only the Secrets it was granted readable; children
 //! are owned, idempotent, not fighting an autoscaler's scale or Argo CD's dry run; a policy edit
-//! converges on the running sidecars; killing the leader hands over; deleting a model collects
-//! its children and drains its pods within their grace period.
+//! converges on the running sidecars; each model's sidecars answer for the namespace's other
+//! models, and a model added or deleted reaches them; killing the leader hands over; deleting a
+//! model collects its children and drains its pods within their grace period.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -18,10 +19,10 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
-use sluice_crds::{InferenceModel, RateLimitPolicy};
+use sluice_crds::{InferenceModel, RateLimitPolicy, SidecarConfig};
 use sluice_e2e::Cluster;
 use sluice_e2e::{control_plane, helm, http, objects, wait, workspace};
-use sluice_operator::names::{ADMIN_PORT, LABEL_MODEL};
+use sluice_operator::names::{ADMIN_PORT, API_PORT, LABEL_MODEL, config_map_name};
 
 const RELEASE: &str = "sluice";
 /// The chart's ServiceAccount and Deployment for release `sluice`.
@@ -121,6 +122,45 @@ async fn operator_writes(client: &Client, ns: &str) -> anyhow::Result<BTreeMap<S
     Ok(out)
 }
 
+/// Whether every model's ConfigMap lists exactly the namespace's other models (one endpoint for
+/// all models): each by the name clients send for it, at its model Service.
+async fn every_config_lists_the_others(client: &Client, ns: &str) -> anyhow::Result<bool> {
+    let models = Api::<InferenceModel>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let configs: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    for model in &models {
+        let mut want: Vec<(String, String)> = models
+            .iter()
+            .filter(|m| m.name_any() != model.name_any())
+            .map(|m| {
+                let address = format!("http://{}.{ns}.svc:{API_PORT}", m.name_any());
+                (m.served_name(), address)
+            })
+            .collect();
+        want.sort();
+        let Some(config) = configs.get_opt(&config_map_name(&model.name_any())).await? else {
+            return Ok(false);
+        };
+        let text = config
+            .data
+            .unwrap_or_default()
+            .remove(sluice_crds::sidecar_config::SIDECAR_CONFIG_KEY)
+            .unwrap_or_default();
+        let mut got: Vec<(String, String)> = SidecarConfig::from_yaml(&text)?
+            .models
+            .into_iter()
+            .map(|m| (m.name, m.address))
+            .collect();
+        got.sort();
+        if got != want {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 #[tokio::test]
 async fn the_chart_installed_operator_reconciles_converges_hands_over_and_cleans_up()
 -> anyhow::Result<()> {
@@ -202,6 +242,58 @@ async fn scenario(c: &Cluster) -> anyhow::Result<()> {
         },
     )
     .await?;
+    // --- One endpoint for all models: each config lists the other models; a model added, then
+    // deleted, reaches the others' configs and their running sidecars' /v1/models ----------
+    let listing = || async {
+        Ok(every_config_lists_the_others(admin, models)
+            .await?
+            .then_some(()))
+    };
+    wait::until("every config listing the other models", MINUTE, listing).await?;
+    // No pods: nothing to run, only a name and a Service to list.
+    let extra = json!({
+        "apiVersion": "sluice.dev/v1alpha1",
+        "kind": "InferenceModel",
+        "metadata": {"name": "extra"},
+        "spec": {
+            "servedName": "extra-served",
+            "replicas": 0,
+            "variants": [{"name": "a", "weight": 100, "model": {"url": "https://example.com/x.gguf"}}],
+        },
+    });
+    objects::apply(admin, models, &extra, "kubectl", false).await?;
+    wait::until("the configs listing the added model", MINUTE, listing).await?;
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), models);
+    let demo_pod = pods
+        .list(&ListParams::default().labels(&format!("{LABEL_MODEL}=smollm2")))
+        .await?
+        .items
+        .first()
+        .context("a pod of smollm2")?
+        .name_any();
+    let demo_ip = kubelet
+        .pod_ip(models, &demo_pod)
+        .context("smollm2's pod not running")?;
+    let lists_extra = || async {
+        let r = http::request(demo_ip, API_PORT as u16, "GET", "/v1/models", &[], None).await?;
+        ensure!(r.status == 200, "/v1/models answered {}", r.status);
+        Ok(r.body.contains("\"extra-served\""))
+    };
+    wait::until(
+        "smollm2's sidecar to list the added model",
+        MINUTE,
+        || async { Ok(lists_extra().await?.then_some(())) },
+    )
+    .await?;
+    ims.delete("extra", &DeleteParams::background()).await?;
+    wait::until("the configs dropping the deleted model", MINUTE, listing).await?;
+    wait::until(
+        "smollm2's sidecar to drop the deleted model",
+        MINUTE,
+        || async { Ok((!lists_extra().await?).then_some(())) },
+    )
+    .await?;
+
     // --- A GPU model where no GPU is: its pods stop at start-up and their status says why ----
     let gpu_model = ims
         .list(&ListParams::default())

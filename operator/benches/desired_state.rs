@@ -49,6 +49,7 @@ fn bench(c: &mut Criterion) {
                 limits: &Default::default(),
                 ready: &ready,
                 weights: &weights,
+                models: &[],
             };
             desired(model, "default", &settings, &inputs).expect("renders")
         })

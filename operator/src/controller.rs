@@ -8,6 +8,7 @@
 //! never disagree.
 
 pub mod apply;
+mod listing;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -31,6 +32,7 @@ use tracing::{debug, instrument, warn};
 
 use crate::conditions::Transition;
 use crate::controller::apply::{apply_desired, owned_by};
+use crate::controller::listing::Listings;
 use crate::desired::weights::{self, EffectiveWeights};
 use crate::desired::{self, Desired, Inputs, Settings};
 use crate::metrics::Metrics;
@@ -182,15 +184,20 @@ pub async fn reconcile(model: Arc<InferenceModel>, ctx: Arc<Context>) -> Result<
     } else {
         Vec::new()
     };
-    // The fallback model is only named (its Service address and Secret name derive from its
-    // name); whether it exists is reported, not required.
-    let fallback_missing = match &model.spec.fallback {
-        Some(f) => {
-            let models: Api<InferenceModel> = Api::namespaced(client.clone(), &ns);
-            models.get_opt(&f.model).await?.is_none()
-        }
-        None => false,
-    };
+    // The models of the namespace: the sidecars answer for the others, so their names and
+    // Services go into the sidecar config. Read fresh, not from the controller's cache: a
+    // reconcile that another model's change started must see that change. The fallback model
+    // is only named (its Service address and Secret name derive from its name); whether it
+    // exists is reported, not required.
+    let namespace_models = Api::<InferenceModel>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let fallback_missing = model
+        .spec
+        .fallback
+        .as_ref()
+        .is_some_and(|f| !namespace_models.iter().any(|m| m.name_any() == f.model));
     let observed = Observed {
         deployments: live_deployments,
         pods: live_pods,
@@ -209,7 +216,14 @@ pub async fn reconcile(model: Arc<InferenceModel>, ctx: Arc<Context>) -> Result<
     let (planned, _) = analyze(&ctx.analysis, &model, &scraped, now);
 
     // Weights and desired state.
-    let (weights, desired) = desired_state(&planned, &ns, &ctx.settings, &limits, &ready)?;
+    let (weights, desired) = desired_state(
+        &planned,
+        &ns,
+        &ctx.settings,
+        &limits,
+        &ready,
+        &namespace_models,
+    )?;
 
     // Apply what differs; prune what no longer belongs.
     let applied =
@@ -249,14 +263,16 @@ fn reads_sidecar_metrics(model: &InferenceModel) -> bool {
 }
 
 /// The effective weights and the desired state of `planned` (the model with this reconcile's
-/// rollout state), given the policies' `limits` and the `ready` pods. The weights are computed
-/// here once: the sidecar config in [`Desired`] and the status both take this value.
+/// rollout state), given the policies' `limits`, the `ready` pods and the `models` of the
+/// namespace. The weights are computed here once: the sidecar config in [`Desired`] and the
+/// status both take this value.
 pub fn desired_state(
     planned: &InferenceModel,
     ns: &str,
     settings: &Settings,
     limits: &ModelLimits,
     ready: &ReadyCounts,
+    models: &[InferenceModel],
 ) -> Result<(EffectiveWeights, Desired)> {
     let weights = weights::for_plan(&route_plan(planned), ready);
     let desired = desired::desired(
@@ -267,6 +283,7 @@ pub fn desired_state(
             limits,
             ready,
             weights: &weights,
+            models,
         },
     )?;
     Ok((weights, desired))
@@ -348,6 +365,24 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
     // A policy change (or deletion) reconciles every model of its namespace: the ones it
     // targets now and the ones it targeted before (the mapper cannot know those).
     let store = controller.store();
+    // A model added, deleted or listed under another name re-renders the configs of the other
+    // models of its namespace, which list it (one endpoint for all models).
+    let others_of = {
+        let store = controller.store();
+        let listings = Listings::default();
+        move |model: InferenceModel| {
+            if !listings.changed(&model) {
+                return Vec::new();
+            }
+            let (ns, name) = (model.namespace(), model.name_any());
+            store
+                .state()
+                .into_iter()
+                .filter(|m| m.namespace() == ns && m.name_any() != name)
+                .map(|m| ObjectRef::from_obj(&*m))
+                .collect::<Vec<_>>()
+        }
+    };
     let models = controller
         .watches(
             Api::<RateLimitPolicy>::all(client.clone()),
@@ -361,6 +396,11 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
                     .map(|m| ObjectRef::from_obj(&*m))
                     .collect::<Vec<_>>()
             },
+        )
+        .watches(
+            Api::<InferenceModel>::all(client.clone()),
+            watcher::Config::default().any_semantic(),
+            others_of,
         )
         .owns(Api::<Deployment>::all(client.clone()), children.clone())
         .owns(Api::<Service>::all(client.clone()), children.clone())
@@ -391,14 +431,16 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
 
 /// Renders what [`reconcile`] would apply for one model without a cluster (`render`): with the
 /// limits the controller would compute from the RateLimitPolicies among `policies` (the key
-/// Secrets among `secrets` exist, no others; no live config to keep), and every desired
-/// replica ready. Objects that name no namespace are in `default_namespace`.
+/// Secrets among `secrets` exist, no others; no live config to keep), every desired replica
+/// ready, and the InferenceModels among `models` as the namespace's models. Objects that name
+/// no namespace are in `default_namespace`.
 pub fn render(
     model: &InferenceModel,
     default_namespace: &str,
     settings: &Settings,
     policies: &[RateLimitPolicy],
     secrets: &[Secret],
+    models: &[InferenceModel],
 ) -> Result<Desired> {
     let ns_of = |o: Option<String>| o.unwrap_or_else(|| default_namespace.to_owned());
     let ns = ns_of(model.namespace());
@@ -408,6 +450,11 @@ pub fn render(
         .cloned()
         .collect();
     let secrets = KeysSecrets::from_secrets(secrets.iter().filter(|s| ns_of(s.namespace()) == ns));
+    let models: Vec<InferenceModel> = models
+        .iter()
+        .filter(|m| ns_of(m.namespace()) == ns)
+        .cloned()
+        .collect();
     let limits = resolve(
         std::slice::from_ref(model),
         &policies,
@@ -418,7 +465,7 @@ pub fn render(
     .remove(&model.name_any())
     .unwrap_or_default();
     let ready = ReadyCounts::settled(model);
-    desired_state(model, &ns, settings, &limits, &ready).map(|(_, desired)| desired)
+    desired_state(model, &ns, settings, &limits, &ready, &models).map(|(_, desired)| desired)
 }
 
 #[cfg(test)]

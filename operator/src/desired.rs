@@ -38,6 +38,9 @@ pub struct Inputs<'a> {
     pub ready: &'a ReadyCounts,
     /// The weights the sidecars route with (see [`weights::for_plan`]).
     pub weights: &'a EffectiveWeights,
+    /// The InferenceModels of the model's namespace (it among them or not): its sidecars answer
+    /// for the others (see [`sidecar_config::other_models`]).
+    pub models: &'a [InferenceModel],
 }
 
 /// Every object the operator applies for one InferenceModel, in apply order.
@@ -116,6 +119,7 @@ pub fn desired(
         inputs.limits,
         inputs.weights,
         inputs.ready,
+        inputs.models,
     )?;
     let r = Renderer {
         model,

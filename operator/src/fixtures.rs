@@ -57,7 +57,20 @@ pub fn desired_with(
     limits: &ModelLimits,
     ready: &ReadyCounts,
 ) -> crate::Result<Desired> {
-    desired_state(model, "ns", &settings(), limits, ready).map(|(_, desired)| desired)
+    desired_state(model, "ns", &settings(), limits, ready, &[]).map(|(_, desired)| desired)
+}
+
+/// [`desired_for`] among the InferenceModels `models` of its namespace.
+pub fn desired_in(model: &InferenceModel, models: &[InferenceModel]) -> crate::Result<Desired> {
+    desired_state(
+        model,
+        "ns",
+        &settings(),
+        &ModelLimits::default(),
+        &ReadyCounts::none(),
+        models,
+    )
+    .map(|(_, desired)| desired)
 }
 
 /// [`desired_with`] with no policies and no ready pod.
@@ -205,6 +218,20 @@ impl Step {
             path: path.to_owned(),
             reply,
         }
+    }
+
+    /// The list of every InferenceModel of `ns` (no label selector: all of them), answered with
+    /// `items`.
+    pub fn models(ns: &str, items: Vec<Value>) -> Self {
+        Self::get(
+            &format!("/apis/sluice.dev/v1alpha1/namespaces/{ns}/inferencemodels"),
+            Some(json!({
+                "apiVersion": "sluice.dev/v1alpha1",
+                "kind": "InferenceModelList",
+                "metadata": {},
+                "items": items,
+            })),
+        )
     }
 
     /// `POST path` (a create), echoed.

@@ -199,6 +199,9 @@ fn render(files: &[PathBuf], namespace: &str, settings: &Settings) -> anyhow::Re
         all.secrets.extend(manifests.secrets);
         inputs.push((file, manifests.models));
     }
+    // Every model of every file is in the namespace the others render for (one endpoint for
+    // all models).
+    let every_model: Vec<_> = inputs.iter().flat_map(|(_, m)| m.iter().cloned()).collect();
     let mut out = String::new();
     for (file, models) in inputs {
         for model in models {
@@ -209,6 +212,7 @@ fn render(files: &[PathBuf], namespace: &str, settings: &Settings) -> anyhow::Re
                 settings,
                 &all.policies,
                 &all.secrets,
+                &every_model,
             )
             .with_context(|| format!("{}: InferenceModel {name}", file.display()))?;
             let ns = model.metadata.namespace.as_deref().unwrap_or(namespace);

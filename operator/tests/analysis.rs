@@ -82,7 +82,7 @@ fn at(s: i64) -> Timestamp {
 fn routed(model: &InferenceModel) -> Vec<(String, u32)> {
     let ready: ReadyCounts = [("stable", 1), ("canary", 1)].into_iter().collect();
     let weights = for_plan(&route_plan(model), &ready);
-    desired_sidecar_config(model, "ns", &ModelLimits::default(), &weights, &ready)
+    desired_sidecar_config(model, "ns", &ModelLimits::default(), &weights, &ready, &[])
         .expect("config")
         .variants
         .into_iter()

@@ -75,6 +75,7 @@ fn sidecar_config(policies: &[RateLimitPolicy], ready: i32) -> SidecarConfig {
         &resolution.models["smollm2"],
         &weights,
         &ready,
+        &[],
     )
     .expect("renders")
 }

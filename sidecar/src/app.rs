@@ -20,6 +20,7 @@ use crate::{
     forward::{
         Forwarder,
         fallback::{Fallback, FallbackToken},
+        gateway::Gateway,
     },
     http::{
         self, AppState, Drain,
@@ -116,17 +117,15 @@ pub async fn serve_until(
     ));
     router.log_startup(&config.sidecar);
     // Forwards give up connecting after the connect timeout (then the request falls back).
-    let forwarder = config
-        .forward_token
-        .as_ref()
-        .map(|_| Forwarder::new(config.forward_connect_timeout));
-    let fallback = config.fallback_token_file.clone().map(|path| {
-        Fallback::new(
-            Forwarder::new(config.forward_connect_timeout),
-            FallbackToken::new(path),
-            &mut registry,
-        )
-    });
+    // One client (one connection pool) for forwards to variants, the fallback model and the
+    // other models of the namespace.
+    let client = Forwarder::new(config.forward_connect_timeout);
+    let forwarder = config.forward_token.as_ref().map(|_| client.clone());
+    let fallback = config
+        .fallback_token_file
+        .clone()
+        .map(|path| Fallback::new(client.clone(), FallbackToken::new(path), &mut registry));
+    let gateway = Gateway::new(client, &mut registry);
     let cache = AnswerCache::new(CacheMetrics::register(&mut registry));
     let limiter = Limiter::new(&mut registry);
     let reload_metrics = ReloadMetrics::register(&mut registry);
@@ -175,6 +174,7 @@ pub async fn serve_until(
         router,
         forwarder,
         fallback,
+        gateway,
         cache,
         served_name: config.served_name.clone(),
         max_body_bytes: config.max_body_bytes,

@@ -544,6 +544,7 @@ pub fn default_sidecar_config(model: &str) -> SidecarConfig {
         saturation: Default::default(),
         fallback: None,
         cache: None,
+        models: Vec::new(),
     }
 }
 

@@ -1,5 +1,5 @@
 //! Concurrent requests do not see each other: on the real binary, greedy chats that the engine
-//! decodes in one batch get exactly the answers each gets alone.
+//! decodes in one batch get exactly the answers (text and log-probabilities) each gets alone.
 //! Upstream's CPU decode attention kept one scratch buffer for the whole batch, so every
 //! sequence got the attention of the batch's last one, and two users' answers mixed.
 #![allow(clippy::unwrap_used)]
@@ -17,19 +17,27 @@ const PROMPTS: [&str; 3] = [
     "Describe the deep ocean.",
 ];
 
-async fn answer(url: &str, prompt: &str) -> (usize, String) {
+async fn answer(url: &str, prompt: &str) -> (usize, String, Vec<f64>) {
     let body = json!({
         "model": "smollm2",
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": 32,
         "temperature": 0,
+        "logprobs": true,
     });
     let (status, res) = post_json(url, &body).await;
     assert!(status.is_success(), "{res}");
     let choice = &res["choices"][0];
+    let logprobs = choice["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["logprob"].as_f64().unwrap())
+        .collect();
     (
         res["usage"]["prompt_tokens"].as_u64().unwrap() as usize,
         choice["message"]["content"].as_str().unwrap().to_owned(),
+        logprobs,
     )
 }
 
@@ -55,6 +63,11 @@ async fn concurrent_answers_are_the_answers_alone() {
             assert_eq!(
                 got.1, want.1,
                 "round {round}: {:?} answered differently in a batch",
+                PROMPTS[i]
+            );
+            assert_eq!(
+                got.2, want.2,
+                "round {round}: {:?}: other log-probabilities in a batch",
                 PROMPTS[i]
             );
         }

@@ -7,8 +7,7 @@
 mod common;
 
 use std::{
-    path::{Path, PathBuf},
-    process::Command,
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -440,14 +439,6 @@ async fn rate_limits_end_to_end() {
 /// Three calls in a row against one request per 3 s: later ones get a 429 and the client,
 /// reading `retry-after-ms`, waits and retries on its own.
 fn openai_client_retries(api: &str) {
-    let python = std::env::var_os("SLUICE_TEST_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
-        panic!("SLUICE_TEST_PYTHON is not set: run the tests through `make test` (it builds .cache/venv with the openai client)")
-    });
-    assert!(
-        Path::new(&python).is_file(),
-        "SLUICE_TEST_PYTHON={} does not exist: run `make venv`",
-        python.display()
-    );
     let script = r#"
 import sys, time, openai
 client = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="python-key")  # default retries
@@ -464,16 +455,7 @@ assert retries[0] == 0 and sum(retries) >= 1 and max(retries) <= 2, retries
 assert elapsed >= 0.3, elapsed
 print("second call retried", retries[1], "time(s); both done in", round(elapsed, 2), "s")
 "#;
-    let out = Command::new(&python)
-        .args(["-c", script, api])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openai client failed:\nstdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_openai_client(script, &[api]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -82,6 +82,7 @@ fn create_steps(model: &InferenceModel) -> Vec<Step> {
     vec![
         Step::list(&format!("{APPS}/deployments"), vec![]),
         Step::list(&format!("{CORE}/pods"), vec![]),
+        Step::models("ns", vec![]),
         no_policies(),
         Step::list(&format!("{CORE}/serviceaccounts"), vec![]),
         Step::apply(&format!("{CORE}/serviceaccounts/chat-sidecar")),
@@ -113,6 +114,7 @@ fn steady_lists(d: &Desired) -> Vec<Step> {
     vec![
         Step::list(&format!("{APPS}/deployments"), lives(&d.deployments)),
         Step::list(&format!("{CORE}/pods"), vec![]),
+        Step::models("ns", vec![]),
         no_policies(),
         Step::list(
             &format!("{CORE}/serviceaccounts"),
@@ -140,19 +142,19 @@ async fn create_applies_everything_then_status_and_events() {
         "not ready yet: poll"
     );
 
-    let deployment = &seen[16].body;
+    let deployment = &seen[17].body;
     assert_eq!(deployment["metadata"]["ownerReferences"][0]["uid"], "uid-1");
     assert_eq!(
         deployment["metadata"]["ownerReferences"][0]["controller"],
         true
     );
     assert_eq!(deployment["spec"]["replicas"], 1);
-    let status = &seen[19].body["status"];
+    let status = &seen[20].body["status"];
     assert_eq!(status["observedGeneration"], 1);
     assert_eq!(status["readyVariants"], "0/2");
     assert_eq!(status["weights"], "stable=90/90,canary=10/10");
     assert_eq!(status["endpoint"], "http://chat.ns.svc:8080/v1");
-    let reasons: Vec<_> = seen[20..]
+    let reasons: Vec<_> = seen[21..]
         .iter()
         .map(|r| r.body["reason"].clone())
         .collect();
@@ -169,10 +171,10 @@ async fn first_reconcile_creates_the_forwarding_secret_every_pod_mounts() {
 
     // Created (POST, not an apply that would re-send a new value), without reading first.
     assert_eq!(
-        (&seen[15].method, seen[15].path.as_str()),
+        (&seen[16].method, seen[16].path.as_str()),
         (&http::Method::POST, "/api/v1/namespaces/ns/secrets")
     );
-    assert!(seen[15].query.contains("fieldManager=sluice-operator"));
+    assert!(seen[16].query.contains("fieldManager=sluice-operator"));
     assert!(
         !seen
             .iter()
@@ -180,7 +182,7 @@ async fn first_reconcile_creates_the_forwarding_secret_every_pod_mounts() {
         "the operator reads no Secret"
     );
     let secret: k8s_openapi::api::core::v1::Secret =
-        serde_json::from_value(seen[15].body.clone()).expect("a Secret");
+        serde_json::from_value(seen[16].body.clone()).expect("a Secret");
     assert_eq!(secret.metadata.name.as_deref(), Some("chat-forwarding"));
     let owner = &secret.metadata.owner_references.as_ref().expect("owner")[0];
     assert_eq!(
@@ -193,7 +195,7 @@ async fn first_reconcile_creates_the_forwarding_secret_every_pod_mounts() {
     assert_eq!(token.len(), 64, "32 random bytes, hex");
     assert!(token.bytes().all(|c| c.is_ascii_hexdigit()), "{token}");
 
-    for deployment in [&seen[16].body, &seen[17].body] {
+    for deployment in [&seen[17].body, &seen[18].body] {
         let pod = &deployment["spec"]["template"]["spec"];
         let volume = pod["volumes"]
             .as_array()
@@ -248,11 +250,11 @@ async fn forwarding_secret_that_exists_is_kept() {
     let mut steps = create_steps(&model);
     // An earlier reconcile (or another replica) created it: the create is refused, theirs
     // stands, and the reconcile goes on to the Deployments that mount it.
-    steps[15] = steps[15].clone().fails_with(409);
+    steps[16] = steps[16].clone().fails_with(409);
     let verifier = server.run(steps);
     reconcile(model, ctx.clone()).await.expect("reconciles");
     let seen = verifier.await.expect("verifier");
-    assert!(seen[16].path.ends_with("/deployments/chat-stable"));
+    assert!(seen[17].path.ends_with("/deployments/chat-stable"));
     // Not counted as applied: only the objects patched are.
     let patched = seen
         .iter()
@@ -268,8 +270,8 @@ async fn forwarding_secret_that_cannot_be_created_fails_the_reconcile() {
     let mut steps = create_steps(&model);
     // Forbidden (no create on secrets granted): the pods would not start, so no Deployment
     // is applied and the reconcile fails (retried with backoff).
-    steps[15] = steps[15].clone().fails_with(403);
-    steps.truncate(16);
+    steps[16] = steps[16].clone().fails_with(403);
+    steps.truncate(17);
     let verifier = server.run(steps);
     let err = reconcile(model, ctx).await.expect_err("fails");
     assert!(err.to_string().contains("403"), "{err}");
@@ -343,7 +345,7 @@ async fn weight_change_updates_only_the_config_map_and_status() {
 
     let mut steps = steady_lists(&d);
     steps.insert(
-        7,
+        8,
         Step::apply(&format!("{CORE}/configmaps/chat-sidecar-config")),
     );
     steps.push(Step::apply_status(&new));
@@ -351,7 +353,7 @@ async fn weight_change_updates_only_the_config_map_and_status() {
     reconcile(Arc::new(new), ctx).await.expect("reconciles");
     let seen = verifier.await.expect("verifier");
 
-    let cm = seen[7].body["data"]["sidecar.yaml"]
+    let cm = seen[8].body["data"]["sidecar.yaml"]
         .as_str()
         .expect("config")
         .to_owned();
@@ -384,12 +386,12 @@ async fn drifted_deployment_is_reapplied() {
     let mut steps = steady_lists(&d);
     steps[0] = Step::list(&format!("{APPS}/deployments"), deployments);
     // After the Services list and the forwarding Secret read.
-    steps.insert(9, Step::apply(&format!("{APPS}/deployments/chat-canary")));
+    steps.insert(10, Step::apply(&format!("{APPS}/deployments/chat-canary")));
     let verifier = server.run(steps);
     reconcile(model, ctx).await.expect("reconciles");
     let seen = verifier.await.expect("verifier");
     assert_eq!(
-        seen[9].body["spec"]["template"]["spec"]["containers"][0]["image"],
+        seen[10].body["spec"]["template"]["spec"]["containers"][0]["image"],
         "sidecar:test"
     );
 }
@@ -407,12 +409,12 @@ async fn removed_variant_is_pruned() {
     let mut steps = steady_lists(&d_old);
     // The config changes (one variant), the canary's Service and Deployment go.
     steps.insert(
-        7,
+        8,
         Step::apply(&format!("{CORE}/configmaps/chat-sidecar-config")),
     );
-    steps.insert(9, Step::delete(&format!("{CORE}/services/chat-canary")));
+    steps.insert(10, Step::delete(&format!("{CORE}/services/chat-canary")));
     // After the forwarding Secret read.
-    steps.insert(11, Step::delete(&format!("{APPS}/deployments/chat-canary")));
+    steps.insert(12, Step::delete(&format!("{APPS}/deployments/chat-canary")));
     steps.push(Step::apply_status(&new));
     steps.push(Step::event("ns"));
     steps.push(Step::event("ns"));
@@ -468,8 +470,8 @@ async fn conflict_fails_the_reconcile_and_backs_off() {
     let (ctx, server) = Context::test();
     let model = Arc::new(model_from_yaml(MODEL));
     let mut steps = create_steps(&model);
-    steps.truncate(5);
-    steps[4] = steps[4].clone().fails_with(409);
+    steps.truncate(6);
+    steps[5] = steps[5].clone().fails_with(409);
     let verifier = server.run(steps);
     let err = reconcile(model.clone(), ctx.clone())
         .await

@@ -1,11 +1,12 @@
-//! The sidecar config document (routing, limits) and the ConfigMap that carries it to the
-//! sidecars, which watch it: weight and limit changes reach them without a restart.
+//! The sidecar config document (routing, limits, the other models of the namespace) and the
+//! ConfigMap that carries it to the sidecars, which watch it: weight and limit changes reach
+//! them without a restart.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use sluice_crds::sidecar_config::{
-    BreakerConfig, CacheConfig, FallbackRoute, RoutingConfig, SIDECAR_CONFIG_KEY,
+    BreakerConfig, CacheConfig, FallbackRoute, ModelAddress, RoutingConfig, SIDECAR_CONFIG_KEY,
     SIDECAR_CONFIG_VERSION, SaturationConfig, VariantRoute,
 };
 use sluice_crds::{InferenceModel, SidecarConfig};
@@ -20,7 +21,8 @@ use crate::policy::merge::{ModelLimits, replica_share};
 /// The sidecar config document for a model: the effective `weights`, each variant's
 /// in-cluster address, routing headers, the identity and rules of the policies that target it
 /// (`limits`, from [`crate::policy::merge::resolve`]), this pod's share of cluster-scoped
-/// limits (from the `ready` pods) and where shedding starts ([`saturation`]). Sealed:
+/// limits (from the `ready` pods), where shedding starts ([`saturation`]) and the other models
+/// of the namespace its sidecars answer for (from `models`, see [`other_models`]). Sealed:
 /// `generation` is the content hash, so equal inputs give byte-identical ConfigMaps.
 pub fn desired_sidecar_config(
     model: &InferenceModel,
@@ -28,6 +30,7 @@ pub fn desired_sidecar_config(
     limits: &ModelLimits,
     weights: &EffectiveWeights,
     ready: &ReadyCounts,
+    models: &[InferenceModel],
 ) -> Result<SidecarConfig> {
     let name = model.metadata.name.as_deref().unwrap_or_default();
     let routing = model.spec.routing.clone().unwrap_or_default();
@@ -80,8 +83,51 @@ pub fn desired_sidecar_config(
                 shared: c.shared,
             })
         }),
+        models: other_models(model, namespace, models),
     };
     Ok(config.sealed()?)
+}
+
+/// The name `model` is listed under in the configs of the other models of its namespace: its
+/// served name, or `None` while it is being deleted (its pods are going).
+pub fn listed_name(model: &InferenceModel) -> Option<String> {
+    model
+        .metadata
+        .deletion_timestamp
+        .is_none()
+        .then(|| model.served_name())
+}
+
+/// Every other model among `models` (the InferenceModels of `model`'s namespace) by the name
+/// clients send for it ([`listed_name`]) and its model Service: what `model`'s sidecars send on
+/// to them (one endpoint for all models). `model`'s own served name is never another's (its
+/// pods serve it), and a name two others share goes to the first by object name, so the list,
+/// sorted by served name, depends on nothing but the set of models.
+pub fn other_models(
+    model: &InferenceModel,
+    namespace: &str,
+    models: &[InferenceModel],
+) -> Vec<ModelAddress> {
+    let own = model.metadata.name.as_deref().unwrap_or_default();
+    let mut others: Vec<(&str, String)> = models
+        .iter()
+        .filter_map(|m| {
+            let name = m.metadata.name.as_deref().filter(|n| *n != own)?;
+            Some((name, listed_name(m)?))
+        })
+        .collect();
+    others.sort();
+    let mut taken = HashSet::from([model.served_name()]);
+    let mut out: Vec<ModelAddress> = others
+        .into_iter()
+        .filter(|(_, served)| taken.insert(served.clone()))
+        .map(|(name, served)| ModelAddress {
+            name: served,
+            address: model_address(name, namespace),
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
 }
 
 /// Shedding starts when a pod has as many requests in flight as its engine runs at once:

@@ -579,3 +579,63 @@ fn a_response_cache_reaches_the_sidecars_with_its_defaults() {
     let err = model_from_yaml(&bad).validate().expect_err("too short");
     assert!(err.contains("cache.ttl"), "{err}");
 }
+
+/// A model named `name` in `ns`, served as `served` (none: its name).
+fn neighbour(name: &str, served: Option<&str>) -> InferenceModel {
+    let served = served.map_or(String::new(), |s| format!("  servedName: {s}\n"));
+    model_from_yaml(&format!(
+        "apiVersion: sluice.dev/v1alpha1\nkind: InferenceModel\n\
+         metadata: {{name: {name}, namespace: ns}}\nspec:\n{served}  variants:\n    \
+         - {{name: a, weight: 100, model: {{url: \"https://e.com/a.gguf\"}}}}\n"
+    ))
+}
+
+#[test]
+fn the_sidecars_answer_for_every_other_model_of_the_namespace() {
+    let model = model_from_yaml(TWO_VARIANTS);
+    let mut deleting = neighbour("d", None);
+    deleting.metadata.deletion_timestamp = Some(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(crate::fixtures::test_now()),
+    );
+    let namespace = [
+        neighbour("g", Some("dup")),
+        model.clone(),
+        neighbour("c", None),
+        neighbour("b", Some("bee")),
+        deleting,
+        // Served under this model's own name: this model's pods serve that name.
+        neighbour("e", Some("chat")),
+        neighbour("f", Some("dup")),
+    ];
+    let d = crate::fixtures::desired_in(&model, &namespace).expect("renders");
+    let text = &d.config_map.data.as_ref().expect("data")["sidecar.yaml"];
+    let config = SidecarConfig::from_yaml(text).expect("the sidecar accepts it");
+    let listed: Vec<(&str, &str)> = config
+        .models
+        .iter()
+        .map(|m| (m.name.as_str(), m.address.as_str()))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("bee", "http://b.ns.svc:8080"),
+            ("c", "http://c.ns.svc:8080"),
+            // Two models served as one name: the first by object name takes it.
+            ("dup", "http://f.ns.svc:8080"),
+        ]
+    );
+    // The order the models are listed in does not matter; what they are does.
+    let mut reversed = namespace.to_vec();
+    reversed.reverse();
+    let again = crate::fixtures::desired_in(&model, &reversed).expect("renders");
+    assert_eq!(again.sidecar_config, d.sidecar_config);
+    let fewer = crate::fixtures::desired_in(&model, &namespace[..3]).expect("renders");
+    assert_ne!(
+        fewer.sidecar_config.generation, d.sidecar_config.generation,
+        "the sealed generation covers the list"
+    );
+    // Alone in its namespace: no list at all (the document is as before).
+    assert!(
+        !render(TWO_VARIANTS).config_map.data.expect("data")["sidecar.yaml"].contains("models")
+    );
+}

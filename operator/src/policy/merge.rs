@@ -274,6 +274,7 @@ pub fn check_policy(policy: &RateLimitPolicy) -> Result<(), String> {
         saturation: Default::default(),
         fallback: None,
         cache: None,
+        models: Vec::new(),
     };
     probe.validate().map_err(|e| {
         let text = e.to_string();

@@ -13,6 +13,10 @@ pub enum EngineError {
         /// What the tokenizer said.
         message: String,
     },
+    /// The request asks for what this engine cannot do (e.g. a JSON Schema keyword constrained
+    /// decoding cannot enforce).
+    #[error("{0}")]
+    Unsupported(String),
     /// The engine refused the request as invalid.
     #[error("{0}")]
     Rejected(String),

@@ -26,10 +26,12 @@ use candle_core::Tensor;
 use either::Either;
 use indexmap::IndexMap;
 use mistralrs::core::{
-    AutoDeviceMapParams, CustomLogitsProcessor, DefaultSchedulerMethod, DeviceMapSetting,
-    GGUFLoaderBuilder, GGUFSpecificConfig, MessageContent, MistralRs, MistralRsBuilder, ModelDType,
-    NormalRequest, PromptTokenizer, Request, RequestMessage, Response, SamplingParams,
-    SchedulerConfig, StopTokens, TokenSource, TokenizationRequest,
+    AutoDeviceMapParams, Constraint, CustomLogitsProcessor, DefaultSchedulerMethod,
+    DeviceMapSetting, GGUFLoaderBuilder, GGUFSpecificConfig, MessageContent, MistralRs,
+    MistralRsBuilder, ModelDType, NormalRequest, PromptTokenizer, Request, RequestMessage,
+    Response, ResponseLogprob, SamplingParams, SchedulerConfig, StopTokens, TokenSource,
+    TokenizationRequest,
+    llguidance::{JsonCompileOptions, ParserFactory, api::TopLevelGrammar},
 };
 use tokio::sync::mpsc;
 
@@ -108,6 +110,11 @@ pub struct Engine {
     max_context: usize,
     /// Token ids run from 0 to this, exclusive ([`Engine::vocab_size`]).
     vocab_size: usize,
+    /// Compiles output grammars over the model's vocabulary ([`Engine::check_output`]);
+    /// `None` when the model's tokenizer gave the engine none.
+    grammars: Option<Arc<ParserFactory>>,
+    /// The model's end-of-turn tokens (where a constrained output ends).
+    eos: Arc<[u32]>,
     slots: Slots,
 }
 
@@ -199,6 +206,104 @@ pub struct GenerationParams {
     pub frequency_penalty: Option<f32>,
     /// OpenAI `logit_bias`: added to these tokens' logits before sampling (greedy included).
     pub logit_bias: BTreeMap<u32, f32>,
+    /// What the output must be (`response_format`, a forced tool call); `None`: free text.
+    pub output: Option<OutputFormat>,
+    /// Log-probabilities of each generated token, with this many most likely alternatives
+    /// (`None`: none reported).
+    pub logprobs: Option<usize>,
+    /// Keep only the `k` most likely tokens (an extension, as in vLLM and llama.cpp).
+    pub top_k: Option<usize>,
+    /// Drop tokens less likely than this fraction of the most likely one (an extension).
+    pub min_p: Option<f64>,
+    /// Multiplicative penalty on tokens already in the context (an extension; 1: none).
+    pub repetition_penalty: Option<f32>,
+    /// Seeds this request's sampling: the same request with the same seed gives the same
+    /// tokens on the same pod and dtype (`None`: the engine's shared generator).
+    pub seed: Option<u64>,
+}
+
+/// A format the output is held to by constrained decoding: the engine masks, at every step,
+/// the tokens that cannot continue a valid output, so what it generates always parses (unless
+/// the completion budget cuts it short).
+#[derive(Clone, Debug, PartialEq)]
+pub enum OutputFormat {
+    /// A JSON value valid against this JSON Schema (`{"type":"object"}` for JSON mode).
+    JsonSchema(serde_json::Value),
+}
+
+impl OutputFormat {
+    /// The grammar the engine's constraint compiles: compact JSON (no free whitespace between
+    /// tokens, as OpenAI's structured outputs produce; a small model otherwise fills its budget
+    /// with blank lines), and a schema keyword the compiler cannot enforce is an error, never
+    /// silently dropped.
+    ///
+    /// The document is followed by one of the model's end-of-turn tokens (`eos`): the grammar
+    /// library ends a finished grammar with the tokenizer's generic end-of-text token, which a
+    /// chat model's engine may not stop at (SmolLM2 stops at `<|im_end|>`, not at
+    /// `<|endoftext|>`), and the sequence would then run on to its token budget.
+    fn grammar(&self, eos: &[u32]) -> TopLevelGrammar {
+        match self {
+            Self::JsonSchema(schema) => {
+                let mut schema = schema.clone();
+                if schema.is_object() {
+                    let options = JsonCompileOptions {
+                        whitespace_flexible: false,
+                        lenient: false,
+                        ..JsonCompileOptions::default()
+                    };
+                    options.apply_to(&mut schema);
+                }
+                let end = match eos {
+                    [] => String::new(),
+                    ids => {
+                        let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
+                        format!(" <[{}]>", ids.join(","))
+                    }
+                };
+                TopLevelGrammar::from_lark(format!("start: %json {schema}{end}"))
+            }
+        }
+    }
+}
+
+/// One generated token's log-probability, with the most likely alternatives at its step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    /// The token's text.
+    pub token: String,
+    /// Its natural-log probability (≤ 0).
+    pub logprob: f32,
+    /// Its UTF-8 bytes (a token may hold part of a character).
+    pub bytes: Vec<u8>,
+    /// The most likely tokens at that step, most likely first.
+    pub top: Vec<TokenAlternative>,
+}
+
+/// A token the model could have generated at one step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenAlternative {
+    /// The token's text.
+    pub token: String,
+    /// Its natural-log probability.
+    pub logprob: f32,
+}
+
+impl From<ResponseLogprob> for TokenLogprob {
+    fn from(l: ResponseLogprob) -> Self {
+        Self {
+            bytes: l.bytes.unwrap_or_else(|| l.token.as_bytes().to_vec()),
+            token: l.token,
+            logprob: l.logprob,
+            top: l
+                .top_logprobs
+                .into_iter()
+                .map(|t| TokenAlternative {
+                    token: t.bytes.unwrap_or_default(),
+                    logprob: t.logprob,
+                })
+                .collect(),
+        }
+    }
 }
 
 /// Adds a request's `logit_bias` to the logits, as OpenAI does before sampling; ids past the
@@ -255,6 +360,8 @@ pub enum Event {
         finish_reason: Option<String>,
         /// Counted usage, on the last delta when the engine reports it.
         usage: Option<Usage>,
+        /// The log-probabilities of the tokens in `text`, when asked for.
+        logprobs: Vec<TokenLogprob>,
     },
     /// The whole completion at once (non-streaming `/v1/completions`).
     Done {
@@ -264,16 +371,21 @@ pub enum Event {
         finish_reason: String,
         /// Counted usage.
         usage: Usage,
+        /// The log-probabilities of its tokens, when asked for.
+        logprobs: Vec<TokenLogprob>,
     },
     /// The engine refused or failed the request.
     Failed(EngineError),
 }
 
-/// A submitted generation. Dropping it cancels the generation: the engine's next attempt to
-/// send a token fails and it stops the sequence.
+/// A submitted generation: one sequence per choice (OpenAI's `n`). Dropping it cancels them
+/// all: the engine's next attempt to send a token fails and it stops the sequence.
 #[derive(Debug)]
 pub struct Generation {
-    rx: mpsc::Receiver<Response>,
+    /// One per choice; `None` once the engine has finished with it.
+    choices: Vec<Option<mpsc::Receiver<Response>>>,
+    /// The choice read first on the next call, so that no choice starves the others.
+    turn: usize,
 }
 
 // === impl Engine ===
@@ -329,7 +441,7 @@ impl Engine {
         let scheduler = SchedulerConfig::DefaultScheduler {
             method: DefaultSchedulerMethod::Fixed(max_seqs),
         };
-        let (prompt_tokenizer, vocab_size) = {
+        let (prompt_tokenizer, vocab_size, (grammars, eos)) = {
             let pipeline = pipeline.lock().await;
             let prompt_tokenizer = PromptTokenizer::new(&*pipeline)
                 .ok_or_else(|| StartupError::Model("the model has no text tokenizer".into()))?;
@@ -344,7 +456,12 @@ impl Engine {
                     .map_or(0, |&id| id as usize + 1)
                     .max(vocab.len())
             });
-            (prompt_tokenizer, vocab_size)
+            let metadata = pipeline.get_metadata();
+            let grammars = (
+                metadata.llg_factory.clone(),
+                metadata.eos_tok.clone().into(),
+            );
+            (prompt_tokenizer, vocab_size, grammars)
         };
         let runner = MistralRsBuilder::new(pipeline, scheduler, false, None)
             .with_model_id(settings.served_name.clone())
@@ -387,6 +504,8 @@ impl Engine {
             served_name: settings.served_name.as_str().into(),
             max_context,
             vocab_size,
+            grammars,
+            eos,
             slots: Slots::new(settings.max_seqs, settings.max_queue),
         })
     }
@@ -411,6 +530,23 @@ impl Engine {
     /// width, which some models pad past the last token.
     pub fn vocab_size(&self) -> usize {
         self.vocab_size
+    }
+
+    /// Checks that the engine can hold the output to `params.output` (compiles its grammar over
+    /// the model's vocabulary), so an unsupported schema is refused before the request is
+    /// admitted or queued. The message names what the compiler refused, e.g. `Unimplemented
+    /// keys: ["format"]`.
+    pub fn check_output(&self, params: &GenerationParams) -> Result<(), EngineError> {
+        let Some(output) = &params.output else {
+            return Ok(());
+        };
+        let factory = self.grammars.as_ref().ok_or_else(|| {
+            EngineError::Unsupported("this model has no tokenizer for constrained output".into())
+        })?;
+        factory
+            .create_parser(output.grammar(&self.eos))
+            .map(drop)
+            .map_err(|e| EngineError::Unsupported(format!("{e:#}")))
     }
 
     /// The engine's request slots (the bounded queue in front of it).
@@ -524,6 +660,39 @@ impl Engine {
         params: &GenerationParams,
         stream: bool,
     ) -> Result<Generation, EngineError> {
+        self.submit_choices(prompt, params, stream, 1).await
+    }
+
+    /// Submits `choices` independent generations of one prompt (OpenAI's `n`), read together
+    /// through one [`Generation`]. Each is a sequence of its own in the engine's batch (its
+    /// scheduler runs them side by side); a seeded request seeds choice `i` with `seed + i`, so
+    /// that the choices differ and each is reproduced by the seed.
+    pub async fn submit_choices(
+        &self,
+        prompt: TokenizedPrompt,
+        params: &GenerationParams,
+        stream: bool,
+        choices: usize,
+    ) -> Result<Generation, EngineError> {
+        let mut generation = Generation {
+            choices: Vec::with_capacity(choices),
+            turn: 0,
+        };
+        for i in 0..choices.max(1) {
+            let mut params = params.clone();
+            params.seed = params.seed.map(|seed| seed.wrapping_add(i as u64));
+            let rx = self.submit_one(prompt.clone(), &params, stream).await?;
+            generation.choices.push(Some(rx));
+        }
+        Ok(generation)
+    }
+
+    async fn submit_one(
+        &self,
+        prompt: TokenizedPrompt,
+        params: &GenerationParams,
+        stream: bool,
+    ) -> Result<mpsc::Receiver<Response>, EngineError> {
         let engine_streams = stream || prompt.chat;
         let messages = prompt.into_message();
         let sampling_params = SamplingParams {
@@ -534,6 +703,11 @@ impl Engine {
             stop_toks: (!params.stop.is_empty()).then(|| StopTokens::Seqs(params.stop.clone())),
             max_len: params.max_tokens,
             n_choices: 1,
+            top_n_logprobs: params.logprobs.unwrap_or(0),
+            top_k: params.top_k,
+            min_p: params.min_p,
+            repetition_penalty: params.repetition_penalty,
+            seed: params.seed,
             ..SamplingParams::neutral()
         };
         // Room for a burst of tokens so the engine never waits on a slow reader; the server
@@ -545,9 +719,15 @@ impl Engine {
             let bias = LogitBias(params.logit_bias.clone());
             vec![Arc::new(bias) as Arc<dyn CustomLogitsProcessor>]
         });
+        let constraint = match &params.output {
+            Some(output) => Constraint::Llguidance(output.grammar(&self.eos)),
+            None => Constraint::None,
+        };
         let request = Request::Normal(Box::new(NormalRequest {
             is_streaming: engine_streams,
             logits_processors,
+            constraint,
+            return_logprobs: params.logprobs.is_some(),
             ..NormalRequest::new_simple(
                 messages,
                 sampling_params,
@@ -558,7 +738,7 @@ impl Engine {
             )
         }));
         self.send(request).await?;
-        Ok(Generation { rx })
+        Ok(rx)
     }
 
     /// Log-probabilities over the vocabulary of the token that follows `prompt` (raw logits of
@@ -645,58 +825,123 @@ fn chat_messages(turns: &[ChatTurn]) -> Vec<IndexMap<String, MessageContent>> {
 // === impl Generation ===
 
 impl Generation {
-    /// The next event, or `None` once the engine has finished with the request.
+    /// How many choices it generates.
+    pub fn choices(&self) -> usize {
+        self.choices.len()
+    }
+
+    /// The next event of any choice, or `None` once the engine has finished with the request.
     pub async fn next(&mut self) -> Option<Event> {
-        let response = self.rx.recv().await?;
-        Some(match response {
+        self.next_choice().await.map(|(_, event)| event)
+    }
+
+    /// The next event and the choice it belongs to, or `None` once the engine has finished with
+    /// every choice. Choices are read in turn, so one that streams fast does not hold back the
+    /// others' tokens.
+    pub async fn next_choice(&mut self) -> Option<(usize, Event)> {
+        let (index, response) = std::future::poll_fn(|cx| {
+            let n = self.choices.len();
+            let mut open = false;
+            for k in 0..n {
+                let i = (self.turn + k) % n;
+                let Some(rx) = &mut self.choices[i] else {
+                    continue;
+                };
+                match rx.poll_recv(cx) {
+                    std::task::Poll::Ready(Some(response)) => {
+                        self.turn = (i + 1) % n;
+                        return std::task::Poll::Ready(Some((i, response)));
+                    }
+                    std::task::Poll::Ready(None) => self.choices[i] = None,
+                    std::task::Poll::Pending => open = true,
+                }
+            }
+            if open {
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(None)
+            }
+        })
+        .await?;
+        Some((index, Self::event(response)))
+    }
+
+    fn event(response: Response) -> Event {
+        match response {
             Response::Chunk(chunk) => {
                 let usage = chunk
                     .usage
                     .as_ref()
                     .map(|u| Usage::new(u.prompt_tokens, u.completion_tokens));
                 let choice = chunk.choices.into_iter().next();
-                let (text, finish_reason) = choice
-                    .map(|c| (c.delta.content.unwrap_or_default(), c.finish_reason))
+                let (text, finish_reason, logprobs) = choice
+                    .map(|c| {
+                        let logprobs = c.logprobs.into_iter().map(TokenLogprob::from).collect();
+                        (
+                            c.delta.content.unwrap_or_default(),
+                            c.finish_reason,
+                            logprobs,
+                        )
+                    })
                     .unwrap_or_default();
                 Event::Delta {
                     text,
                     finish_reason,
                     usage,
+                    logprobs,
                 }
             }
             Response::CompletionChunk(chunk) => {
                 let choice = chunk.choices.into_iter().next();
-                let (text, finish_reason) = choice
-                    .map(|c| (c.text, c.finish_reason))
+                let (text, finish_reason, logprobs) = choice
+                    .map(|c| {
+                        let logprobs = c.logprobs.into_iter().map(TokenLogprob::from).collect();
+                        (c.text, c.finish_reason, logprobs)
+                    })
                     .unwrap_or_default();
                 Event::Delta {
                     text,
                     finish_reason,
                     usage: None,
+                    logprobs,
                 }
             }
             Response::CompletionDone(done) => {
                 let usage = Usage::new(done.usage.prompt_tokens, done.usage.completion_tokens);
                 let choice = done.choices.into_iter().next();
-                let (text, finish_reason) = choice
-                    .map(|c| (c.text, c.finish_reason))
-                    .unwrap_or_else(|| (String::new(), "stop".to_owned()));
+                let (text, finish_reason, logprobs) = choice
+                    .map(|c| {
+                        let logprobs = c.logprobs.and_then(|l| l.content).unwrap_or_default();
+                        let logprobs = logprobs.into_iter().map(TokenLogprob::from).collect();
+                        (c.text, c.finish_reason, logprobs)
+                    })
+                    .unwrap_or_else(|| (String::new(), "stop".to_owned(), Vec::new()));
                 Event::Done {
                     text,
                     finish_reason,
                     usage,
+                    logprobs,
                 }
             }
             Response::Done(done) => {
                 let usage = Usage::new(done.usage.prompt_tokens, done.usage.completion_tokens);
                 let choice = done.choices.into_iter().next();
-                let (text, finish_reason) = choice
-                    .map(|c| (c.message.content.unwrap_or_default(), c.finish_reason))
-                    .unwrap_or_else(|| (String::new(), "stop".to_owned()));
+                let (text, finish_reason, logprobs) = choice
+                    .map(|c| {
+                        let logprobs = c.logprobs.and_then(|l| l.content).unwrap_or_default();
+                        let logprobs = logprobs.into_iter().map(TokenLogprob::from).collect();
+                        (
+                            c.message.content.unwrap_or_default(),
+                            c.finish_reason,
+                            logprobs,
+                        )
+                    })
+                    .unwrap_or_else(|| (String::new(), "stop".to_owned(), Vec::new()));
                 Event::Done {
                     text,
                     finish_reason,
                     usage,
+                    logprobs,
                 }
             }
             Response::ValidationError(e) => Event::Failed(EngineError::Rejected(e.to_string())),
@@ -705,7 +950,7 @@ impl Generation {
                 Event::Failed(EngineError::Failed(msg))
             }
             _ => Event::Failed(EngineError::Failed("unexpected engine response".into())),
-        })
+        }
     }
 }
 

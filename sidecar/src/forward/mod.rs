@@ -13,9 +13,12 @@
 //! (override) requests get 503. Every outcome feeds the destination's breaker
 //! ([`Router::record_forward`]), which keeps routing away from a variant that keeps failing.
 //!
-//! Where a request goes is [`crate::route`]'s decision; this module carries it out.
+//! Where a request goes is [`crate::route`]'s decision; this module carries it out. The same
+//! client also carries requests this model cannot serve to its fallback model ([`fallback`])
+//! and requests naming another model of the namespace to that model ([`gateway`]).
 
 pub mod fallback;
+pub mod gateway;
 mod relay;
 
 use std::time::Duration;
@@ -91,6 +94,7 @@ pub enum ForwardError {
 }
 
 impl ForwardError {
+    /// The metric label: `connect`, `timeout` or `error`.
     fn kind(&self) -> &'static str {
         match self {
             Self::Connect(_) => "connect",
@@ -140,6 +144,27 @@ impl Forwarder {
         address: &str,
         out: &Outbound<'_>,
     ) -> Result<Response<Incoming>, ForwardError> {
+        self.request(Some(auth), address, out).await
+    }
+
+    /// Sends `out` to the Service at `address` as its client sent it, unsigned: the sidecars
+    /// there route and admit it like any client's request (see [`gateway`]).
+    pub async fn send_unsigned(
+        &self,
+        address: &str,
+        out: &Outbound<'_>,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        self.request(None, address, out).await
+    }
+
+    /// `out` as a POST to `address`, with the client's end-to-end headers, signed with `auth`
+    /// when given; its response once the headers arrive (before `out.deadline`).
+    async fn request(
+        &self,
+        auth: Option<&ForwardAuth>,
+        address: &str,
+        out: &Outbound<'_>,
+    ) -> Result<Response<Incoming>, ForwardError> {
         let uri: Uri = format!("{}{}", address.trim_end_matches('/'), out.path)
             .parse()
             .map_err(|e| ForwardError::Connect(format!("invalid address {address:?}: {e}")))?;
@@ -151,7 +176,9 @@ impl Forwarder {
         headers.remove(header::HOST);
         headers.remove(header::CONTENT_LENGTH);
         headers.remove(FORWARDED_HEADER);
-        headers.insert(FORWARDED_HEADER, auth.sign(out.path));
+        if let Some(auth) = auth {
+            headers.insert(FORWARDED_HEADER, auth.sign(out.path));
+        }
         if let Ok(id) = HeaderValue::from_str(out.request_id) {
             headers.insert("x-request-id", id);
         }

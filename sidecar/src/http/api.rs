@@ -1,6 +1,6 @@
 //! The OpenAI routes: which handler serves a request, and what every answer carries — the
 //! request id, the variant that served it (`x-sluice-variant`) and its count in
-//! `sluice_requests_total`.
+//! `sluice_requests_total` (but for another model's answers: see [`OtherModel`]).
 
 use std::{
     sync::{
@@ -16,6 +16,7 @@ use tracing::Instrument;
 
 use super::{AppState, error_response, generate::generate};
 use crate::{
+    forward::gateway::OtherModel,
     openai::{
         ApiError, CHAT_PATH, COMPLETIONS_PATH, Kind, MODELS_PATH, error::CLIENT_CLOSED_REQUEST,
     },
@@ -54,6 +55,9 @@ pub async fn api(state: Arc<AppState>, req: Request<Incoming>) -> Response<Respo
                     tracing::info!(%error, status = error.status().as_u16(), "request refused");
                 }
                 let mut res = error_response(&error);
+                if matches!(error, ApiError::ModelUnreachable { .. }) {
+                    res.extensions_mut().insert(OtherModel);
+                }
                 // Counted against the variant that could not serve it, not this pod's own.
                 if let ApiError::VariantUnavailable {
                     variant: Some(variant),
@@ -77,6 +81,13 @@ pub async fn api(state: Arc<AppState>, req: Request<Incoming>) -> Response<Respo
     .await;
     if let Ok(v) = HeaderValue::from_str(&id) {
         res.headers_mut().insert("x-request-id", v);
+    }
+    // Another model's answer names its own variant, and is counted by that model's pods:
+    // counted here under a variant name, it would read as this model's traffic (its canary
+    // analysis sums this metric by variant). `sluice_gateway_forwards_total` counts it here.
+    if res.extensions().get::<OtherModel>().is_some() {
+        unanswered.counted = true;
+        return res;
     }
     // Forwarded responses already name the variant that served them.
     if !res.headers().contains_key(VARIANT_HEADER)
@@ -146,20 +157,30 @@ async fn handle(
     }
 }
 
+/// `GET /v1/models` lists this pod's model and every other model of the namespace it answers
+/// for (the config's `models`, see [`crate::forward::gateway`]); `GET /v1/models/{id}` answers
+/// for any of them. An unknown id gets 404 naming only that id.
 fn models(state: &AppState, path: &str) -> Result<Response<ResponseBody>, ApiError> {
-    let model = serde_json::json!({
-        "id": state.served_name,
-        "object": "model",
-        "created": 0,
-        "owned_by": "sluice",
-    });
+    let config = state.config.borrow().clone();
+    let card = |id: &str| {
+        serde_json::json!({
+            "id": id,
+            "object": "model",
+            "created": 0,
+            "owned_by": "sluice",
+        })
+    };
+    let known = std::iter::once(state.served_name.as_str())
+        .chain(config.models.iter().map(|m| m.name.as_str()));
     match path.strip_prefix("/v1/models/") {
         None => Ok(json(
             StatusCode::OK,
-            &serde_json::json!({"object": "list", "data": [model]}),
+            &serde_json::json!({"object": "list", "data": known.map(card).collect::<Vec<_>>()}),
         )),
-        Some(name) if name == state.served_name => Ok(json(StatusCode::OK, &model)),
-        Some(name) => Err(ApiError::ModelNotFound(name.to_owned())),
+        Some(name) => match known.into_iter().find(|id| *id == name) {
+            Some(id) => Ok(json(StatusCode::OK, &card(id))),
+            None => Err(ApiError::ModelNotFound(name.to_owned())),
+        },
     }
 }
 

@@ -1,9 +1,9 @@
 //! The response cache on the request path: which requests it may answer, their key, and the
 //! cache's limits following the config in force (`spec.cache`, hot-reloaded like the rest).
 //!
-//! Only greedy requests (temperature 0, the model's default or the request's) are cached: they
-//! are the ones whose answer is a function of the request. (`seed` is not honoured by the
-//! engine, so a seeded sampled request is not reproducible and is not cached.) The key is the
+//! Only greedy requests (temperature 0, the model's default or the request's) and seeded ones
+//! are cached: they are the ones whose answer is a function of the request (a seed reproduces
+//! a sampled answer on the same pod and dtype, and the cache is per pod). The key is the
 //! prompt as the engine sees it (chat template applied, tokenized: two requests that differ
 //! only in JSON spelling or in fields that change nothing share it), the sampling and stopping
 //! parameters, the route, this pod's variant and the caller's tenant (unless the cache is
@@ -80,7 +80,10 @@ impl AnswerCache {
             }
             return None;
         };
-        if request.params.temperature != Some(0.0) {
+        // Log-probabilities are not kept with an answer.
+        let deterministic =
+            request.params.temperature == Some(0.0) || request.params.seed.is_some();
+        if !deterministic || request.params.logprobs.is_some() {
             return None;
         }
         self.apply(config);

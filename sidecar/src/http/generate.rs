@@ -1,8 +1,8 @@
-//! THE request path of a generation, top-down: route → read → validate → tokenize → budget →
-//! admit → forward, or cache → queue → generate → answer; what this pod cannot serve (shed,
-//! no variant reachable, queue full) goes to the fallback model. Each step is a call into one
-//! lower module; the answer settles the admitted request's reservation when it ends (also on
-//! disconnect or error).
+//! THE request path of a generation, top-down: read → another model's? → route → validate →
+//! tokenize → budget → admit → forward, or cache → queue → generate → answer; what this pod
+//! cannot serve (shed, no variant reachable, queue full) goes to the fallback model. Each step
+//! is a call into one lower module; the answer settles the admitted request's reservation when
+//! it ends (also on disconnect or error).
 
 use std::{io::ErrorKind, sync::Arc, time::Instant};
 
@@ -47,10 +47,18 @@ pub async fn generate(
         drain_cut: state.drain_cut.clone(),
     };
     let headers = req.headers().clone();
-    // --- routing: which variant serves this request (403 for a forged internal header) ---
     let config = state.config.borrow().clone();
-    let decision = state.router.decide(&config, &headers, kind.path())?;
     let body = read_body(state, req).await?;
+    // --- gateway: a request naming another model of the namespace is that model's, to route
+    // and admit (so before this model's routing, whose headers and counts it must not touch) ---
+    let gateway = state
+        .gateway
+        .forward(&config, kind.path(), &headers, &body, id, &deadline);
+    if let Some(answer) = gateway.await {
+        return answer;
+    }
+    // --- routing: which variant serves this request (403 for a forged internal header) ---
+    let decision = state.router.decide(&config, &headers, kind.path())?;
     let request = validate::parse(kind, &body)?;
     // A forwarded request names the model of the pod that sent it: a sibling variant's (the
     // same), or, from a model this one is the fallback of, that model's.
@@ -64,9 +72,14 @@ pub async fn generate(
         (Some(route), Some(fallback)) if admitted_here => Some((route, fallback)),
         _ => None,
     };
-    let cache = config.cache.as_ref().filter(|_| admitted_here);
+    // An answer of several choices (`n`) is not kept: the cache holds one text per request.
+    let cache = config
+        .cache
+        .as_ref()
+        .filter(|_| admitted_here && request.choices == 1);
     let engine = state.engine.get().ok_or(ApiError::Loading)?;
     validate::check_logit_bias(&request, engine.vocab_size())?;
+    validate::check_output(&request, engine)?;
 
     let tokenize_started = Instant::now();
     let prompt = engine.tokenize(&request.prompt).await?;
@@ -79,7 +92,8 @@ pub async fn generate(
         headers: &headers,
         model: &request.model,
         prompt_tokens: prompt.len(),
-        max_completion_tokens: budget,
+        // Every choice may use the whole budget.
+        max_completion_tokens: budget.saturating_mul(request.choices),
         stream: request.stream,
         config: &config,
         variant: match &decision {
@@ -154,6 +168,7 @@ pub async fn generate(
         deadline,
         rate_headers,
         fill: None,
+        tool_answer: request.tool_answer.clone(),
     };
 
     // --- response cache: a deterministic request answered before is answered again ---
@@ -192,7 +207,9 @@ pub async fn generate(
         }
     };
 
-    let generation = engine.submit(prompt, &params, request.stream).await?;
+    let generation = engine
+        .submit_choices(prompt, &params, request.stream, request.choices)
+        .await?;
     let timing = Timing::new(started, tokenize_time, Instant::now());
     stream::respond(reply, generation, settlement, in_flight, timing).await
 }

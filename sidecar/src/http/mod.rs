@@ -31,7 +31,7 @@ use self::conn::{Activity, BodyPace, Connections, Guarded};
 use crate::{
     admit::Admission,
     engine::{Engine, SamplingDefaults},
-    forward::{Forwarder, fallback::Fallback},
+    forward::{Forwarder, fallback::Fallback, gateway::Gateway},
     metrics::Metrics,
     openai::ApiError,
     readiness::Readiness,
@@ -63,6 +63,8 @@ pub struct AppState {
     /// Sends requests this model cannot serve to the config's fallback model (`None`: no
     /// `--fallback-token-file`).
     pub fallback: Option<Fallback>,
+    /// Sends requests naming another model of the namespace (the config's `models`) to it.
+    pub gateway: Gateway,
     /// The id clients use.
     pub served_name: String,
     /// Body size limit.

@@ -7,10 +7,14 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use crate::{
-    engine::{ChatTurn, GenerationParams, Prompt},
+    engine::{ChatTurn, Engine, GenerationParams, OutputFormat, Prompt},
     openai::{
-        ApiError, Kind,
-        types::{ChatCompletionRequest, CompletionRequest, MessageContent, PromptInput, Stop},
+        ApiError, Kind, fields,
+        tools::{self, ToolAnswer},
+        types::{
+            ChatCompletionRequest, CompletionRequest, MessageContent, PromptInput,
+            SamplingExtensions, Stop,
+        },
     },
 };
 
@@ -29,7 +33,14 @@ pub struct GenerationRequest {
     pub stream: bool,
     /// Final usage chunk on streams.
     pub include_usage: bool,
+    /// The tool call the answer is (`tool_choice`), when one is forced.
+    pub tool_answer: Option<ToolAnswer>,
+    /// How many choices to generate (`n`).
+    pub choices: usize,
 }
+
+/// The most choices (`n`) one request may ask for: each is a sequence in the engine's batch.
+pub const MAX_CHOICES: u64 = 16;
 
 /// Parses and validates the body of a `kind` request.
 pub fn parse(kind: Kind, body: &[u8]) -> Result<GenerationRequest, ApiError> {
@@ -59,7 +70,6 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
 fn check_common(
     temperature: Option<f64>,
     top_p: Option<f64>,
-    n: Option<u64>,
     presence: Option<f32>,
     frequency: Option<f32>,
     stop: Option<Stop>,
@@ -79,16 +89,6 @@ fn check_common(
             "top_p",
             format!("{p} is not a valid top_p: it must be greater than 0 and at most 1"),
         ));
-    }
-    match n {
-        None | Some(1) => {}
-        Some(0) => return Err(ApiError::invalid("n", "n must be at least 1")),
-        Some(n) => {
-            return Err(ApiError::unsupported(
-                "n",
-                format!("n = {n} is not supported by this server: only one choice (n = 1)"),
-            ));
-        }
     }
     for (name, v) in [
         ("presence_penalty", presence),
@@ -182,6 +182,134 @@ pub fn check_logit_bias(request: &GenerationRequest, vocab_size: usize) -> Resul
     }
 }
 
+/// Checks that the engine can hold the output to the request's format (`response_format`, or
+/// the forced tool call's parameters): a schema keyword constrained decoding cannot enforce is
+/// a 400 naming the field, before the request is admitted.
+pub fn check_output(request: &GenerationRequest, engine: &Engine) -> Result<(), ApiError> {
+    engine.check_output(&request.params).map_err(|e| {
+        let param = if request.tool_answer.is_some() {
+            "tools"
+        } else {
+            "response_format"
+        };
+        ApiError::unsupported(
+            param,
+            format!("{param} cannot be enforced by constrained decoding: {e}"),
+        )
+    })
+}
+
+/// `response_format`: text (`None`), JSON mode, or a JSON Schema.
+fn parse_response_format(format: Option<Value>) -> Result<Option<OutputFormat>, ApiError> {
+    let Some(format) = format.filter(|f| !f.is_null()) else {
+        return Ok(None);
+    };
+    let invalid = |message: &str| Err(ApiError::invalid("response_format", message));
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(OutputFormat::JsonSchema(
+            serde_json::json!({"type": "object"}),
+        ))),
+        Some("json_schema") => {
+            let Some(spec) = format.get("json_schema").and_then(Value::as_object) else {
+                return invalid(
+                    "response_format.json_schema must be an object with a name and a schema",
+                );
+            };
+            if spec
+                .get("name")
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty)
+            {
+                return invalid("response_format.json_schema.name is required");
+            }
+            match spec.get("schema") {
+                None | Some(Value::Null) => Ok(Some(OutputFormat::JsonSchema(
+                    serde_json::json!({"type": "object"}),
+                ))),
+                Some(schema @ (Value::Object(_) | Value::Bool(_))) => {
+                    Ok(Some(OutputFormat::JsonSchema(schema.clone())))
+                }
+                Some(_) => {
+                    invalid("response_format.json_schema.schema must be a JSON Schema object")
+                }
+            }
+        }
+        Some(other) => Err(ApiError::invalid(
+            "response_format",
+            format!(
+                "invalid response_format type {other:?}: expected \"text\", \"json_object\" or \"json_schema\""
+            ),
+        )),
+        None => invalid("response_format must be an object with a type"),
+    }
+}
+
+/// The sampling extensions (`top_k`, `min_p`, `repetition_penalty`), checked, into `params`.
+fn apply_extensions(e: SamplingExtensions, params: &mut GenerationParams) -> Result<(), ApiError> {
+    if let Some(p) = e.min_p
+        && !(0.0..=1.0).contains(&p)
+    {
+        return Err(ApiError::invalid(
+            "min_p",
+            format!("{p} is not a valid min_p: it must be between 0 and 1"),
+        ));
+    }
+    if let Some(r) = e.repetition_penalty
+        && !(r > 0.0 && r <= 2.0)
+    {
+        return Err(ApiError::invalid(
+            "repetition_penalty",
+            format!(
+                "{r} is not a valid repetition_penalty: it must be greater than 0 and at most 2"
+            ),
+        ));
+    }
+    // top_k 0 means "all tokens", as in vLLM and llama.cpp.
+    params.top_k = e
+        .top_k
+        .filter(|&k| k > 0)
+        .map(|k| usize::try_from(k).unwrap_or(usize::MAX));
+    params.min_p = e.min_p;
+    params.repetition_penalty = e.repetition_penalty;
+    Ok(())
+}
+
+/// The calls of an assistant message, as the model is shown them in a follow-up turn (the
+/// chat template of a model without tool support has no other place for them).
+fn render_tool_calls(i: usize, calls: Option<Value>) -> Result<String, ApiError> {
+    let calls = match calls {
+        Some(Value::Array(calls)) if !calls.is_empty() => calls,
+        None | Some(Value::Null | Value::Array(_)) => return Ok(String::new()),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                format!("messages[{i}].tool_calls"),
+                format!("messages[{i}].tool_calls must be an array of calls"),
+            ));
+        }
+    };
+    let mut shown = Vec::with_capacity(calls.len());
+    for (j, call) in calls.iter().enumerate() {
+        let function = call.get("function");
+        let name = function.and_then(|f| f.get("name")).and_then(Value::as_str);
+        let arguments = function
+            .and_then(|f| f.get("arguments"))
+            .and_then(Value::as_str);
+        let (Some(name), Some(arguments)) = (name, arguments) else {
+            return Err(ApiError::invalid(
+                format!("messages[{i}].tool_calls[{j}]"),
+                format!(
+                    "messages[{i}].tool_calls[{j}] must have a function with a name and arguments (a string)"
+                ),
+            ));
+        };
+        let arguments = serde_json::from_str::<Value>(arguments)
+            .unwrap_or_else(|_| Value::String(arguments.to_owned()));
+        shown.push(serde_json::json!({"name": name, "arguments": arguments}));
+    }
+    Ok(serde_json::to_string(&shown).unwrap_or_default())
+}
+
 /// The `tool_call_id` of `messages[i]`, a tool message: required, as it names the call the
 /// message answers, and a non-empty string.
 fn check_tool_call_id(i: usize, tool_call_id: Option<&Value>) -> Result<(), ApiError> {
@@ -205,6 +333,20 @@ fn check_tool_call_id(i: usize, tool_call_id: Option<&Value>) -> Result<(), ApiE
     }
 }
 
+/// `n`: how many choices, 1 to [`MAX_CHOICES`].
+fn check_choices(n: Option<u64>) -> Result<usize, ApiError> {
+    match n.unwrap_or(1) {
+        0 => Err(ApiError::invalid("n", "n must be at least 1")),
+        n if n > MAX_CHOICES => Err(ApiError::invalid(
+            "n",
+            format!(
+                "n = {n} is more choices than this server generates at once: at most {MAX_CHOICES}"
+            ),
+        )),
+        n => Ok(n as usize),
+    }
+}
+
 fn check_max_tokens(param: &str, v: Option<u64>) -> Result<Option<usize>, ApiError> {
     match v {
         None => Ok(None),
@@ -225,19 +367,36 @@ impl ChatCompletionRequest {
                 "messages must contain at least one message",
             ));
         }
-        if self.logprobs == Some(true) {
-            return Err(ApiError::unsupported(
-                "logprobs",
-                "logprobs are not supported",
+        fields::check_unread(&self.other)?;
+        let logprobs = match (self.logprobs, self.top_logprobs) {
+            (Some(true), None) => Some(0),
+            (Some(true), Some(top)) if top <= 20 => Some(top as usize),
+            (Some(true), Some(top)) => {
+                return Err(ApiError::invalid(
+                    "top_logprobs",
+                    format!("top_logprobs must be between 0 and 20, not {top}"),
+                ));
+            }
+            (_, Some(_)) => {
+                return Err(ApiError::invalid(
+                    "top_logprobs",
+                    "top_logprobs needs logprobs set to true",
+                ));
+            }
+            (_, None) => None,
+        };
+        let response_format = parse_response_format(self.response_format)?;
+        let tool_plan = tools::parse(self.tools, self.tool_choice)?;
+        if tool_plan.is_some() && response_format.is_some() {
+            return Err(ApiError::invalid(
+                "response_format",
+                "a forced tool call already fixes the output: send either response_format or tool_choice, not both",
             ));
         }
-        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-            return Err(ApiError::unsupported("tools", "tools are not supported"));
-        }
+        let choices = check_choices(self.n)?;
         let stop = check_common(
             self.temperature,
             self.top_p,
-            self.n,
             self.presence_penalty,
             self.frequency_penalty,
             self.stop,
@@ -266,7 +425,17 @@ impl ChatCompletionRequest {
             if role == "tool" {
                 check_tool_call_id(i, m.tool_call_id.as_ref())?;
             }
-            let content = match m.content {
+            let calls = render_tool_calls(i, m.tool_calls)?;
+            if !calls.is_empty() && role != "assistant" {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].tool_calls"),
+                    format!(
+                        "messages[{i}] is a {} message: only assistant messages have tool_calls",
+                        m.role
+                    ),
+                ));
+            }
+            let mut content = match m.content {
                 // Only an assistant message may leave its content null (OpenAI: one that
                 // carries tool calls instead).
                 None if role == "assistant" => String::new(),
@@ -298,13 +467,39 @@ impl ChatCompletionRequest {
                     text
                 }
             };
+            if !calls.is_empty() {
+                if !content.is_empty() {
+                    content.push('\n');
+                }
+                content.push_str(&calls);
+            }
             turns.push(ChatTurn {
                 role: role.to_owned(),
                 content,
             });
         }
+        let output = match &tool_plan {
+            Some(plan) => {
+                // The functions go first, in the system turn (merged into the caller's own).
+                let instructions = plan.instructions();
+                match turns.first_mut() {
+                    Some(first) if first.role == "system" => {
+                        first.content = format!("{}\n\n{instructions}", first.content);
+                    }
+                    _ => turns.insert(
+                        0,
+                        ChatTurn {
+                            role: "system".to_owned(),
+                            content: instructions,
+                        },
+                    ),
+                }
+                Some(plan.output())
+            }
+            None => response_format,
+        };
         let stream = self.stream.unwrap_or(false);
-        Ok(GenerationRequest {
+        let mut request = GenerationRequest {
             kind: Kind::Chat,
             model: self.model,
             prompt: Prompt::Chat(turns),
@@ -316,6 +511,11 @@ impl ChatCompletionRequest {
                 presence_penalty: self.presence_penalty,
                 frequency_penalty: self.frequency_penalty,
                 logit_bias,
+                output,
+                logprobs,
+                // Any i64 is a valid OpenAI seed; its bits seed the generator.
+                seed: self.seed.map(|seed| seed as u64),
+                ..GenerationParams::default()
             },
             stream,
             include_usage: stream
@@ -323,7 +523,11 @@ impl ChatCompletionRequest {
                     .stream_options
                     .and_then(|o| o.include_usage)
                     .unwrap_or(false),
-        })
+            tool_answer: tool_plan.map(|plan| plan.answer),
+            choices,
+        };
+        apply_extensions(self.extensions, &mut request.params)?;
+        Ok(request)
     }
 }
 
@@ -352,12 +556,16 @@ impl CompletionRequest {
         if text.is_empty() {
             return Err(ApiError::invalid("prompt", "prompt must not be empty"));
         }
-        if self.logprobs.is_some() {
-            return Err(ApiError::unsupported(
-                "logprobs",
-                "logprobs are not supported",
-            ));
-        }
+        fields::check_unread(&self.other)?;
+        let logprobs = match self.logprobs {
+            Some(n) if n > 5 => {
+                return Err(ApiError::invalid(
+                    "logprobs",
+                    format!("logprobs must be between 0 and 5, not {n}"),
+                ));
+            }
+            n => n.map(|n| n as usize),
+        };
         if self.echo == Some(true) {
             return Err(ApiError::unsupported("echo", "echo is not supported"));
         }
@@ -367,10 +575,10 @@ impl CompletionRequest {
         if !matches!(self.best_of, None | Some(1)) {
             return Err(ApiError::unsupported("best_of", "best_of is not supported"));
         }
+        let choices = check_choices(self.n)?;
         let stop = check_common(
             self.temperature,
             self.top_p,
-            self.n,
             self.presence_penalty,
             self.frequency_penalty,
             self.stop,
@@ -379,7 +587,7 @@ impl CompletionRequest {
         let max_tokens = check_max_tokens("max_tokens", self.max_tokens)?.or(Some(16));
         let logit_bias = parse_logit_bias(self.logit_bias)?;
         let stream = self.stream.unwrap_or(false);
-        Ok(GenerationRequest {
+        let mut request = GenerationRequest {
             kind: Kind::Completion,
             model: self.model,
             prompt: Prompt::Text(text),
@@ -391,6 +599,11 @@ impl CompletionRequest {
                 presence_penalty: self.presence_penalty,
                 frequency_penalty: self.frequency_penalty,
                 logit_bias,
+                output: None,
+                logprobs,
+                // Any i64 is a valid OpenAI seed; its bits seed the generator.
+                seed: self.seed.map(|seed| seed as u64),
+                ..GenerationParams::default()
             },
             stream,
             include_usage: stream
@@ -398,7 +611,11 @@ impl CompletionRequest {
                     .stream_options
                     .and_then(|o| o.include_usage)
                     .unwrap_or(false),
-        })
+            tool_answer: None,
+            choices,
+        };
+        apply_extensions(self.extensions, &mut request.params)?;
+        Ok(request)
     }
 }
 
@@ -514,13 +731,27 @@ mod tests {
         let base = r#""model":"m","messages":[{"role":"user","content":"x"}]"#;
         for (extra, param) in [
             (r#""messages":[]"#, "messages"),
-            (r#""n":2"#, "n"),
+            (r#""n":0"#, "n"),
+            (r#""n":17"#, "n"),
             (r#""temperature":3"#, "temperature"),
             (r#""top_p":0"#, "top_p"),
             (r#""max_tokens":0"#, "max_tokens"),
             (r#""stop":["a","b","c","d","e"]"#, "stop"),
             (r#""presence_penalty":5"#, "presence_penalty"),
-            (r#""logprobs":true"#, "logprobs"),
+            (r#""top_logprobs":2"#, "top_logprobs"),
+            (r#""logprobs":true,"top_logprobs":21"#, "top_logprobs"),
+            (r#""response_format":{"type":"yaml"}"#, "response_format"),
+            (
+                r#""response_format":{"type":"json_schema"}"#,
+                "response_format",
+            ),
+            (r#""min_p":2"#, "min_p"),
+            (r#""repetition_penalty":0"#, "repetition_penalty"),
+            (r#""functions":[{"name":"f"}]"#, "functions"),
+            (
+                r#""tools":[{"type":"function","function":{"name":"f"}}]"#,
+                "tool_choice",
+            ),
         ] {
             let body = if extra.starts_with(r#""messages""#) {
                 format!(r#"{{"model":"m",{extra}}}"#)
@@ -684,7 +915,9 @@ mod tests {
             r#"{"model":"m","prompt":[1,2,3]}"#,
             r#"{"model":"m","prompt":""}"#,
             r#"{"model":"m","prompt":"x","echo":true}"#,
-            r#"{"model":"m","prompt":"x","n":3}"#,
+            r#"{"model":"m","prompt":"x","n":17}"#,
+            r#"{"model":"m","prompt":"x","best_of":3}"#,
+            r#"{"model":"m","prompt":"x","logprobs":6}"#,
         ] {
             let e = completion(body).unwrap_err();
             assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{body}");

@@ -159,6 +159,18 @@ pub enum ApiError {
         message: String,
     },
 
+    /// The request names another model of the namespace, whose Service could not be reached
+    /// (503: no connection was made, nothing was sent) or failed before answering (502).
+    /// The message names only the model the client asked for: the address and the cause are
+    /// internal (they are logged).
+    #[error("the model `{model}` cannot be reached right now; retry shortly")]
+    ModelUnreachable {
+        /// The model the request named.
+        model: String,
+        /// Whether the request may have reached it (then 502, and no `Retry-After`).
+        sent: bool,
+    },
+
     /// The caller is not in the API-key list (401).
     #[error("{}", unauthorized_message(.0))]
     Unauthorized(Unauthorized),
@@ -247,6 +259,8 @@ impl ApiError {
             Self::TooManyConnections { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::ClientClosed => CLIENT_CLOSED_REQUEST,
             Self::VariantUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ModelUnreachable { sent: false, .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ModelUnreachable { sent: true, .. } => StatusCode::BAD_GATEWAY,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::NoPolicy => StatusCode::SERVICE_UNAVAILABLE,
             Self::Limited(r) => match r.cause {
@@ -266,7 +280,8 @@ impl ApiError {
             | Self::FirstTokenTimeout(_)
             | Self::Loading
             | Self::TooManyConnections { .. }
-            | Self::VariantUnavailable { .. } => Some(1),
+            | Self::VariantUnavailable { .. }
+            | Self::ModelUnreachable { sent: false, .. } => Some(1),
             Self::Draining => Some(5),
             Self::NoPolicy => Some(NO_POLICY_RETRY_NS.div_ceil(1_000_000_000)),
             Self::Limited(r) => r.retry_after_secs(),
@@ -311,6 +326,7 @@ impl ApiError {
             Self::TooManyConnections { .. } => ("server_error", None, Some("too_many_connections")),
             Self::ClientClosed => ("invalid_request_error", None, Some("client_closed_request")),
             Self::VariantUnavailable { .. } => ("server_error", None, Some("variant_unavailable")),
+            Self::ModelUnreachable { .. } => ("server_error", None, Some("model_unavailable")),
             Self::Loading => ("server_error", None, Some("loading")),
             Self::Unauthorized(_) => ("invalid_request_error", None, Some("invalid_api_key")),
             Self::NoPolicy => ("server_error", None, Some("config_invalid")),
@@ -365,6 +381,11 @@ impl From<EngineError> for ApiError {
                 message,
                 param: Some(param.to_owned()),
                 code: None,
+            },
+            EngineError::Unsupported(message) => Self::InvalidRequest {
+                message,
+                param: None,
+                code: Some("unsupported_parameter"),
             },
             EngineError::Rejected(message) => Self::InvalidRequest {
                 message,

@@ -3,7 +3,9 @@
 //! layer ([`crate::http`]) puts these on the wire.
 
 pub mod error;
+pub mod fields;
 pub mod ratelimit;
+pub mod tools;
 pub mod types;
 
 pub use self::{

@@ -27,11 +27,15 @@ use self::{
 use crate::{
     admit::{Outcome, settle::Settlement},
     cache::Filler,
-    engine::Generation,
+    engine::{Generation, TokenLogprob},
     metrics::Metrics,
     openai::{
         ApiError, Kind,
-        types::{AssistantMessage, ChatChoice, ChatCompletion, Completion, CompletionChoice},
+        tools::{self, ToolAnswer},
+        types::{
+            AssistantMessage, ChatChoice, ChatCompletion, ChatLogprobs, Completion,
+            CompletionChoice, CompletionLogprobs,
+        },
     },
     usage::Usage,
 };
@@ -59,6 +63,26 @@ pub struct Reply {
     pub rate_headers: Vec<(HeaderName, HeaderValue)>,
     /// The response cache's entry this answer fills, when it completes (`None`: not cached).
     pub fill: Option<Filler<Arc<Answer>>>,
+    /// The tool call the answer is, when the request forced one.
+    pub tool_answer: Option<ToolAnswer>,
+}
+
+impl Reply {
+    /// The chunks' framer of an answer of `choices` choices.
+    fn framer(&self, response_id: String, created: u64, choices: usize) -> Framer {
+        let call_ids = (0..choices)
+            .map(|i| tools::call_id(&self.request_id, i))
+            .collect();
+        Framer::new(
+            self.kind,
+            response_id,
+            self.model.clone(),
+            created,
+            self.include_usage,
+            choices,
+            self.tool_answer.clone().map(|answer| (answer, call_ids)),
+        )
+    }
 }
 
 /// Answers with `generation`: one JSON object, or (streaming) the response head as soon as the
@@ -73,14 +97,16 @@ pub async fn respond(
 ) -> Result<Response<ResponseBody>, ApiError> {
     let created = unix_now();
     let response_id = reply.kind.response_id(&reply.request_id);
+    let choices = generation.choices();
     let mut progress = Progress::new(
         timing,
         reply.prompt_tokens,
         reply.metrics.completion_rate.clone(),
+        choices,
     );
 
     if !reply.stream {
-        let text = collect(
+        let collected = collect(
             &mut progress,
             &mut generation,
             &mut settlement,
@@ -90,22 +116,31 @@ pub async fn respond(
         let usage = progress.usage();
         record_usage(&reply.metrics, usage, &progress.timing, progress.rated());
         drop(in_flight);
-        let finish_reason = progress.finish_reason().to_owned();
         tracing::info!(
             prompt_tokens = usage.prompt_tokens,
             completion_tokens = usage.completion_tokens,
-            %finish_reason,
+            finish_reason = progress.finish_reason(0),
             ttft_ms = progress.timing.ttft_ms(),
             "completed"
         );
-        let answer = Answer {
-            text,
-            finish_reason,
-            usage,
-        };
-        let mut res = json_answer(reply.kind, response_id, created, reply.model, &answer);
-        if let Some(filler) = reply.fill {
-            filler.fill(Arc::new(answer));
+        let choices: Vec<JsonChoice<'_>> = collected
+            .iter()
+            .enumerate()
+            .map(|(i, c)| JsonChoice {
+                text: c.text.clone(),
+                finish_reason: progress.finish_reason(i).to_owned(),
+                logprobs: &c.logprobs,
+            })
+            .collect();
+        let mut res = json_answer(&reply, response_id, created, &choices, usage);
+        if let Some(filler) = reply.fill
+            && let [only] = choices.as_slice()
+        {
+            filler.fill(Arc::new(Answer {
+                text: only.text.clone(),
+                finish_reason: only.finish_reason.clone(),
+                usage,
+            }));
         }
         if let Some(bytes) = hyper::body::Body::size_hint(res.body()).exact() {
             settlement.add_response_bytes(bytes);
@@ -118,7 +153,7 @@ pub async fn respond(
     }
 
     // Streaming: wait for the first token so an engine refusal is still a clean JSON error.
-    let first = match reply.deadline.run(generation.next()).await {
+    let first = match reply.deadline.run(generation.next_choice()).await {
         Err(e) => {
             settlement.settle(Outcome::Failed);
             return Err(e);
@@ -139,13 +174,7 @@ pub async fn respond(
     };
     reply.deadline.first_token_came();
     let (tx, body) = body::channel();
-    let framer = Framer::new(
-        reply.kind,
-        response_id,
-        reply.model,
-        created,
-        reply.include_usage,
-    );
+    let framer = reply.framer(response_id, created, choices);
     let mut relay = Relay {
         metrics: reply.metrics,
         framer,
@@ -190,15 +219,9 @@ pub fn replay(reply: Reply, answer: &Answer, mut settlement: Settlement) -> Resp
     answer.usage.total_tokens = reply.prompt_tokens + answer.usage.completion_tokens;
     answer.usage.cached = true;
     let mut res = if reply.stream {
-        let mut framer = Framer::new(
-            reply.kind,
-            response_id,
-            reply.model,
-            created,
-            reply.include_usage,
-        );
-        let mut body = framer.delta(answer.text, None).to_vec();
-        body.extend_from_slice(&framer.delta(String::new(), Some(answer.finish_reason)));
+        let mut framer = reply.framer(response_id, created, 1);
+        let mut body = framer.delta(0, answer.text, None, &[]).to_vec();
+        body.extend_from_slice(&framer.delta(0, String::new(), Some(answer.finish_reason), &[]));
         if let Some(usage) = framer.usage(answer.usage) {
             body.extend_from_slice(&usage);
         }
@@ -208,7 +231,12 @@ pub fn replay(reply: Reply, answer: &Answer, mut settlement: Settlement) -> Resp
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         res
     } else {
-        json_answer(reply.kind, response_id, created, reply.model, &answer)
+        let choice = JsonChoice {
+            text: answer.text,
+            finish_reason: answer.finish_reason,
+            logprobs: &[],
+        };
+        json_answer(&reply, response_id, created, &[choice], answer.usage)
     };
     if let Some(bytes) = hyper::body::Body::size_hint(res.body()).exact() {
         settlement.add_response_bytes(bytes);
@@ -220,35 +248,43 @@ pub fn replay(reply: Reply, answer: &Answer, mut settlement: Settlement) -> Resp
     res
 }
 
-/// One JSON answer (`chat.completion` or `text_completion`).
+/// One choice of a JSON answer.
+struct JsonChoice<'a> {
+    text: String,
+    finish_reason: String,
+    /// Its tokens' log-probabilities (empty: not asked for).
+    logprobs: &'a [TokenLogprob],
+}
+
+/// One JSON answer (`chat.completion` or `text_completion`) of `choices`, with their tokens'
+/// `logprobs` when they were asked for.
 fn json_answer(
-    kind: Kind,
+    reply: &Reply,
     id: String,
     created: u64,
-    model: String,
-    answer: &Answer,
+    choices: &[JsonChoice<'_>],
+    usage: Usage,
 ) -> Response<ResponseBody> {
-    let (text, finish_reason) = (answer.text.clone(), answer.finish_reason.clone());
-    match kind {
-        Kind::Chat => json(
-            StatusCode::OK,
-            &ChatCompletion {
-                id,
-                object: "chat.completion".into(),
-                created,
-                model,
-                choices: vec![ChatChoice {
-                    index: 0,
-                    message: AssistantMessage {
-                        role: "assistant".into(),
-                        content: text,
-                    },
-                    finish_reason,
-                    logprobs: None,
-                }],
-                usage: answer.usage,
-            },
-        ),
+    let model = reply.model.clone();
+    match reply.kind {
+        Kind::Chat => {
+            let choices = choices
+                .iter()
+                .enumerate()
+                .map(|(index, c)| chat_choice(reply, index, c))
+                .collect();
+            json(
+                StatusCode::OK,
+                &ChatCompletion {
+                    id,
+                    object: "chat.completion".into(),
+                    created,
+                    model,
+                    choices,
+                    usage,
+                },
+            )
+        }
         Kind::Completion => json(
             StatusCode::OK,
             &Completion {
@@ -256,15 +292,54 @@ fn json_answer(
                 object: "text_completion".into(),
                 created,
                 model,
-                choices: vec![CompletionChoice {
-                    text,
-                    index: 0,
-                    logprobs: None,
-                    finish_reason,
-                }],
-                usage: answer.usage,
+                choices: choices
+                    .iter()
+                    .enumerate()
+                    .map(|(index, c)| CompletionChoice {
+                        text: c.text.clone(),
+                        index,
+                        logprobs: (!c.logprobs.is_empty())
+                            .then(|| CompletionLogprobs::new(c.logprobs, 0)),
+                        finish_reason: c.finish_reason.clone(),
+                    })
+                    .collect(),
+                usage,
             },
         ),
+    }
+}
+
+/// Choice `index` of a chat answer: its text, or the tool call it is when the request forced
+/// one (and the text parses as one).
+fn chat_choice(reply: &Reply, index: usize, choice: &JsonChoice<'_>) -> ChatChoice {
+    let mut finish_reason = choice.finish_reason.clone();
+    let call_id = tools::call_id(&reply.request_id, index);
+    let call = reply
+        .tool_answer
+        .as_ref()
+        .and_then(|tool| Some((tool, tool.call(&call_id, &choice.text)?)));
+    let message = match call {
+        Some((tool, call)) => {
+            if finish_reason == "stop" {
+                finish_reason = tool.finish_reason().to_owned();
+            }
+            AssistantMessage {
+                role: "assistant".into(),
+                content: None,
+                tool_calls: Some(vec![call]),
+            }
+        }
+        None => AssistantMessage {
+            role: "assistant".into(),
+            content: Some(choice.text.clone()),
+            tool_calls: None,
+        },
+    };
+    ChatChoice {
+        index,
+        message,
+        finish_reason,
+        logprobs: (!choice.logprobs.is_empty()).then(|| ChatLogprobs::new(choice.logprobs)),
     }
 }
 

@@ -16,24 +16,30 @@ use super::{
 use crate::{
     admit::{Outcome, settle::Settlement},
     cache::Filler,
-    engine::{EngineError, Event, Generation},
+    engine::{EngineError, Event, Generation, TokenLogprob},
     metrics::{Metrics, TokenRate},
     openai::ApiError,
     usage::Usage,
 };
 
 /// One generation as its events arrive: the token times, how many text events came, the usage
-/// the engine reported and the finish reason.
+/// the engine reported and the finish reason, per choice.
 pub(super) struct Progress {
     pub(super) timing: Timing,
     prompt_tokens: usize,
-    /// Text events read (the completion-token count when the engine reports none).
-    chunks: usize,
     /// `sluice_completion_tokens_per_second`: each streamed delta counts as it comes, so a long
     /// generation shows in the rate while it runs, not all at once when it ends.
     rate: Arc<TokenRate>,
     /// Tokens counted into `rate` so far (the rest of the usage is counted at the end).
     rated: usize,
+    choices: Vec<ChoiceProgress>,
+}
+
+/// One choice's progress.
+#[derive(Default)]
+struct ChoiceProgress {
+    /// Text events read (the completion-token count when the engine reports none).
+    chunks: usize,
     engine_usage: Option<Usage>,
     /// OpenAI's finish reason, once the last event has come.
     finish: Option<String>,
@@ -41,44 +47,55 @@ pub(super) struct Progress {
 
 /// One engine event as the client sees it.
 pub(super) enum Piece {
-    /// New text; the last piece carries OpenAI's finish reason.
+    /// New text of choice `index`; its last piece carries OpenAI's finish reason.
     Text {
+        /// The choice.
+        index: usize,
         /// The text since the previous piece.
         text: String,
         /// `stop`, `length` or `tool_calls` on the last piece.
         finish_reason: Option<String>,
+        /// Its tokens' log-probabilities, when asked for.
+        logprobs: Vec<TokenLogprob>,
     },
     /// The engine refused or failed the request.
     Failed(EngineError),
 }
 
 impl Progress {
-    pub(super) fn new(timing: Timing, prompt_tokens: usize, rate: Arc<TokenRate>) -> Self {
+    pub(super) fn new(
+        timing: Timing,
+        prompt_tokens: usize,
+        rate: Arc<TokenRate>,
+        choices: usize,
+    ) -> Self {
         Self {
             timing,
             prompt_tokens,
-            chunks: 0,
             rate,
             rated: 0,
-            engine_usage: None,
-            finish: None,
+            choices: (0..choices.max(1))
+                .map(|_| ChoiceProgress::default())
+                .collect(),
         }
     }
 
-    /// Reads one event: a delta, or the whole text at once (which counts as the last delta).
-    pub(super) fn read(&mut self, event: Event) -> Piece {
-        let (text, finish_reason, usage) = match event {
+    /// Reads one event of choice `index`: a delta, or the whole text at once (which counts as
+    /// the last delta).
+    pub(super) fn read(&mut self, (index, event): (usize, Event)) -> Piece {
+        let (text, finish_reason, usage, logprobs) = match event {
             Event::Delta {
                 text,
                 finish_reason,
                 usage,
+                logprobs,
             } => {
                 // A delta is a token; a last one carrying only the finish reason is not.
                 if !text.is_empty() {
                     self.rate.record(1);
                     self.rated += 1;
                 }
-                (text, finish_reason, usage)
+                (text, finish_reason, usage, logprobs)
             }
             // Non-streaming `/v1/completions`: only the end is seen, so it counts as both the
             // first and the last token (no per-token timing).
@@ -86,33 +103,54 @@ impl Progress {
                 text,
                 finish_reason,
                 usage,
-            } => (text, Some(finish_reason), Some(usage)),
+                logprobs,
+            } => (text, Some(finish_reason), Some(usage), logprobs),
             Event::Failed(e) => return Piece::Failed(e),
         };
         self.timing.token();
-        self.chunks += 1;
+        let Some(choice) = self.choices.get_mut(index) else {
+            return Piece::Failed(EngineError::Failed(format!("no choice {index}")));
+        };
+        choice.chunks += 1;
         if usage.is_some() {
-            self.engine_usage = usage;
+            choice.engine_usage = usage;
         }
         let finish_reason = finish_reason.map(|f| openai_finish_reason(Some(f)));
         if finish_reason.is_some() {
-            self.finish = finish_reason.clone();
+            choice.finish = finish_reason.clone();
         }
         Piece::Text {
+            index,
             text,
             finish_reason,
+            logprobs,
         }
     }
 
-    /// Whether the last event has come.
+    /// Whether the last event of every choice has come.
     pub(super) fn finished(&self) -> bool {
-        self.finish.is_some()
+        self.choices.iter().all(|c| c.finish.is_some())
     }
 
-    /// Engine usage when it reported it, else the counted prompt plus one token per delta.
+    /// The prompt once and every choice's completion: the engine's counts when it reported
+    /// them, else the counted prompt and one token per delta.
     pub(super) fn usage(&self) -> Usage {
-        self.engine_usage
-            .unwrap_or_else(|| Usage::new(self.prompt_tokens, self.chunks))
+        let prompt = self
+            .choices
+            .iter()
+            .find_map(|c| c.engine_usage.map(|u| u.prompt_tokens))
+            .unwrap_or(self.prompt_tokens);
+        let completion = self
+            .choices
+            .iter()
+            .map(|c| c.engine_usage.map_or(c.chunks, |u| u.completion_tokens))
+            .sum();
+        Usage::new(prompt, completion)
+    }
+
+    /// Text events read so far, all choices together.
+    fn chunks(&self) -> usize {
+        self.choices.iter().map(|c| c.chunks).sum()
     }
 
     /// Completion tokens already counted in the token rate.
@@ -120,9 +158,12 @@ impl Progress {
         self.rated
     }
 
-    /// OpenAI's finish reason (`stop` when the engine ended without one).
-    pub(super) fn finish_reason(&self) -> &str {
-        self.finish.as_deref().unwrap_or("stop")
+    /// OpenAI's finish reason of choice `index` (`stop` when the engine ended without one).
+    pub(super) fn finish_reason(&self, index: usize) -> &str {
+        self.choices
+            .get(index)
+            .and_then(|c| c.finish.as_deref())
+            .unwrap_or("stop")
     }
 }
 
@@ -134,19 +175,28 @@ fn openai_finish_reason(reason: Option<String>) -> String {
     }
 }
 
-/// Reads the whole generation for a JSON answer: its text, or the error that ended it (the
-/// reservation then settled as failed).
+/// One choice's whole text and its tokens' log-probabilities (when asked for).
+#[derive(Default)]
+pub(super) struct CollectedChoice {
+    pub(super) text: String,
+    pub(super) logprobs: Vec<TokenLogprob>,
+}
+
+/// Reads the whole generation for a JSON answer: each choice's text and log-probabilities, or
+/// the error that ended it (the reservation then settled as failed).
 pub(super) async fn collect(
     progress: &mut Progress,
     generation: &mut Generation,
     settlement: &mut Settlement,
     deadline: &mut Deadline,
-) -> Result<String, ApiError> {
-    let mut text = String::new();
+) -> Result<Vec<CollectedChoice>, ApiError> {
+    let mut choices: Vec<CollectedChoice> = (0..progress.choices.len())
+        .map(|_| CollectedChoice::default())
+        .collect();
     loop {
-        let event = match deadline.run(generation.next()).await {
+        let event = match deadline.run(generation.next_choice()).await {
             Err(e) => {
-                let counted = Usage::new(progress.prompt_tokens, progress.chunks);
+                let counted = Usage::new(progress.prompt_tokens, progress.chunks());
                 settlement.settle_with(counted, Outcome::Failed);
                 return Err(e);
             }
@@ -155,8 +205,16 @@ pub(super) async fn collect(
         };
         deadline.first_token_came();
         match progress.read(event) {
-            Piece::Text { text: piece, .. } => {
-                text.push_str(&piece);
+            Piece::Text {
+                index,
+                text,
+                logprobs,
+                ..
+            } => {
+                if let Some(choice) = choices.get_mut(index) {
+                    choice.text.push_str(&text);
+                    choice.logprobs.extend(logprobs);
+                }
                 if progress.finished() {
                     break;
                 }
@@ -167,7 +225,7 @@ pub(super) async fn collect(
             }
         }
     }
-    Ok(text)
+    Ok(choices)
 }
 
 /// Relays one streaming generation to its response body; stops (and so cancels the
@@ -197,18 +255,19 @@ impl Relay {
                 Some(Outcome::Failed)
             }
             Piece::Text {
+                index,
                 text,
                 finish_reason,
+                logprobs,
             } => {
-                let done = finish_reason.is_some();
                 if let Some((_, so_far)) = &mut self.fill {
                     so_far.push_str(&text);
                 }
-                let event = self.framer.delta(text, finish_reason);
-                if self.send(event).is_err() {
+                let event = self.framer.delta(index, text, finish_reason, &logprobs);
+                if !event.is_empty() && self.send(event).is_err() {
                     return Some(Outcome::Cancelled);
                 }
-                done.then_some(Outcome::Completed)
+                self.progress.finished().then_some(Outcome::Completed)
             }
         }
     }
@@ -228,7 +287,7 @@ impl Relay {
                 let event = tokio::select! {
                     // Notice a disconnect even while the engine is busy prefilling.
                     _ = self.tx.closed() => break Outcome::Cancelled,
-                    r = self.deadline.run(generation.next()) => match r {
+                    r = self.deadline.run(generation.next_choice()) => match r {
                         Err(e) => {
                             tracing::warn!(error = %e, "stream ended early");
                             let _ = self.send(data_event(&e.body()));
@@ -255,7 +314,7 @@ impl Relay {
             if let Some((filler, text)) = self.fill.take() {
                 filler.fill(Arc::new(Answer {
                     text,
-                    finish_reason: self.progress.finish_reason().to_owned(),
+                    finish_reason: self.progress.finish_reason(0).to_owned(),
                     usage,
                 }));
             }
@@ -264,7 +323,7 @@ impl Relay {
         } else {
             self.metrics.cancelled.inc();
             tracing::info!(
-                completion_tokens = self.progress.chunks,
+                completion_tokens = self.progress.chunks(),
                 "client disconnected; generation cancelled"
             );
         }
@@ -280,7 +339,7 @@ impl Relay {
             tracing::info!(
                 prompt_tokens = usage.prompt_tokens,
                 completion_tokens = usage.completion_tokens,
-                finish_reason = self.progress.finish_reason(),
+                finish_reason = self.progress.finish_reason(0),
                 ttft_ms = self.progress.timing.ttft_ms(),
                 "completed"
             );

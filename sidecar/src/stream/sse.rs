@@ -5,9 +5,14 @@ use hyper::body::Bytes;
 use serde::Serialize;
 
 use crate::{
+    engine::TokenLogprob,
     openai::{
         Kind,
-        types::{ChatChunk, ChatChunkChoice, ChatDelta, CompletionChunk, CompletionChunkChoice},
+        tools::ToolAnswer,
+        types::{
+            ChatChunk, ChatChunkChoice, ChatDelta, ChatLogprobs, CompletionChunk,
+            CompletionChunkChoice, CompletionLogprobs, FunctionCallDelta, ToolCallDelta,
+        },
     },
     usage::Usage,
 };
@@ -56,40 +61,107 @@ pub struct Framer {
     model: String,
     created: u64,
     include_usage: bool,
+    choices: Vec<ChoiceFraming>,
+}
+
+/// What one choice's next chunk depends on.
+#[derive(Debug)]
+struct ChoiceFraming {
     sent_role: bool,
+    /// Bytes of text framed so far (where the next token starts, for completion logprobs).
+    offset: usize,
+    /// When the answer is a tool call: how it is framed.
+    tool: Option<ToolFraming>,
+}
+
+/// How a tool call is streamed: a named function's arguments as they come (the name is known
+/// from the start); a call to any function whole at the end, once its name is complete.
+#[derive(Debug)]
+struct ToolFraming {
+    answer: ToolAnswer,
+    call_id: String,
+    /// The output so far (only kept for [`ToolAnswer::Required`]).
+    buffered: String,
 }
 
 impl Framer {
-    /// A framer for one response.
-    pub fn new(kind: Kind, id: String, model: String, created: u64, include_usage: bool) -> Self {
+    /// A framer for one response of `choices` choices; `tool`: the tool call each choice is,
+    /// with the calls' ids (one per choice).
+    pub fn new(
+        kind: Kind,
+        id: String,
+        model: String,
+        created: u64,
+        include_usage: bool,
+        choices: usize,
+        tool: Option<(ToolAnswer, Vec<String>)>,
+    ) -> Self {
+        let choices = (0..choices.max(1))
+            .map(|i| ChoiceFraming {
+                sent_role: false,
+                offset: 0,
+                tool: tool.as_ref().map(|(answer, call_ids)| ToolFraming {
+                    answer: answer.clone(),
+                    call_id: call_ids.get(i).cloned().unwrap_or_default(),
+                    buffered: String::new(),
+                }),
+            })
+            .collect();
         Self {
             kind,
             id,
             model,
             created,
             include_usage,
-            sent_role: false,
+            choices,
         }
     }
 
-    /// The event for new text (and the finish reason on the last one).
-    pub fn delta(&mut self, text: String, finish_reason: Option<String>) -> Bytes {
+    /// The event for new text of choice `index` (and the finish reason on its last one), with
+    /// the log-probabilities of its tokens when they were asked for. Empty when there is nothing
+    /// to send yet (a tool call being buffered).
+    pub fn delta(
+        &mut self,
+        index: usize,
+        text: String,
+        finish_reason: Option<String>,
+        logprobs: &[TokenLogprob],
+    ) -> Bytes {
         let usage = self.include_usage.then_some(None);
+        let Some(choice) = self.choices.get_mut(index) else {
+            return Bytes::new();
+        };
+        let offset = choice.offset;
+        choice.offset += text.len();
         match self.kind {
             Kind::Chat => {
-                let role = (!self.sent_role).then_some("assistant");
-                self.sent_role = true;
-                let content =
-                    (role.is_some() || !text.is_empty() || finish_reason.is_none()).then_some(text);
+                let role = (!choice.sent_role).then_some("assistant");
+                let (content, tool_calls, finish_reason) = match &mut choice.tool {
+                    None => {
+                        let content =
+                            (role.is_some() || !text.is_empty() || finish_reason.is_none())
+                                .then_some(text);
+                        (content, None, finish_reason)
+                    }
+                    Some(tool) => match tool.delta(role.is_some(), text, finish_reason) {
+                        Some(framed) => framed,
+                        None => return Bytes::new(),
+                    },
+                };
+                choice.sent_role = true;
                 data_event(&ChatChunk {
                     id: &self.id,
                     object: "chat.completion.chunk",
                     created: self.created,
                     model: &self.model,
                     choices: vec![ChatChunkChoice {
-                        index: 0,
-                        delta: ChatDelta { role, content },
-                        logprobs: None,
+                        index,
+                        delta: ChatDelta {
+                            role,
+                            content,
+                            tool_calls,
+                        },
+                        logprobs: (!logprobs.is_empty()).then(|| ChatLogprobs::new(logprobs)),
                         finish_reason,
                     }],
                     usage,
@@ -102,8 +174,9 @@ impl Framer {
                 model: &self.model,
                 choices: vec![CompletionChunkChoice {
                     text,
-                    index: 0,
-                    logprobs: None,
+                    index,
+                    logprobs: (!logprobs.is_empty())
+                        .then(|| CompletionLogprobs::new(logprobs, offset)),
                     finish_reason,
                 }],
                 usage,
@@ -138,6 +211,59 @@ impl Framer {
     }
 }
 
+type ChatPieces = (Option<String>, Option<Vec<ToolCallDelta>>, Option<String>);
+
+impl ToolFraming {
+    /// The content, tool-call piece and finish reason of one chat delta (`first`: the role goes
+    /// with it); `None` when nothing is sent yet.
+    fn delta(&mut self, first: bool, text: String, finish: Option<String>) -> Option<ChatPieces> {
+        let finish = finish.map(|f| match f.as_str() {
+            "stop" => self.answer.finish_reason().to_owned(),
+            _ => f,
+        });
+        match &self.answer {
+            ToolAnswer::Named(name) => {
+                let piece = ToolCallDelta {
+                    index: 0,
+                    id: first.then(|| self.call_id.clone()),
+                    kind: first.then_some("function"),
+                    function: FunctionCallDelta {
+                        name: first.then(|| name.clone()),
+                        arguments: text,
+                    },
+                };
+                Some((None, Some(vec![piece]), finish))
+            }
+            ToolAnswer::Required => {
+                self.buffered.push_str(&text);
+                match finish {
+                    // The role goes out at once, so the client sees the answer begin.
+                    None if first => Some((None, None, None)),
+                    None => None,
+                    Some(finish) => match self.answer.call(&self.call_id, &self.buffered) {
+                        Some(call) => {
+                            let piece = ToolCallDelta {
+                                index: 0,
+                                id: Some(call.id),
+                                kind: Some("function"),
+                                function: FunctionCallDelta {
+                                    name: Some(call.function.name),
+                                    arguments: call.function.arguments,
+                                },
+                            };
+                            Some((None, Some(vec![piece]), Some(finish)))
+                        }
+                        // Cut short: what was generated, as text.
+                        None => {
+                            Some((Some(std::mem::take(&mut self.buffered)), None, Some(finish)))
+                        }
+                    },
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,17 +278,25 @@ mod tests {
 
     #[test]
     fn chat_chunks_have_openai_shape() {
-        let mut f = Framer::new(Kind::Chat, "chatcmpl-1".into(), "m".into(), 7, false);
-        let first = parse(&f.delta("Hel".into(), None));
+        let mut f = Framer::new(
+            Kind::Chat,
+            "chatcmpl-1".into(),
+            "m".into(),
+            7,
+            false,
+            1,
+            None,
+        );
+        let first = parse(&f.delta(0, "Hel".into(), None, &[]));
         assert_eq!(first["object"], "chat.completion.chunk");
         assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
         assert_eq!(first["choices"][0]["delta"]["content"], "Hel");
         assert!(first["choices"][0]["finish_reason"].is_null());
         assert!(first.get("usage").is_none(), "no usage key unless asked");
-        let second = parse(&f.delta("lo\nworld".into(), None));
+        let second = parse(&f.delta(0, "lo\nworld".into(), None, &[]));
         assert!(second["choices"][0]["delta"].get("role").is_none());
         assert_eq!(second["choices"][0]["delta"]["content"], "lo\nworld");
-        let last = parse(&f.delta(String::new(), Some("stop".into())));
+        let last = parse(&f.delta(0, String::new(), Some("stop".into()), &[]));
         assert_eq!(last["choices"][0]["finish_reason"], "stop");
         assert!(last["choices"][0]["delta"].get("content").is_none());
         assert!(f.usage(Usage::new(1, 2)).is_none());
@@ -170,8 +304,16 @@ mod tests {
 
     #[test]
     fn usage_chunk_when_asked() {
-        let mut f = Framer::new(Kind::Completion, "cmpl-1".into(), "m".into(), 7, true);
-        let c = parse(&f.delta(" Paris".into(), Some("length".into())));
+        let mut f = Framer::new(
+            Kind::Completion,
+            "cmpl-1".into(),
+            "m".into(),
+            7,
+            true,
+            1,
+            None,
+        );
+        let c = parse(&f.delta(0, " Paris".into(), Some("length".into()), &[]));
         assert_eq!(c["object"], "text_completion");
         assert_eq!(c["choices"][0]["text"], " Paris");
         assert!(c["usage"].is_null() && c.get("usage").is_some());

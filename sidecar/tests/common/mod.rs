@@ -391,3 +391,30 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Runs `script` with the official `openai` Python client's interpreter (`SLUICE_TEST_PYTHON`,
+/// the venv `make test` builds) and `args` as `sys.argv[1..]`; panics with its output unless
+/// it exits 0. Its stdout.
+pub fn run_openai_client(script: &str, args: &[&str]) -> String {
+    let python = std::env::var_os("SLUICE_TEST_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
+        panic!("SLUICE_TEST_PYTHON is not set: run the tests through `make test` (it builds .cache/venv with the openai client)")
+    });
+    assert!(
+        python.is_file(),
+        "SLUICE_TEST_PYTHON={} does not exist: run `make venv`",
+        python.display()
+    );
+    let out = Command::new(&python)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "openai client failed:\nstdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}

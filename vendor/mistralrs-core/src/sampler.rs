@@ -71,6 +71,10 @@ pub struct SamplingParams {
     pub logits_bias: Option<HashMap<u32, f32>>,
     pub n_choices: usize,
     pub dry_params: Option<DrySamplingParams>,
+    /// sluice: a seed of this request's own sampling (`None`: the engine's shared generator),
+    /// so that the same request sampled again gives the same tokens.
+    #[serde(default)]
+    pub seed: Option<u64>,
 }
 
 impl SamplingParams {
@@ -95,6 +99,7 @@ impl SamplingParams {
             logits_bias: None,
             n_choices: 1,
             dry_params: None,
+            seed: None,
         }
     }
 
@@ -117,6 +122,7 @@ impl SamplingParams {
             logits_bias: None,
             n_choices: 1,
             dry_params: None,
+            seed: None,
         }
     }
 
@@ -283,6 +289,8 @@ pub struct Sampler {
     logits_processors: Vec<Arc<dyn CustomLogitsProcessor>>,
     /// Cached Gumbel noise tensor to avoid reallocating it.
     gumbel_cache: Arc<Mutex<Option<Tensor>>>,
+    /// sluice: the request's own generator, when it has a seed ([`Sampler::with_seed`]).
+    seeded_rng: Option<Arc<Mutex<Isaac64Rng>>>,
 }
 
 #[cfg_attr(feature = "pyo3_macros", pyclass)]
@@ -401,7 +409,46 @@ impl Sampler {
             min_p,
             logits_processors,
             gumbel_cache: Arc::new(Mutex::new(None)),
+            seeded_rng: None,
         })
+    }
+
+    /// sluice: samples with a generator of its own seeded with `seed` (when given) instead of
+    /// the engine's shared one, whose state depends on every request sampled before.
+    pub fn with_seed(mut self, seed: Option<u64>) -> Self {
+        use rand::SeedableRng;
+        self.seeded_rng = seed.map(|seed| Arc::new(Mutex::new(Isaac64Rng::seed_from_u64(seed))));
+        self
+    }
+
+    /// sluice: the natural-log probability of `token` and of the `top_n_logprobs` most likely
+    /// tokens under `logits` (the scores the token was sampled from, before temperature), as
+    /// OpenAI reports them. The sampling paths below report log10 of a raw logit (argmax) or of
+    /// a probability renormalized after top-k/top-p, which is neither.
+    fn natural_logprobs(&self, logits: &Tensor, token: u32) -> Result<(f32, Vec<TopLogprob>)> {
+        let scores: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let log_sum = scores.iter().map(|x| (x - max).exp()).sum::<f32>().ln() + max;
+        let logprob = scores.get(token as usize).map_or(f32::NEG_INFINITY, |x| x - log_sum);
+        let k = self.top_n_logprobs.min(scores.len());
+        let mut copy = scores;
+        let mut top = Vec::with_capacity(k);
+        for (id, score) in partial_sort_top_k(&mut copy, k, false) {
+            let bytes = match &self.tokenizer {
+                Some(tokenizer) => Some(
+                    tokenizer
+                        .decode(&[id], false)
+                        .map_err(|e| Error::Msg(e.to_string()))?,
+                ),
+                None => None,
+            };
+            top.push(TopLogprob {
+                token: id,
+                logprob: score - log_sum,
+                bytes,
+            });
+        }
+        Ok((logprob, top))
     }
 
     fn get_top_logprobs(&self, probs: &[f32]) -> Result<Vec<TopLogprob>> {
@@ -1030,12 +1077,14 @@ impl Sampler {
         //     );
         // }
 
+        let rng = self.seeded_rng.clone().unwrap_or(rng);
         let logits = logits.to_vec1()?;
         let mut logits = self.apply_penalties(logits, context)?;
         for processor in &self.logits_processors {
             logits = processor.apply(&logits, context)?;
         }
-        let next_token = if sample_speculative {
+        let scores = return_logprobs.then(|| logits.clone());
+        let mut next_token = if sample_speculative {
             match self.temperature {
                 None => self.sample_speculative_top_kp_min_p(
                     logits,
@@ -1076,6 +1125,11 @@ impl Sampler {
                 }
             }
         };
+        if let Some(scores) = scores {
+            let (logprob, top) = self.natural_logprobs(&scores, next_token.token)?;
+            next_token.logprob = logprob;
+            next_token.top_logprobs = Some(top);
+        }
         Ok(next_token)
     }
 }

@@ -1,5 +1,6 @@
 //! `spec.fallback` through `reconcile`, against the mocked API server: the operator looks the
-//! fallback model up (it only needs its name to render the address and the Secret mount), and
+//! fallback model up among the namespace's models (it only needs its name to render the
+//! address and the Secret mount), and
 //! a model whose fallback does not exist is Degraded (`FallbackNotFound`, with an Event) until
 //! it does.
 
@@ -30,8 +31,6 @@ spec:
     - {name: stable, weight: 100, model: {url: "https://e.com/a.gguf"}}
 "#;
 
-const BACKUP: &str = "/apis/sluice.dev/v1alpha1/namespaces/ns/inferencemodels/backup";
-
 /// One reconcile of `model` (already applied as `d`) with the fallback model `backup` present
 /// or not: the status it patched and the Event it published.
 async fn reconcile_once(
@@ -45,8 +44,9 @@ async fn reconcile_once(
         "/apis/apps/v1/namespaces/ns/deployments",
         ready_deployments(d),
     );
-    // After the pods, before the policies: the lookup of the fallback model.
-    steps.insert(2, Step::get(BACKUP, backup));
+    // After the pods, before the policies: the namespace's models, the fallback among them
+    // or not.
+    steps[2] = Step::models("ns", backup.into_iter().collect());
     steps.push(Step::apply_status(model));
     steps.push(Step::event("ns"));
     let verifier = server.run(steps);
@@ -96,6 +96,18 @@ async fn a_missing_fallback_model_degrades_the_model_until_it_exists() {
     let backup = json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "InferenceModel",
         "metadata": {"name": "backup", "namespace": "ns"},
         "spec": {"variants": [{"name": "a", "weight": 100, "model": {"url": "https://e.com/c.gguf"}}]}});
+    // Applied already: the sidecars answer for it too (one endpoint for all models).
+    let d = crate::controller::desired_state(
+        &model,
+        "ns",
+        &fixtures::settings(),
+        &ModelLimits::default(),
+        &ready,
+        &[serde_json::from_value(backup.clone()).expect("model")],
+    )
+    .expect("renders")
+    .1;
+    assert_eq!(d.sidecar_config.models.len(), 1);
     let (status, _) = reconcile_once(&model, &d, Some(backup)).await;
     assert_eq!(degraded(&status).0, "False", "{status}");
 }

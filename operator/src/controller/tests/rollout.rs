@@ -126,6 +126,7 @@ pub(super) fn steady_lists(d: &Desired) -> Vec<Step> {
     vec![
         Step::list(&format!("{APPS}/deployments"), lives(&d.deployments)),
         Step::list(&format!("{CORE}/pods"), pods()),
+        Step::models("ns", vec![]),
         Step::get(
             POLICIES,
             Some(
@@ -146,7 +147,7 @@ pub(super) fn steady_lists(d: &Desired) -> Vec<Step> {
 }
 
 /// Index of the ConfigMap list in [`steady_lists`]: an apply of the config goes right after.
-const CONFIG_MAP_LIST: usize = 6;
+const CONFIG_MAP_LIST: usize = 7;
 
 fn context(sidecars: Arc<FakeSidecars>) -> (Arc<Context>, crate::fixtures::ApiServerVerifier) {
     Context::test_with_metrics(sidecars)

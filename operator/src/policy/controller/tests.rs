@@ -150,6 +150,7 @@ async fn policy_rules_reach_the_config_map_and_the_keys_secret_the_pods() {
     let mut steps = vec![
         Step::list(&format!("{APPS}/deployments"), vec![]),
         Step::list(&format!("{NS}/pods"), vec![]),
+        Step::models("ns", vec![]),
         policies_step(&[paid(), free()]),
         // One read for the Secret both tiers name.
         secret_step(),
@@ -175,7 +176,7 @@ async fn policy_rules_reach_the_config_map_and_the_keys_secret_the_pods() {
         config.identity.keys_file.as_deref(),
         Some("/etc/sluice/keys/free-tier/keys.yaml")
     );
-    let pod = &seen[16].body["spec"]["template"]["spec"];
+    let pod = &seen[17].body["spec"]["template"]["spec"];
     let volume = pod["volumes"]
         .as_array()
         .expect("volumes")
@@ -201,6 +202,7 @@ fn steady(d: &Desired, policies: &[RateLimitPolicy], with_secret: bool) -> Vec<S
             d.deployments.iter().map(live).collect(),
         ),
         Step::list(&format!("{NS}/pods"), vec![]),
+        Step::models("ns", vec![]),
         policies_step(policies),
     ];
     if with_secret {
@@ -255,7 +257,7 @@ async fn deleting_a_policy_rewrites_only_the_config_map() {
     // The paid tier is gone from the list (deleted); the same objects are live.
     let mut steps = steady(&before, &[free()], true);
     steps.insert(
-        8,
+        9,
         Step::apply(&format!("{NS}/configmaps/smollm2-sidecar-config")),
     );
     let verifier = server.run(steps);
@@ -543,6 +545,7 @@ async fn an_unreadable_keys_secret_is_still_mounted_and_named_in_the_config() {
     let mut steps = vec![
         Step::list(&format!("{APPS}/deployments"), vec![]),
         Step::list(&format!("{NS}/pods"), vec![]),
+        Step::models("ns", vec![]),
         policies_step(&[paid(), free()]),
         secret_step().fails_with(403),
     ];
@@ -557,7 +560,7 @@ async fn an_unreadable_keys_secret_is_still_mounted_and_named_in_the_config() {
         config.identity.keys_file.as_deref(),
         Some("/etc/sluice/keys/free-tier/keys.yaml")
     );
-    let pod = &seen[16].body["spec"]["template"]["spec"];
+    let pod = &seen[17].body["spec"]["template"]["spec"];
     assert!(
         pod["volumes"]
             .as_array()
@@ -574,6 +577,7 @@ async fn any_other_error_reading_a_keys_secret_fails_the_reconcile() {
     let verifier = server.run(vec![
         Step::list(&format!("{APPS}/deployments"), vec![]),
         Step::list(&format!("{NS}/pods"), vec![]),
+        Step::models("ns", vec![]),
         policies_step(&[free()]),
         secret_step().fails_with(500),
     ]);

@@ -409,6 +409,7 @@ fn base_config() -> SidecarConfig {
         saturation: Default::default(),
         fallback: None,
         cache: None,
+        models: Vec::new(),
     }
 }
 
