@@ -100,8 +100,25 @@ for c in chat.create(model=model, messages=question, tools=[weather], tool_choic
 assert name == "get_weather" and finish == "tool_calls", (name, finish)
 assert isinstance(json.loads(arguments)["city"], str), arguments
 
-# "auto" would need a model that decides by itself: refused with what to send instead.
-assert "required" in bad_request("tool_choice", tools=[weather])
+# "auto" (the default with tools): the first token decides between a call and text. The demo
+# model's tokens that start with "{" are pushed up or down to see both ways.
+brace = ["107", "6150", "26754", "34026", "38894", "39428", "39876", "40343"]
+r = chat.create(model=model, messages=question, tools=[weather], max_tokens=48, temperature=0,
+                logit_bias={"107": 100})
+assert r.choices[0].finish_reason == "tool_calls", r
+assert json.loads(r.choices[0].message.tool_calls[0].function.arguments)["city"], r
+r = chat.create(model=model, messages=question, tools=[weather], tool_choice="auto", max_tokens=16,
+                temperature=0, logit_bias={b: -100 for b in brace})
+assert r.choices[0].message.content and not r.choices[0].message.tool_calls, r
+streamed = [c.choices[0].delta for c in chat.create(
+    model=model, messages=question, tools=[weather], max_tokens=16, temperature=0, stream=True,
+    logit_bias={b: -100 for b in brace}) if c.choices]
+assert "".join(d.content or "" for d in streamed) == r.choices[0].message.content, streamed
+calls = [p for c in chat.create(model=model, messages=question, tools=[weather], max_tokens=48,
+         temperature=0, stream=True, logit_bias={"107": 100}) if c.choices
+         for p in c.choices[0].delta.tool_calls or []]
+assert len(calls) == 1 and calls[0].function.name == "get_weather", calls
+assert json.loads(calls[0].function.arguments)["city"], calls
 
 # --- log-probabilities ---
 r = chat.create(model=model, messages=ask, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)

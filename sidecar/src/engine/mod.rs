@@ -229,6 +229,9 @@ pub struct GenerationParams {
 pub enum OutputFormat {
     /// A JSON value valid against this JSON Schema (`{"type":"object"}` for JSON mode).
     JsonSchema(serde_json::Value),
+    /// Either such a JSON value or text that does not start with `{` (so the first token
+    /// says which): a tool call the model may make or not.
+    TextOrJson(serde_json::Value),
 }
 
 impl OutputFormat {
@@ -242,27 +245,30 @@ impl OutputFormat {
     /// chat model's engine may not stop at (SmolLM2 stops at `<|im_end|>`, not at
     /// `<|endoftext|>`), and the sequence would then run on to its token budget.
     fn grammar(&self, eos: &[u32]) -> TopLevelGrammar {
-        match self {
-            Self::JsonSchema(schema) => {
-                let mut schema = schema.clone();
-                if schema.is_object() {
-                    let options = JsonCompileOptions {
-                        whitespace_flexible: false,
-                        lenient: false,
-                        ..JsonCompileOptions::default()
-                    };
-                    options.apply_to(&mut schema);
-                }
-                let end = match eos {
-                    [] => String::new(),
-                    ids => {
-                        let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
-                        format!(" <[{}]>", ids.join(","))
-                    }
-                };
-                TopLevelGrammar::from_lark(format!("start: %json {schema}{end}"))
-            }
+        let (Self::JsonSchema(schema) | Self::TextOrJson(schema)) = self;
+        let mut schema = schema.clone();
+        if schema.is_object() {
+            let options = JsonCompileOptions {
+                whitespace_flexible: false,
+                lenient: false,
+                ..JsonCompileOptions::default()
+            };
+            options.apply_to(&mut schema);
         }
+        let end = match eos {
+            [] => String::new(),
+            ids => {
+                let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
+                format!(" <[{}]>", ids.join(","))
+            }
+        };
+        let lark = match self {
+            Self::JsonSchema(_) => format!("start: %json {schema}{end}"),
+            Self::TextOrJson(_) => {
+                format!("start: (TEXT | %json {schema}){end}\nTEXT: /[^{{][\\s\\S]*/")
+            }
+        };
+        TopLevelGrammar::from_lark(lark)
     }
 }
 

@@ -748,10 +748,7 @@ mod tests {
             (r#""min_p":2"#, "min_p"),
             (r#""repetition_penalty":0"#, "repetition_penalty"),
             (r#""functions":[{"name":"f"}]"#, "functions"),
-            (
-                r#""tools":[{"type":"function","function":{"name":"f"}}]"#,
-                "tool_choice",
-            ),
+            (r#""tool_choice":"required""#, "tool_choice"),
         ] {
             let body = if extra.starts_with(r#""messages""#) {
                 format!(r#"{{"model":"m",{extra}}}"#)

@@ -1,10 +1,9 @@
-//! `tools` and `tool_choice`: a forced call (`required`, or a named function) is produced by
-//! constrained decoding, so it is a well-formed call whatever the model, with arguments valid
-//! against the function's parameter schema; the answer carries it as `tool_calls`.
-//!
-//! `auto` (the model decides between text and a call) needs a model trained to call tools and
-//! a parser for its own call syntax; it is refused with a 400 that says what to send instead,
-//! never answered with text that looks like a call.
+//! `tools` and `tool_choice`, by constrained decoding: a call is a well-formed call whatever the
+//! model, with arguments valid against the function's parameter schema, carried as
+//! `tool_calls`. `required` and a named function force one; with `auto` (the default when
+//! tools are given) the grammar lets the answer be either a call or text that does not start
+//! like one, so the model's first token decides, and an answer is never text that merely
+//! looks like a call.
 
 use serde_json::{Value, json};
 
@@ -41,6 +40,8 @@ pub enum ToolAnswer {
     Named(String),
     /// A call to one of the functions: the output is `{"name": ..., "arguments": {...}}`.
     Required,
+    /// A call as for [`ToolAnswer::Required`], or text (which cannot start with `{`).
+    Auto,
 }
 
 /// Reads `tools` and `tool_choice`: `None` when the answer is text (no tools, or
@@ -82,14 +83,10 @@ pub fn parse(
                 "tool_choice is only allowed when tools are specified",
             ));
         }
-        None | Some(Value::Null) => {
-            return Err(auto_refused(
-                "tools were given without a tool_choice, which means \"auto\"",
-            ));
-        }
+        None | Some(Value::Null) => ToolAnswer::Auto,
         Some(Value::String(choice)) => match choice.as_str() {
             "required" => ToolAnswer::Required,
-            "auto" => return Err(auto_refused("tool_choice \"auto\"")),
+            "auto" => ToolAnswer::Auto,
             other => {
                 return Err(ApiError::invalid(
                     "tool_choice",
@@ -121,18 +118,6 @@ pub fn parse(
         }
     };
     Ok(Some(ToolPlan { answer, functions }))
-}
-
-fn auto_refused(what: &str) -> ApiError {
-    ApiError::unsupported(
-        "tool_choice",
-        format!(
-            "{what}: letting the model choose between text and a call is not supported by this \
-             server. Set tool_choice to \"required\" (the model calls one of the tools) or to \
-             {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}; the call is then produced \
-             by constrained decoding, valid against the function's parameters"
-        ),
-    )
 }
 
 /// `tools[i]`, checked as OpenAI does.
@@ -185,33 +170,39 @@ fn function(i: usize, tool: Value) -> Result<Function, ApiError> {
 }
 
 impl ToolPlan {
-    /// What the output is held to: the named function's arguments, or a call to any of them.
+    /// What the output is held to: the named function's arguments, a call to any of them, or
+    /// (`auto`) such a call or text.
     pub fn output(&self) -> OutputFormat {
-        OutputFormat::JsonSchema(match &self.answer {
-            ToolAnswer::Named(name) => self
-                .functions
-                .iter()
-                .find(|f| &f.name == name)
-                .map_or_else(|| json!({"type": "object"}), |f| f.parameters.clone()),
-            ToolAnswer::Required => {
-                let calls: Vec<Value> = self
-                    .functions
+        match &self.answer {
+            ToolAnswer::Named(name) => OutputFormat::JsonSchema(
+                self.functions
                     .iter()
-                    .map(|f| {
-                        json!({
-                            "type": "object",
-                            "properties": {
-                                "name": {"const": f.name},
-                                "arguments": f.parameters,
-                            },
-                            "required": ["name", "arguments"],
-                            "additionalProperties": false,
-                        })
-                    })
-                    .collect();
-                json!({"anyOf": calls})
-            }
-        })
+                    .find(|f| &f.name == name)
+                    .map_or_else(|| json!({"type": "object"}), |f| f.parameters.clone()),
+            ),
+            ToolAnswer::Required => OutputFormat::JsonSchema(self.any_call()),
+            ToolAnswer::Auto => OutputFormat::TextOrJson(self.any_call()),
+        }
+    }
+
+    /// The schema of a call to any of the functions.
+    fn any_call(&self) -> Value {
+        let calls: Vec<Value> = self
+            .functions
+            .iter()
+            .map(|f| {
+                json!({
+                    "type": "object",
+                    "properties": {
+                        "name": {"const": f.name},
+                        "arguments": f.parameters,
+                    },
+                    "required": ["name", "arguments"],
+                    "additionalProperties": false,
+                })
+            })
+            .collect();
+        json!({"anyOf": calls})
     }
 
     /// The functions described for the model, as a system message: the chat template of a
@@ -230,6 +221,9 @@ impl ToolPlan {
                 "Call one of them: answer with {\"name\": ..., \"arguments\": {...}} as JSON."
                     .to_owned()
             }
+            ToolAnswer::Auto => "To call one of them, answer with {\"name\": ..., \"arguments\": \
+                 {...}} as JSON; otherwise answer in text."
+                .to_owned(),
         };
         format!(
             "You can call these functions:\n{}\n{ask}",
@@ -247,7 +241,7 @@ impl ToolAnswer {
                 serde_json::from_str::<Value>(output).ok()?;
                 (name.clone(), output.to_owned())
             }
-            Self::Required => {
+            Self::Required | Self::Auto => {
                 let call: Value = serde_json::from_str(output).ok()?;
                 let name = call.get("name")?.as_str()?.to_owned();
                 (name, call.get("arguments")?.to_string())
@@ -265,7 +259,7 @@ impl ToolAnswer {
     pub fn finish_reason(&self) -> &'static str {
         match self {
             Self::Named(_) => "stop",
-            Self::Required => "tool_calls",
+            Self::Required | Self::Auto => "tool_calls",
         }
     }
 }
@@ -295,9 +289,11 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(plan.answer, ToolAnswer::Required);
+        for choice in [None, Some(json!("auto"))] {
+            let plan = parse(Some(weather()), choice).unwrap().unwrap();
+            assert_eq!(plan.answer, ToolAnswer::Auto, "OpenAI's default with tools");
+        }
         for (tools, choice, param) in [
-            (Some(weather()), None, "tool_choice"),
-            (Some(weather()), Some(json!("auto")), "tool_choice"),
             (None, Some(json!("required")), "tool_choice"),
             (Some(weather()), Some(json!("sometimes")), "tool_choice"),
             (

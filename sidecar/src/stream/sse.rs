@@ -75,13 +75,16 @@ struct ChoiceFraming {
 }
 
 /// How a tool call is streamed: a named function's arguments as they come (the name is known
-/// from the start); a call to any function whole at the end, once its name is complete.
+/// from the start); a call to any function whole at the end, once its name is complete; with
+/// `auto`, text as it comes once the first token shows it is not a call.
 #[derive(Debug)]
 struct ToolFraming {
     answer: ToolAnswer,
     call_id: String,
-    /// The output so far (only kept for [`ToolAnswer::Required`]).
+    /// The output so far (only kept for a call whose name is not known yet).
     buffered: String,
+    /// `auto`: whether the answer is text, once its first text has come.
+    text: Option<bool>,
 }
 
 impl Framer {
@@ -104,6 +107,7 @@ impl Framer {
                     answer: answer.clone(),
                     call_id: call_ids.get(i).cloned().unwrap_or_default(),
                     buffered: String::new(),
+                    text: None,
                 }),
             })
             .collect();
@@ -217,6 +221,16 @@ impl ToolFraming {
     /// The content, tool-call piece and finish reason of one chat delta (`first`: the role goes
     /// with it); `None` when nothing is sent yet.
     fn delta(&mut self, first: bool, text: String, finish: Option<String>) -> Option<ChatPieces> {
+        if self.answer == ToolAnswer::Auto {
+            // The grammar lets no text start with `{`, and every call does.
+            if self.text.is_none() && !text.is_empty() {
+                self.text = Some(!text.starts_with('{'));
+            }
+            if self.text == Some(true) {
+                let content = (first || !text.is_empty() || finish.is_none()).then_some(text);
+                return Some((content, None, finish));
+            }
+        }
         let finish = finish.map(|f| match f.as_str() {
             "stop" => self.answer.finish_reason().to_owned(),
             _ => f,
@@ -234,7 +248,7 @@ impl ToolFraming {
                 };
                 Some((None, Some(vec![piece]), finish))
             }
-            ToolAnswer::Required => {
+            ToolAnswer::Required | ToolAnswer::Auto => {
                 self.buffered.push_str(&text);
                 match finish {
                     // The role goes out at once, so the client sees the answer begin.
