@@ -236,9 +236,8 @@ pub enum OutputFormat {
 
 impl OutputFormat {
     /// The grammar the engine's constraint compiles: compact JSON (no free whitespace between
-    /// tokens, as OpenAI's structured outputs produce; a small model otherwise fills its budget
-    /// with blank lines), and a schema keyword the compiler cannot enforce is an error, never
-    /// silently dropped.
+    /// tokens, as OpenAI's structured outputs produce), and a schema keyword the compiler cannot
+    /// enforce is an error, never silently dropped.
     ///
     /// The document is followed by one of the model's end-of-turn tokens (`eos`): the grammar
     /// library ends a finished grammar with the tokenizer's generic end-of-text token, which a
