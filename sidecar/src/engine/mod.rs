@@ -10,6 +10,8 @@
 
 pub mod device;
 mod error;
+mod generation;
+mod output;
 mod priority;
 mod slots;
 mod threads;
@@ -29,9 +31,8 @@ use mistralrs::core::{
     AutoDeviceMapParams, Constraint, CustomLogitsProcessor, DefaultSchedulerMethod,
     DeviceMapSetting, GGUFLoaderBuilder, GGUFSpecificConfig, MessageContent, MistralRs,
     MistralRsBuilder, ModelDType, NormalRequest, PromptTokenizer, Request, RequestMessage,
-    Response, ResponseLogprob, SamplingParams, SchedulerConfig, StopTokens, TokenSource,
-    TokenizationRequest,
-    llguidance::{JsonCompileOptions, ParserFactory, api::TopLevelGrammar},
+    Response, SamplingParams, SchedulerConfig, StopTokens, TokenSource, TokenizationRequest,
+    llguidance::ParserFactory,
 };
 use tokio::sync::mpsc;
 
@@ -40,13 +41,12 @@ pub use mistralrs::core::PrefixCacheMeter;
 
 pub use self::{
     error::EngineError,
+    generation::{Event, Generation, TokenAlternative, TokenLogprob},
+    output::OutputFormat,
     slots::{Slot, Slots},
     threads::start_kernel_threads,
 };
-use crate::{
-    error::{Result, StartupError},
-    usage::Usage,
-};
+use crate::error::{Result, StartupError};
 
 /// What the engine needs to load a model.
 #[derive(Clone, Debug)]
@@ -222,95 +222,6 @@ pub struct GenerationParams {
     pub seed: Option<u64>,
 }
 
-/// A format the output is held to by constrained decoding: the engine masks, at every step,
-/// the tokens that cannot continue a valid output, so what it generates always parses (unless
-/// the completion budget cuts it short).
-#[derive(Clone, Debug, PartialEq)]
-pub enum OutputFormat {
-    /// A JSON value valid against this JSON Schema (`{"type":"object"}` for JSON mode).
-    JsonSchema(serde_json::Value),
-    /// Either such a JSON value or text that does not start with `{` (so the first token
-    /// says which): a tool call the model may make or not.
-    TextOrJson(serde_json::Value),
-}
-
-impl OutputFormat {
-    /// The grammar the engine's constraint compiles: compact JSON (no free whitespace between
-    /// tokens, as OpenAI's structured outputs produce), and a schema keyword the compiler cannot
-    /// enforce is an error, never silently dropped.
-    ///
-    /// The document is followed by one of the model's end-of-turn tokens (`eos`): the grammar
-    /// library ends a finished grammar with the tokenizer's generic end-of-text token, which a
-    /// chat model's engine may not stop at (SmolLM2 stops at `<|im_end|>`, not at
-    /// `<|endoftext|>`), and the sequence would then run on to its token budget.
-    fn grammar(&self, eos: &[u32]) -> TopLevelGrammar {
-        let (Self::JsonSchema(schema) | Self::TextOrJson(schema)) = self;
-        let mut schema = schema.clone();
-        if schema.is_object() {
-            let options = JsonCompileOptions {
-                whitespace_flexible: false,
-                lenient: false,
-                ..JsonCompileOptions::default()
-            };
-            options.apply_to(&mut schema);
-        }
-        let end = match eos {
-            [] => String::new(),
-            ids => {
-                let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
-                format!(" <[{}]>", ids.join(","))
-            }
-        };
-        let lark = match self {
-            Self::JsonSchema(_) => format!("start: %json {schema}{end}"),
-            Self::TextOrJson(_) => {
-                format!("start: (TEXT | %json {schema}){end}\nTEXT: /[^{{][\\s\\S]*/")
-            }
-        };
-        TopLevelGrammar::from_lark(lark)
-    }
-}
-
-/// One generated token's log-probability, with the most likely alternatives at its step.
-#[derive(Clone, Debug, PartialEq)]
-pub struct TokenLogprob {
-    /// The token's text.
-    pub token: String,
-    /// Its natural-log probability (≤ 0).
-    pub logprob: f32,
-    /// Its UTF-8 bytes (a token may hold part of a character).
-    pub bytes: Vec<u8>,
-    /// The most likely tokens at that step, most likely first.
-    pub top: Vec<TokenAlternative>,
-}
-
-/// A token the model could have generated at one step.
-#[derive(Clone, Debug, PartialEq)]
-pub struct TokenAlternative {
-    /// The token's text.
-    pub token: String,
-    /// Its natural-log probability.
-    pub logprob: f32,
-}
-
-impl From<ResponseLogprob> for TokenLogprob {
-    fn from(l: ResponseLogprob) -> Self {
-        Self {
-            bytes: l.bytes.unwrap_or_else(|| l.token.as_bytes().to_vec()),
-            token: l.token,
-            logprob: l.logprob,
-            top: l
-                .top_logprobs
-                .into_iter()
-                .map(|t| TokenAlternative {
-                    token: t.bytes.unwrap_or_default(),
-                    logprob: t.logprob,
-                })
-                .collect(),
-        }
-    }
-}
-
 /// Adds a request's `logit_bias` to the logits, as OpenAI does before sampling; ids past the
 /// logits' width (validated against the vocabulary before) are skipped.
 struct LogitBias(BTreeMap<u32, f32>);
@@ -352,45 +263,6 @@ impl SamplingDefaults {
             params.temperature = Some(0.0);
         }
     }
-}
-
-/// What a running generation yields.
-#[derive(Debug)]
-pub enum Event {
-    /// New text (possibly empty); the last one carries a finish reason.
-    Delta {
-        /// Text since the previous event.
-        text: String,
-        /// `stop` or `length` on the last delta.
-        finish_reason: Option<String>,
-        /// Counted usage, on the last delta when the engine reports it.
-        usage: Option<Usage>,
-        /// The log-probabilities of the tokens in `text`, when asked for.
-        logprobs: Vec<TokenLogprob>,
-    },
-    /// The whole completion at once (non-streaming `/v1/completions`).
-    Done {
-        /// The completion.
-        text: String,
-        /// Why it stopped.
-        finish_reason: String,
-        /// Counted usage.
-        usage: Usage,
-        /// The log-probabilities of its tokens, when asked for.
-        logprobs: Vec<TokenLogprob>,
-    },
-    /// The engine refused or failed the request.
-    Failed(EngineError),
-}
-
-/// A submitted generation: one sequence per choice (OpenAI's `n`). Dropping it cancels them
-/// all: the engine's next attempt to send a token fails and it stops the sequence.
-#[derive(Debug)]
-pub struct Generation {
-    /// One per choice; `None` once the engine has finished with it.
-    choices: Vec<Option<mpsc::Receiver<Response>>>,
-    /// The choice read first on the next call, so that no choice starves the others.
-    turn: usize,
 }
 
 // === impl Engine ===
@@ -679,23 +551,25 @@ impl Engine {
         stream: bool,
         choices: usize,
     ) -> Result<Generation, EngineError> {
-        let mut generation = Generation {
-            choices: Vec::with_capacity(choices),
-            turn: 0,
-        };
-        for i in 0..choices.max(1) {
-            let mut params = params.clone();
-            params.seed = params.seed.map(|seed| seed.wrapping_add(i as u64));
-            let rx = self.submit_one(prompt.clone(), &params, stream).await?;
-            generation.choices.push(Some(rx));
+        // The prompt is copied only for the choices before the last (none for one choice).
+        let last = choices.max(1) - 1;
+        let mut receivers = Vec::with_capacity(last + 1);
+        for choice in 0..last {
+            receivers.push(
+                self.submit_one(prompt.clone(), params, choice, stream)
+                    .await?,
+            );
         }
-        Ok(generation)
+        receivers.push(self.submit_one(prompt, params, last, stream).await?);
+        Ok(Generation::new(receivers))
     }
 
+    /// Submits choice `choice` of a generation.
     async fn submit_one(
         &self,
         prompt: TokenizedPrompt,
         params: &GenerationParams,
+        choice: usize,
         stream: bool,
     ) -> Result<mpsc::Receiver<Response>, EngineError> {
         let engine_streams = stream || prompt.chat;
@@ -712,7 +586,7 @@ impl Engine {
             top_k: params.top_k,
             min_p: params.min_p,
             repetition_penalty: params.repetition_penalty,
-            seed: params.seed,
+            seed: params.seed.map(|seed| seed.wrapping_add(choice as u64)),
             ..SamplingParams::neutral()
         };
         // Room for a burst of tokens so the engine never waits on a slow reader; the server
@@ -825,138 +699,6 @@ fn chat_messages(turns: &[ChatTurn]) -> Vec<IndexMap<String, MessageContent>> {
             m
         })
         .collect()
-}
-
-// === impl Generation ===
-
-impl Generation {
-    /// How many choices it generates.
-    pub fn choices(&self) -> usize {
-        self.choices.len()
-    }
-
-    /// The next event of any choice, or `None` once the engine has finished with the request.
-    pub async fn next(&mut self) -> Option<Event> {
-        self.next_choice().await.map(|(_, event)| event)
-    }
-
-    /// The next event and the choice it belongs to, or `None` once the engine has finished with
-    /// every choice. Choices are read in turn, so one that streams fast does not hold back the
-    /// others' tokens.
-    pub async fn next_choice(&mut self) -> Option<(usize, Event)> {
-        let (index, response) = std::future::poll_fn(|cx| {
-            let n = self.choices.len();
-            let mut open = false;
-            for k in 0..n {
-                let i = (self.turn + k) % n;
-                let Some(rx) = &mut self.choices[i] else {
-                    continue;
-                };
-                match rx.poll_recv(cx) {
-                    std::task::Poll::Ready(Some(response)) => {
-                        self.turn = (i + 1) % n;
-                        return std::task::Poll::Ready(Some((i, response)));
-                    }
-                    std::task::Poll::Ready(None) => self.choices[i] = None,
-                    std::task::Poll::Pending => open = true,
-                }
-            }
-            if open {
-                std::task::Poll::Pending
-            } else {
-                std::task::Poll::Ready(None)
-            }
-        })
-        .await?;
-        Some((index, Self::event(response)))
-    }
-
-    fn event(response: Response) -> Event {
-        match response {
-            Response::Chunk(chunk) => {
-                let usage = chunk
-                    .usage
-                    .as_ref()
-                    .map(|u| Usage::new(u.prompt_tokens, u.completion_tokens));
-                let choice = chunk.choices.into_iter().next();
-                let (text, finish_reason, logprobs) = choice
-                    .map(|c| {
-                        let logprobs = c.logprobs.into_iter().map(TokenLogprob::from).collect();
-                        (
-                            c.delta.content.unwrap_or_default(),
-                            c.finish_reason,
-                            logprobs,
-                        )
-                    })
-                    .unwrap_or_default();
-                Event::Delta {
-                    text,
-                    finish_reason,
-                    usage,
-                    logprobs,
-                }
-            }
-            Response::CompletionChunk(chunk) => {
-                let choice = chunk.choices.into_iter().next();
-                let (text, finish_reason, logprobs) = choice
-                    .map(|c| {
-                        let logprobs = c.logprobs.into_iter().map(TokenLogprob::from).collect();
-                        (c.text, c.finish_reason, logprobs)
-                    })
-                    .unwrap_or_default();
-                Event::Delta {
-                    text,
-                    finish_reason,
-                    usage: None,
-                    logprobs,
-                }
-            }
-            Response::CompletionDone(done) => {
-                let usage = Usage::new(done.usage.prompt_tokens, done.usage.completion_tokens);
-                let choice = done.choices.into_iter().next();
-                let (text, finish_reason, logprobs) = choice
-                    .map(|c| {
-                        let logprobs = c.logprobs.and_then(|l| l.content).unwrap_or_default();
-                        let logprobs = logprobs.into_iter().map(TokenLogprob::from).collect();
-                        (c.text, c.finish_reason, logprobs)
-                    })
-                    .unwrap_or_else(|| (String::new(), "stop".to_owned(), Vec::new()));
-                Event::Done {
-                    text,
-                    finish_reason,
-                    usage,
-                    logprobs,
-                }
-            }
-            Response::Done(done) => {
-                let usage = Usage::new(done.usage.prompt_tokens, done.usage.completion_tokens);
-                let choice = done.choices.into_iter().next();
-                let (text, finish_reason, logprobs) = choice
-                    .map(|c| {
-                        let logprobs = c.logprobs.and_then(|l| l.content).unwrap_or_default();
-                        let logprobs = logprobs.into_iter().map(TokenLogprob::from).collect();
-                        (
-                            c.message.content.unwrap_or_default(),
-                            c.finish_reason,
-                            logprobs,
-                        )
-                    })
-                    .unwrap_or_else(|| (String::new(), "stop".to_owned(), Vec::new()));
-                Event::Done {
-                    text,
-                    finish_reason,
-                    usage,
-                    logprobs,
-                }
-            }
-            Response::ValidationError(e) => Event::Failed(EngineError::Rejected(e.to_string())),
-            Response::InternalError(e) => Event::Failed(EngineError::Failed(e.to_string())),
-            Response::ModelError(msg, _) | Response::CompletionModelError(msg, _) => {
-                Event::Failed(EngineError::Failed(msg))
-            }
-            _ => Event::Failed(EngineError::Failed("unexpected engine response".into())),
-        }
-    }
 }
 
 #[cfg(test)]

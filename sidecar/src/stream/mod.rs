@@ -70,9 +70,12 @@ pub struct Reply {
 impl Reply {
     /// The chunks' framer of an answer of `choices` choices.
     fn framer(&self, response_id: String, created: u64, choices: usize) -> Framer {
-        let call_ids = (0..choices)
-            .map(|i| tools::call_id(&self.request_id, i))
-            .collect();
+        let tool = self.tool_answer.clone().map(|answer| {
+            let call_ids = (0..choices)
+                .map(|i| tools::call_id(&self.request_id, i))
+                .collect();
+            (answer, call_ids)
+        });
         Framer::new(
             self.kind,
             response_id,
@@ -80,7 +83,7 @@ impl Reply {
             created,
             self.include_usage,
             choices,
-            self.tool_answer.clone().map(|answer| (answer, call_ids)),
+            tool,
         )
     }
 }
@@ -127,8 +130,8 @@ pub async fn respond(
             .iter()
             .enumerate()
             .map(|(i, c)| JsonChoice {
-                text: c.text.clone(),
-                finish_reason: progress.finish_reason(i).to_owned(),
+                text: &c.text,
+                finish_reason: progress.finish_reason(i),
                 logprobs: &c.logprobs,
             })
             .collect();
@@ -137,8 +140,8 @@ pub async fn respond(
             && let [only] = choices.as_slice()
         {
             filler.fill(Arc::new(Answer {
-                text: only.text.clone(),
-                finish_reason: only.finish_reason.clone(),
+                text: only.text.to_owned(),
+                finish_reason: only.finish_reason.to_owned(),
                 usage,
             }));
         }
@@ -214,15 +217,18 @@ pub async fn respond(
 pub fn replay(reply: Reply, answer: &Answer, mut settlement: Settlement) -> Response<ResponseBody> {
     let created = unix_now();
     let response_id = reply.kind.response_id(&reply.request_id);
-    let mut answer = answer.clone();
-    answer.usage.prompt_tokens = reply.prompt_tokens;
-    answer.usage.total_tokens = reply.prompt_tokens + answer.usage.completion_tokens;
-    answer.usage.cached = true;
+    let usage = Usage {
+        prompt_tokens: reply.prompt_tokens,
+        total_tokens: reply.prompt_tokens + answer.usage.completion_tokens,
+        cached: true,
+        ..answer.usage
+    };
     let mut res = if reply.stream {
         let mut framer = reply.framer(response_id, created, 1);
-        let mut body = framer.delta(0, answer.text, None, &[]).to_vec();
-        body.extend_from_slice(&framer.delta(0, String::new(), Some(answer.finish_reason), &[]));
-        if let Some(usage) = framer.usage(answer.usage) {
+        let finish_reason = Some(answer.finish_reason.clone());
+        let mut body = framer.delta(0, answer.text.clone(), None, &[]).to_vec();
+        body.extend_from_slice(&framer.delta(0, String::new(), finish_reason, &[]));
+        if let Some(usage) = framer.usage(usage) {
             body.extend_from_slice(&usage);
         }
         body.extend_from_slice(sse::DONE);
@@ -232,11 +238,11 @@ pub fn replay(reply: Reply, answer: &Answer, mut settlement: Settlement) -> Resp
         res
     } else {
         let choice = JsonChoice {
-            text: answer.text,
-            finish_reason: answer.finish_reason,
+            text: &answer.text,
+            finish_reason: &answer.finish_reason,
             logprobs: &[],
         };
-        json_answer(&reply, response_id, created, &[choice], answer.usage)
+        json_answer(&reply, response_id, created, &[choice], usage)
     };
     if let Some(bytes) = hyper::body::Body::size_hint(res.body()).exact() {
         settlement.add_response_bytes(bytes);
@@ -250,8 +256,8 @@ pub fn replay(reply: Reply, answer: &Answer, mut settlement: Settlement) -> Resp
 
 /// One choice of a JSON answer.
 struct JsonChoice<'a> {
-    text: String,
-    finish_reason: String,
+    text: &'a str,
+    finish_reason: &'a str,
     /// Its tokens' log-probabilities (empty: not asked for).
     logprobs: &'a [TokenLogprob],
 }
@@ -296,11 +302,11 @@ fn json_answer(
                     .iter()
                     .enumerate()
                     .map(|(index, c)| CompletionChoice {
-                        text: c.text.clone(),
+                        text: c.text.to_owned(),
                         index,
                         logprobs: (!c.logprobs.is_empty())
                             .then(|| CompletionLogprobs::new(c.logprobs, 0)),
-                        finish_reason: c.finish_reason.clone(),
+                        finish_reason: c.finish_reason.to_owned(),
                     })
                     .collect(),
                 usage,
@@ -312,12 +318,12 @@ fn json_answer(
 /// Choice `index` of a chat answer: its text, or the tool call it is when the request forced
 /// one (and the text parses as one).
 fn chat_choice(reply: &Reply, index: usize, choice: &JsonChoice<'_>) -> ChatChoice {
-    let mut finish_reason = choice.finish_reason.clone();
+    let mut finish_reason = choice.finish_reason.to_owned();
     let call_id = tools::call_id(&reply.request_id, index);
     let call = reply
         .tool_answer
         .as_ref()
-        .and_then(|tool| Some((tool, tool.call(&call_id, &choice.text)?)));
+        .and_then(|tool| Some((tool, tool.call(&call_id, choice.text)?)));
     let message = match call {
         Some((tool, call)) => {
             if finish_reason == "stop" {
@@ -331,7 +337,7 @@ fn chat_choice(reply: &Reply, index: usize, choice: &JsonChoice<'_>) -> ChatChoi
         }
         None => AssistantMessage {
             role: "assistant".into(),
-            content: Some(choice.text.clone()),
+            content: Some(choice.text.to_owned()),
             tool_calls: None,
         },
     };
