@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A real Kubernetes control plane on this machine: etcd, kube-apiserver (TLS, client
-# certificates, service-account tokens, RBAC) and kube-controller-manager (Deployment,
-# ReplicaSet, garbage collector, HPA, namespace and service-account controllers). No scheduler
+# certificates, service-account tokens, RBAC, the aggregation layer) and
+# kube-controller-manager (Deployment, ReplicaSet, garbage collector, HPA, namespace and
+# service-account controllers). No scheduler
 # and no kubelet: the cluster tests play the kubelet (e2e/src/kubelet.rs), running each pod as
 # real processes in a network namespace of its own on a host-only bridge, which is also where
 # the API server listens (so pods reach it as they would in a cluster). Needs root (network
@@ -125,6 +126,23 @@ ssl x509 -req -in "$PKI/apiserver.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -C
   -out "$PKI/apiserver.crt"
 client_cert admin admin system:masters
 client_cert controller-manager system:kube-controller-manager system:masters
+# The aggregation layer (kube-aggregator inside kube-apiserver), as kubeadm sets it up: a
+# front-proxy CA of its own, and the client certificate the API server presents when it proxies
+# to an aggregated API server, which trusts the X-Remote-* headers of requests signed by that CA.
+ssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=sluice-test-front-proxy-ca" \
+  -keyout "$PKI/front-proxy-ca.key" -out "$PKI/front-proxy-ca.crt"
+ssl req -newkey rsa:2048 -nodes -subj "/CN=front-proxy-client" \
+  -keyout "$PKI/front-proxy-client.key" -out "$PKI/front-proxy-client.csr"
+ssl x509 -req -in "$PKI/front-proxy-client.csr" -CA "$PKI/front-proxy-ca.crt" -CAkey "$PKI/front-proxy-ca.key" \
+  -CAcreateserial -days 2 -extfile <(printf 'extendedKeyUsage=clientAuth') -out "$PKI/front-proxy-client.crt"
+# A serving certificate for an aggregated API server the tests run on this host, at the bridge
+# address (e2e/src/metrics_adapter.rs, the custom metrics API). Its APIService skips TLS
+# verification: the aggregator checks the name <service>.<namespace>.svc, which no test knows here.
+ssl req -newkey rsa:2048 -nodes -subj "/CN=aggregated-apiserver" \
+  -keyout "$PKI/aggregated-apiserver.key" -out "$PKI/aggregated-apiserver.csr"
+ssl x509 -req -in "$PKI/aggregated-apiserver.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial -days 2 \
+  -extfile <(printf 'subjectAltName=IP:%s\nextendedKeyUsage=serverAuth' "$API_HOST") \
+  -out "$PKI/aggregated-apiserver.crt"
 ssl genrsa -out "$PKI/sa.key" 2048
 ssl rsa -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub"
 
@@ -159,6 +177,8 @@ kubeconfig "$DIR/controller-manager.kubeconfig" controller-manager
   --unsafe-no-fsync --log-level warn >"$DIR/etcd.log" 2>&1 &
 PIDS+=($!)
 
+# --enable-aggregator-routing: an APIService's Service has no ClusterIP anyone routes here (no
+# kube-proxy), so the aggregator dials the address in the Service's EndpointSlice instead.
 "$CACHE/kube-apiserver" \
   --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
   --bind-address "$API_HOST" --advertise-address "$API_HOST" --secure-port "$API_PORT" \
@@ -169,6 +189,13 @@ PIDS+=($!)
   --authorization-mode RBAC \
   --service-cluster-ip-range 10.96.0.0/16 \
   --allow-privileged=true \
+  --requestheader-client-ca-file "$PKI/front-proxy-ca.crt" \
+  --requestheader-allowed-names front-proxy-client \
+  --requestheader-username-headers X-Remote-User \
+  --requestheader-group-headers X-Remote-Group \
+  --requestheader-extra-headers-prefix X-Remote-Extra- \
+  --proxy-client-cert-file "$PKI/front-proxy-client.crt" --proxy-client-key-file "$PKI/front-proxy-client.key" \
+  --enable-aggregator-routing=true \
   --v 1 >"$DIR/kube-apiserver.log" 2>&1 &
 PIDS+=($!)
 

@@ -247,6 +247,7 @@ EXPECTED_CLUSTER_RULES = {
     ("sluice.dev", "inferencemodels/status"): ["get", "patch", "update"],
     ("sluice.dev", "ratelimitpolicies/status"): ["get", "patch", "update"],
     ("apps", "deployments"): CRUD,
+    ("apps", "deployments/scale"): ["get", "patch"],
     ("", "services"): CRUD,
     ("", "configmaps"): CRUD,
     ("", "serviceaccounts"): CRUD,
@@ -293,6 +294,14 @@ def test_no_secret_of_the_cluster_is_readable(default_render):
     for role in default_render.of_kind("Role"):
         for rule in role["rules"]:
             assert "secrets" not in rule["resources"], role["metadata"]["name"]
+
+
+def pod_templates(component: str) -> list[dict]:
+    """The pod templates of the golden Deployments of one component: `inference` (the model's
+    pods) or `activator` (what holds requests for a model scaled to zero)."""
+    return [o["spec"]["template"] for o in golden_renders() if o["kind"] == "Deployment"
+            and o["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+            == component]
 
 
 def golden_renders() -> list[dict]:
@@ -452,7 +461,7 @@ def test_sidecar_pod_monitor_is_optional_and_scrapes_the_admin_port(default_rend
     assert pm["spec"]["podMetricsEndpoints"] == [
         {"port": "admin", "path": "/metrics", "interval": "10s", "scrapeTimeout": "10s"}]
     # It selects the inference pods the operator renders, by their labels and port name.
-    pods = [o["spec"]["template"] for o in golden_renders() if o["kind"] == "Deployment"]
+    pods = pod_templates("inference")
     assert pods
     for pod in pods:
         assert pm["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
@@ -474,13 +483,18 @@ def test_gateway_service_is_optional_and_selects_every_model_pod(default_render)
         {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}]
     selector = svc["spec"]["selector"]
     # Every inference pod the operator renders, whatever its model, by labels and port name.
-    pods = [o["spec"]["template"] for o in golden_renders() if o["kind"] == "Deployment"]
+    pods = pod_templates("inference")
     models = {p["metadata"]["labels"]["sluice.dev/model"] for p in pods}
     assert len(models) > 1, models
     for pod in pods:
         assert selector.items() <= pod["metadata"]["labels"].items(), pod["metadata"]["labels"]
         ports = [p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])]
         assert "http" in ports
+    # Not an activator: it holds requests for its own model only.
+    activators = pod_templates("activator")
+    assert activators
+    for pod in activators:
+        assert not selector.items() <= pod["metadata"]["labels"].items()
     # Not the operator's own pods.
     operator_pod = rendered.one("Deployment", OPERATOR)["spec"]["template"]["metadata"]["labels"]
     assert not selector.items() <= operator_pod.items()

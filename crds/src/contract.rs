@@ -23,6 +23,12 @@ pub const TIME_TO_FIRST_TOKEN: &str = "time_to_first_token";
 pub const CONFIG_GENERATION: &str = "config_generation";
 /// Registered name of the gauge of requests admitted to the engine and not finished.
 pub const REQUESTS_IN_FLIGHT: &str = "requests_in_flight";
+/// Registered name of the gauge of requests waiting for an engine slot (admitted, queued in
+/// front of the engine); an autoscaler's `QueueDepth` metric.
+pub const QUEUE_DEPTH: &str = "queue_depth";
+/// Registered name of the gauge of the engine's sequence slots in use, as a ratio of
+/// `maxConcurrentSequences` (0 to 1; unit `ratio`).
+pub const ENGINE_OCCUPANCY: &str = "engine_occupancy";
 /// Registered name of the gauge of completion tokens generated per second over the sidecar's
 /// last few seconds (not a unit `prometheus_client` knows, so the name carries it).
 pub const COMPLETION_TOKENS_PER_SECOND: &str = "completion_tokens_per_second";
@@ -53,6 +59,10 @@ pub const FORWARD_BREAKER_OPENED_TOTAL_SERIES: &str = "sluice_forward_breaker_op
 pub const CONFIG_GENERATION_SERIES: &str = "sluice_config_generation";
 /// [`REQUESTS_IN_FLIGHT`] as exposed; an autoscaler's `InFlightRequests` metric.
 pub const REQUESTS_IN_FLIGHT_SERIES: &str = "sluice_requests_in_flight";
+/// [`QUEUE_DEPTH`] as exposed; an autoscaler's `QueueDepth` metric.
+pub const QUEUE_DEPTH_SERIES: &str = "sluice_queue_depth";
+/// [`ENGINE_OCCUPANCY`] as exposed.
+pub const ENGINE_OCCUPANCY_SERIES: &str = "sluice_engine_occupancy_ratio";
 /// [`COMPLETION_TOKENS_PER_SECOND`] as exposed; an autoscaler's `TokensPerSecond` metric. A
 /// gauge each pod computes itself, so the adapter serves it per pod as it is (no `rate()`).
 pub const COMPLETION_TOKENS_PER_SECOND_SERIES: &str = "sluice_completion_tokens_per_second";
@@ -89,6 +99,8 @@ mod tests {
             FORWARD_BREAKER_OPENED_TOTAL_SERIES
         );
         assert_eq!(exposed(REQUESTS_IN_FLIGHT, ""), REQUESTS_IN_FLIGHT_SERIES);
+        assert_eq!(exposed(QUEUE_DEPTH, ""), QUEUE_DEPTH_SERIES);
+        assert_eq!(exposed(ENGINE_OCCUPANCY, "_ratio"), ENGINE_OCCUPANCY_SERIES);
         assert_eq!(
             exposed(COMPLETION_TOKENS_PER_SECOND, ""),
             COMPLETION_TOKENS_PER_SECOND_SERIES

@@ -40,6 +40,7 @@ pub const DEFAULT_MAX_CONCURRENT_SEQUENCES: u32 = 16;
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!(has(self.replicas) && has(self.autoscaling))").message("set either replicas or autoscaling, not both"))]
+#[x_kube(validation = Rule::new("!has(self.autoscaling) || (has(self.resources) && has(self.resources.cpu)) || (has(self.autoscaling.metrics) && size(self.autoscaling.metrics) > 0 && self.autoscaling.metrics.all(m, m.type != 'CPU'))").message("autoscaling on CPU (the default metric) needs resources.cpu: utilisation is a percentage of the CPU request"))]
 pub struct InferenceModelSpec {
     /// The model id clients send in OpenAI requests (`"model": ...`) and see in `GET /v1/models`.
     /// Defaults to metadata.name.
@@ -350,20 +351,31 @@ pub struct Scheduling {
     pub priority_class_name: Option<String>,
 }
 
-/// A HorizontalPodAutoscaler per variant.
+/// A HorizontalPodAutoscaler per variant, and scale to zero when `minReplicas` is 0.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("minReplicas must not exceed maxReplicas"))]
+#[x_kube(validation = Rule::new("self.minReplicas == 0 || (!has(self.idleAfter) && !has(self.activationTimeout))").message("idleAfter and activationTimeout apply only with minReplicas 0 (scale to zero)"))]
 pub struct Autoscaling {
-    /// Lower bound of pods per variant.
-    #[schemars(range(min = 1, max = 1000))]
+    /// Lower bound of pods per variant. 0 scales the model to zero after `idleAfter` without
+    /// a request: an activator holds the next requests while a pod starts.
+    #[schemars(range(min = 0, max = 1000))]
     pub min_replicas: i32,
     /// Upper bound of pods per variant.
     #[schemars(range(min = 1, max = 1000))]
     pub max_replicas: i32,
-    /// What to scale on. Default: CPU utilisation 80%.
+    /// With `minReplicas: 0`: how long the model serves no request before its Deployments are
+    /// scaled to 0, e.g. `15m` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_after: Option<Duration>,
+    /// With `minReplicas: 0`: how long the activator holds a request for a pod to become ready
+    /// before answering 503 with `Retry-After`, e.g. `5m` (the default; room for the weights
+    /// to load).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation_timeout: Option<Duration>,
+    /// What to scale on. Default: CPU utilisation 80% (which needs `resources.cpu`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 3))]
+    #[schemars(length(max = 4))]
     #[x_kube(validation = Rule::new("self.all(m, self.exists_one(n, n.type == m.type))").message("each metric type may appear once"))]
     pub metrics: Vec<AutoscalingMetric>,
     /// Scaling behaviour, passed through to the HorizontalPodAutoscaler.
@@ -376,12 +388,14 @@ pub struct Autoscaling {
 #[serde(rename_all = "camelCase")]
 pub struct AutoscalingMetric {
     /// The signal: `CPU` (average utilisation, percent of the CPU request), `InFlightRequests`
-    /// (average requests in flight per pod) or `TokensPerSecond` (average generated tokens per
-    /// second per pod); the last two need a custom metrics adapter such as prometheus-adapter.
+    /// (average requests in the engine per pod), `QueueDepth` (average requests waiting for
+    /// an engine slot per pod) or `TokensPerSecond` (average generated tokens per second per
+    /// pod); all but `CPU` need a custom metrics adapter such as prometheus-adapter.
     #[serde(rename = "type")]
     pub type_: AutoscalingMetricType,
-    /// Target per pod: percent of the CPU request for `CPU`, requests in flight for
-    /// `InFlightRequests`, generated tokens per second for `TokensPerSecond`.
+    /// Target per pod: percent of the CPU request for `CPU`, requests in the engine for
+    /// `InFlightRequests` (at most the variants' `maxConcurrentSequences`, which bounds it),
+    /// requests waiting for `QueueDepth`, generated tokens per second for `TokensPerSecond`.
     #[schemars(range(min = 1))]
     pub target: i32,
 }
@@ -393,8 +407,12 @@ pub enum AutoscalingMetricType {
     /// Average CPU utilisation, percent of the request.
     #[serde(rename = "CPU")]
     Cpu,
-    /// Average requests in flight per pod (`sluice_requests_in_flight`).
+    /// Average requests in the engine per pod (`sluice_requests_in_flight`): at most
+    /// `maxConcurrentSequences`, so a target must stay below it.
     InFlightRequests,
+    /// Average requests waiting for an engine slot per pod (`sluice_queue_depth`): grows
+    /// without bound under load, so it scales out whatever the batch size.
+    QueueDepth,
     /// Average generated tokens per second per pod (`sluice_completion_tokens_per_second`).
     TokensPerSecond,
 }
@@ -526,6 +544,14 @@ pub struct InferenceModelStatus {
     /// and the progressive step. Reset when the spec changes (a new `metadata.generation`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutStatus>,
+    /// With `autoscaling.minReplicas: 0`: when the operator last saw the model serve a request
+    /// (or a request wake it); it scales to zero `idleAfter` later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_request_time: Option<Time>,
+    /// With `autoscaling.minReplicas: 0`: the model's Deployments are at 0 replicas, and its
+    /// activator holds the next request while a pod starts.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub scaled_to_zero: bool,
 }
 
 /// Canary analysis and progressive rollout state for one spec generation. The operator keeps it
@@ -697,15 +723,96 @@ impl InferenceModel {
         if spec.replicas.is_some() && spec.autoscaling.is_some() {
             return Err("set either replicas or autoscaling, not both".to_owned());
         }
-        if let Some(a) = &spec.autoscaling
-            && a.min_replicas > a.max_replicas
-        {
-            return Err(format!(
-                "autoscaling.minReplicas {} exceeds maxReplicas {}",
-                a.min_replicas, a.max_replicas
-            ));
+        if let Some(a) = &spec.autoscaling {
+            a.check(spec)?;
         }
         Ok(())
+    }
+}
+
+impl Autoscaling {
+    /// What would make the autoscalers never act: bounds out of order, a CPU target on pods
+    /// with no CPU request (utilisation is a percentage of it), an in-flight target no pod can
+    /// reach (the engine runs at most `maxConcurrentSequences`; more requests queue).
+    fn check(&self, spec: &InferenceModelSpec) -> Result<(), String> {
+        if self.min_replicas > self.max_replicas {
+            return Err(format!(
+                "autoscaling.minReplicas {} exceeds maxReplicas {}",
+                self.min_replicas, self.max_replicas
+            ));
+        }
+        if self.min_replicas > 0 && (self.idle_after.is_some() || self.activation_timeout.is_some())
+        {
+            return Err(
+                "autoscaling.idleAfter and activationTimeout apply only with minReplicas 0 (scale to zero)"
+                    .to_owned(),
+            );
+        }
+        for (field, value) in [
+            ("idleAfter", self.idle_after),
+            ("activationTimeout", self.activation_timeout),
+        ] {
+            if let Some(d) = value
+                && (d.is_negative() || std::time::Duration::from(d).as_secs() < 1)
+            {
+                return Err(format!("autoscaling.{field} must be at least 1s"));
+            }
+        }
+        let has_cpu_request = spec.resources.as_ref().is_some_and(|r| r.cpu.is_some());
+        let cpu = self.metrics.is_empty()
+            || self
+                .metrics
+                .iter()
+                .any(|m| m.type_ == AutoscalingMetricType::Cpu);
+        if cpu && !has_cpu_request {
+            return Err(
+                "autoscaling on CPU (the default metric) needs resources.cpu: utilisation is a \
+                 percentage of the CPU request; set resources.cpu or choose InFlightRequests, \
+                 QueueDepth or TokensPerSecond"
+                    .to_owned(),
+            );
+        }
+        for m in &self.metrics {
+            if m.type_ != AutoscalingMetricType::InFlightRequests {
+                continue;
+            }
+            for v in &spec.variants {
+                let max = v.max_concurrent_sequences();
+                // The HPA acts on a ratio above 1.1 (its default tolerance): a pod must be able
+                // to run more than 10% over the target.
+                if i64::from(m.target) * 11 >= i64::from(max) * 10 {
+                    return Err(format!(
+                        "autoscaling InFlightRequests target {} leaves no room under variant \
+                         {:?}'s maxConcurrentSequences {max}: a pod never runs more, and the \
+                         autoscaler acts only 10% above the target, so it would never scale out; \
+                         lower the target or scale on QueueDepth",
+                        m.target, v.name
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the model scales to zero when idle.
+    pub fn scales_to_zero(&self) -> bool {
+        self.min_replicas == 0
+    }
+
+    /// `idleAfter`, default filled in.
+    pub fn idle_after(&self) -> std::time::Duration {
+        self.idle_after.map_or(
+            std::time::Duration::from_secs(u64::from(crate::activation::DEFAULT_IDLE_AFTER_SECS)),
+            std::time::Duration::from,
+        )
+    }
+
+    /// `activationTimeout` in whole seconds, default filled in.
+    pub fn activation_timeout_secs(&self) -> u64 {
+        self.activation_timeout.map_or(
+            u64::from(crate::activation::DEFAULT_HOLD_TIMEOUT_SECS),
+            |d| std::time::Duration::from(d).as_secs(),
+        )
     }
 }
 
@@ -848,6 +955,52 @@ mod tests {
     use kube::CustomResourceExt;
 
     use super::*;
+
+    fn with_autoscaling(autoscaling: &str, engine: &str) -> InferenceModel {
+        serde_yaml::from_str(&format!(
+            "apiVersion: sluice.dev/v1alpha1\nkind: InferenceModel\nmetadata: {{name: chat}}\n\
+             spec:\n  autoscaling: {autoscaling}\n  variants:\n    - {{name: a, weight: 100, \
+             model: {{pvc: {{claimName: m, path: m.gguf}}}}{engine}}}\n"
+        ))
+        .expect("model")
+    }
+
+    #[test]
+    fn autoscalers_that_could_never_act_are_refused() {
+        let in_flight = |target: u32, engine: &str| {
+            with_autoscaling(
+                &format!(
+                    "{{minReplicas: 1, maxReplicas: 2, metrics: [{{type: InFlightRequests, target: {target}}}]}}"
+                ),
+                engine,
+            )
+            .validate()
+        };
+        // The default engine runs 16 sequences: the HPA acts 10% above the target.
+        assert_eq!(in_flight(14, ""), Ok(()));
+        let refused = in_flight(15, "").expect_err("no room above the target");
+        assert!(refused.contains("maxConcurrentSequences 16"), "{refused}");
+        assert!(in_flight(8, ", engine: {maxConcurrentSequences: 8}").is_err());
+        assert_eq!(
+            in_flight(7, ", engine: {maxConcurrentSequences: 32}"),
+            Ok(())
+        );
+        // CPU, also as the default metric, needs a CPU request.
+        let cpu = with_autoscaling("{minReplicas: 1, maxReplicas: 2}", "").validate();
+        assert!(cpu.is_err_and(|e| e.contains("resources.cpu")));
+        // Scale-to-zero settings only with minReplicas 0.
+        let idle = |min: u32| {
+            with_autoscaling(
+                &format!(
+                    "{{minReplicas: {min}, maxReplicas: 2, idleAfter: 5m, metrics: [{{type: QueueDepth, target: 4}}]}}"
+                ),
+                "",
+            )
+            .validate()
+        };
+        assert_eq!(idle(0), Ok(()));
+        assert!(idle(1).is_err_and(|e| e.contains("minReplicas 0")));
+    }
 
     #[test]
     fn the_documented_engine_default_is_the_constant() {

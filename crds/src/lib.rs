@@ -6,6 +6,7 @@
 //! The Rust types are the source of truth: the CRD YAML in `crds/` is generated from them
 //! (`make crds`) and a test fails when the committed YAML is stale.
 
+pub mod activation;
 pub mod contract;
 pub mod device;
 pub mod inference_model;

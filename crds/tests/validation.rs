@@ -316,7 +316,7 @@ fn examples_show_what_their_names_promise() {
             .as_str()
             .is_some_and(|p| p.contains("H100"))
     );
-    assert_eq!(gpu["autoscaling"]["metrics"][0]["type"], "InFlightRequests");
+    assert_eq!(gpu["autoscaling"]["metrics"][0]["type"], "QueueDepth");
 
     let canary = spec("inferencemodel-canary.yaml");
     let weights: Vec<_> = canary["variants"]

@@ -434,6 +434,14 @@ impl Inner {
         let hosts = lock(&self.hosts).clone();
         std::fs::create_dir_all(format!("/etc/netns/{netns}"))?;
         std::fs::write(format!("/etc/netns/{netns}/hosts"), base_hosts() + &hosts)?;
+        // A cluster's DNS answers at once, also for a Service with no ready pod (its ClusterIP,
+        // which refuses connections). The host's nameserver is unreachable from the pod network:
+        // a lookup of a name not (yet) in `hosts` would hang for the resolver's timeouts. A
+        // nameserver on the pod's own loopback refuses the query at once instead.
+        std::fs::write(
+            format!("/etc/netns/{netns}/resolv.conf"),
+            "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+        )?;
         // `ip netns exec` gives the process a mount namespace of its own (slave to the host's):
         // the volumes are bound there, then the binary replaces the shell.
         let mut start = String::from("set -e\n");

@@ -1,11 +1,13 @@
 //! The harness of the cluster tests: a real control plane on loopback ([`control_plane`]),
-//! a stand-in kubelet that runs the pods it creates as real processes ([`kubelet`]), and a
-//! real `helm install` of the chart into it ([`helm`]).
+//! a stand-in kubelet that runs the pods it creates as real processes ([`kubelet`]), a real
+//! `helm install` of the chart into it ([`helm`]), and a stand-in prometheus-adapter serving the
+//! custom metrics API from the chart's adapter rules ([`metrics_adapter`]).
 
 pub mod control_plane;
 pub mod helm;
 pub mod http;
 pub mod kubelet;
+pub mod metrics_adapter;
 pub mod objects;
 pub mod wait;
 

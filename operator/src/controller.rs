@@ -20,6 +20,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -28,15 +29,16 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use sluice_crds::{InferenceModel, InferenceModelStatus, RateLimitPolicy};
-use tracing::{debug, instrument, warn};
+use tracing::{debug, info, instrument, warn};
 
 use crate::conditions::Transition;
 use crate::controller::apply::{apply_desired, owned_by};
 use crate::controller::listing::Listings;
 use crate::desired::weights::{self, EffectiveWeights};
 use crate::desired::{self, Desired, Inputs, Settings};
+use crate::idle::{self, RequestCounts};
 use crate::metrics::Metrics;
-use crate::names::{FIELD_MANAGER, LABEL_MODEL, MANAGED_BY};
+use crate::names::{FIELD_MANAGER, LABEL_MODEL, MANAGED_BY, variant_object_name};
 use crate::observe::{Observed, ReadyCounts};
 use crate::policy::controller::{PolicyContext, model_limits};
 use crate::policy::merge::{KeysSecrets, ModelLimits, resolve};
@@ -82,6 +84,8 @@ pub struct Context {
     metrics_source: Arc<dyn MetricsSource>,
     /// The counters the canary analysis read from each pod, over one window.
     analysis: History,
+    /// Each pod's answered requests at the previous reconcile, for scale to zero.
+    requests: RequestCounts,
     /// At most this many reconciles run at once, per controller (0: unbounded).
     reconcile_concurrency: u16,
 }
@@ -100,6 +104,7 @@ impl Context {
             now: Timestamp::now,
             metrics_source: Arc::new(HttpMetricsSource::new()),
             analysis: History::default(),
+            requests: RequestCounts::default(),
             reconcile_concurrency: DEFAULT_RECONCILE_CONCURRENCY,
         }
     }
@@ -148,6 +153,7 @@ pub async fn reconcile(model: Arc<InferenceModel>, ctx: Arc<Context>) -> Result<
     if model.metadata.deletion_timestamp.is_some() {
         // Owner references: the garbage collector deletes every child.
         ctx.analysis.forget(&model);
+        ctx.requests.forget(&model);
         return Ok(Action::await_change());
     }
     let ns = model
@@ -213,7 +219,32 @@ pub async fn reconcile(model: Arc<InferenceModel>, ctx: Arc<Context>) -> Result<
     // Canary analysis: rollbacks and steps, decided into `status.rollout` (never spec). The
     // planned model carries them; the weights, the desired state and the status are computed
     // from it.
-    let (planned, _) = analyze(&ctx.analysis, &model, &scraped, now);
+    let (mut planned, _) = analyze(&ctx.analysis, &model, &scraped, now);
+
+    // Scale to zero: whether the model served a request lately, decided into status (the
+    // desired state routes the model's Service to the activator while it is at zero).
+    let scale_to_zero = model
+        .spec
+        .autoscaling
+        .as_ref()
+        .filter(|a| a.scales_to_zero());
+    let idle = scale_to_zero.map(|a| {
+        let active = ctx.requests.active(&model, &scraped);
+        let replicas = idle::variant_replicas(&observed.deployments);
+        idle::decide(
+            &planned,
+            a.idle_after(),
+            active,
+            replicas,
+            ready.total(),
+            now,
+        )
+    });
+    if let Some(idle) = &idle {
+        let status = planned.status.get_or_insert_with(Default::default);
+        status.last_request_time = Some(Time(idle.last_request));
+        status.scaled_to_zero = idle.scaled_to_zero;
+    }
 
     // Weights and desired state.
     let (weights, desired) = desired_state(
@@ -229,6 +260,9 @@ pub async fn reconcile(model: Arc<InferenceModel>, ctx: Arc<Context>) -> Result<
     let applied =
         apply_desired(client, &ns, &model, &owned, &desired, &observed.deployments).await?;
     ctx.metrics.applies.inc_by(applied);
+    if idle.as_ref().is_some_and(|i| i.scale_down) {
+        scale_to_zero_now(client, &ns, &planned).await?;
+    }
 
     // Status, with the weights the ConfigMap carries.
     let status = status::compute(&planned, &ns, &observed, &weights, now);
@@ -247,7 +281,29 @@ pub async fn reconcile(model: Arc<InferenceModel>, ctx: Arc<Context>) -> Result<
     if weights.weights.iter().filter(|(_, _, w)| *w > 0).count() > 1 {
         requeue_in = requeue_in.min(BREAKER_POLL);
     }
+    if let (Some(a), Some(idle)) = (scale_to_zero, &idle)
+        && !idle.scaled_to_zero
+    {
+        // Awake: look for requests often enough to notice idleness. At zero, the activator's
+        // scale-up (a Deployment change) starts the next reconcile.
+        requeue_in = requeue_in.min(idle::poll(a.idle_after()));
+    }
     Ok(Action::requeue(requeue_in))
+}
+
+/// Scales every variant's Deployment of `model` to 0 through the `scale` subresource (the
+/// apply never owns `replicas` of an autoscaled Deployment; an HPA leaves one at 0 alone).
+async fn scale_to_zero_now(client: &Client, ns: &str, model: &InferenceModel) -> Result<()> {
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let zero = serde_json::json!({"spec": {"replicas": 0}});
+    for v in &model.spec.variants {
+        let name = variant_object_name(&model.name_any(), &v.name);
+        info!(deployment = %name, "idle: scaling to zero");
+        deployments
+            .patch_scale(&name, &PatchParams::default(), &Patch::Merge(&zero))
+            .await?;
+    }
+    Ok(())
 }
 
 /// Whether a reconcile of `model` reads its sidecars' `/metrics`: for the canary analysis, and
@@ -259,7 +315,12 @@ fn reads_sidecar_metrics(model: &InferenceModel) -> bool {
         .rollout
         .as_ref()
         .is_some_and(|r| r.analysis.is_some());
-    analysis || model.spec.variants.len() > 1
+    let scales_to_zero = model
+        .spec
+        .autoscaling
+        .as_ref()
+        .is_some_and(|a| a.scales_to_zero());
+    analysis || scales_to_zero || model.spec.variants.len() > 1
 }
 
 /// The effective weights and the desired state of `planned` (the model with this reconcile's

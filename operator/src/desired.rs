@@ -6,6 +6,7 @@
 //! and `sluice-operator render` prints it, so GitOps users preview what a change does and the
 //! golden tests pin it down.
 
+mod activator;
 mod autoscaler;
 mod meta;
 mod rbac;
@@ -62,6 +63,8 @@ pub struct Desired {
     pub deployments: Vec<Deployment>,
     /// One per variant when `spec.autoscaling` is set.
     pub autoscalers: Vec<HorizontalPodAutoscaler>,
+    /// Holds requests and wakes the model while it has no ready pod, when it scales to zero.
+    pub activator: Option<Deployment>,
 }
 
 // === impl Desired ===
@@ -83,6 +86,9 @@ impl Desired {
         }
         for h in &self.autoscalers {
             out.push(serde_json::to_value(h)?);
+        }
+        if let Some(a) = &self.activator {
+            out.push(serde_json::to_value(a)?);
         }
         Ok(out)
     }
@@ -129,11 +135,11 @@ pub fn desired(
         limits: inputs.limits,
     };
 
-    let mut services = vec![r.service(None)];
+    let mut services = vec![r.service(None, inputs.ready)];
     let mut deployments = Vec::with_capacity(model.spec.variants.len());
     let mut autoscalers = Vec::new();
     for v in &model.spec.variants {
-        services.push(r.service(Some(v)));
+        services.push(r.service(Some(v), inputs.ready));
         deployments.push(r.deployment(v)?);
         if let Some(hpa) = r.autoscaler(v) {
             autoscalers.push(hpa);
@@ -148,6 +154,7 @@ pub fn desired(
         services,
         deployments,
         autoscalers,
+        activator: r.activator(),
     };
     stamp(&mut out.service_account)?;
     stamp(&mut out.role)?;
@@ -161,6 +168,9 @@ pub fn desired(
     }
     for h in &mut out.autoscalers {
         stamp(h)?;
+    }
+    if let Some(a) = &mut out.activator {
+        stamp(a)?;
     }
     Ok(out)
 }

@@ -26,6 +26,7 @@ pub mod conditions;
 pub mod controller;
 pub mod desired;
 pub mod forwarding;
+pub mod idle;
 pub mod leader;
 pub mod metrics;
 pub mod names;

@@ -67,6 +67,15 @@ pub fn sidecar_account_name(model: &str) -> String {
     format!("{model}-sidecar")
 }
 
+/// Label of the activator's pods: the model they hold requests for (not [`LABEL_MODEL`], which
+/// the model's Service selects).
+pub const LABEL_ACTIVATOR: &str = "sluice.dev/activator-for";
+
+/// Name of a model's activator Deployment (scale to zero).
+pub fn activator_name(model: &str) -> String {
+    format!("{model}-activator")
+}
+
 /// The in-cluster OpenAI base URL of a model.
 pub fn endpoint(model: &str, namespace: &str) -> String {
     format!("{}/v1", model_address(model, namespace))

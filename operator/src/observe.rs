@@ -294,10 +294,11 @@ fn failed_message(c: &ContainerStatus) -> Option<String> {
     None
 }
 
-/// Pods each variant should run (the HPA's minimum when autoscaled).
+/// Pods each variant should run (the HPA's minimum when autoscaled; 1 for a model that scales
+/// to zero while it is awake).
 pub fn wanted_replicas(model: &InferenceModel) -> i32 {
     match &model.spec.autoscaling {
-        Some(a) => a.min_replicas,
+        Some(a) => a.min_replicas.max(1),
         None => model.spec.replicas.unwrap_or(1),
     }
 }

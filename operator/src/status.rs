@@ -23,6 +23,8 @@ pub const DEGRADED: &str = "Degraded";
 /// traffic back, so its share is served elsewhere. Also the reason of the Warning Event
 /// published when a variant's breaker opens ([`events`]).
 pub const REASON_BREAKER_OPEN: &str = "BreakerOpen";
+/// Ready reason: the model scales to zero and is at zero; its activator answers.
+pub const REASON_SCALED_TO_ZERO: &str = "ScaledToZero";
 /// Degraded reason: `spec.fallback` names an InferenceModel that does not exist.
 pub const REASON_FALLBACK_NOT_FOUND: &str = "FallbackNotFound";
 
@@ -83,7 +85,22 @@ pub fn compute(
         condition(prev, type_, ok, reason, message, generation, now)
     };
 
-    let ready = if wanted == 0 {
+    let carried = model.status.as_ref();
+    let scaled_to_zero = carried.is_some_and(|s| s.scaled_to_zero);
+    let ready = if scaled_to_zero {
+        let since = carried
+            .and_then(|s| s.last_request_time.as_ref())
+            .map_or_else(|| "a while".to_owned(), |t| t.0.to_string());
+        cond(
+            READY,
+            true,
+            REASON_SCALED_TO_ZERO,
+            format!(
+                "no request since {since}: scaled to zero; the activator holds the next requests \
+                 while a pod starts"
+            ),
+        )
+    } else if wanted == 0 {
         cond(
             READY,
             false,
@@ -180,7 +197,10 @@ pub fn compute(
         endpoint: Some(endpoint(&name, namespace)),
         // Decided by the canary analysis before this status is computed (see
         // `crate::rollout::plan::decide`); carried as is.
-        rollout: model.status.as_ref().and_then(|s| s.rollout.clone()),
+        rollout: carried.and_then(|s| s.rollout.clone()),
+        // Decided by the idle tracking before this status is computed (`crate::idle`).
+        last_request_time: carried.and_then(|s| s.last_request_time.clone()),
+        scaled_to_zero,
     }
 }
 

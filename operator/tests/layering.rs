@@ -15,7 +15,7 @@ const LAYERS: &[(&str, &str)] = &[
         "one concern each",
         "scrape policy::merge policy::convergence rollout::judge rollout::plan",
     ),
-    ("pure state", "desired status policy::status policy"),
+    ("pure state", "desired status idle policy::status policy"),
     (
         "I/O beside the controller",
         "rollout rollout::analyze policy::controller forwarding leader admin metrics telemetry",

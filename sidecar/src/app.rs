@@ -108,6 +108,7 @@ pub async fn serve_until(
     let mut registry = metrics::new_registry();
     let metrics = Metrics::register(&mut registry);
     metrics::register_device(&mut registry, &device);
+    metrics::EngineOccupancy::register(&mut registry, &metrics, config.max_seqs);
     let prefix_cache_meter = Arc::new(PrefixCacheMeter::new(config.prefix_cache_budget.bytes));
     metrics::PrefixCacheMetrics::register(&mut registry, prefix_cache_meter.clone());
     let router = Arc::new(Router::new(

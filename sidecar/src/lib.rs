@@ -9,11 +9,12 @@
 //! - [`admit`] (the admission contract and its limiter) and [`metrics`];
 //! - [`openai`]: the wire types, and the one place errors become statuses and headers;
 //! - [`stream`] (JSON and SSE answers) and [`forward`] (to other variants);
-//! - [`http`] (the request path, top-down in [`http::generate`]) and [`reload`] (config
-//!   documents);
+//! - [`http`] (the request path, top-down in [`http::generate`]), [`reload`] (config
+//!   documents) and [`activate`] (what answers for a model scaled to zero);
 //! - [`app`] wires them for `serve`; [`cli`], [`preflight`], [`telemetry`] and [`model`] serve
 //!   `main`.
 
+pub mod activate;
 pub mod admit;
 pub mod app;
 pub mod cache;

@@ -4,6 +4,7 @@ use std::{process::ExitCode, time::Instant};
 
 use clap::{Parser, Subcommand};
 use sluice_sidecar::{
+    activate::{self, ActivateArgs},
     cli::ServeArgs,
     model::{
         convert::{self, Quant},
@@ -26,6 +27,9 @@ struct Cli {
 enum Command {
     /// Serve a GGUF model over the OpenAI API.
     Serve(Box<ServeArgs>),
+    /// Answer for a model scaled to zero: hold requests, wake its Deployments, send the requests
+    /// on to the first pod ready (the operator runs it for `autoscaling.minReplicas: 0`).
+    Activate(Box<ActivateArgs>),
     /// Download a model's weights (resuming, verified) before `serve` starts: the init container.
     Fetch(Box<FetchArgs>),
     /// List the devices this build computes on (cpu, cuda) and which of them this machine has.
@@ -72,6 +76,14 @@ fn run(cli: Cli, process_start: Instant) -> anyhow::Result<()> {
                 .build()?;
             runtime.block_on(sluice_sidecar::serve(config, process_start))?;
             Ok(())
+        }
+        Command::Activate(args) => {
+            telemetry::init_tracing(args.log_format);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            runtime.block_on(activate::activate(*args))
         }
         Command::Fetch(args) => {
             let config = args.validate()?;

@@ -100,7 +100,7 @@ impl Metrics {
             m.in_flight.clone(),
         );
         registry.register(
-            "queue_depth",
+            contract::QUEUE_DEPTH,
             "Requests waiting for an engine slot",
             m.queue_depth.clone(),
         );
@@ -258,6 +258,38 @@ impl Collector for CompletionRate {
                 self.0.window_secs
             ),
             None,
+            gauge.metric_type(),
+        )?)
+    }
+}
+
+/// The engine's sequence slots in use, as a ratio of how many it batches at once
+/// (`sluice_engine_occupancy_ratio`): 1 means new requests queue.
+#[derive(Debug)]
+pub struct EngineOccupancy {
+    in_flight: Gauge,
+    max_seqs: usize,
+}
+
+impl EngineOccupancy {
+    /// Registers the gauge, read from `metrics`' in-flight count at each scrape.
+    pub fn register(registry: &mut Registry, metrics: &Metrics, max_seqs: usize) {
+        registry.register_collector(Box::new(Self {
+            in_flight: metrics.in_flight.clone(),
+            max_seqs: max_seqs.max(1),
+        }));
+    }
+}
+
+impl Collector for EngineOccupancy {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let ratio = self.in_flight.get().max(0) as f64 / self.max_seqs as f64;
+        let gauge = ConstGauge::new(ratio.min(1.0));
+        gauge.encode(encoder.encode_descriptor(
+            contract::ENGINE_OCCUPANCY,
+            "Engine sequence slots in use, as a ratio of the sequences it batches at once",
+            // OpenMetrics' `ratios` reads oddly; Prometheus' own convention is `_ratio`.
+            Some(&Unit::Other("ratio".to_owned())),
             gauge.metric_type(),
         )?)
     }

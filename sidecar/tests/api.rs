@@ -278,9 +278,11 @@ async fn openai_api_end_to_end() {
         "sluice_model_load_seconds",
         "sluice_cold_start_seconds",
         "sluice_queue_depth",
+        "sluice_engine_occupancy_ratio",
     ] {
         assert!(
-            metric(&text, name).is_some_and(|v| v > 0.0 || name.contains("queue")),
+            metric(&text, name)
+                .is_some_and(|v| v > 0.0 || name.contains("queue") || name.contains("occupancy")),
             "{name} in\n{text}"
         );
     }

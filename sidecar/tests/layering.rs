@@ -21,7 +21,7 @@ const LAYERS: &[(&str, &str)] = &[
     ("admission and request metrics", "admit metrics"),
     ("the OpenAI protocol", "openai"),
     ("answers and forwarding", "stream forward"),
-    ("serving", "http reload"),
+    ("serving", "http reload activate"),
     ("process", "app cli preflight telemetry model"),
 ];
 

@@ -20,7 +20,7 @@ use crate::names::FIELD_MANAGER;
 /// Applies what differs from `desired` in the model's namespace and prunes what no longer
 /// belongs, in dependency order: the sidecars' identity and config, the Services, the
 /// forwarding Secret (the pods mount it: it exists before they do), the Deployments
-/// (`live_deployments`, already listed), the autoscalers. Returns how many objects were applied.
+/// (`live_deployments`, already listed; the activator's among them), the autoscalers. Returns how many objects were applied.
 pub async fn apply_desired(
     client: &Client,
     ns: &str,
@@ -70,8 +70,14 @@ pub async fn apply_desired(
     // The pods mount the forwarding Secret: it exists before they do.
     applied += u64::from(forwarding::ensure(client, model, ns).await?);
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    applied += apply_all(&deployments, &desired.deployments, live_deployments).await?;
-    prune(&deployments, &desired.deployments, live_deployments).await?;
+    let desired_deployments: Vec<Deployment> = desired
+        .deployments
+        .iter()
+        .chain(&desired.activator)
+        .cloned()
+        .collect();
+    applied += apply_all(&deployments, &desired_deployments, live_deployments).await?;
+    prune(&deployments, &desired_deployments, live_deployments).await?;
     applied += sync(client, ns, model, owned, &desired.autoscalers, true).await?;
     Ok(applied)
 }

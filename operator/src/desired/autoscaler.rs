@@ -1,13 +1,16 @@
 //! A HorizontalPodAutoscaler per variant when `spec.autoscaling` is set (CPU by default, or the
 //! sidecar's per-pod gauges through a custom metrics adapter: the chart's
-//! `prometheus-adapter-rules.yaml` serves every name used here).
+//! `prometheus-adapter-rules.yaml` serves every name used here, which the real-API-server test
+//! `e2e/tests/apiserver_autoscaling.rs` checks through a live HPA).
 
 use k8s_openapi::api::autoscaling::v2::{
     CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec,
     MetricIdentifier, MetricSpec, MetricTarget, PodsMetricSource, ResourceMetricSource,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use sluice_crds::contract::{COMPLETION_TOKENS_PER_SECOND_SERIES, REQUESTS_IN_FLIGHT_SERIES};
+use sluice_crds::contract::{
+    COMPLETION_TOKENS_PER_SECOND_SERIES, QUEUE_DEPTH_SERIES, REQUESTS_IN_FLIGHT_SERIES,
+};
 use sluice_crds::inference_model::{AutoscalingMetricType, Variant};
 
 use super::meta::Renderer;
@@ -27,6 +30,7 @@ impl Renderer<'_> {
                 AutoscalingMetricType::InFlightRequests => {
                     pods_metric(REQUESTS_IN_FLIGHT_SERIES, m.target)
                 }
+                AutoscalingMetricType::QueueDepth => pods_metric(QUEUE_DEPTH_SERIES, m.target),
                 AutoscalingMetricType::TokensPerSecond => {
                     pods_metric(COMPLETION_TOKENS_PER_SECOND_SERIES, m.target)
                 }
@@ -43,7 +47,9 @@ impl Renderer<'_> {
                     kind: "Deployment".to_owned(),
                     name,
                 },
-                min_replicas: Some(a.min_replicas),
+                // An HPA cannot go below 1 (without an alpha feature gate): scaling to 0 is
+                // the operator's, and an HPA leaves a Deployment at 0 replicas alone.
+                min_replicas: Some(a.min_replicas.max(1)),
                 max_replicas: a.max_replicas,
                 metrics: Some(metrics),
                 behavior: a.behavior.clone(),

@@ -1,5 +1,6 @@
 //! The sidecars' identity: a ServiceAccount, and a Role that lets it read (only) the model's
-//! sidecar config ConfigMap, which the sidecars watch.
+//! sidecar config ConfigMap, which the sidecars watch, and, for a model that scales to zero,
+//! lets its activator scale (only) the model's Deployments.
 
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
@@ -20,13 +21,17 @@ impl Renderer<'_> {
     pub(super) fn role(&self) -> Role {
         Role {
             metadata: self.meta(sidecar_account_name(self.name), None),
-            rules: Some(vec![PolicyRule {
-                api_groups: Some(vec![String::new()]),
-                resources: Some(vec!["configmaps".to_owned()]),
-                resource_names: Some(vec![config_map_name(self.name)]),
-                verbs: vec!["get".to_owned(), "list".to_owned(), "watch".to_owned()],
-                ..Default::default()
-            }]),
+            rules: Some(
+                std::iter::once(PolicyRule {
+                    api_groups: Some(vec![String::new()]),
+                    resources: Some(vec!["configmaps".to_owned()]),
+                    resource_names: Some(vec![config_map_name(self.name)]),
+                    verbs: vec!["get".to_owned(), "list".to_owned(), "watch".to_owned()],
+                    ..Default::default()
+                })
+                .chain(self.activator_rule())
+                .collect(),
+            ),
         }
     }
 

@@ -6,7 +6,9 @@ use k8s_openapi::api::core::v1::Container;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::ResourceExt;
 
-use sluice_crds::contract::{COMPLETION_TOKENS_PER_SECOND_SERIES, REQUESTS_IN_FLIGHT_SERIES};
+use sluice_crds::contract::{
+    COMPLETION_TOKENS_PER_SECOND_SERIES, QUEUE_DEPTH_SERIES, REQUESTS_IN_FLIGHT_SERIES,
+};
 use sluice_crds::device::{DEVICE_CPU, DEVICE_CUDA, DEVICE_ENV, ENGINE_OVERHEAD_BYTES};
 use sluice_crds::inference_model::DEFAULT_MAX_CONCURRENT_SEQUENCES;
 use sluice_crds::lifecycle::{
@@ -17,8 +19,10 @@ use sluice_crds::quantity::parse_bytes;
 use sluice_crds::sidecar_config::FALLBACK_TOKEN_FILE_FLAG;
 
 use super::*;
-use crate::fixtures::{desired_for, model_from_yaml};
-use crate::names::{ANNOTATION_VARIANT_HASH, GPU_PRODUCT_LABEL, GPU_RESOURCE};
+use crate::fixtures::{desired_for, desired_with, model_from_yaml};
+use crate::names::{
+    ANNOTATION_VARIANT_HASH, GPU_PRODUCT_LABEL, GPU_RESOURCE, LABEL_ACTIVATOR, LABEL_MODEL,
+};
 
 const TWO_VARIANTS: &str = r#"
 apiVersion: sluice.dev/v1alpha1
@@ -265,7 +269,7 @@ fn autoscaling_omits_replicas_and_renders_hpas() {
 fn every_pods_metric_an_autoscaler_uses_is_a_contract_series() {
     let yaml = TWO_VARIANTS.replace(
         "replicas: 2",
-        "autoscaling: {minReplicas: 1, maxReplicas: 3, metrics: [{type: InFlightRequests, target: 8}, {type: TokensPerSecond, target: 50}]}",
+        "autoscaling: {minReplicas: 1, maxReplicas: 3, metrics: [{type: InFlightRequests, target: 8}, {type: QueueDepth, target: 2}, {type: TokensPerSecond, target: 50}]}",
     );
     for hpa in render(&yaml).autoscalers {
         let names: Vec<String> = hpa
@@ -282,6 +286,7 @@ fn every_pods_metric_an_autoscaler_uses_is_a_contract_series() {
             names,
             [
                 REQUESTS_IN_FLIGHT_SERIES,
+                QUEUE_DEPTH_SERIES,
                 COMPLETION_TOKENS_PER_SECOND_SERIES
             ]
         );
@@ -637,5 +642,103 @@ fn the_sidecars_answer_for_every_other_model_of_the_namespace() {
     // Alone in its namespace: no list at all (the document is as before).
     assert!(
         !render(TWO_VARIANTS).config_map.data.expect("data")["sidecar.yaml"].contains("models")
+    );
+}
+
+const SCALES_TO_ZERO: &str = r#"
+apiVersion: sluice.dev/v1alpha1
+kind: InferenceModel
+metadata: {name: chat, namespace: ns}
+spec:
+  autoscaling:
+    minReplicas: 0
+    maxReplicas: 3
+    idleAfter: 10m
+    activationTimeout: 2m
+    metrics: [{type: QueueDepth, target: 4}]
+  variants:
+    - {name: stable, weight: 90, model: {url: "https://example.com/a.gguf"}}
+    - {name: canary, weight: 10, model: {pvc: {claimName: weights, path: b.gguf}}}
+"#;
+
+#[test]
+fn a_model_that_scales_to_zero_gets_an_activator_that_may_scale_only_its_deployments() {
+    let d = render(SCALES_TO_ZERO);
+    // The HPAs keep a floor of 1: going to 0 is the operator's.
+    for hpa in &d.autoscalers {
+        assert_eq!(hpa.spec.as_ref().and_then(|s| s.min_replicas), Some(1));
+    }
+    let activator = d.activator.as_ref().expect("an activator");
+    assert_eq!(activator.name_any(), "chat-activator");
+    let args = container(activator).args.clone().expect("args");
+    assert_eq!(
+        args,
+        [
+            "activate",
+            "--wake",
+            "chat-stable",
+            "--wake",
+            "chat-canary",
+            "--upstream",
+            "http://chat-stable.ns.svc:8080",
+            "--upstream",
+            "http://chat-canary.ns.svc:8080",
+            "--hold-timeout-secs",
+            "120",
+        ]
+    );
+    // Its pods do not carry the model's label (the model's Service selects that).
+    let pod_labels = activator
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.labels.clone())
+        .expect("pod labels");
+    assert!(!pod_labels.contains_key(LABEL_MODEL));
+    assert_eq!(pod_labels[LABEL_ACTIVATOR], "chat");
+    // The Role lets the pods scale exactly the model's Deployments.
+    let rules = d.role.rules.clone().expect("rules");
+    let scale = rules
+        .iter()
+        .find(|r| r.resources.as_deref() == Some(&["deployments/scale".to_owned()]))
+        .expect("a scale rule");
+    assert_eq!(
+        scale.resource_names.as_deref(),
+        Some(&["chat-stable".to_owned(), "chat-canary".to_owned()][..])
+    );
+    assert_eq!(scale.verbs, ["get", "patch"]);
+    // A model that does not scale to zero has neither.
+    let plain = render(TWO_VARIANTS);
+    assert!(plain.activator.is_none());
+    assert_eq!(plain.role.rules.expect("rules").len(), 1);
+}
+
+#[test]
+fn the_model_service_selects_the_activator_while_no_pod_is_ready_or_it_is_at_zero() {
+    let model = model_from_yaml(SCALES_TO_ZERO);
+    let selector = |model: &InferenceModel, ready: &ReadyCounts| {
+        desired_with(model, &ModelLimits::default(), ready)
+            .expect("renders")
+            .services[0]
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.clone())
+            .expect("selector")
+    };
+    let none = ReadyCounts::none();
+    let one: ReadyCounts = [("stable", 1)].into_iter().collect();
+    assert_eq!(selector(&model, &none)[LABEL_ACTIVATOR], "chat");
+    assert_eq!(selector(&model, &one)[LABEL_MODEL], "chat");
+    // Decided idle (status): the activator takes requests before the last pod stops.
+    let mut idle = model.clone();
+    idle.status = Some(sluice_crds::InferenceModelStatus {
+        scaled_to_zero: true,
+        ..Default::default()
+    });
+    assert_eq!(selector(&idle, &one)[LABEL_ACTIVATOR], "chat");
+    // Without scale to zero, the model's pods whatever is ready.
+    assert_eq!(
+        selector(&model_from_yaml(TWO_VARIANTS), &none)[LABEL_MODEL],
+        "chat"
     );
 }

@@ -38,7 +38,7 @@ use crate::names::{
 use crate::policy::merge::key_secret_volumes;
 
 /// UID/GID the sidecar images run as (`USER 65532:65532` in deploy/sidecar*.Dockerfile).
-const SIDECAR_UID: i64 = 65532;
+pub(super) const SIDECAR_UID: i64 = 65532;
 /// Downloaded weights land here inside the models emptyDir.
 const DOWNLOADED_FILE: &str = "model.gguf";
 
@@ -625,7 +625,7 @@ fn plain_env(name: &str, value: &str) -> EnvVar {
     }
 }
 
-fn container_port(name: &str, port: i32) -> ContainerPort {
+pub(super) fn container_port(name: &str, port: i32) -> ContainerPort {
     ContainerPort {
         name: Some(name.to_owned()),
         container_port: port,
@@ -634,7 +634,7 @@ fn container_port(name: &str, port: i32) -> ContainerPort {
     }
 }
 
-fn downward_env() -> Vec<EnvVar> {
+pub(super) fn downward_env() -> Vec<EnvVar> {
     let field = |name: &str, path: &str| EnvVar {
         name: name.to_owned(),
         value_from: Some(EnvVarSource {
@@ -652,7 +652,7 @@ fn downward_env() -> Vec<EnvVar> {
     ]
 }
 
-fn runtime_default_seccomp() -> SeccompProfile {
+pub(super) fn runtime_default_seccomp() -> SeccompProfile {
     SeccompProfile {
         type_: "RuntimeDefault".to_owned(),
         ..Default::default()
@@ -660,7 +660,7 @@ fn runtime_default_seccomp() -> SeccompProfile {
 }
 
 /// The `restricted` Pod Security Standard, per container.
-fn restricted_security_context() -> SecurityContext {
+pub(super) fn restricted_security_context() -> SecurityContext {
     SecurityContext {
         allow_privilege_escalation: Some(false),
         read_only_root_filesystem: Some(true),

@@ -35,7 +35,7 @@ use tokio::time::Instant as TokioInstant;
 
 use self::relay::copy_end_to_end;
 use crate::{
-    admit::Reservation,
+    admit::{NoReservation, Reservation},
     openai::ApiError,
     route::{FORWARDED_HEADER, ForwardAuth, ForwardFailureLabels, RouteDecision, Router},
     stream::{body::ResponseBody, timing::DrainCut},
@@ -189,6 +189,12 @@ impl Forwarder {
             Ok(Err(e)) => Err(ForwardError::Other(error_chain(&e))),
         }
     }
+}
+
+/// Relays a response to a request sent on unsigned ([`Forwarder::send_unsigned`]): the pod
+/// that answered admitted it, so there is nothing to settle here.
+pub fn relay_as_is(res: Response<Incoming>) -> Response<ResponseBody> {
+    relay::relay(res, Box::new(NoReservation), 0, None)
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -184,7 +184,8 @@ fn models(state: &AppState, path: &str) -> Result<Response<ResponseBody>, ApiErr
     }
 }
 
-fn request_id(headers: &HeaderMap) -> String {
+/// The client's `x-request-id` (at most 128 bytes), else a new one unique to this process.
+pub fn request_id(headers: &HeaderMap) -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     static PREFIX: OnceLock<u64> = OnceLock::new();
     if let Some(id) = headers

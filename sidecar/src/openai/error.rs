@@ -171,6 +171,14 @@ pub enum ApiError {
         sent: bool,
     },
 
+    /// The model is scaled to zero and no pod of it became ready while the activator held
+    /// the request (or the request is not one it holds): it is starting; retry (503).
+    #[error("the model is scaled to zero and is starting (no pod ready after {}s); retry shortly", .waited.as_secs())]
+    Waking {
+        /// How long the request was held.
+        waited: Duration,
+    },
+
     /// The caller is not in the API-key list (401).
     #[error("{}", unauthorized_message(.0))]
     Unauthorized(Unauthorized),
@@ -261,6 +269,7 @@ impl ApiError {
             Self::VariantUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::ModelUnreachable { sent: false, .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::ModelUnreachable { sent: true, .. } => StatusCode::BAD_GATEWAY,
+            Self::Waking { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::NoPolicy => StatusCode::SERVICE_UNAVAILABLE,
             Self::Limited(r) => match r.cause {
@@ -282,7 +291,7 @@ impl ApiError {
             | Self::TooManyConnections { .. }
             | Self::VariantUnavailable { .. }
             | Self::ModelUnreachable { sent: false, .. } => Some(1),
-            Self::Draining => Some(5),
+            Self::Draining | Self::Waking { .. } => Some(5),
             Self::NoPolicy => Some(NO_POLICY_RETRY_NS.div_ceil(1_000_000_000)),
             Self::Limited(r) => r.retry_after_secs(),
             _ => None,
@@ -328,6 +337,7 @@ impl ApiError {
             Self::VariantUnavailable { .. } => ("server_error", None, Some("variant_unavailable")),
             Self::ModelUnreachable { .. } => ("server_error", None, Some("model_unavailable")),
             Self::Loading => ("server_error", None, Some("loading")),
+            Self::Waking { .. } => ("server_error", None, Some("model_waking")),
             Self::Unauthorized(_) => ("invalid_request_error", None, Some("invalid_api_key")),
             Self::NoPolicy => ("server_error", None, Some("config_invalid")),
             Self::Limited(r) => match r.cause {
