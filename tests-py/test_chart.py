@@ -460,11 +460,16 @@ def test_sidecar_pod_monitor_is_optional_and_scrapes_the_admin_port(default_rend
     assert pm["spec"]["namespaceSelector"] == {"any": True}
     assert pm["spec"]["podMetricsEndpoints"] == [
         {"port": "admin", "path": "/metrics", "interval": "10s", "scrapeTimeout": "10s"}]
-    # It selects the inference pods the operator renders, by their labels and port name.
-    pods = pod_templates("inference")
-    assert pods
+    # It selects the inference pods and the activators the operator renders, by their labels
+    # and port name.
+    selector = pm["spec"]["selector"]
+    pods = pod_templates("inference") + pod_templates("activator")
+    assert pod_templates("activator")
     for pod in pods:
-        assert pm["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+        labels = pod["metadata"]["labels"]
+        assert selector["matchLabels"].items() <= labels.items()
+        for e in selector["matchExpressions"]:
+            assert e["operator"] == "In" and labels.get(e["key"]) in e["values"], (e, labels)
         ports = [p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])]
         assert "admin" in ports
 

@@ -5,7 +5,9 @@
 //! activator. Requests sent to the activator are held while it scales the Deployment up, and
 //! each gets its answer from the pod that starts: the time from the request to its first
 //! token from zero is printed (the weights are on the node already, as a warm node cache).
-//! Then the model goes back to zero on its own.
+//! Then the model goes back to zero on its own. (That the Service selects the pods again
+//! once one is ready is the desired state's unit test: with `idleAfter` this short, the window
+//! is too narrow to catch here.)
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
@@ -157,22 +159,7 @@ async fn scenario(c: &Cluster) -> anyhow::Result<()> {
         "nothing stays held"
     );
 
-    // Awake: the Service selects the pods again; then idle, the model goes back to zero.
-    wait::until("the Service back on the pods", MINUTE, || async {
-        let selector = services
-            .get(MODEL)
-            .await?
-            .spec
-            .and_then(|s| s.selector)
-            .unwrap_or_default();
-        Ok((selector.get(LABEL_MODEL).map(String::as_str) == Some(MODEL)).then_some(()))
-    })
-    .await
-    .or_else(|e| {
-        // It may already be idle again (4 s): then it is at zero once more.
-        eprintln!("{e:#}; checking it went back to zero instead");
-        Ok::<_, anyhow::Error>(())
-    })?;
+    // Idle again, the model goes back to zero (a later request time than before).
     wait::until("the model back at zero", 2 * MINUTE, || async {
         let status = ims.get(MODEL).await?.status.unwrap_or_default();
         let last = status.last_request_time.clone();

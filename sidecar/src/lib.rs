@@ -9,10 +9,10 @@
 //! - [`admit`] (the admission contract and its limiter) and [`metrics`];
 //! - [`openai`]: the wire types, and the one place errors become statuses and headers;
 //! - [`stream`] (JSON and SSE answers) and [`forward`] (to other variants);
-//! - [`http`] (the request path, top-down in [`http::generate`]), [`reload`] (config
-//!   documents) and [`activate`] (what answers for a model scaled to zero);
-//! - [`app`] wires them for `serve`; [`cli`], [`preflight`], [`telemetry`] and [`model`] serve
-//!   `main`.
+//! - [`http`] (the request path, top-down in [`http::generate`]) and [`reload`] (config
+//!   documents);
+//! - [`app`] wires them for `serve`, and [`activate`] for `activate` (what answers for a model
+//!   scaled to zero); [`cli`], [`preflight`], [`telemetry`] and [`model`] serve `main`.
 
 pub mod activate;
 pub mod admit;

@@ -21,8 +21,8 @@ const LAYERS: &[(&str, &str)] = &[
     ("admission and request metrics", "admit metrics"),
     ("the OpenAI protocol", "openai"),
     ("answers and forwarding", "stream forward"),
-    ("serving", "http reload activate"),
-    ("process", "app cli preflight telemetry model"),
+    ("serving", "http reload"),
+    ("process", "app activate cli preflight telemetry model"),
 ];
 
 /// Modules that know no HTTP: no `http::` or `hyper::` path in their code (the rate limiter
