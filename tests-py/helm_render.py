@@ -49,10 +49,11 @@ _DISCOVERY: dict[str, list[tuple[str, str, bool]]] = {
         ("rolebindings", "RoleBinding", True),
     ],
     "apiextensions.k8s.io/v1": [("customresourcedefinitions", "CustomResourceDefinition", False)],
-    # Present as if prometheus-operator were installed, so serviceMonitor.enabled and
-    # sidecarPodMonitor.enabled can render.
+    # Present as if prometheus-operator were installed, so serviceMonitor.enabled,
+    # sidecarPodMonitor.enabled and prometheusRule.enabled can render.
     "monitoring.coreos.com/v1": [("servicemonitors", "ServiceMonitor", True),
-                                 ("podmonitors", "PodMonitor", True)],
+                                 ("podmonitors", "PodMonitor", True),
+                                 ("prometheusrules", "PrometheusRule", True)],
     "sluice.dev/v1alpha1": [
         ("inferencemodels", "InferenceModel", True),
         ("ratelimitpolicies", "RateLimitPolicy", True),

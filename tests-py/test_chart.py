@@ -4,6 +4,7 @@ RBAC, a restricted pod, the flags the operator is started with, values that fail
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -559,3 +560,52 @@ def test_notes_tell_the_next_step(default_render):
     assert "kubectl apply" in notes
     assert "http://<model>.<namespace>.svc:8080/v1" in notes
     assert f"kubectl -n {NS} rollout status deployment/{OPERATOR}" in notes
+
+
+# === dashboards and alerts ===
+
+
+def _promql(expr: str) -> str:
+    """A dashboard expression with Grafana's variables as Prometheus would get them."""
+    return (expr.replace("$__rate_interval", "5m").replace("$__range", "1h")
+            .replace("$namespace", ".*").replace("$model", ".*"))
+
+
+def test_dashboards_and_alerts_are_optional_and_their_promql_parses():
+    import promql_parser
+
+    default = helm_render.render({})
+    assert not default.of_kind("PrometheusRule")
+    assert not [c for c in default.of_kind("ConfigMap") if c["metadata"]["name"].endswith("-dashboards")]
+
+    rendered = helm_render.render({"sidecarPodMonitor": {"enabled": True},
+                                   "grafanaDashboards": {"enabled": True},
+                                   "prometheusRule": {"enabled": True, "labels": {"release": "kps"}}})
+    # The dashboard, where Grafana's sidecar finds it.
+    cm = rendered.one("ConfigMap", "sluice-dashboards")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(cm["data"]["sluice-models.json"])
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    titles = {p["title"] for p in dashboard["panels"]}
+    for wanted in ("Requests by status", "Error ratio (5xx)", "429s by rule", "Time to first token",
+                   "Time per output token", "Tokens per second", "Queue and engine",
+                   "Traffic by variant (canary state)", "Config convergence"):
+        assert wanted in titles, wanted
+    # The alerts, with the values' thresholds.
+    rule = rendered.one("PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "kps"
+    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert "> 0.05" in alerts["SluiceHighErrorRate"]["expr"]
+    assert "> 10" in alerts["SluiceSlowFirstToken"]["expr"]
+    for alert in alerts.values():
+        assert alert["labels"]["severity"] in ("info", "warning", "critical")
+        assert alert["annotations"]["summary"] and alert["annotations"]["description"]
+    # Every query parses as PromQL (which metrics they name is checked against what the
+    # binaries export: sidecar/tests/dashboards.rs, operator/src/metrics.rs).
+    for expr in exprs + [a["expr"] for a in alerts.values()]:
+        promql_parser.parse(_promql(expr))
+    # The model label they group by is one the PodMonitor adds.
+    pm = rendered.one("PodMonitor")
+    assert "sluice.dev/model" in pm["spec"]["podTargetLabels"]
+    assert all("sluice_dev_model" in e for e in exprs if "sluice_operator_" not in e
+               and "activator" not in e)

@@ -110,3 +110,62 @@ impl Drop for ReconcileTimer {
         self.histogram.observe(self.start.elapsed().as_secs_f64());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::path::Path;
+
+    use super::*;
+
+    /// The `sluice_operator_*` names in a text.
+    fn operator_names(text: &str) -> BTreeSet<String> {
+        let mut names = BTreeSet::new();
+        let mut rest = text;
+        while let Some(at) = rest.find("sluice_operator_") {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[at + name.len()..];
+            names.insert(name);
+        }
+        names
+    }
+
+    /// The operator's series the chart's dashboard and alerts query are the ones it exports
+    /// (every metric recorded once; the sidecars' are checked in sidecar/tests/dashboards.rs).
+    #[test]
+    fn every_operator_series_the_dashboards_and_alerts_query_is_exported() {
+        let mut registry = Registry::default();
+        let metrics = Metrics::default().register(&mut registry);
+        drop(metrics.reconcile_started());
+        metrics.reconcile_failed("ServerError");
+        metrics.applies.inc();
+        metrics.leader.set(1);
+        let mut exposition = String::new();
+        prometheus_client::encoding::text::encode(&mut exposition, &registry).expect("encodes");
+        let exported: BTreeSet<String> = exposition
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .map(str::to_owned)
+            .collect();
+
+        let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/sluice");
+        let mut queried = BTreeSet::new();
+        for file in [
+            chart.join("dashboards/sluice-models.json"),
+            chart.join("templates/prometheusrule.yaml"),
+        ] {
+            let text = std::fs::read_to_string(&file).expect("chart file");
+            queried.extend(operator_names(&text));
+        }
+        assert!(queried.len() >= 3, "{queried:?}");
+        let missing: Vec<_> = queried.difference(&exported).collect();
+        assert!(
+            missing.is_empty(),
+            "queried, not exported: {missing:?}\n{exposition}"
+        );
+    }
+}
