@@ -127,7 +127,10 @@ async fn openai_api_end_to_end() {
     .await;
     assert_eq!(status, StatusCode::OK, "{done}");
     assert_eq!(done["object"], "text_completion");
-    assert!(!done["choices"][0]["text"].as_str().unwrap().is_empty());
+    let text = done["choices"][0]["text"].as_str().unwrap();
+    // A completion continues its prompt: the space before its next word is kept, as OpenAI's
+    // text has it (a chat answer starts at its first word).
+    assert!(text.starts_with(' ') && text.trim().len() > 1, "{text:?}");
     assert_eq!(done["usage"]["completion_tokens"], 5);
     assert_eq!(done["choices"][0]["finish_reason"], "length");
     let res = post_stream(
@@ -146,6 +149,12 @@ async fn openai_api_end_to_end() {
         done["usage"]["prompt_tokens"]
     );
     assert_eq!(usage["usage"]["completion_tokens"], 5);
+    let streamed: String = events[..events.len() - 2]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|e| e["choices"][0]["text"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(streamed, text, "the stream's text is the JSON answer's");
 
     // --- errors: OpenAI's shape, the right 4xx ---
     let check = |status: StatusCode, body: &Value, want: StatusCode, what: &str| {

@@ -136,8 +136,9 @@ lp = c.choices[0].logprobs
 prompt_tokens = c.usage.prompt_tokens
 assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4, lp
 assert all(p <= 0 for p in lp.token_logprobs) and all(1 <= len(t) <= 2 for t in lp.top_logprobs), lp
-# (The engine's text drops the leading space of a completion's first token; the tokens keep it.)
-assert lp.text_offset[0] == 0 and "".join(lp.tokens).lstrip() == c.choices[0].text.lstrip(), (lp, c)
+# The tokens spell the text, its leading space included, each at its offset in it.
+assert "".join(lp.tokens) == c.choices[0].text, (lp, c)
+assert all(c.choices[0].text[o:].startswith(t) for o, t in zip(lp.text_offset, lp.tokens)), (lp, c)
 
 # --- seed: a sampled answer is reproduced by its seed ---
 def sampled(seed):

@@ -1025,7 +1025,9 @@ impl Sequence {
         // The first token usually starts with a space. We don't want to add that to the delta.
         // Since we're using the completion_bytes, we need to take care of that ourselves.
         // Had we used HF's Tokenizer, it would have taken care of that for us.
-        if is_first {
+        // sluice: only in a chat answer. A completion continues its prompt, and OpenAI's text
+        // keeps the space: "The capital of France is" -> " Paris", not "Paris".
+        if is_first && self.get_mut_group().is_chat {
             return Ok(Some(new_decoded.trim_start().to_string()));
         }
         Ok(Some(new_decoded.to_string()))

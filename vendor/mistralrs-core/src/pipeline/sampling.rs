@@ -262,6 +262,16 @@ pub(crate) async fn finish_or_add_toks_to_seq(
             // Signal EOS to all reasoning parsers
             seq.finalize_reasoning();
 
+            // sluice: a chat answer starts at its first word; a completion keeps the space it
+            // continues its prompt with (as `Sequence::peek_delta` streams it).
+            let is_chat = seq.get_mut_group().is_chat;
+            let trim = |text: &str| {
+                if is_chat {
+                    text.trim_start().to_string()
+                } else {
+                    text.to_string()
+                }
+            };
             let text = match reason {
                 crate::sequence::StopReason::Length(_)
                 | crate::sequence::StopReason::ModelLength(_)
@@ -269,16 +279,14 @@ pub(crate) async fn finish_or_add_toks_to_seq(
                 | crate::sequence::StopReason::StopTok(_)
                 | crate::sequence::StopReason::Canceled
                 | crate::sequence::StopReason::ToolCalls => {
-                    String::from_utf8_lossy(seq.completion_bytes())
-                        .trim_start()
-                        .to_string()
+                    trim(&String::from_utf8_lossy(seq.completion_bytes()))
                 }
                 crate::sequence::StopReason::StopString {
                     completion_bytes_pos,
                     ..
                 } => {
                     let txt = String::from_utf8_lossy(seq.completion_bytes());
-                    txt[..completion_bytes_pos].trim_start().to_string()
+                    trim(&txt[..completion_bytes_pos])
                 }
                 crate::sequence::StopReason::GeneratedImage
                 | crate::sequence::StopReason::GeneratedSpeech => {
