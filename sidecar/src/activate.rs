@@ -302,7 +302,7 @@ async fn hold(activator: Arc<Activator>, req: Request<Incoming>) -> Response<Res
                     tracing::warn!(request_id = %id, %upstream, %error, "a pod failed a held request");
                     activator.count("error");
                     return error_response(&ApiError::ModelUnreachable {
-                        model: String::new(),
+                        model: named_model(&out.body),
                         sent: true,
                     });
                 }
@@ -318,6 +318,15 @@ async fn hold(activator: Arc<Activator>, req: Request<Incoming>) -> Response<Res
         tokio::time::sleep(RETRY_EVERY).await;
         activator.clone().wake_soon();
     }
+}
+
+/// The `model` a request body names, for an error message (the activator serves one model
+/// and reads nothing else of the body).
+fn named_model(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("model")?.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 /// Reads a held request's body: at most `limit` bytes, within [`BODY_TIMEOUT`].
