@@ -52,6 +52,16 @@ impl Cluster {
             kubelet,
         })
     }
+
+    /// `helm install` of the chart's operator (one replica) into the system namespace.
+    pub fn install_operator(&self) -> anyhow::Result<()> {
+        helm::install(
+            &self.control_plane.kubeconfig(),
+            "sluice",
+            &self.system,
+            &serde_json::json!({"replicaCount": 1}),
+        )
+    }
 }
 
 /// The workspace root.

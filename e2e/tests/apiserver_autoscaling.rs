@@ -25,7 +25,7 @@ use sluice_crds::contract::{
     COMPLETION_TOKENS_PER_SECOND_SERIES, QUEUE_DEPTH_SERIES, REQUESTS_IN_FLIGHT_SERIES,
 };
 use sluice_e2e::metrics_adapter::{API_SERVICE, MetricsAdapter};
-use sluice_e2e::{Cluster, helm, http, objects, wait};
+use sluice_e2e::{Cluster, http, objects, wait};
 use sluice_operator::names::{API_PORT, LABEL_MODEL, variant_object_name};
 
 const MODEL: &str = "chat";
@@ -187,12 +187,7 @@ async fn scenario(c: &Cluster, adapter: &MetricsAdapter) -> anyhow::Result<()> {
     );
     // Registered before the model exists, so the HPA never reads a missing API.
     adapter.register(admin, system).await?;
-    helm::install(
-        &c.control_plane.kubeconfig(),
-        "sluice",
-        system,
-        &json!({"replicaCount": 1}),
-    )?;
+    c.install_operator()?;
     let model = json!({
         "apiVersion": "sluice.dev/v1alpha1",
         "kind": "InferenceModel",

@@ -20,7 +20,7 @@ use sluice_crds::InferenceModel;
 use sluice_crds::contract::{CONFIG_GENERATION_SERIES, REQUESTS_TOTAL_SERIES};
 use sluice_crds::sidecar_config::{SIDECAR_CONFIG_KEY, SidecarConfig};
 use sluice_e2e::Cluster;
-use sluice_e2e::{helm, http, objects, wait};
+use sluice_e2e::{http, objects, wait};
 use sluice_operator::names::{ADMIN_PORT, API_PORT, LABEL_MODEL, LABEL_VARIANT, config_map_name};
 use sluice_operator::rollout::plan::REASON_ROLLED_BACK;
 
@@ -105,14 +105,8 @@ async fn a_canary_whose_sidecar_dies_is_rolled_back_from_real_metrics_and_gets_n
 }
 
 async fn scenario(c: &Cluster) -> anyhow::Result<()> {
-    let (cluster, admin, kubelet) = (c.control_plane, &c.admin, &c.kubelet);
-    let (system, models) = (c.system.as_str(), c.models.as_str());
-    helm::install(
-        &cluster.kubeconfig(),
-        "sluice",
-        system,
-        &json!({"replicaCount": 1}),
-    )?;
+    let (admin, kubelet, models) = (&c.admin, &c.kubelet, c.models.as_str());
+    c.install_operator()?;
     let model = json!({
         "apiVersion": "sluice.dev/v1alpha1",
         "kind": "InferenceModel",

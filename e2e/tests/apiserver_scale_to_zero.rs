@@ -19,7 +19,7 @@ use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use sluice_crds::InferenceModel;
-use sluice_e2e::{Cluster, helm, http, objects, wait};
+use sluice_e2e::{Cluster, http, objects, wait};
 use sluice_operator::names::{
     ADMIN_PORT, API_PORT, LABEL_ACTIVATOR, LABEL_MODEL, activator_name, variant_object_name,
 };
@@ -48,14 +48,8 @@ async fn an_idle_model_scales_to_zero_and_held_requests_wake_it() -> anyhow::Res
 }
 
 async fn scenario(c: &Cluster) -> anyhow::Result<()> {
-    let (cluster, admin, kubelet) = (c.control_plane, &c.admin, &c.kubelet);
-    let (system, models) = (c.system.as_str(), c.models.as_str());
-    helm::install(
-        &cluster.kubeconfig(),
-        "sluice",
-        system,
-        &json!({"replicaCount": 1}),
-    )?;
+    let (admin, kubelet, models) = (&c.admin, &c.kubelet, c.models.as_str());
+    c.install_operator()?;
     let model = json!({
         "apiVersion": "sluice.dev/v1alpha1",
         "kind": "InferenceModel",
