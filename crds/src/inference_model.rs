@@ -730,6 +730,13 @@ impl InferenceModel {
     }
 }
 
+impl InferenceModelSpec {
+    /// The autoscaling of a model that scales to zero when idle (`minReplicas: 0`).
+    pub fn scale_to_zero(&self) -> Option<&Autoscaling> {
+        self.autoscaling.as_ref().filter(|a| a.min_replicas == 0)
+    }
+}
+
 impl Autoscaling {
     /// What would make the autoscalers never act: bounds out of order, a CPU target on pods
     /// with no CPU request (utilisation is a percentage of it), an in-flight target no pod can
@@ -792,11 +799,6 @@ impl Autoscaling {
             }
         }
         Ok(())
-    }
-
-    /// Whether the model scales to zero when idle.
-    pub fn scales_to_zero(&self) -> bool {
-        self.min_replicas == 0
     }
 
     /// `idleAfter`, default filled in.

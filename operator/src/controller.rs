@@ -223,11 +223,7 @@ pub async fn reconcile(model: Arc<InferenceModel>, ctx: Arc<Context>) -> Result<
 
     // Scale to zero: whether the model served a request lately, decided into status (the
     // desired state routes the model's Service to the activator while it is at zero).
-    let scale_to_zero = model
-        .spec
-        .autoscaling
-        .as_ref()
-        .filter(|a| a.scales_to_zero());
+    let scale_to_zero = model.spec.scale_to_zero();
     let idle = scale_to_zero.map(|a| {
         let active = ctx.requests.active(&model, &scraped);
         let replicas = idle::variant_replicas(&observed.deployments);
@@ -315,12 +311,7 @@ fn reads_sidecar_metrics(model: &InferenceModel) -> bool {
         .rollout
         .as_ref()
         .is_some_and(|r| r.analysis.is_some());
-    let scales_to_zero = model
-        .spec
-        .autoscaling
-        .as_ref()
-        .is_some_and(|a| a.scales_to_zero());
-    analysis || scales_to_zero || model.spec.variants.len() > 1
+    analysis || model.spec.scale_to_zero().is_some() || model.spec.variants.len() > 1
 }
 
 /// The effective weights and the desired state of `planned` (the model with this reconcile's

@@ -37,11 +37,7 @@ use crate::observe::ReadyCounts;
 impl Renderer<'_> {
     /// Whether the model scales to zero (and so has an activator).
     pub(super) fn scales_to_zero(&self) -> bool {
-        self.model
-            .spec
-            .autoscaling
-            .as_ref()
-            .is_some_and(|a| a.scales_to_zero())
+        self.model.spec.scale_to_zero().is_some()
     }
 
     /// The model Service's selector: its pods, or the activator while none is ready or the
@@ -79,10 +75,7 @@ impl Renderer<'_> {
 
     /// The activator's Deployment, when the model scales to zero.
     pub(super) fn activator(&self) -> Option<Deployment> {
-        let autoscaling = self.model.spec.autoscaling.as_ref()?;
-        if !autoscaling.scales_to_zero() {
-            return None;
-        }
+        let autoscaling = self.model.spec.scale_to_zero()?;
         // Not the model's label: the model's Service selects every pod carrying it.
         let mut pod_labels = self.labels(None);
         pod_labels.remove(LABEL_MODEL);
