@@ -92,6 +92,13 @@ pub struct InferenceModelSpec {
     /// arriving together share one generation. Off unless set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<ResponseCache>,
+    /// Who may call the model: API keys and JWT bearer tokens (checked against the issuers'
+    /// key sets), and which tenants and roles may use which variants. Unset: callers are
+    /// identified as a `RateLimitPolicy`'s `identity` says, or not at all. When set, it
+    /// identifies callers (a policy's `identity` is not used) and its tenants and roles are
+    /// what rate-limit rules match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<crate::auth::Auth>,
 }
 
 /// See `InferenceModelSpec.fallback`.
@@ -725,6 +732,9 @@ impl InferenceModel {
         }
         if let Some(a) = &spec.autoscaling {
             a.check(spec)?;
+        }
+        if let Some(auth) = &spec.auth {
+            auth.validate(&seen.iter().copied().collect::<Vec<_>>())?;
         }
         Ok(())
     }

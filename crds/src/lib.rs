@@ -7,6 +7,7 @@
 //! (`make crds`) and a test fails when the committed YAML is stale.
 
 pub mod activation;
+pub mod auth;
 pub mod contract;
 pub mod device;
 pub mod inference_model;

@@ -212,6 +212,10 @@ pub struct RuleMatch {
     /// Variants of the model. Empty: any variant.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub variants: Vec<String>,
+    /// Roles (from `InferenceModel.spec.auth`: a JWT's roles claim or the keys list); the
+    /// caller needs one of them. Empty: any roles, or none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roles: Vec<String>,
     /// Request priorities (as assigned by rules with `priority`). Empty: any priority.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub priorities: Vec<Priority>,

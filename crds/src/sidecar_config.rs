@@ -37,6 +37,10 @@ pub struct SidecarConfig {
     /// Where callers' keys come from.
     #[serde(default)]
     pub identity: IdentityConfig,
+    /// Who may call (API keys, JWT issuers, access rules). When set, it identifies callers and
+    /// `identity` is not used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<crate::auth::AuthConfig>,
     /// Effective limit rules of every policy that targets the model, named `policy/rule`.
     #[serde(default)]
     pub rules: Vec<RateLimitRule>,
@@ -186,6 +190,9 @@ pub struct ApiKeyEntry {
     pub key: String,
     /// The tenant it belongs to.
     pub tenant: String,
+    /// Its roles (for `spec.auth.allow` and rate-limit rules' `match.roles`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roles: Vec<String>,
 }
 
 fn one() -> f64 {
@@ -277,6 +284,18 @@ impl SidecarConfig {
                 WHAT,
                 format!("replicaShare {} is not in (0, 1]", self.replica_share),
             ));
+        }
+        if let Some(auth) = &self.auth {
+            auth.validate()
+                .map_err(|reason| Error::invalid(WHAT, reason))?;
+            for rule in &auth.allow {
+                if let Some(v) = rule.variants.iter().find(|v| !names.contains(v.as_str())) {
+                    return Err(Error::invalid(
+                        WHAT,
+                        format!("auth.allow names variant {v:?}, which the model does not have"),
+                    ));
+                }
+            }
         }
         if self.identity.source == IdentitySource::Header && self.identity.header.is_none() {
             return Err(Error::invalid(

@@ -11,9 +11,12 @@ pub mod metrics_adapter;
 pub mod objects;
 pub mod wait;
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
-use kube::Client;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+use kube::{Client, ResourceExt};
 
 use crate::control_plane::ControlPlane;
 use crate::kubelet::{Images, Kubelet};
@@ -61,6 +64,25 @@ impl Cluster {
             &self.system,
             &serde_json::json!({"replicaCount": 1}),
         )
+    }
+
+    /// The IP of a Ready pod of the models' namespace matching the label `selector`, if one
+    /// runs.
+    pub async fn ready_pod_ip(&self, selector: &str) -> anyhow::Result<Option<Ipv4Addr>> {
+        let pods = Api::<Pod>::namespaced(self.admin.clone(), &self.models)
+            .list(&ListParams::default().labels(selector))
+            .await?;
+        for pod in pods {
+            let ready = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            if ready && let Some(ip) = self.kubelet.pod_ip(&self.models, &pod.name_any()) {
+                return Ok(Some(ip));
+            }
+        }
+        Ok(None)
     }
 }
 

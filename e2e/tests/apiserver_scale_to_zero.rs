@@ -77,7 +77,7 @@ async fn scenario(c: &Cluster) -> anyhow::Result<()> {
 
     // It starts with a pod, and goes to zero once idle.
     wait::until("the model's first pod ready", 3 * MINUTE, || async {
-        Ok(ready_model_pods(admin, models, kubelet)
+        Ok(c.ready_pod_ip(&format!("{LABEL_MODEL}={MODEL}"))
             .await?
             .is_some()
             .then_some(()))
@@ -181,28 +181,6 @@ async fn model_pods(client: &Client, ns: &str) -> anyhow::Result<usize> {
         .list(&ListParams::default().labels(&format!("{LABEL_MODEL}={MODEL}")))
         .await?;
     Ok(pods.items.len())
-}
-
-/// A ready pod of the model, if one runs.
-async fn ready_model_pods(
-    client: &Client,
-    ns: &str,
-    kubelet: &sluice_e2e::kubelet::Kubelet,
-) -> anyhow::Result<Option<Ipv4Addr>> {
-    let pods = Api::<Pod>::namespaced(client.clone(), ns)
-        .list(&ListParams::default().labels(&format!("{LABEL_MODEL}={MODEL}")))
-        .await?;
-    for pod in pods {
-        let ready = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-        if ready && let Some(ip) = kubelet.pod_ip(ns, &pod.name_any()) {
-            return Ok(Some(ip));
-        }
-    }
-    Ok(None)
 }
 
 /// The activator's pod, once ready.

@@ -7,6 +7,7 @@
 //! golden tests pin it down.
 
 mod activator;
+pub mod auth;
 mod autoscaler;
 mod meta;
 mod rbac;

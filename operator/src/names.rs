@@ -34,6 +34,8 @@ pub const FORWARDING_VOLUME: &str = "forwarding";
 pub const FALLBACK_FORWARDING_DIR: &str = "/etc/sluice/fallback";
 /// The pod volume of the fallback model's forwarding Secret.
 pub const FALLBACK_FORWARDING_VOLUME: &str = "fallback-forwarding";
+/// Where `spec.auth`'s API-key Secret and key sets are mounted (see `desired::auth`).
+pub const AUTH_DIR: &str = "/etc/sluice/auth";
 /// Where API-key Secrets are mounted in the model's pods: `<KEYS_DIR>/<policy>/<entry>`.
 pub const KEYS_DIR: &str = "/etc/sluice/keys";
 /// The pod volume carrying the API-key Secret (a model has at most one: its identity's).

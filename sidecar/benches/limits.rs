@@ -295,6 +295,7 @@ fn request(key: &str) -> Request<'_> {
     Request {
         tenant: key,
         key,
+        roles: &[],
         variant: "default",
         prompt_tokens: 100,
         max_tokens: 100,

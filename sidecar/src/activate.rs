@@ -282,6 +282,7 @@ async fn hold(activator: Arc<Activator>, req: Request<Incoming>) -> Response<Res
         // Until the serving pod's own request timeout has passed too (it answers 503 itself).
         deadline: hold_until + Duration::from_secs(u64::from(REQUEST_TIMEOUT_SECS)),
         drain_cut: None,
+        caller: None,
     };
     loop {
         for upstream in &activator.upstreams {

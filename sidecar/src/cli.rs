@@ -539,6 +539,7 @@ pub fn default_sidecar_config(model: &str) -> SidecarConfig {
         }],
         routing: Default::default(),
         identity: Default::default(),
+        auth: None,
         rules: Vec::new(),
         replica_share: 1.0,
         saturation: Default::default(),

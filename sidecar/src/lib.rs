@@ -17,6 +17,7 @@
 pub mod activate;
 pub mod admit;
 pub mod app;
+pub mod auth;
 pub mod cache;
 pub mod cli;
 pub mod engine;

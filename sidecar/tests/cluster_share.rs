@@ -52,6 +52,7 @@ fn offer(pods: &[(Limiter, Arc<Policy>)], rps: u64, seconds: u64, warmup: u64) -
         let request = Request {
             tenant: "free",
             key: &keys[i as usize % keys.len()],
+            roles: &[],
             variant: "default",
             prompt_tokens: 10,
             max_tokens: 10,

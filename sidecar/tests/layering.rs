@@ -16,7 +16,7 @@ const LAYERS: &[(&str, &str)] = &[
     ),
     (
         "decisions and the engine, no HTTP answers",
-        "limits engine route",
+        "auth limits engine route",
     ),
     ("admission and request metrics", "admit metrics"),
     ("the OpenAI protocol", "openai"),
@@ -27,7 +27,7 @@ const LAYERS: &[(&str, &str)] = &[
 
 /// Modules that know no HTTP: no `http::` or `hyper::` path in their code (the rate limiter
 /// carries a refusal's cause; `openai` turns it into a status and headers).
-const NO_HTTP: &[&str] = &["limits", "cache"];
+const NO_HTTP: &[&str] = &["auth", "limits", "cache"];
 
 fn layer(module: &str) -> usize {
     let under = |entry: &str| module == entry || module.starts_with(&format!("{entry}::"));

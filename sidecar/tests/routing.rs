@@ -15,8 +15,11 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use serde_json::{Value, json};
 use sluice_sidecar::{
+    auth::Caller,
     model::convert::Quant,
-    route::{FORWARDED_HEADER, ForwardAuth, ForwardToken, VARIANT_HEADER},
+    route::{
+        CALLER_HEADER, FORWARDED_HEADER, ForwardAuth, ForwardToken, VARIANT_HEADER, caller_header,
+    },
 };
 
 const TOKEN: &str = "test-forwarding-token-0123456789abcdef";
@@ -294,7 +297,7 @@ async fn traffic_split_sticky_override_and_forwarding_auth() {
     for forged in [
         "1".to_owned(),
         "true".to_owned(),
-        wrong.sign(COMPLETIONS).to_str().unwrap().to_owned(),
+        wrong.sign(COMPLETIONS, b"").to_str().unwrap().to_owned(),
     ] {
         for entry in [s, c] {
             let (status, _, body) = complete(&client, entry, &[(FORWARDED_HEADER, &forged)]).await;
@@ -305,11 +308,17 @@ async fn traffic_split_sticky_override_and_forwarding_auth() {
     }
     // A genuine signature (only pods hold the token) is served where it lands, unrouted.
     let genuine = ForwardAuth::new(&ForwardToken::new(TOKEN));
-    let signed = genuine.sign(COMPLETIONS).to_str().unwrap().to_owned();
+    let named = caller_header(&Caller::new(String::new(), "anonymous".into()));
+    let signed = genuine.sign(COMPLETIONS, named.as_bytes());
+    let (signed, named) = (signed.to_str().unwrap(), named.to_str().unwrap());
     let (status, served, body) = complete(
         &client,
         c,
-        &[(FORWARDED_HEADER, &signed), ("x-sluice-variant", "stable")],
+        &[
+            (FORWARDED_HEADER, signed),
+            (CALLER_HEADER, named),
+            ("x-sluice-variant", "stable"),
+        ],
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -446,7 +455,7 @@ async fn unreachable_variant_falls_back_and_no_token_means_local_only() {
     );
     // Without the token it accepts no forwarded requests either.
     let signed = ForwardAuth::new(&ForwardToken::new(TOKEN))
-        .sign(COMPLETIONS)
+        .sign(COMPLETIONS, b"")
         .to_str()
         .unwrap()
         .to_owned();

@@ -65,6 +65,7 @@ fn request<'a>(tenant: &'a str, key: &'a str) -> Request<'a> {
     Request {
         tenant,
         key,
+        roles: &[],
         variant: "default",
         prompt_tokens: 10,
         max_tokens: 10,

@@ -11,6 +11,7 @@ use sluice_crds::sidecar_config::{
 };
 use sluice_crds::{InferenceModel, SidecarConfig};
 
+use super::auth::auth_config;
 use super::meta::Renderer;
 use super::weights::EffectiveWeights;
 use crate::Result;
@@ -65,6 +66,7 @@ pub fn desired_sidecar_config(
             }),
         },
         identity: limits.identity.clone(),
+        auth: model.spec.auth.as_ref().map(auth_config),
         rules: limits.rules.clone(),
         // Cluster-scoped limits are split over the pods that serve; recomputed as pods come and
         // go (a ConfigMap change, never a restart).

@@ -27,6 +27,7 @@ use sluice_crds::lifecycle::{
 use sluice_crds::quantity::parse_bytes;
 use sluice_crds::sidecar_config::FALLBACK_TOKEN_FILE_FLAG;
 
+use super::auth::auth_volumes;
 use super::meta::{Renderer, content_hash};
 use crate::Result;
 use crate::names::{
@@ -63,6 +64,7 @@ impl Renderer<'_> {
             key_secret_volumes(self.limits.keys.as_ref())
                 .into_iter()
                 .chain(self.fallback_token_volume())
+                .chain(self.model.spec.auth.iter().flat_map(auth_volumes))
                 .unzip();
         let sidecar = self.sidecar_container(v, &model, key_mounts);
         let init_containers = model

@@ -264,6 +264,7 @@ pub fn check_policy(policy: &RateLimitPolicy) -> Result<(), String> {
             address: None,
         }],
         routing: Default::default(),
+        auth: None,
         identity: spec
             .identity
             .as_ref()

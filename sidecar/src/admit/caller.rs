@@ -1,14 +1,19 @@
-//! Who is calling: the API key read off a request's headers where the config in force says it is
-//! (`Authorization: Bearer` or a configured header), then looked up in its key list
-//! ([`Identity::caller`]).
+//! Who is calling: the credential read off a request's headers where the config in force says it
+//! is (`Authorization: Bearer` or a configured header), then checked ([`Identity::caller`]), and
+//! removed from the headers.
 
 use http::{HeaderMap, header};
 
-use crate::limits::identity::{Caller, Identity, KeySource, Unauthorized};
+use crate::auth::{Caller, Identity, KeySource, Unauthorized};
 
-/// Identifies the caller of a request.
-pub fn identify(identity: &Identity, headers: &HeaderMap) -> Result<Caller, Unauthorized> {
-    identity.caller(key_of(identity.source(), headers))
+/// Identifies the caller of a request, and removes its credential from `headers`.
+pub fn identify(identity: &Identity, headers: &mut HeaderMap) -> Result<Caller, Unauthorized> {
+    let caller = identity.caller(key_of(identity.source(), headers));
+    match identity.source() {
+        KeySource::Bearer => headers.remove(header::AUTHORIZATION),
+        KeySource::Header(name) => headers.remove(&**name),
+    };
+    caller
 }
 
 /// The key a request carries, trimmed (`None`: none, or not valid text).
@@ -33,7 +38,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use crate::limits::identity::{ANONYMOUS, KeyRing, short_hash};
+    use crate::auth::{ANONYMOUS, KeyRing, short_hash};
     use http::HeaderValue;
     use sluice_crds::{rate_limit_policy::IdentitySource, sidecar_config::IdentityConfig};
 
@@ -50,13 +55,13 @@ mod tests {
     #[test]
     fn bearer_keys_are_their_own_tenants_without_a_list() {
         let id = Identity::open();
-        let c = identify(&id, &headers(&[("authorization", "Bearer sk-x")])).unwrap();
+        let c = identify(&id, &mut headers(&[("authorization", "Bearer sk-x")])).unwrap();
         assert_eq!((c.key.as_str(), &*c.tenant), ("sk-x", "sk-x"));
-        let c = identify(&id, &headers(&[("authorization", "bearer   sk-y ")])).unwrap();
+        let c = identify(&id, &mut headers(&[("authorization", "bearer   sk-y ")])).unwrap();
         assert_eq!(c.key, "sk-y");
-        let c = identify(&id, &HeaderMap::new()).unwrap();
+        let c = identify(&id, &mut HeaderMap::new()).unwrap();
         assert_eq!(&*c.tenant, ANONYMOUS);
-        let c = identify(&id, &headers(&[("authorization", "Basic abc")])).unwrap();
+        let c = identify(&id, &mut headers(&[("authorization", "Basic abc")])).unwrap();
         assert_eq!(&*c.tenant, ANONYMOUS, "not a bearer token");
     }
 
@@ -65,13 +70,16 @@ mod tests {
         let ring = KeyRing::from_yaml(KEYS).unwrap();
         assert_eq!(ring.len(), 3);
         let id = Identity::new(&IdentityConfig::default(), Some(ring)).unwrap();
-        let c = identify(&id, &headers(&[("authorization", "Bearer sk-alice-2")])).unwrap();
+        let c = identify(&id, &mut headers(&[("authorization", "Bearer sk-alice-2")])).unwrap();
         assert_eq!(&*c.tenant, "alice");
         assert_eq!(
-            identify(&id, &headers(&[("authorization", "Bearer sk-eve")])),
+            identify(&id, &mut headers(&[("authorization", "Bearer sk-eve")])),
             Err(Unauthorized::Unknown(short_hash("sk-eve")))
         );
-        assert_eq!(identify(&id, &HeaderMap::new()), Err(Unauthorized::Missing));
+        assert_eq!(
+            identify(&id, &mut HeaderMap::new()),
+            Err(Unauthorized::Missing)
+        );
         assert!(
             !format!("{id:?}").contains("sk-"),
             "keys never appear in Debug"
@@ -86,11 +94,10 @@ mod tests {
             keys_file: None,
         };
         let id = Identity::new(&config, None).unwrap();
-        let c = identify(
-            &id,
-            &headers(&[("x-api-key", "k1"), ("authorization", "Bearer other")]),
-        )
-        .unwrap();
+        let mut sent = headers(&[("x-api-key", "k1"), ("authorization", "Bearer other")]);
+        let c = identify(&id, &mut sent).unwrap();
         assert_eq!(c.key, "k1");
+        assert!(!sent.contains_key("x-api-key"), "the credential is removed");
+        assert!(sent.contains_key("authorization"), "another header is not");
     }
 }

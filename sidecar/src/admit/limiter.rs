@@ -4,10 +4,12 @@
 
 use std::sync::Arc;
 
+use http::HeaderMap;
 use tokio::sync::watch;
 
 use super::{Admission, AdmissionRequest, AdmitError, Outcome, Reservation, caller};
 use crate::{
+    auth::{Caller, Grant},
     limits::{Limiter, PolicySlot, RateInfo, Request, Ticket},
     usage::Usage,
 };
@@ -27,18 +29,31 @@ impl LimitAdmission {
 }
 
 impl Admission for LimitAdmission {
+    fn authenticate(&self, headers: &mut HeaderMap) -> Result<(Caller, Grant), AdmitError> {
+        let Some(policy) = self.limiter.in_force(&self.policy) else {
+            return Err(AdmitError::NoPolicy);
+        };
+        let caller = caller::identify(&policy.identity, headers).map_err(|reason| {
+            tracing::info!(?reason, "caller refused");
+            AdmitError::Unauthorized(reason)
+        })?;
+        let grant = policy.identity.grant(&caller).map_err(|refused| {
+            tracing::info!(tenant = %caller.tenant, key_hash = %caller.key_hash(), "caller forbidden");
+            AdmitError::Forbidden(refused)
+        })?;
+        Ok((caller, grant))
+    }
+
     fn admit(&self, req: &AdmissionRequest<'_>) -> Result<Box<dyn Reservation>, AdmitError> {
         // Until a valid config arrives (without `--allow-unlimited`), requests are refused.
         let Some(policy) = self.limiter.in_force(&self.policy) else {
             return Err(AdmitError::NoPolicy);
         };
-        let caller = caller::identify(&policy.identity, req.headers).map_err(|reason| {
-            tracing::info!(?reason, "unknown API key refused");
-            AdmitError::Unauthorized(reason)
-        })?;
+        let caller = req.caller;
         let request = Request {
             tenant: &caller.tenant,
             key: &caller.key,
+            roles: &caller.roles,
             variant: req.variant,
             prompt_tokens: req.prompt_tokens as u64,
             max_tokens: req.max_completion_tokens as u64,

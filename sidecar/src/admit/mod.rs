@@ -1,5 +1,6 @@
-//! The admission contract of the request path: what admission sees of a request
-//! ([`AdmissionRequest`]), the hook that admits or refuses it ([`Admission`]), and what an
+//! The admission contract of the request path: who the caller is and what it may use
+//! ([`Admission::authenticate`]), what admission sees of a request ([`AdmissionRequest`]), the
+//! hook that admits or refuses it ([`Admission::admit`]), and what an
 //! admitted request holds until it ends ([`Reservation`], settled exactly once by a
 //! [`settle::Settlement`]). The rate limiter implements it ([`limiter::LimitAdmission`]);
 //! [`AdmitAll`] admits everything.
@@ -12,7 +13,8 @@ use http::HeaderMap;
 use sluice_crds::SidecarConfig;
 
 use crate::{
-    limits::{RateInfo, Refusal, identity::Unauthorized},
+    auth::{Caller, Forbidden, Grant, Identity, Unauthorized},
+    limits::{RateInfo, Refusal},
     usage::Usage,
 };
 
@@ -22,8 +24,8 @@ use crate::{
 pub struct AdmissionRequest<'a> {
     /// `/v1/chat/completions` or `/v1/completions`.
     pub route: &'static str,
-    /// The request's headers (API key, sticky and override headers).
-    pub headers: &'a HeaderMap,
+    /// The caller, as [`Admission::authenticate`] identified it.
+    pub caller: &'a Caller,
     /// The model id the client asked for.
     pub model: &'a str,
     /// Exact prompt tokens (chat template applied).
@@ -46,6 +48,11 @@ pub struct AdmissionRequest<'a> {
 /// Decides whether a request may proceed. Implemented by the rate limiter; the default admits
 /// everything. A refusal answers the request (e.g. with a 429, see [`crate::openai`]).
 pub trait Admission: Send + Sync + 'static {
+    /// Identifies the caller of a request (401) and what it may use (403) under the config in
+    /// force, and removes its credential from `headers`: nothing past this point (forwards to
+    /// other variants, logs) sees it.
+    fn authenticate(&self, headers: &mut HeaderMap) -> Result<(Caller, Grant), AdmitError>;
+
     /// Admits (and reserves for) one request, or refuses it.
     fn admit(&self, request: &AdmissionRequest<'_>) -> Result<Box<dyn Reservation>, AdmitError>;
 }
@@ -92,8 +99,11 @@ pub enum Outcome {
 /// Why admission refused a request.
 #[derive(Debug)]
 pub enum AdmitError {
-    /// The caller is not in the key list (or sent no key while one is configured).
+    /// The caller is not in the key list, its token was refused, or it sent no credential
+    /// while one is required.
     Unauthorized(Unauthorized),
+    /// The caller is identified but the access rules do not let it make this request.
+    Forbidden(Forbidden),
     /// No valid config is in force (and `--allow-unlimited` is not set): nothing is admitted
     /// until one arrives.
     NoPolicy,
@@ -106,6 +116,12 @@ pub enum AdmitError {
 pub struct AdmitAll;
 
 impl Admission for AdmitAll {
+    fn authenticate(&self, headers: &mut HeaderMap) -> Result<(Caller, Grant), AdmitError> {
+        let caller =
+            caller::identify(&Identity::open(), headers).map_err(AdmitError::Unauthorized)?;
+        Ok((caller, Grant::all()))
+    }
+
     fn admit(&self, _: &AdmissionRequest<'_>) -> Result<Box<dyn Reservation>, AdmitError> {
         Ok(Box::new(NoReservation))
     }

@@ -104,6 +104,7 @@ impl Gateway {
             prompt_tokens: 0,
             deadline: deadline.at,
             drain_cut: Some(deadline.drain_cut.clone()),
+            caller: None,
         };
         Some(self.send(target, &out, deadline).await)
     }

@@ -36,8 +36,12 @@ use tokio::time::Instant as TokioInstant;
 use self::relay::copy_end_to_end;
 use crate::{
     admit::{NoReservation, Reservation},
+    auth::{Caller, Grant},
     openai::ApiError,
-    route::{FORWARDED_HEADER, ForwardAuth, ForwardFailureLabels, RouteDecision, Router},
+    route::{
+        CALLER_HEADER, FORWARDED_HEADER, ForwardAuth, ForwardFailureLabels, RouteDecision, Router,
+        caller_header,
+    },
     stream::{body::ResponseBody, timing::DrainCut},
 };
 
@@ -58,6 +62,9 @@ pub struct Outbound<'a> {
     pub deadline: TokioInstant,
     /// Ends a relayed answer at the end of the drain's grace period (`None`: never).
     pub drain_cut: Option<DrainCut>,
+    /// The caller the entry pod identified, which a signed forward names in
+    /// [`CALLER_HEADER`] (the client's credential was removed with identification).
+    pub caller: Option<&'a Caller>,
 }
 
 /// What became of a routed request.
@@ -176,8 +183,13 @@ impl Forwarder {
         headers.remove(header::HOST);
         headers.remove(header::CONTENT_LENGTH);
         headers.remove(FORWARDED_HEADER);
+        headers.remove(CALLER_HEADER);
         if let Some(auth) = auth {
-            headers.insert(FORWARDED_HEADER, auth.sign(out.path));
+            let caller = out
+                .caller
+                .map_or_else(|| HeaderValue::from_static(""), caller_header);
+            headers.insert(FORWARDED_HEADER, auth.sign(out.path, caller.as_bytes()));
+            headers.insert(CALLER_HEADER, caller);
         }
         if let Ok(id) = HeaderValue::from_str(out.request_id) {
             headers.insert("x-request-id", id);
@@ -219,6 +231,7 @@ pub async fn dispatch(
     forwarder: Option<&Forwarder>,
     config: &SidecarConfig,
     decision: RouteDecision,
+    grant: &Grant,
     out: Outbound<'_>,
     reservation: Box<dyn Reservation>,
 ) -> Result<Dispatched, ApiError> {
@@ -261,7 +274,7 @@ pub async fn dispatch(
                 let retry = matches!(error, ForwardError::Connect(_)) && !pinned;
                 failed.push(variant.clone());
                 let next = if retry {
-                    router.fallback(config, out.headers, &failed)
+                    router.fallback(config, out.headers, &failed, grant)
                 } else {
                     None
                 };
@@ -400,7 +413,7 @@ mod tests {
         rec: &Recorder,
     ) -> Dispatched {
         let headers = HeaderMap::new();
-        let decision = router.decide(config, &headers, path).unwrap();
+        let decision = router.decide(config, &headers, &Grant::all()).unwrap();
         let out = Outbound {
             path,
             headers: &headers,
@@ -409,12 +422,14 @@ mod tests {
             prompt_tokens: 3,
             deadline: TokioInstant::now() + Duration::from_secs(5),
             drain_cut: None,
+            caller: None,
         };
         dispatch(
             router,
             Some(forwarder),
             config,
             decision,
+            &Grant::all(),
             out,
             Box::new(rec.clone()),
         )
@@ -506,7 +521,7 @@ mod tests {
         let routing = super::tests::routing();
         let config = two_variants(0, &dead);
         let headers = HeaderMap::new();
-        let decision = routing.0.decide(&config, &headers, "/json").unwrap();
+        let decision = routing.0.decide(&config, &headers, &Grant::all()).unwrap();
         let out = Outbound {
             path: "/json",
             headers: &headers,
@@ -515,6 +530,7 @@ mod tests {
             prompt_tokens: 3,
             deadline: TokioInstant::now() + Duration::from_secs(5),
             drain_cut: None,
+            caller: None,
         };
         let rec = Recorder::default();
         let dispatched = dispatch(
@@ -522,6 +538,7 @@ mod tests {
             Some(&routing.1),
             &config,
             decision,
+            &Grant::all(),
             out,
             Box::new(rec.clone()),
         )

@@ -1,5 +1,5 @@
-//! THE request path of a generation, top-down: read → another model's? → route → validate →
-//! tokenize → budget → admit → forward, or cache → queue → generate → answer; what this pod
+//! THE request path of a generation, top-down: read → another model's? → authenticate → route →
+//! validate → tokenize → budget → admit → forward, or cache → queue → generate → answer; what this pod
 //! cannot serve (shed, no variant reachable, queue full) goes to the fallback model. Each step
 //! is a call into one lower module; the answer settles the admitted request's reservation when
 //! it ends (also on disconnect or error).
@@ -15,6 +15,7 @@ use tokio::time::Instant as TokioInstant;
 use super::{AppState, cached::CacheRequest, validate};
 use crate::{
     admit::{AdmissionRequest, NoReservation, Outcome, Reservation, settle::Settlement},
+    auth::Grant,
     cache::Lookup,
     engine::{Engine, GenerationParams},
     forward::{
@@ -46,7 +47,7 @@ pub async fn generate(
         first_token: Some((now + state.first_token_timeout, state.first_token_timeout)),
         drain_cut: state.drain_cut.clone(),
     };
-    let headers = req.headers().clone();
+    let mut headers = req.headers().clone();
     let config = state.config.borrow().clone();
     let body = read_body(state, req).await?;
     // --- gateway: a request naming another model of the namespace is that model's, to route
@@ -57,8 +58,17 @@ pub async fn generate(
     if let Some(answer) = gateway.await {
         return answer;
     }
-    // --- routing: which variant serves this request (403 for a forged internal header) ---
-    let decision = state.router.decide(&config, &headers, kind.path())?;
+    // --- authentication: who calls (401) and what it may use (403); the credential is removed
+    // here. A request another sidecar forwarded names the caller its entry pod identified. ---
+    let (caller, grant, decision) = match state.router.forwarded_caller(&headers, kind.path())? {
+        Some(caller) => (caller, Grant::all(), RouteDecision::ForwardedIn),
+        None => {
+            let (caller, grant) = state.admission.authenticate(&mut headers)?;
+            // --- routing: which of the variants the caller may use serves it ---
+            let decision = state.router.decide(&config, &headers, &grant)?;
+            (caller, grant, decision)
+        }
+    };
     let request = validate::parse(kind, &body)?;
     // A forwarded request names the model of the pod that sent it: a sibling variant's (the
     // same), or, from a model this one is the fallback of, that model's.
@@ -89,7 +99,7 @@ pub async fn generate(
     // --- admission: the limiter decides here, before the request queues for the engine ---
     let admission = AdmissionRequest {
         route: kind.path(),
-        headers: &headers,
+        caller: &caller,
         model: &request.model,
         prompt_tokens: prompt.len(),
         // Every choice may use the whole budget.
@@ -114,6 +124,7 @@ pub async fn generate(
         prompt_tokens: prompt.len(),
         deadline: deadline.at,
         drain_cut: Some(deadline.drain_cut.clone()),
+        caller: Some(&caller),
     };
     // --- fallback: the saturation mark sheds it here, so the fallback model serves it ---
     if reservation.shed() {
@@ -136,6 +147,7 @@ pub async fn generate(
         state.forwarder.as_ref(),
         &config,
         decision,
+        &grant,
         outbound.clone(),
         reservation,
     )

@@ -41,7 +41,6 @@
 //! statuses, error bodies and headers named above.
 
 pub mod bucket;
-pub mod identity;
 pub mod metrics;
 pub mod policy;
 mod prefetch;
@@ -75,12 +74,12 @@ use self::{
     policy::{LimitKind, priority_bit},
 };
 pub use self::{
-    identity::Identity,
     metrics::LimitMetrics,
     policy::{Limit, Policy, Rule},
     refusal::{Cause, Refusal, SATURATION_RULE, Unit, format_duration},
     window::{RateInfo, Window},
 };
+pub use crate::auth::Identity;
 
 /// The policy channel's value: `None` while no valid config has been seen (and unlimited
 /// serving was not allowed), so requests are refused and readiness is false.
@@ -166,6 +165,8 @@ pub struct Request<'a> {
     pub tenant: &'a str,
     /// The caller's key (empty when none).
     pub key: &'a str,
+    /// The caller's roles.
+    pub roles: &'a [Box<str>],
     /// The variant serving it.
     pub variant: &'a str,
     /// Exact prompt tokens.
@@ -350,7 +351,7 @@ impl Limiter {
         // first is taken: their misses overlap instead of queueing one behind another's lock.
         for ri in policy.candidates(req.tenant) {
             let rule = &policy.rules[ri as usize];
-            if rule_applies(rule, req.variant, priority) {
+            if rule_applies(rule, req, priority) {
                 let key = keys.get(rule.per);
                 for limit in &rule.limits {
                     limit.table.prefetch(key);
@@ -363,7 +364,7 @@ impl Limiter {
         let mut refused: Option<(u32, u8, Shortfall, Level)> = None;
         for ri in policy.candidates(req.tenant) {
             let rule = &policy.rules[ri as usize];
-            if !rule_applies(rule, req.variant, priority) {
+            if !rule_applies(rule, req, priority) {
                 continue;
             }
             let key = keys.get(rule.per);
@@ -489,7 +490,7 @@ impl Limiter {
         let mut info = RateInfo::default();
         for ri in policy.candidates(req.tenant) {
             let rule = &policy.rules[ri as usize];
-            if rule.shadow || !rule_applies(rule, req.variant, priority) {
+            if rule.shadow || !rule_applies(rule, req, priority) {
                 continue;
             }
             let key = keys.get(rule.per);
@@ -550,7 +551,7 @@ fn assigned_priority(policy: &Policy, req: &Request<'_>) -> Priority {
                 .get(req.tenant)
                 .is_some_and(|l| l.binary_search(&ri).is_ok());
         if tenant_ok
-            && rule_applies(rule, req.variant, Priority::Standard)
+            && rule_applies(rule, req, Priority::Standard)
             && let Some(p) = rule.assigns
         {
             best = Some(best.map_or(p, |b| b.max(p)));
@@ -559,8 +560,13 @@ fn assigned_priority(policy: &Policy, req: &Request<'_>) -> Priority {
     best.unwrap_or_default()
 }
 
-fn rule_applies(rule: &Rule, variant: &str, priority: Priority) -> bool {
-    (rule.variants.is_empty() || rule.variants.iter().any(|v| v == variant))
+fn rule_applies(rule: &Rule, req: &Request<'_>, priority: Priority) -> bool {
+    (rule.variants.is_empty() || rule.variants.iter().any(|v| v == req.variant))
+        && (rule.roles.is_empty()
+            || req
+                .roles
+                .iter()
+                .any(|r| rule.roles.iter().any(|w| **w == **r)))
         && (rule.priorities == 0 || rule.priorities & priority_bit(priority) != 0)
 }
 

@@ -18,9 +18,9 @@ use sluice_crds::{
 
 use super::{
     bucket::{Rate, SCALE, SECOND, Spec},
-    identity::Identity,
     table::Table,
 };
+use crate::auth::Identity;
 
 /// Nanoseconds per minute.
 pub const MINUTE: u64 = 60 * SECOND;
@@ -68,6 +68,8 @@ pub struct Rule {
     pub per: BucketKey,
     /// Variants the rule applies to (empty: all).
     pub variants: Vec<String>,
+    /// Roles it applies to, any one of them (empty: all callers).
+    pub roles: Vec<String>,
     /// Priorities it applies to, as a bit set over [`priority_bit`] (0: all).
     pub priorities: u8,
     /// The priority it assigns to the requests it matches.
@@ -322,6 +324,7 @@ fn compile_rule(
         name: Arc::from(r.name.as_str()),
         per: r.per,
         variants: m.map(|m| m.variants.clone()).unwrap_or_default(),
+        roles: m.map(|m| m.roles.clone()).unwrap_or_default(),
         priorities: m
             .map(|m| m.priorities.iter().fold(0, |acc, p| acc | priority_bit(*p)))
             .unwrap_or(0),

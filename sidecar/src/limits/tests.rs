@@ -40,6 +40,7 @@ fn req<'a>(tenant: &'a str, prompt: u64, max: u64) -> Request<'a> {
     Request {
         tenant,
         key: tenant,
+        roles: &[],
         variant: "default",
         prompt_tokens: prompt,
         max_tokens: max,

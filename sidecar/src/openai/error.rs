@@ -5,14 +5,15 @@
 
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue, StatusCode};
+use http::{HeaderName, HeaderValue, StatusCode, header};
 use serde::Serialize;
 
 use super::ratelimit::refusal_headers;
 use crate::{
     admit::AdmitError,
+    auth::Unauthorized,
     engine::EngineError,
-    limits::{Cause, RateInfo, Refusal, Unit, identity::Unauthorized},
+    limits::{Cause, RateInfo, Refusal, Unit},
     route::RouteError,
 };
 
@@ -179,7 +180,7 @@ pub enum ApiError {
         waited: Duration,
     },
 
-    /// The caller is not in the API-key list (401).
+    /// The caller's credential is missing, not in the API-key list, or a refused token (401).
     #[error("{}", unauthorized_message(.0))]
     Unauthorized(Unauthorized),
 
@@ -223,6 +224,7 @@ fn unauthorized_message(reason: &Unauthorized) -> String {
         Unauthorized::Unknown(hash) => {
             format!("Incorrect API key provided (key hash {hash}).")
         }
+        Unauthorized::Token(why) => format!("The bearer token was refused: {why}."),
     }
 }
 
@@ -338,6 +340,9 @@ impl ApiError {
             Self::ModelUnreachable { .. } => ("server_error", None, Some("model_unavailable")),
             Self::Loading => ("server_error", None, Some("loading")),
             Self::Waking { .. } => ("server_error", None, Some("model_waking")),
+            Self::Unauthorized(Unauthorized::Token(_)) => {
+                ("invalid_request_error", None, Some("invalid_token"))
+            }
             Self::Unauthorized(_) => ("invalid_request_error", None, Some("invalid_api_key")),
             Self::NoPolicy => ("server_error", None, Some("config_invalid")),
             Self::Limited(r) => match r.cause {
@@ -371,6 +376,14 @@ impl ApiError {
         match self {
             Self::Limited(r) => refusal_headers(&r.rate, r.retry_after_ns, r.rule.as_deref()),
             Self::NoPolicy => refusal_headers(&RateInfo::default(), Some(NO_POLICY_RETRY_NS), None),
+            // RFC 6750: a 401 names the scheme that would get in.
+            Self::Unauthorized(reason) => {
+                let value = match reason {
+                    Unauthorized::Token(_) => "Bearer error=\"invalid_token\"",
+                    Unauthorized::Missing | Unauthorized::Unknown(_) => "Bearer",
+                };
+                vec![(header::WWW_AUTHENTICATE, HeaderValue::from_static(value))]
+            }
             _ => Vec::new(),
         }
     }
@@ -430,6 +443,7 @@ impl From<AdmitError> for ApiError {
     fn from(error: AdmitError) -> Self {
         match error {
             AdmitError::Unauthorized(reason) => Self::Unauthorized(reason),
+            AdmitError::Forbidden(refused) => Self::Forbidden(refused.0),
             AdmitError::NoPolicy => Self::NoPolicy,
             AdmitError::Limited(refusal) => Self::Limited(refusal),
         }

@@ -13,9 +13,11 @@ use tokio::sync::watch;
 
 use super::metrics::ReloadMetrics;
 use crate::{
-    limits::{
-        Identity, Limiter, Policy, PolicySlot, identity::KeyRing, table::DEFAULT_MAX_ENTRIES,
+    auth::{
+        KeyRing, KeySets, jwks,
+        jwt::{Issuer, IssuerKeys},
     },
+    limits::{Identity, Limiter, Policy, PolicySlot, table::DEFAULT_MAX_ENTRIES},
     readiness::Readiness,
 };
 
@@ -29,15 +31,21 @@ pub struct Reloader {
     pub(super) readiness: Readiness,
     state: Mutex<State>,
     max_entries: usize,
+    /// JWT key sets fetched from URLs, shared by the configs that name them.
+    key_sets: KeySets,
 }
 
 #[derive(Debug, Default)]
 struct State {
-    /// The text in force, to recompile when only the keys file changes.
+    /// The text in force, to recompile when only a key file changes.
     text: Option<String>,
-    /// The keys file named by the config in force, and its contents when last read.
-    keys_file: Option<(String, Vec<u8>)>,
+    /// The key files (API keys, JWT key sets) named by the config in force, and their
+    /// contents when last read.
+    key_files: KeyFiles,
 }
+
+/// Files read with a config: (path, contents).
+type KeyFiles = Vec<(String, Vec<u8>)>;
 
 // === impl Reloader ===
 
@@ -59,6 +67,7 @@ impl Reloader {
             readiness,
             state: Mutex::default(),
             max_entries: DEFAULT_MAX_ENTRIES,
+            key_sets: KeySets::default(),
         }
     }
 
@@ -82,7 +91,7 @@ impl Reloader {
         let started = Instant::now();
         let result = self.compile(text);
         match result {
-            Ok((policy, keys_file)) => {
+            Ok((policy, key_files)) => {
                 let generation = policy.config.generation;
                 let rules = policy.rules.len();
                 let config = policy.config.clone();
@@ -91,7 +100,7 @@ impl Reloader {
                 {
                     let mut state = self.state();
                     state.text = Some(text.to_owned());
-                    state.keys_file = keys_file;
+                    state.key_files = key_files;
                 }
                 self.metrics.generation.set(generation as i64);
                 self.metrics.reloads.inc();
@@ -117,26 +126,45 @@ impl Reloader {
         }
     }
 
-    /// Parses `text`, reads its keys file and compiles it against the policy in force.
-    #[allow(clippy::type_complexity)]
-    fn compile(&self, text: &str) -> Result<(Policy, Option<(String, Vec<u8>)>), String> {
+    /// Parses `text`, reads its key files and compiles it against the policy in force.
+    fn compile(&self, text: &str) -> Result<(Policy, KeyFiles), String> {
         let config = SidecarConfig::from_yaml(text).map_err(|e| e.to_string())?;
-        let (keys, keys_file) = match &config.identity.keys_file {
-            Some(path) => {
-                let bytes =
-                    std::fs::read(path).map_err(|e| format!("identity.keysFile {path}: {e}"))?;
-                let text = std::str::from_utf8(&bytes)
-                    .map_err(|e| format!("identity.keysFile {path}: {e}"))?;
-                let ring = KeyRing::from_yaml(text).map_err(|e| format!("{path}: {e}"))?;
-                (Some(ring), Some((path.clone(), bytes)))
+        let mut files = KeyFiles::new();
+        let identity = match &config.auth {
+            // `auth` identifies callers; `identity` (a policy's) is not used.
+            Some(auth) => {
+                let keys = match &auth.keys_file {
+                    Some(path) => Some(read_keys("auth.keysFile", path, &mut files)?),
+                    None => None,
+                };
+                let mut issuers = Vec::with_capacity(auth.jwt.len());
+                for j in &auth.jwt {
+                    let keys = match (&j.jwks_file, &j.jwks_uri) {
+                        (Some(path), _) => {
+                            let what = format!("auth.jwt {:?} jwksFile {path}", j.issuer);
+                            let bytes = read_file(&what, path, &mut files)?;
+                            let set = jwks::parse(&bytes).map_err(|e| format!("{what}: {e}"))?;
+                            IssuerKeys::File(Arc::new(set))
+                        }
+                        (None, Some(uri)) => IssuerKeys::Remote(self.key_sets.get(uri)),
+                        (None, None) => unreachable!("validate() requires a key source"),
+                    };
+                    issuers.push(Issuer::new(j.clone(), keys));
+                }
+                Identity::with_auth(auth, keys, issuers)
             }
-            None => (None, None),
+            None => {
+                let keys = match &config.identity.keys_file {
+                    Some(path) => Some(read_keys("identity.keysFile", path, &mut files)?),
+                    None => None,
+                };
+                if let Some(name) = &config.identity.header {
+                    HeaderName::from_bytes(name.as_bytes())
+                        .map_err(|e| format!("identity.header {name:?}: {e}"))?;
+                }
+                Identity::new(&config.identity, keys)?
+            }
         };
-        if let Some(name) = &config.identity.header {
-            HeaderName::from_bytes(name.as_bytes())
-                .map_err(|e| format!("identity.header {name:?}: {e}"))?;
-        }
-        let identity = Identity::new(&config.identity, keys)?;
         let prev = self.policy.borrow().clone();
         let policy = Policy::compile(
             Arc::new(config),
@@ -145,7 +173,7 @@ impl Reloader {
             self.limiter.now(),
             self.max_entries,
         );
-        Ok((policy, keys_file))
+        Ok((policy, files))
     }
 
     /// Serves `config` without a document having been validated (no source configured, or
@@ -170,34 +198,54 @@ impl Reloader {
         self.state().text.is_some()
     }
 
-    /// Re-reads the keys file of the config in force; recompiles when it changed.
-    pub fn check_keys_file(&self) {
-        let (path, seen, text) = {
+    /// Re-reads the key files of the config in force (API keys, JWT key sets); recompiles
+    /// when one changed.
+    pub fn check_key_files(&self) {
+        let (files, text) = {
             let state = self.state();
-            match (&state.keys_file, &state.text) {
-                (Some((path, seen)), Some(text)) => (path.clone(), seen.clone(), text.clone()),
+            match &state.text {
+                Some(text) if !state.key_files.is_empty() => {
+                    (state.key_files.clone(), text.clone())
+                }
                 _ => return,
             }
         };
-        match std::fs::read(&path) {
-            Ok(bytes) if bytes == seen => {}
-            Ok(_) => {
-                // A rejected key list leaves the old one in force (and is counted) like a bad
-                // document; remember the rejected bytes so it is counted once.
-                if self.apply("keys file", &text).is_err()
-                    && let Ok(bytes) = std::fs::read(&path)
-                {
-                    let mut state = self.state();
-                    if let Some((_, seen)) = &mut state.keys_file {
-                        *seen = bytes;
+        for (path, seen) in &files {
+            match std::fs::read(path) {
+                Ok(bytes) if bytes == *seen => {}
+                Ok(_) => {
+                    // A rejected file leaves the old keys in force (and is counted) like a bad
+                    // document; remember the rejected bytes so it is counted once.
+                    if self.apply("key file", &text).is_err() {
+                        let mut state = self.state();
+                        for (path, seen) in &mut state.key_files {
+                            if let Ok(bytes) = std::fs::read(&*path) {
+                                *seen = bytes;
+                            }
+                        }
                     }
+                    return;
                 }
-            }
-            Err(error) => {
-                tracing::debug!(%error, path, "keys file unreadable; keeping the keys in force");
+                Err(error) => {
+                    tracing::debug!(%error, path, "key file unreadable; keeping the keys in force");
+                }
             }
         }
     }
+}
+
+/// Reads the file at `path` (the field `what` names it), remembering it in `files`.
+fn read_file(what: &str, path: &str, files: &mut KeyFiles) -> Result<Vec<u8>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{what} {path}: {e}"))?;
+    files.push((path.to_owned(), bytes.clone()));
+    Ok(bytes)
+}
+
+/// Reads and parses the API-key list at `path`.
+fn read_keys(what: &str, path: &str, files: &mut KeyFiles) -> Result<KeyRing, String> {
+    let bytes = read_file(what, path, files)?;
+    let text = std::str::from_utf8(&bytes).map_err(|e| format!("{what} {path}: {e}"))?;
+    KeyRing::from_yaml(text).map_err(|e| format!("{path}: {e}"))
 }
 
 #[cfg(test)]
@@ -305,10 +353,10 @@ pub(in crate::reload) mod tests {
         };
         assert_eq!(identify("k1").as_deref(), Ok("a"));
         assert!(identify("k2").is_err());
-        r.check_keys_file();
+        r.check_key_files();
         assert_eq!(r.metrics().reloads.get(), 1, "unchanged: no reload");
         std::fs::write(&path, "- key: k2\n  tenant: b\n").unwrap();
-        r.check_keys_file();
+        r.check_key_files();
         assert_eq!(identify("k2").as_deref(), Ok("b"));
         assert!(identify("k1").is_err());
         let _ = std::fs::remove_file(&path);

@@ -53,7 +53,7 @@ pub async fn watch_configmap_with(
                         let _ = reloader.apply(&source, text);
                         last = Some(text.clone());
                     }
-                    Some(_) => reloader.check_keys_file(),
+                    Some(_) => reloader.check_key_files(),
                     None => {
                         reloader.metrics().reload_errors.inc();
                         tracing::warn!(

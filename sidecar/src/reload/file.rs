@@ -28,7 +28,7 @@ pub async fn watch_file(
                 let _ = reloader.apply(&source, &text);
                 last = Some(bytes);
             }
-            Ok(_) => reloader.check_keys_file(),
+            Ok(_) => reloader.check_key_files(),
             Err(error) => {
                 // Between the two renames of a `..data` swap the path can briefly dangle.
                 if !unreadable_logged {

@@ -1,6 +1,7 @@
 //! Forwarded requests' credentials: the per-model forwarding token (a mounted Secret) and the
 //! signature a forwarding sidecar puts in [`FORWARDED_HEADER`], which the serving sidecar verifies
-//! before it skips routing and admission.
+//! before it skips routing and admission. The signature also covers [`CALLER_HEADER`], the
+//! caller the entry pod identified: forwards carry that identity, never the client's credential.
 
 use std::{
     fmt,
@@ -17,11 +18,17 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
 use super::pick::{seed, splitmix64};
-use crate::error::{Result, StartupError};
+use crate::{
+    auth::Caller,
+    error::{Result, StartupError},
+};
 
 /// The internal header a forwarding sidecar signs its requests with:
-/// `v1.<unix seconds>.<nonce hex>.<HMAC-SHA256 hex>`.
+/// `v2.<unix seconds>.<nonce hex>.<HMAC-SHA256 hex>`.
 pub const FORWARDED_HEADER: &str = "x-sluice-forwarded";
+/// The internal header naming the caller of a forwarded request (hex of
+/// `{"tenant": ..., "roles": [...]}`), as the entry pod identified it; signed with the request.
+pub const CALLER_HEADER: &str = "x-sluice-caller";
 /// How far a forwarded request's timestamp may be from this pod's clock.
 pub const FORWARD_MAX_SKEW: Duration = Duration::from_secs(300);
 
@@ -59,7 +66,8 @@ impl fmt::Debug for ForwardToken {
 }
 
 /// Signs and verifies [`FORWARDED_HEADER`]: HMAC-SHA256 keyed with the forwarding token over
-/// `sluice-forward-v1\n<unix seconds>\n<nonce>\n<request path>`, compared in constant time;
+/// `sluice-forward-v2\n<unix seconds>\n<nonce>\n<request path>\n<caller>`, compared in constant
+/// time;
 /// timestamps more than [`FORWARD_MAX_SKEW`] away are refused, so a leaked header value stops
 /// working within minutes and never reveals the token. (There is no replay cache: within the
 /// window a captured value can be replayed on the same path, which needs in-cluster sniffing.)
@@ -101,45 +109,48 @@ impl ForwardAuth {
         mac.finalize().into_bytes().into()
     }
 
-    fn mac_for(&self, ts: &str, nonce: &str, path: &str) -> [u8; 32] {
+    fn mac_for(&self, ts: &str, nonce: &str, path: &str, caller: &[u8]) -> [u8; 32] {
         self.mac(&[
-            b"sluice-forward-v1\n",
+            b"sluice-forward-v2\n",
             ts.as_bytes(),
             b"\n",
             nonce.as_bytes(),
             b"\n",
             path.as_bytes(),
+            b"\n",
+            caller,
         ])
     }
 
-    /// The header value for a request to `path`, signed now.
-    pub fn sign(&self, path: &str) -> HeaderValue {
-        self.sign_at(path, unix_now())
+    /// The header value for a request to `path` from `caller` (the [`CALLER_HEADER`] value
+    /// sent with it), signed now.
+    pub fn sign(&self, path: &str, caller: &[u8]) -> HeaderValue {
+        self.sign_at(path, caller, unix_now())
     }
 
-    fn sign_at(&self, path: &str, now: u64) -> HeaderValue {
+    fn sign_at(&self, path: &str, caller: &[u8], now: u64) -> HeaderValue {
         let nonce = format!(
             "{:016x}",
             splitmix64(self.nonce.fetch_add(1, Ordering::Relaxed))
         );
         let ts = now.to_string();
-        let mac = hex(&self.mac_for(&ts, &nonce, path));
+        let mac = hex(&self.mac_for(&ts, &nonce, path, caller));
         // Only ASCII digits, hex and dots.
-        HeaderValue::from_str(&format!("v1.{ts}.{nonce}.{mac}"))
+        HeaderValue::from_str(&format!("v2.{ts}.{nonce}.{mac}"))
             .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
     }
 
-    /// Whether `value` is a valid signature for a request to `path` now.
-    pub fn verify(&self, value: &HeaderValue, path: &str) -> bool {
-        self.verify_at(value, path, unix_now())
+    /// Whether `value` is a valid signature for a request to `path` from `caller` now.
+    pub fn verify(&self, value: &HeaderValue, path: &str, caller: &[u8]) -> bool {
+        self.verify_at(value, path, caller, unix_now())
     }
 
-    fn verify_at(&self, value: &HeaderValue, path: &str, now: u64) -> bool {
+    fn verify_at(&self, value: &HeaderValue, path: &str, caller: &[u8], now: u64) -> bool {
         let Ok(value) = value.to_str() else {
             return false;
         };
         let mut parts = value.split('.');
-        let (Some("v1"), Some(ts), Some(nonce), Some(mac), None) = (
+        let (Some("v2"), Some(ts), Some(nonce), Some(mac), None) = (
             parts.next(),
             parts.next(),
             parts.next(),
@@ -158,9 +169,43 @@ impl ForwardAuth {
         {
             return false;
         }
-        let expected = hex(&self.mac_for(ts, nonce, path));
+        let expected = hex(&self.mac_for(ts, nonce, path, caller));
         expected.as_bytes().ct_eq(mac.as_bytes()).into()
     }
+}
+
+/// The [`CALLER_HEADER`] value for `caller` (its tenant and roles; never its credential).
+pub fn caller_header(caller: &Caller) -> HeaderValue {
+    let json = serde_json::json!({"tenant": &*caller.tenant, "roles": &*caller.roles});
+    // Hex: only visible ASCII, whatever the tenant's characters.
+    HeaderValue::from_str(&hex(json.to_string().as_bytes()))
+        .unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// The caller a verified [`CALLER_HEADER`] value names (`None`: malformed).
+pub fn caller_from(value: &[u8]) -> Option<Caller> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        tenant: String,
+        roles: Vec<String>,
+    }
+    if !value.len().is_multiple_of(2) {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = value
+        .chunks(2)
+        .map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok())
+        .collect();
+    let named: Named = serde_json::from_slice(&bytes?).ok()?;
+    Some(Caller {
+        key: String::new(),
+        tenant: Arc::from(named.tenant),
+        roles: named
+            .roles
+            .into_iter()
+            .map(String::into_boxed_str)
+            .collect(),
+    })
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -228,33 +273,66 @@ mod tests {
     fn forwarded_header_verifies_only_with_the_token_path_and_time() {
         let auth = ForwardAuth::new(&token());
         let now = 1_700_000_000;
-        let v = auth.sign_at("/v1/chat/completions", now);
-        assert!(auth.verify_at(&v, "/v1/chat/completions", now));
-        assert!(auth.verify_at(&v, "/v1/chat/completions", now + 299));
+        let caller = caller_header(&Caller::new(String::new(), Arc::from("alice")));
+        let caller = caller.as_bytes();
+        let v = auth.sign_at("/v1/chat/completions", caller, now);
+        assert!(auth.verify_at(&v, "/v1/chat/completions", caller, now));
+        assert!(auth.verify_at(&v, "/v1/chat/completions", caller, now + 299));
         assert!(
-            !auth.verify_at(&v, "/v1/chat/completions", now + 301),
+            !auth.verify_at(&v, "/v1/chat/completions", caller, now + 301),
             "expired"
         );
-        assert!(!auth.verify_at(&v, "/v1/completions", now), "other path");
+        assert!(
+            !auth.verify_at(&v, "/v1/completions", caller, now),
+            "other path"
+        );
+        let mallory = caller_header(&Caller::new(String::new(), Arc::from("mallory")));
+        assert!(
+            !auth.verify_at(&v, "/v1/chat/completions", mallory.as_bytes(), now),
+            "another caller"
+        );
         let other = ForwardAuth::new(&ForwardToken::new("another model's token"));
         assert!(
-            !other.verify_at(&v, "/v1/chat/completions", now),
+            !other.verify_at(&v, "/v1/chat/completions", caller, now),
             "other token"
         );
         // Tampering with any part fails.
         let s = v.to_str().unwrap();
         for forged in [
-            s.replacen("v1.", "v2.", 1),
+            s.replacen("v2.", "v1.", 1),
             format!("{s}0"),
             s.replace(&now.to_string(), &(now + 1).to_string()),
             "1".into(),
             "true".into(),
-            "v1.1700000000.00.".to_owned() + &"0".repeat(64),
+            "v2.1700000000.00.".to_owned() + &"0".repeat(64),
         ] {
             let h = HeaderValue::from_str(&forged).unwrap();
-            assert!(!auth.verify_at(&h, "/v1/chat/completions", now), "{forged}");
+            assert!(
+                !auth.verify_at(&h, "/v1/chat/completions", caller, now),
+                "{forged}"
+            );
         }
         // Nonces differ, so values differ.
-        assert_ne!(auth.sign_at("/p", now), auth.sign_at("/p", now));
+        assert_ne!(auth.sign_at("/p", b"", now), auth.sign_at("/p", b"", now));
+    }
+
+    #[test]
+    fn the_caller_header_round_trips_any_tenant() {
+        let caller = Caller {
+            key: "sk-secret".into(),
+            tenant: Arc::from("ünïcode \"tenant\"\n"),
+            roles: vec![Box::from("chat"), Box::from("admin")].into(),
+        };
+        let value = caller_header(&caller);
+        let text = value.to_str().unwrap();
+        assert!(!text.contains("sk-secret") && !hex(b"sk-secret").is_empty());
+        assert!(
+            !text.contains(&hex(b"sk-secret")),
+            "the credential is not carried"
+        );
+        let back = caller_from(value.as_bytes()).unwrap();
+        assert_eq!((back.tenant, back.roles), (caller.tenant, caller.roles));
+        assert!(caller_from(b"zz").is_none());
+        assert!(caller_from(b"7b").is_none());
     }
 }

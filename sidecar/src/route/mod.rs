@@ -42,8 +42,13 @@ use std::{
 use http::{HeaderMap, HeaderValue};
 use sluice_crds::{SidecarConfig, sidecar_config::VariantRoute};
 
+use crate::auth::{Caller, Grant};
+
 pub use self::{
-    auth::{FORWARD_MAX_SKEW, FORWARDED_HEADER, ForwardAuth, ForwardToken},
+    auth::{
+        CALLER_HEADER, FORWARD_MAX_SKEW, FORWARDED_HEADER, ForwardAuth, ForwardToken, caller_from,
+        caller_header,
+    },
     metrics::{ForwardFailureLabels, RouteLabels, RoutingMetrics},
     pick::{sticky_pick, weighted_pick},
 };
@@ -200,11 +205,17 @@ impl Router {
         &self,
         config: &'a SidecarConfig,
         exclude: &[String],
+        grant: &Grant,
     ) -> Vec<&'a VariantRoute> {
         config
             .variants
             .iter()
-            .filter(|v| v.weight > 0 && self.reachable(v) && !exclude.contains(&v.name))
+            .filter(|v| {
+                v.weight > 0
+                    && self.reachable(v)
+                    && !exclude.contains(&v.name)
+                    && grant.allows(&v.name)
+            })
             .collect()
     }
 
@@ -255,17 +266,57 @@ impl Router {
         Some(value.to_str().unwrap_or("\u{fffd}"))
     }
 
-    /// Decides where a generation request to `path` goes. Errors: 403 for an internal header
-    /// that does not verify, 400 for an override naming no variant, 503 for an override naming
-    /// a variant this pod cannot reach.
+    /// The caller of a request another sidecar routed here ([`RouteDecision::ForwardedIn`]),
+    /// as the entry pod identified it; `None` when the request was not forwarded. Errors: 403
+    /// when its signature does not verify (or this pod accepts no forwarded requests), so a
+    /// client cannot skip limits or pick a variant by sending internal headers.
+    pub fn forwarded_caller(
+        &self,
+        headers: &HeaderMap,
+        path: &str,
+    ) -> Result<Option<Caller>, RouteError> {
+        let Some(value) = headers.get(FORWARDED_HEADER) else {
+            return Ok(None);
+        };
+        let named = headers
+            .get(CALLER_HEADER)
+            .map_or(&[][..], HeaderValue::as_bytes);
+        let caller = match &self.auth {
+            Some(auth) if auth.verify(value, path, named) => caller_from(named),
+            Some(_) => None,
+            None => {
+                return Err(RouteError::Forbidden(format!(
+                    "the {FORWARDED_HEADER} header is internal to sluice; this server accepts no \
+                     forwarded requests"
+                )));
+            }
+        };
+        let caller = caller.ok_or_else(|| {
+            RouteError::Forbidden(format!(
+                "the {FORWARDED_HEADER} header is internal to sluice and did not verify"
+            ))
+        })?;
+        self.count(&RouteDecision::ForwardedIn);
+        Ok(Some(caller))
+    }
+
+    /// Decides which variant serves a generation request from a caller allowed `grant`.
+    /// Errors: 403 for an override the caller may not send, 400 for an override naming no
+    /// variant, 503 for an override naming a variant this pod cannot reach, or when no variant
+    /// the caller may use can take it.
     pub fn decide(
         &self,
         config: &SidecarConfig,
         headers: &HeaderMap,
-        path: &str,
+        grant: &Grant,
     ) -> Result<RouteDecision, RouteError> {
-        let decision = self.decide_inner(config, headers, path)?;
-        let variant = match &decision {
+        let decision = self.decide_inner(config, headers, grant)?;
+        self.count(&decision);
+        Ok(decision)
+    }
+
+    fn count(&self, decision: &RouteDecision) {
+        let variant = match decision {
             RouteDecision::Forward { variant, .. } => variant.as_str(),
             RouteDecision::Local | RouteDecision::ForwardedIn => self.local.as_str(),
         };
@@ -276,36 +327,28 @@ impl Router {
                 decision: decision.label().to_owned(),
             })
             .inc();
-        Ok(decision)
     }
 
     fn decide_inner(
         &self,
         config: &SidecarConfig,
         headers: &HeaderMap,
-        path: &str,
+        grant: &Grant,
     ) -> Result<RouteDecision, RouteError> {
-        if let Some(value) = headers.get(FORWARDED_HEADER) {
-            return match &self.auth {
-                Some(auth) if auth.verify(value, path) => Ok(RouteDecision::ForwardedIn),
-                Some(_) => Err(RouteError::Forbidden(format!(
-                    "the {FORWARDED_HEADER} header is internal to sluice and did not verify"
-                ))),
-                None => Err(RouteError::Forbidden(format!(
-                    "the {FORWARDED_HEADER} header is internal to sluice; this server accepts no \
-                     forwarded requests"
-                ))),
-            };
-        }
         if let Some(name) = Self::override_of(config, headers) {
-            if name == self.local {
-                return Ok(RouteDecision::Local);
-            }
             let header = config
                 .routing
                 .override_header
                 .as_deref()
                 .unwrap_or_default();
+            if !grant.may_override || !grant.allows(name) {
+                return Err(RouteError::Forbidden(format!(
+                    "this caller may not choose variant {name:?} with header {header}"
+                )));
+            }
+            if name == self.local {
+                return Ok(RouteDecision::Local);
+            }
             let Some(variant) = config.variants.iter().find(|v| v.name == name) else {
                 let known: Vec<&str> = config.variants.iter().map(|v| v.name.as_str()).collect();
                 return Err(RouteError::UnknownVariant {
@@ -331,7 +374,15 @@ impl Router {
             }
             return Ok(self.to_decision(variant));
         }
-        Ok(self.route(config, headers, &[]).unwrap_or_else(|| {
+        if let Some(decision) = self.route(config, headers, &[], grant) {
+            return Ok(decision);
+        }
+        if !grant.allows(&self.local) {
+            return Err(RouteError::Unreachable(
+                "no variant this caller may use can take the request now".to_owned(),
+            ));
+        }
+        Ok({
             if !self.warned_local_only.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
                     variant = %self.local,
@@ -339,17 +390,19 @@ impl Router {
                 );
             }
             RouteDecision::Local
-        }))
+        })
     }
 
-    /// The weighted (or sticky) choice among reachable variants with weight, minus `exclude`.
+    /// The weighted (or sticky) choice among reachable variants with weight that `grant`
+    /// allows, minus `exclude`.
     fn route(
         &self,
         config: &SidecarConfig,
         headers: &HeaderMap,
         exclude: &[String],
+        grant: &Grant,
     ) -> Option<RouteDecision> {
-        let candidates = self.candidates(config, exclude);
+        let candidates = self.candidates(config, exclude, grant);
         let mut chosen = self.pick(config, headers, &candidates)?;
         if self.held_back(chosen) {
             // Its breaker is open: counted as a failed forward to it (what the canary analysis
@@ -385,23 +438,25 @@ impl Router {
     }
 
     /// Where a request goes after forwarding to the variants in `failed` could not connect: this
-    /// pod when its variant has weight, else another reachable variant with weight (sticky keys
-    /// keep their next-best variant), else nowhere (503).
+    /// pod when its variant has weight (and `grant` allows it), else another reachable variant
+    /// with weight that `grant` allows (sticky keys keep their next-best variant), else nowhere
+    /// (503).
     pub fn fallback(
         &self,
         config: &SidecarConfig,
         headers: &HeaderMap,
         failed: &[String],
+        grant: &Grant,
     ) -> Option<RouteDecision> {
         let local_weight = config
             .variants
             .iter()
             .find(|v| v.name == self.local)
             .map_or(0, |v| v.weight);
-        let next = if local_weight > 0 {
+        let next = if local_weight > 0 && grant.allows(&self.local) {
             Some(RouteDecision::Local)
         } else {
-            match self.route(config, headers, failed)? {
+            match self.route(config, headers, failed, grant)? {
                 RouteDecision::Local => None,
                 other => Some(other),
             }
@@ -452,30 +507,81 @@ mod tests {
 
     #[test]
     fn forged_or_unverifiable_internal_headers_are_403() {
-        let c = config(&[("stable", 90), ("canary", 10)]);
         let mut h = HeaderMap::new();
         h.insert(FORWARDED_HEADER, HeaderValue::from_static("1"));
         for r in [routing("stable", true), routing("stable", false)] {
-            let e = r.decide(&c, &h, "/v1/completions").unwrap_err();
+            let e = r.forwarded_caller(&h, "/v1/completions").unwrap_err();
             assert!(matches!(e, RouteError::Forbidden(_)), "{e:?}");
         }
-        // A genuine one from a peer with the same token: served here, admission skipped.
+        // A genuine one from a peer with the same token: served here as the caller it names.
         let peer = routing("canary", true);
+        let alice = Caller::new(String::new(), "alice".into());
+        let named = caller_header(&alice);
         h.insert(
             FORWARDED_HEADER,
-            peer.auth().unwrap().sign("/v1/completions"),
+            peer.auth()
+                .unwrap()
+                .sign("/v1/completions", named.as_bytes()),
         );
-        let d = routing("stable", true)
-            .decide(&c, &h, "/v1/completions")
+        h.insert(CALLER_HEADER, named);
+        let caller = routing("stable", true)
+            .forwarded_caller(&h, "/v1/completions")
             .unwrap();
-        assert_eq!(d, RouteDecision::ForwardedIn);
-        assert!(d.skips_admission());
-        // But not by a pod without the token.
-        assert!(
-            routing("stable", false)
-                .decide(&c, &h, "/v1/completions")
-                .is_err()
+        assert_eq!(caller, Some(alice));
+        // Not when the caller is swapped, and not by a pod without the token.
+        let mut swapped = h.clone();
+        swapped.insert(
+            CALLER_HEADER,
+            caller_header(&Caller::new(String::new(), "admin".into())),
         );
+        for (r, h) in [
+            (routing("stable", true), &swapped),
+            (routing("stable", false), &h),
+        ] {
+            assert!(r.forwarded_caller(h, "/v1/completions").is_err());
+        }
+        assert_eq!(
+            routing("stable", true)
+                .forwarded_caller(&HeaderMap::new(), "/p")
+                .unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn grants_limit_the_variants_routed_to_and_the_override() {
+        let c = {
+            let mut c = config(&[("stable", 90), ("canary", 10)]);
+            c.routing.override_header = Some("x-sluice-variant".into());
+            c
+        };
+        let r = routing("stable", true);
+        let canary_only = Grant {
+            variants: Some(vec!["canary".into()]),
+            may_override: false,
+        };
+        for _ in 0..20 {
+            let d = r.decide(&c, &HeaderMap::new(), &canary_only).unwrap();
+            assert_eq!(chosen(&d, "stable"), "canary");
+        }
+        let mut h = HeaderMap::new();
+        h.insert("x-sluice-variant", HeaderValue::from_static("canary"));
+        let e = r.decide(&c, &h, &canary_only).unwrap_err();
+        assert!(matches!(e, RouteError::Forbidden(_)), "{e:?}");
+        let stable_override = Grant {
+            variants: Some(vec!["stable".into()]),
+            may_override: true,
+        };
+        let e = r.decide(&c, &h, &stable_override).unwrap_err();
+        assert!(
+            matches!(e, RouteError::Forbidden(_)),
+            "outside the grant: {e:?}"
+        );
+        assert!(r.decide(&c, &h, &Grant::all()).is_ok());
+        // Nothing the caller may use has weight: 503, not the local variant.
+        let c = config(&[("stable", 100), ("canary", 0)]);
+        let e = r.decide(&c, &HeaderMap::new(), &canary_only).unwrap_err();
+        assert!(matches!(e, RouteError::Unreachable(_)), "{e:?}");
     }
 
     #[test]
@@ -491,7 +597,7 @@ mod tests {
             let n = 2000u32;
             let mut counts = std::collections::HashMap::<String, u32>::new();
             for _ in 0..n {
-                let d = r.decide(&c, &HeaderMap::new(), "/p").unwrap();
+                let d = r.decide(&c, &HeaderMap::new(), &Grant::all()).unwrap();
                 *counts.entry(chosen(&d, "a")).or_default() += 1;
             }
             for (name, w) in &weights {
@@ -510,7 +616,7 @@ mod tests {
         let c = config(&[("stable", 100), ("canary", 0)]);
         let r = routing("canary", true);
         for _ in 0..500 {
-            let d = r.decide(&c, &HeaderMap::new(), "/p").unwrap();
+            let d = r.decide(&c, &HeaderMap::new(), &Grant::all()).unwrap();
             assert_eq!(chosen(&d, "canary"), "stable");
         }
         // Without a token, remote variants are unreachable: everything is local.
@@ -518,7 +624,7 @@ mod tests {
         let r = routing("canary", false);
         for _ in 0..100 {
             assert_eq!(
-                r.decide(&c, &HeaderMap::new(), "/p").unwrap(),
+                r.decide(&c, &HeaderMap::new(), &Grant::all()).unwrap(),
                 RouteDecision::Local
             );
         }
@@ -528,7 +634,7 @@ mod tests {
         let r = routing("canary", true);
         for _ in 0..100 {
             assert_eq!(
-                r.decide(&c, &HeaderMap::new(), "/p").unwrap(),
+                r.decide(&c, &HeaderMap::new(), &Grant::all()).unwrap(),
                 RouteDecision::Local
             );
         }
@@ -543,7 +649,7 @@ mod tests {
         h.insert("x-sluice-variant", HeaderValue::from_static("canary"));
         for _ in 0..10 {
             assert_eq!(
-                r.decide(&c, &h, "/p").unwrap(),
+                r.decide(&c, &h, &Grant::all()).unwrap(),
                 RouteDecision::Forward {
                     variant: "canary".into(),
                     address: "http://canary.default.svc:8080".into()
@@ -551,16 +657,21 @@ mod tests {
             );
         }
         h.insert("x-sluice-variant", HeaderValue::from_static("stable"));
-        assert_eq!(r.decide(&c, &h, "/p").unwrap(), RouteDecision::Local);
+        assert_eq!(
+            r.decide(&c, &h, &Grant::all()).unwrap(),
+            RouteDecision::Local
+        );
         h.insert("x-sluice-variant", HeaderValue::from_static("nope"));
-        let e = r.decide(&c, &h, "/p").unwrap_err();
+        let e = r.decide(&c, &h, &Grant::all()).unwrap_err();
         assert!(
             matches!(&e, RouteError::UnknownVariant { header, .. } if header == "x-sluice-variant"),
             "{e:?}"
         );
         // Pinned to a variant this pod cannot reach: 503, not a silent local answer.
         h.insert("x-sluice-variant", HeaderValue::from_static("canary"));
-        let e = routing("stable", false).decide(&c, &h, "/p").unwrap_err();
+        let e = routing("stable", false)
+            .decide(&c, &h, &Grant::all())
+            .unwrap_err();
         assert!(matches!(e, RouteError::Unreachable(_)), "{e:?}");
     }
 
@@ -605,7 +716,7 @@ mod tests {
                 "x-user-id",
                 HeaderValue::from_str(&format!("user-{i}")).unwrap(),
             );
-            let d = r.decide(&c, &h, "/p").unwrap();
+            let d = r.decide(&c, &h, &Grant::all()).unwrap();
             assert_eq!(&chosen(&d, "a"), expected);
         }
     }
@@ -653,16 +764,21 @@ mod tests {
         let c = config(&[("stable", 50), ("canary", 50)]);
         let r = routing("stable", true);
         assert_eq!(
-            r.fallback(&c, &HeaderMap::new(), &["canary".into()]),
+            r.fallback(&c, &HeaderMap::new(), &["canary".into()], &Grant::all()),
             Some(RouteDecision::Local)
         );
         let c = config(&[("stable", 0), ("canary", 60), ("blue", 40)]);
         let d = r
-            .fallback(&c, &HeaderMap::new(), &["canary".into()])
+            .fallback(&c, &HeaderMap::new(), &["canary".into()], &Grant::all())
             .unwrap();
         assert_eq!(chosen(&d, "stable"), "blue");
         assert_eq!(
-            r.fallback(&c, &HeaderMap::new(), &["canary".into(), "blue".into()]),
+            r.fallback(
+                &c,
+                &HeaderMap::new(),
+                &["canary".into(), "blue".into()],
+                &Grant::all()
+            ),
             None
         );
     }

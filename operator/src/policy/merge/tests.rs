@@ -404,6 +404,7 @@ fn base_config() -> SidecarConfig {
         }],
         routing: Default::default(),
         identity: Default::default(),
+        auth: None,
         rules: Vec::new(),
         replica_share: 1.0,
         saturation: Default::default(),

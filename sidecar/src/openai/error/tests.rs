@@ -7,6 +7,7 @@ use sluice_crds::SidecarConfig;
 
 use super::*;
 use crate::{
+    auth::Forbidden,
     limits::{Identity, LimitMetrics, Limiter, Policy, Request},
     openai::rate_headers,
 };
@@ -31,6 +32,7 @@ fn req(prompt: u64, max: u64) -> Request<'static> {
     Request {
         tenant: "a",
         key: "a",
+        roles: &[],
         variant: "default",
         prompt_tokens: prompt,
         max_tokens: max,
@@ -169,6 +171,28 @@ fn each_refusal_cause_has_its_status_type_and_code() {
             ),
         ),
         (
+            ApiError::from(AdmitError::Unauthorized(Unauthorized::Token(
+                "the token has expired".into(),
+            ))),
+            (
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                Some("invalid_token"),
+                None,
+                None,
+            ),
+        ),
+        (
+            ApiError::from(AdmitError::Forbidden(Forbidden("no".into()))),
+            (
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                Some("forbidden"),
+                None,
+                None,
+            ),
+        ),
+        (
             ApiError::from(AdmitError::NoPolicy),
             (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -188,7 +212,7 @@ fn each_refusal_cause_has_its_status_type_and_code() {
         unknown.to_string(),
         "Incorrect API key provided (key hash 0a1b2c3d)."
     );
-    assert!(unknown.headers().is_empty());
+    assert_eq!(header(&unknown.headers(), "www-authenticate"), "Bearer");
     let no_policy = ApiError::from(AdmitError::NoPolicy).headers();
     assert_eq!(header(&no_policy, "retry-after-ms"), "1000");
     assert_eq!(no_policy.len(), 1, "{no_policy:?}");
