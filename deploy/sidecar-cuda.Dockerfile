@@ -30,6 +30,7 @@ COPY crds ./crds
 COPY operator ./operator
 COPY sidecar ./sidecar
 COPY e2e ./e2e
+COPY telemetry ./telemetry
 # Patched upstream crates ([patch.crates-io] in Cargo.toml).
 COPY vendor ./vendor
 # The engine's build scripts read one architecture from CUDA_COMPUTE_CAP (there is no GPU to ask);

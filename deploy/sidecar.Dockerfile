@@ -20,6 +20,7 @@ COPY crds ./crds
 COPY operator ./operator
 COPY sidecar ./sidecar
 COPY e2e ./e2e
+COPY telemetry ./telemetry
 # Patched upstream crates ([patch.crates-io] in Cargo.toml).
 COPY vendor ./vendor
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

@@ -196,6 +196,13 @@ def test_reconcile_concurrency_is_passed_on():
     assert "--reconcile-concurrency=4" in operator_container(rendered)["args"]
 
 
+def test_tracing_endpoint_reaches_the_operator_and_is_off_by_default(default_render):
+    # The operator passes it on to every sidecar (operator/src/desired/tests.rs).
+    env = operator_container(helm_render.render({"tracing": {"otlpEndpoint": "http://otel:4318"}}))["env"]
+    assert {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://otel:4318"} in env
+    assert not any(e["name"].startswith("OTEL_") for e in operator_container(default_render)["env"])
+
+
 def test_default_images_follow_the_chart_version(default_render):
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     assert chart["appVersion"] == workspace_version()
@@ -535,6 +542,7 @@ BAD_VALUES = [
      "at '/sidecarPodMonitor/interval'"),
     ({"gateway": {"enabled": "yes"}}, "at '/gateway/enabled': got string, want boolean"),
     ({"gateway": {"port": 0}}, "at '/gateway/port': minimum: got 0, want 1"),
+    ({"tracing": {"otlpEndpoint": "otel:4318"}}, "at '/tracing/otlpEndpoint'"),
 ]
 
 

@@ -172,6 +172,12 @@ impl Kubelet {
         Ok(Self { inner, task })
     }
 
+    /// This host's address on the pod bridge (every pod's gateway): a server listening there
+    /// is reachable from the pods.
+    pub fn host_ip(&self) -> anyhow::Result<Ipv4Addr> {
+        Ok(format!("{}.0.1", self.inner.prefix).parse()?)
+    }
+
     /// The IP of a running pod.
     pub fn pod_ip(&self, namespace: &str, pod: &str) -> Option<Ipv4Addr> {
         let pods = lock(&self.inner.pods);

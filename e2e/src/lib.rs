@@ -58,11 +58,17 @@ impl Cluster {
 
     /// `helm install` of the chart's operator (one replica) into the system namespace.
     pub fn install_operator(&self) -> anyhow::Result<()> {
+        self.install_operator_with(serde_json::json!({}))
+    }
+
+    /// [`Cluster::install_operator`] with more chart `values`.
+    pub fn install_operator_with(&self, mut values: serde_json::Value) -> anyhow::Result<()> {
+        values["replicaCount"] = 1.into();
         helm::install(
             &self.control_plane.kubeconfig(),
             "sluice",
             &self.system,
-            &serde_json::json!({"replicaCount": 1}),
+            &values,
         )
     }
 

@@ -1,8 +1,10 @@
-//! `spec.auth` against a real API server (scripts/cluster.sh): the chart's operator mounts the
-//! model's API-key Secret and its issuer's key set (a ConfigMap) where the sidecar config it
-//! writes says they are, and the sidecar, run by the stand-in kubelet, lets in a JWT of that
-//! issuer and a listed key, refuses a request without a credential (401) and a caller without an
-//! allowed role (403). The issuer's keys are generated here.
+//! `spec.auth` and traces against a real API server (scripts/cluster.sh): the chart's operator
+//! mounts the model's API-key Secret and its issuer's key set (a ConfigMap) where the sidecar
+//! config it writes says they are, and the sidecar, run by the stand-in kubelet, lets in a JWT
+//! of that issuer and a listed key, refuses a request without a credential (401) and a caller
+//! without an allowed role (403). The issuer's keys are generated here. With the chart's
+//! `tracing.otlpEndpoint` set, the operator's reconciles and, through the endpoint it passes on,
+//! the sidecar's requests reach an OTLP receiver here.
 
 use std::time::Duration;
 
@@ -14,6 +16,9 @@ use sluice_operator::names::{API_PORT, LABEL_MODEL};
 #[path = "../../sidecar/tests/common/issuer.rs"]
 #[allow(dead_code, clippy::unwrap_used)]
 mod issuer;
+#[path = "../../sidecar/tests/common/otlp.rs"]
+#[allow(dead_code, clippy::unwrap_used)]
+mod otlp;
 
 use issuer::{Alg, TestIssuer, claims};
 
@@ -32,7 +37,8 @@ async fn the_operator_mounts_the_keys_the_sidecar_checks_callers_against() -> an
 
 async fn scenario(c: &Cluster) -> anyhow::Result<()> {
     let (admin, models) = (&c.admin, c.models.as_str());
-    c.install_operator()?;
+    let receiver = otlp::Receiver::start_on(c.kubelet.host_ip()?).await;
+    c.install_operator_with(json!({"tracing": {"otlpEndpoint": receiver.endpoint()}}))?;
     let key = TestIssuer::new(Alg::ES256, "k1");
     for object in [
         json!({
@@ -118,5 +124,26 @@ async fn scenario(c: &Cluster) -> anyhow::Result<()> {
             answer.body
         );
     }
+
+    // Traces: the operator's reconciles, and the sidecar's requests through the endpoint the
+    // operator passed on, with the tenant the token named.
+    wait::until(
+        "the operator's and the sidecar's spans",
+        Duration::from_secs(60),
+        || async {
+            let spans = receiver.spans();
+            let reconciled = spans
+                .iter()
+                .any(|s| s.service == "sluice-operator" && s.name == "reconcile");
+            let served = spans.iter().any(|s| {
+                s.service == "sluice-sidecar"
+                    && s.name == "POST /v1/chat/completions"
+                    && s.attribute("sluice.tenant") == Some("acme")
+                    && s.attribute("http.response.status_code") == Some("200")
+            });
+            Ok((reconciled && served).then_some(()))
+        },
+    )
+    .await?;
     Ok(())
 }

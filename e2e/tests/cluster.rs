@@ -160,6 +160,7 @@ async fn scenario(
         let settings = Settings {
             sidecar_image: image.clone(),
             sidecar_cuda_image: image,
+            tracing_env: Vec::new(),
         };
         let reporter = Reporter {
             controller: "sluice-operator".into(),

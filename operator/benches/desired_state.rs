@@ -36,6 +36,7 @@ fn bench(c: &mut Criterion) {
     let settings = Settings {
         sidecar_image: "ghcr.io/sluice-dev/sluice-sidecar:0.1.0".to_owned(),
         sidecar_cuda_image: "ghcr.io/sluice-dev/sluice-sidecar-cuda:0.1.0".to_owned(),
+        tracing_env: Vec::new(),
     };
     let ready: ReadyCounts = [("stable", 2), ("canary", 0)].into_iter().collect();
     let mut group = c.benchmark_group("desired_state");

@@ -112,6 +112,7 @@ fn settings() -> Settings {
     Settings {
         sidecar_image: "ghcr.io/sluice-dev/sluice-sidecar:0.1.0".to_owned(),
         sidecar_cuda_image: "ghcr.io/sluice-dev/sluice-sidecar-cuda:0.1.0".to_owned(),
+        tracing_env: Vec::new(),
     }
 }
 

@@ -32,6 +32,7 @@ pub fn settings() -> Settings {
     Settings {
         sidecar_image: "sidecar:test".to_owned(),
         sidecar_cuda_image: "sidecar-cuda:test".to_owned(),
+        tracing_env: Vec::new(),
     }
 }
 

@@ -35,7 +35,6 @@ pub mod policy;
 pub mod rollout;
 pub mod scrape;
 pub mod status;
-pub mod telemetry;
 
 mod error;
 #[cfg(test)]

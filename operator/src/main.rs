@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use sluice_operator::app::{self, LeaseConfig, RunConfig};
 use sluice_operator::desired::Settings;
-use sluice_operator::telemetry::{self, LogFormat};
+use sluice_telemetry::LogFormat;
 
 const DEFAULT_SIDECAR_IMAGE: &str = concat!(
     "ghcr.io/sluice-dev/sluice-sidecar:",
@@ -103,6 +103,7 @@ impl ImageArgs {
         Settings {
             sidecar_image: self.sidecar_image,
             sidecar_cuda_image: self.sidecar_cuda_image,
+            tracing_env: sluice_telemetry::passed_on(),
         }
     }
 }
@@ -175,11 +176,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         instance,
         reconcile_concurrency: args.reconcile_concurrency,
     };
-    telemetry::init(args.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(app::run(config))?;
+    runtime.block_on(async {
+        let telemetry = sluice_telemetry::init(args.log_format, "sluice-operator");
+        let ran = app::run(config).await;
+        telemetry.shutdown().await;
+        ran
+    })?;
     Ok(())
 }
 

@@ -18,7 +18,7 @@ const LAYERS: &[(&str, &str)] = &[
     ("pure state", "desired status idle policy::status policy"),
     (
         "I/O beside the controller",
-        "rollout rollout::analyze policy::controller forwarding leader admin metrics telemetry",
+        "rollout rollout::analyze policy::controller forwarding leader admin metrics",
     ),
     ("controller", "controller"),
     ("process", "app"),

@@ -46,8 +46,8 @@ use crate::{
     openai::ApiError,
     readiness::{Liveness, Readiness},
     stream::body::ResponseBody,
-    telemetry::LogFormat,
 };
+use sluice_telemetry::LogFormat;
 
 /// `sluice-sidecar activate` flags (the operator passes them; see [`sluice_crds::activation`]).
 #[derive(Clone, Debug, clap::Args)]

@@ -26,8 +26,8 @@ use crate::{
     preflight::check_gguf,
     reload::Sources,
     route::ForwardToken,
-    telemetry::LogFormat,
 };
+use sluice_telemetry::LogFormat;
 
 /// `sluice-sidecar serve` flags. Every flag can also be set with the `SLUICE_*` variable named
 /// beside it.

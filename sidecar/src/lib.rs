@@ -35,7 +35,6 @@ pub mod readiness;
 pub mod reload;
 pub mod route;
 pub mod stream;
-pub mod telemetry;
 pub mod usage;
 
 pub use app::{serve, serve_until, shutdown_signal};

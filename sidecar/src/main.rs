@@ -11,8 +11,11 @@ use sluice_sidecar::{
         fetch::{self, FetchArgs},
     },
     preflight,
-    telemetry::{self, LogFormat},
 };
+use sluice_telemetry::LogFormat;
+
+/// The `service.name` of the sidecar's traces (unless `OTEL_SERVICE_NAME` says otherwise).
+const SERVICE: &str = "sluice-sidecar";
 
 /// The sluice data plane.
 #[derive(Debug, Parser)]
@@ -70,28 +73,40 @@ fn run(cli: Cli, process_start: Instant) -> anyhow::Result<()> {
         Command::Serve(args) => {
             preflight::check_cpu()?;
             let config = args.validate()?;
-            telemetry::init_tracing(config.log_format);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            runtime.block_on(sluice_sidecar::serve(config, process_start))?;
+            runtime.block_on(async {
+                let telemetry = sluice_telemetry::init(config.log_format, SERVICE);
+                let served = sluice_sidecar::serve(config, process_start).await;
+                telemetry.shutdown().await;
+                served
+            })?;
             Ok(())
         }
         Command::Activate(args) => {
-            telemetry::init_tracing(args.log_format);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            runtime.block_on(activate::activate(*args))
+            runtime.block_on(async {
+                let telemetry = sluice_telemetry::init(args.log_format, SERVICE);
+                let served = activate::activate(*args).await;
+                telemetry.shutdown().await;
+                served
+            })
         }
         Command::Fetch(args) => {
             let config = args.validate()?;
-            telemetry::init_tracing(config.log_format);
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            runtime.block_on(fetch::fetch(&config))?;
+            runtime.block_on(async {
+                let telemetry = sluice_telemetry::init(config.log_format, SERVICE);
+                let fetched = fetch::fetch(&config).await;
+                telemetry.shutdown().await;
+                fetched
+            })?;
             Ok(())
         }
         Command::Devices => {
@@ -99,7 +114,7 @@ fn run(cli: Cli, process_start: Instant) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Convert { model, to, out } => {
-            telemetry::init_tracing(LogFormat::Text);
+            sluice_telemetry::init(LogFormat::Text, SERVICE);
             preflight::check_gguf(&model)?;
             convert::convert(&model, &out, to)?;
             Ok(())

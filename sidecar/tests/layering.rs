@@ -22,7 +22,7 @@ const LAYERS: &[(&str, &str)] = &[
     ("the OpenAI protocol", "openai"),
     ("answers and forwarding", "stream forward"),
     ("serving", "http reload"),
-    ("process", "app activate cli preflight telemetry model"),
+    ("process", "app activate cli preflight model"),
 ];
 
 /// Modules that know no HTTP: no `http::` or `hyper::` path in their code (the rate limiter

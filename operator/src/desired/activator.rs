@@ -24,7 +24,7 @@ use sluice_crds::activation::{
 
 use super::meta::Renderer;
 use super::workload::{
-    SIDECAR_UID, container_port, downward_env, restricted_security_context, runtime_default_seccomp,
+    SIDECAR_UID, container_port, pod_env, restricted_security_context, runtime_default_seccomp,
 };
 use crate::names::{
     ADMIN_PORT, API_PORT, LABEL_ACTIVATOR, LABEL_MODEL, activator_name, sidecar_account_name,
@@ -124,7 +124,7 @@ impl Renderer<'_> {
             name: "activator".to_owned(),
             image: Some(self.settings.sidecar_image.clone()),
             args: Some(args),
-            env: Some(downward_env()),
+            env: Some(pod_env(self.settings)),
             ports: Some(vec![
                 container_port("http", API_PORT),
                 container_port("admin", ADMIN_PORT),

@@ -16,13 +16,16 @@ use crate::Result;
 use crate::names::{ANNOTATION_APPLIED_HASH, LABEL_MODEL, LABEL_VARIANT, MANAGED_BY};
 use crate::policy::merge::ModelLimits;
 
-/// How the operator renders pods: the images it was started with.
+/// How the operator renders pods: the images it was started with, and what it passes on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
     /// Sidecar image for CPU variants.
     pub sidecar_image: String,
     /// Sidecar image for variants with `gpu.count > 0`.
     pub sidecar_cuda_image: String,
+    /// The OpenTelemetry variables every sidecar and activator gets: the operator's own
+    /// ([`sluice_telemetry::passed_on`]), so one setting traces the whole path.
+    pub tracing_env: Vec<(String, String)>,
 }
 
 /// Renders one model's objects; holds what every function needs.

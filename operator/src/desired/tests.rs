@@ -742,3 +742,50 @@ fn the_model_service_selects_the_activator_while_no_pod_is_ready_or_it_is_at_zer
         "chat"
     );
 }
+
+#[test]
+fn the_operators_tracing_settings_reach_every_sidecar_and_activator() {
+    let settings = Settings {
+        tracing_env: vec![(
+            "OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(),
+            "http://collector:4318".to_owned(),
+        )],
+        ..crate::fixtures::settings()
+    };
+    let zero = model_from_yaml(
+        &TWO_VARIANTS.replace(
+            "  replicas: 2\n",
+            "  autoscaling: {minReplicas: 0, maxReplicas: 2, metrics: [{type: QueueDepth, target: 4}]}\n",
+        ),
+    );
+    let (_, desired) = crate::controller::desired_state(
+        &zero,
+        "ns",
+        &settings,
+        &crate::policy::merge::ModelLimits::default(),
+        &crate::observe::ReadyCounts::none(),
+        &[],
+    )
+    .expect("renders");
+    let containers: Vec<&Container> = desired
+        .deployments
+        .iter()
+        .chain(desired.activator.iter())
+        .map(container)
+        .collect();
+    assert_eq!(containers.len(), 3, "two variants and the activator");
+    for c in containers {
+        let env = c.env.as_ref().expect("env");
+        assert!(
+            env.iter().any(|e| e.name == "OTEL_EXPORTER_OTLP_ENDPOINT"
+                && e.value.as_deref() == Some("http://collector:4318")),
+            "{}: {env:?}",
+            c.name
+        );
+    }
+    // Without them, nothing is added.
+    for d in &render(TWO_VARIANTS).deployments {
+        let env = container(d).env.as_ref().expect("env");
+        assert!(!env.iter().any(|e| e.name.starts_with("OTEL_")), "{env:?}");
+    }
+}

@@ -28,7 +28,7 @@ use sluice_crds::quantity::parse_bytes;
 use sluice_crds::sidecar_config::FALLBACK_TOKEN_FILE_FLAG;
 
 use super::auth::auth_volumes;
-use super::meta::{Renderer, content_hash};
+use super::meta::{Renderer, Settings, content_hash};
 use crate::Result;
 use crate::names::{
     ADMIN_PORT, ANNOTATION_VARIANT_HASH, API_PORT, CACHE_DIR, CONFIG_DIR, FALLBACK_FORWARDING_DIR,
@@ -264,7 +264,7 @@ impl Renderer<'_> {
             // No NVIDIA_VISIBLE_DEVICES or CUDA_VISIBLE_DEVICES: the device plugin sets them to
             // the GPUs it allocated.
             env: Some(
-                downward_env()
+                pod_env(self.settings)
                     .into_iter()
                     .chain([
                         // The engine (mistral.rs) never contacts a model hub: weights are local.
@@ -636,7 +636,20 @@ pub(super) fn container_port(name: &str, port: i32) -> ContainerPort {
     }
 }
 
-pub(super) fn downward_env() -> Vec<EnvVar> {
+/// What every pod of the sidecar image gets: its name and namespace, and the tracing variables
+/// the operator passes on.
+pub(super) fn pod_env(settings: &Settings) -> Vec<EnvVar> {
+    let mut env = downward_env();
+    env.extend(
+        settings
+            .tracing_env
+            .iter()
+            .map(|(name, value)| plain_env(name, value)),
+    );
+    env
+}
+
+fn downward_env() -> Vec<EnvVar> {
     let field = |name: &str, path: &str| EnvVar {
         name: name.to_owned(),
         value_from: Some(EnvVarSource {

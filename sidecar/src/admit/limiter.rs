@@ -38,7 +38,7 @@ impl Admission for LimitAdmission {
             AdmitError::Unauthorized(reason)
         })?;
         let grant = policy.identity.grant(&caller).map_err(|refused| {
-            tracing::info!(tenant = %caller.tenant, key_hash = %caller.key_hash(), "caller forbidden");
+            tracing::info!(tenant = %caller.shown_tenant(), key_hash = %caller.key_hash(), "caller forbidden");
             AdmitError::Forbidden(refused)
         })?;
         Ok((caller, grant))

@@ -51,6 +51,16 @@ impl Caller {
         short_hash(&self.key)
     }
 
+    /// The tenant as it may be shown (logs, traces, forwards): without a key list each key is
+    /// its own tenant, and a credential is never shown, so such a tenant shows as `key-<hash>`.
+    pub fn shown_tenant(&self) -> std::borrow::Cow<'_, str> {
+        if !self.key.is_empty() && *self.tenant == *self.key {
+            std::borrow::Cow::Owned(format!("key-{}", self.key_hash()))
+        } else {
+            std::borrow::Cow::Borrowed(&self.tenant)
+        }
+    }
+
     /// Whether the caller has any of `roles`.
     pub fn has_any_role(&self, roles: &[String]) -> bool {
         self.roles.iter().any(|r| roles.iter().any(|w| **r == **w))
@@ -74,5 +84,16 @@ mod tests {
         assert_eq!(h.len(), 8);
         assert!(!h.contains("secret"));
         assert_ne!(h, short_hash("sk-secreT"));
+    }
+
+    #[test]
+    fn a_tenant_that_is_the_key_itself_is_never_shown() {
+        let own = Caller::new("sk-secret".into(), Arc::from("sk-secret"));
+        assert_eq!(
+            own.shown_tenant(),
+            format!("key-{}", short_hash("sk-secret"))
+        );
+        let listed = Caller::new("sk-secret".into(), Arc::from("team-a"));
+        assert_eq!(listed.shown_tenant(), "team-a");
     }
 }

@@ -32,6 +32,7 @@ use hyper_util::{
 };
 use sluice_crds::SidecarConfig;
 use tokio::time::Instant as TokioInstant;
+use tracing::Instrument;
 
 use self::relay::copy_end_to_end;
 use crate::{
@@ -165,8 +166,33 @@ impl Forwarder {
     }
 
     /// `out` as a POST to `address`, with the client's end-to-end headers, signed with `auth`
-    /// when given; its response once the headers arrive (before `out.deadline`).
+    /// when given; its response once the headers arrive (before `out.deadline`). Traced as a
+    /// client span, whose context the request carries on (`traceparent`).
     async fn request(
+        &self,
+        auth: Option<&ForwardAuth>,
+        address: &str,
+        out: &Outbound<'_>,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        let span = tracing::info_span!(
+            "forward",
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            server.address = address,
+            http.response.status_code = tracing::field::Empty,
+        );
+        let sent = self
+            .request_in_span(auth, address, out)
+            .instrument(span.clone());
+        let answer = sent.await;
+        match &answer {
+            Ok(res) => span.record("http.response.status_code", res.status().as_u16()),
+            Err(_) => span.record("otel.status_code", "error"),
+        };
+        answer
+    }
+
+    async fn request_in_span(
         &self,
         auth: Option<&ForwardAuth>,
         address: &str,
@@ -194,6 +220,7 @@ impl Forwarder {
         if let Ok(id) = HeaderValue::from_str(out.request_id) {
             headers.insert("x-request-id", id);
         }
+        sluice_telemetry::inject(headers);
         match tokio::time::timeout_at(out.deadline, self.client.request(req)).await {
             Err(_) => Err(ForwardError::Timeout),
             Ok(Ok(res)) => Ok(res),

@@ -37,7 +37,28 @@ pub async fn api(state: Arc<AppState>, req: Request<Incoming>) -> Response<Respo
         p if p == MODELS_PATH || p.starts_with("/v1/models/") => MODELS_PATH,
         _ => OTHER_ROUTE,
     };
-    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), route);
+    // One span per request, a trace's server span: the fields left empty are recorded as the
+    // request goes (OpenTelemetry's HTTP and GenAI attribute names), and a client's
+    // `traceparent` makes it part of the client's trace.
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %format_args!("{} {route}", req.method()),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        request_id = %id,
+        method = %req.method(),
+        route,
+        http.response.status_code = tracing::field::Empty,
+        gen_ai.operation.name = tracing::field::Empty,
+        gen_ai.request.model = tracing::field::Empty,
+        gen_ai.request.max_tokens = tracing::field::Empty,
+        gen_ai.usage.input_tokens = tracing::field::Empty,
+        gen_ai.usage.output_tokens = tracing::field::Empty,
+        gen_ai.server.time_to_first_token = tracing::field::Empty,
+        sluice.tenant = tracing::field::Empty,
+        sluice.variant = tracing::field::Empty,
+    );
+    sluice_telemetry::set_parent(&span, req.headers());
     // hyper drops this future when the client goes away before the answer: still counted.
     let mut unanswered = Unanswered {
         state: &state,
@@ -106,6 +127,12 @@ pub async fn api(state: Arc<AppState>, req: Request<Incoming>) -> Response<Respo
         .metrics
         .record_request(route, served_by, res.status().as_u16());
     unanswered.counted = true;
+    let span = &unanswered.span;
+    span.record("http.response.status_code", res.status().as_u16());
+    span.record("sluice.variant", served_by);
+    if res.status().is_server_error() {
+        span.record("otel.status_code", "error");
+    }
     res
 }
 

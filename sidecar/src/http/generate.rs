@@ -63,13 +63,20 @@ pub async fn generate(
     let (caller, grant, decision) = match state.router.forwarded_caller(&headers, kind.path())? {
         Some(caller) => (caller, Grant::all(), RouteDecision::ForwardedIn),
         None => {
-            let (caller, grant) = state.admission.authenticate(&mut headers)?;
+            let authenticated = tracing::info_span!("authenticate")
+                .in_scope(|| state.admission.authenticate(&mut headers));
+            let (caller, grant) = authenticated?;
             // --- routing: which of the variants the caller may use serves it ---
             let decision = state.router.decide(&config, &headers, &grant)?;
             (caller, grant, decision)
         }
     };
+    // The request span (see `api`) records what the request is, as it becomes known.
+    let span = tracing::Span::current();
+    span.record("sluice.tenant", &*caller.shown_tenant());
+    span.record("gen_ai.operation.name", kind.operation());
     let request = validate::parse(kind, &body)?;
+    span.record("gen_ai.request.model", request.model.as_str());
     // A forwarded request names the model of the pod that sent it: a sibling variant's (the
     // same), or, from a model this one is the fallback of, that model's.
     if request.model != state.served_name && !decision.skips_admission() {
@@ -95,6 +102,8 @@ pub async fn generate(
     let prompt = engine.tokenize(&request.prompt).await?;
     let tokenize_time = tokenize_started.elapsed();
     let (budget, params) = generation_params(state, engine, prompt.len(), &request)?;
+    span.record("gen_ai.usage.input_tokens", prompt.len());
+    span.record("gen_ai.request.max_tokens", budget);
 
     // --- admission: the limiter decides here, before the request queues for the engine ---
     let admission = AdmissionRequest {
@@ -288,6 +297,7 @@ fn admit(
     if decision.skips_admission() {
         return Ok(Box::new(NoReservation));
     }
+    let _traced = tracing::info_span!("admission").entered();
     Ok(state.admission.admit(request)?)
 }
 

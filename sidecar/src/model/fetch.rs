@@ -17,10 +17,8 @@ use std::{
 use http::{HeaderMap, StatusCode, header};
 use sha2::{Digest, Sha256};
 
-use crate::{
-    error::{Result, StartupError},
-    telemetry::LogFormat,
-};
+use crate::error::{Result, StartupError};
+use sluice_telemetry::LogFormat;
 
 /// `sluice-sidecar fetch` flags; each can also be set with the `SLUICE_FETCH_*` variable beside it.
 #[derive(Clone, Debug, clap::Args)]

@@ -35,6 +35,14 @@ impl Kind {
         }
     }
 
+    /// OpenTelemetry's `gen_ai.operation.name` of the request.
+    pub fn operation(self) -> &'static str {
+        match self {
+            Self::Chat => "chat",
+            Self::Completion => "text_completion",
+        }
+    }
+
     /// The id of a response to request `request_id`: `chatcmpl-…` or `cmpl-…`.
     pub fn response_id(self, request_id: &str) -> String {
         match self {

@@ -174,9 +174,10 @@ impl ForwardAuth {
     }
 }
 
-/// The [`CALLER_HEADER`] value for `caller` (its tenant and roles; never its credential).
+/// The [`CALLER_HEADER`] value for `caller` (its tenant as shown, and roles; never its
+/// credential).
 pub fn caller_header(caller: &Caller) -> HeaderValue {
-    let json = serde_json::json!({"tenant": &*caller.tenant, "roles": &*caller.roles});
+    let json = serde_json::json!({"tenant": caller.shown_tenant(), "roles": &*caller.roles});
     // Hex: only visible ASCII, whatever the tenant's characters.
     HeaderValue::from_str(&hex(json.to_string().as_bytes()))
         .unwrap_or_else(|_| HeaderValue::from_static(""))

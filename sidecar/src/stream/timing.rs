@@ -10,6 +10,7 @@ use std::{
 use http::{HeaderName, HeaderValue};
 use prometheus_client::metrics::counter::Counter;
 use tokio::{sync::watch, time::Instant as TokioInstant};
+use tracing::Instrument;
 
 use crate::{
     engine::{Slot, Slots},
@@ -90,7 +91,10 @@ pub async fn queue(
     deadline: &mut Deadline,
 ) -> Result<InFlight, ApiError> {
     let queued = QueueGuard::enter(metrics);
-    let slot = deadline.run(slots.acquire()).await?;
+    let slot = deadline
+        .run(slots.acquire())
+        .instrument(tracing::info_span!("queue"))
+        .await?;
     drop(queued);
     Ok(InFlight::enter(metrics, slot?))
 }
@@ -121,9 +125,15 @@ pub fn record_usage(metrics: &Metrics, usage: Usage, timing: &Timing, rated: usi
     metrics
         .request_duration
         .observe(timing.started.elapsed().as_secs_f64());
+    let span = &timing.request;
+    span.record("gen_ai.usage.output_tokens", usage.completion_tokens);
+    if let Some(first) = timing.first {
+        let ttft = first.duration_since(timing.started).as_secs_f64();
+        span.record("gen_ai.server.time_to_first_token", ttft);
+    }
 }
 
-/// Token timestamps of one request.
+/// Token timestamps of one request, and the trace spans of its engine phases.
 #[derive(Debug)]
 pub struct Timing {
     started: Instant,
@@ -133,18 +143,25 @@ pub struct Timing {
     submitted: Instant,
     first: Option<Instant>,
     last: Option<Instant>,
+    /// The request's span, which the usage and time to first token are recorded on.
+    request: tracing::Span,
+    /// `prefill` until the first token, then `decode` until the answer ends (dropped with it).
+    phase: tracing::Span,
 }
 
 impl Timing {
     /// The request arrived at `started`, its prompt took `tokenize` to template and tokenize,
-    /// and the engine took it at `submitted`.
+    /// and the engine took it at `submitted`. Made within the request's span (`http::api`).
     pub fn new(started: Instant, tokenize: Duration, submitted: Instant) -> Self {
+        let request = tracing::Span::current();
         Self {
             started,
             tokenize,
             submitted,
             first: None,
             last: None,
+            phase: tracing::info_span!(parent: &request, "prefill"),
+            request,
         }
     }
 
@@ -171,7 +188,10 @@ impl Timing {
     /// A token arrived now.
     pub fn token(&mut self) {
         let now = Instant::now();
-        self.first.get_or_insert(now);
+        if self.first.is_none() {
+            self.first = Some(now);
+            self.phase = tracing::info_span!(parent: &self.request, "decode");
+        }
         self.last = Some(now);
     }
 

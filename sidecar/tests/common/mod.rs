@@ -94,6 +94,13 @@ impl Sidecar {
         Self::launch(bin, &model_path(), api, admin, extra)
     }
 
+    /// [`Sidecar::spawn_at`] with the environment variables `env` set.
+    pub fn spawn_at_with_env(api: u16, admin: u16, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sluice-sidecar"));
+        command.envs(env.iter().copied());
+        Self::start(command, &model_path(), api, admin, extra)
+    }
+
     /// Starts `bin serve` (this build's or another) on `model` with `extra` flags on the given
     /// ports; does not wait for readiness.
     pub fn launch(bin: &Path, model: &Path, api: u16, admin: u16, extra: &[&str]) -> Self {
