@@ -183,14 +183,26 @@ impl Auth {
         }
     }
 
-    /// Checks what the schema cannot: access rules name existing variants.
+    /// Checks what the schema cannot: key-set sources, access rules naming existing variants,
+    /// and (through [`AuthConfig::validate`]) what the sidecar checks of the config's form.
     pub fn validate(&self, variants: &[&str]) -> Result<(), String> {
-        if self.api_keys.is_none() && self.jwt.is_empty() {
-            return Err("spec.auth needs apiKeys or at least one jwt issuer".to_owned());
-        }
-        for (i, j) in self.jwt.iter().enumerate() {
-            j.validate()
-                .map_err(|e| format!("spec.auth.jwt[{i}] ({:?}): {e}", j.issuer))?;
+        for j in &self.jwt {
+            if let Some(uri) = &j.jwks_uri
+                && !(uri.starts_with("https://") || uri.starts_with("http://"))
+            {
+                return Err(format!(
+                    "spec.auth.jwt {:?}: jwksUri {uri:?} is not an http(s) URL",
+                    j.issuer
+                ));
+            }
+            if let Some(r) = &j.jwks
+                && r.secret_name.is_some() == r.config_map_name.is_some()
+            {
+                return Err(format!(
+                    "spec.auth.jwt {:?}: jwks: set exactly one of secretName and configMapName",
+                    j.issuer
+                ));
+            }
         }
         for (i, rule) in self.allow.iter().enumerate() {
             if let Some(v) = rule
@@ -203,25 +215,10 @@ impl Auth {
                 ));
             }
         }
-        Ok(())
-    }
-}
-
-impl JwtIssuer {
-    fn validate(&self) -> Result<(), String> {
-        if self.issuer.is_empty() || self.audiences.iter().all(String::is_empty) {
-            return Err("issuer and at least one audience are required".to_owned());
-        }
-        match (&self.jwks_uri, &self.jwks) {
-            (Some(uri), None) if uri.starts_with("https://") || uri.starts_with("http://") => {}
-            (Some(uri), None) => return Err(format!("jwksUri {uri:?} is not an http(s) URL")),
-            (None, Some(r)) if r.secret_name.is_some() != r.config_map_name.is_some() => {}
-            (None, Some(_)) => {
-                return Err("jwks: set exactly one of secretName and configMapName".to_owned());
-            }
-            _ => return Err("set exactly one of jwksUri and jwks".to_owned()),
-        }
-        Ok(())
+        // Any paths do: only which sources are set matters here.
+        self.to_config(Some(String::new()), |_| String::new())
+            .validate()
+            .map_err(|e| format!("spec.{e}"))
     }
 }
 
@@ -238,7 +235,7 @@ impl AuthConfig {
     /// Checks a document's `auth` (the sidecar reads it from a file a person may write).
     pub fn validate(&self) -> Result<(), String> {
         if self.keys_file.is_none() && self.jwt.is_empty() {
-            return Err("auth needs keysFile or at least one jwt issuer".to_owned());
+            return Err("auth needs API keys or at least one jwt issuer".to_owned());
         }
         for j in &self.jwt {
             if j.issuer.is_empty() || j.audiences.iter().all(String::is_empty) {
@@ -246,7 +243,7 @@ impl AuthConfig {
             }
             if j.jwks_uri.is_some() == j.jwks_file.is_some() {
                 return Err(format!(
-                    "auth.jwt {:?}: set exactly one of jwksUri and jwksFile",
+                    "auth.jwt {:?}: set exactly one key set: jwksUri, or a mounted one (jwks, jwksFile)",
                     j.issuer
                 ));
             }

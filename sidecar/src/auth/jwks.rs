@@ -41,7 +41,8 @@ pub struct KeySets {
 pub struct RemoteKeySet {
     uri: String,
     keys: RwLock<Option<Arc<JwkSet>>>,
-    refresh: Notify,
+    /// Shared with the refresh task, which holds the set itself only while it fetches.
+    refresh: Arc<Notify>,
 }
 
 // === impl KeySets ===
@@ -58,11 +59,11 @@ impl KeySets {
         let set = Arc::new(RemoteKeySet {
             uri: uri.to_owned(),
             keys: RwLock::new(None),
-            refresh: Notify::new(),
+            refresh: Arc::new(Notify::new()),
         });
         sets.insert(uri.to_owned(), Arc::downgrade(&set));
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(keep_fresh(Arc::downgrade(&set)));
+            runtime.spawn(keep_fresh(Arc::downgrade(&set), set.refresh.clone()));
         }
         set
     }
@@ -87,8 +88,9 @@ impl RemoteKeySet {
     }
 }
 
-/// Fetches the set now, then every [`REFRESH_EVERY`] or when asked, until it is dropped.
-async fn keep_fresh(set: Weak<RemoteKeySet>) {
+/// Fetches the set now, then every [`REFRESH_EVERY`] or when asked (`refresh`), until no
+/// config names it any more (seen at its next wake-up).
+async fn keep_fresh(set: Weak<RemoteKeySet>, refresh: Arc<Notify>) {
     let client = match reqwest::Client::builder()
         .timeout(FETCH_TIMEOUT)
         .user_agent(concat!("sluice-sidecar/", env!("CARGO_PKG_VERSION")))
@@ -103,8 +105,7 @@ async fn keep_fresh(set: Weak<RemoteKeySet>) {
     loop {
         let Some(strong) = set.upgrade() else { return };
         let fetched_at = tokio::time::Instant::now();
-        let fetched = fetch(&client, &strong.uri).await;
-        let have_keys = match fetched {
+        let have_keys = match fetch(&client, &strong.uri).await {
             Ok(keys) => {
                 tracing::info!(uri = %strong.uri, keys = keys.keys.len(), "JWKS fetched");
                 *strong.keys.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(keys));
@@ -115,34 +116,20 @@ async fn keep_fresh(set: Weak<RemoteKeySet>) {
                 strong.keys().is_some()
             }
         };
+        drop(strong);
         let wait = if have_keys {
             REFRESH_EVERY
         } else {
             RETRY_WITHOUT_KEYS
         };
-        let notified = async {
-            strong.refresh.notified().await;
-            // Asked early: still keep the minimum spacing from the last fetch (tokens naming
-            // unknown keys must not turn into a fetch each).
-            tokio::time::sleep_until(fetched_at + REFETCH_AT_MOST_EVERY.min(wait)).await;
-        };
-        // The wait holds `strong` (the notification is registered on it): `dropped` ends the
-        // task once it is the only holder, i.e. no config names the URL any more.
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
-            () = notified => {}
-            () = dropped(&set) => return,
+            () = refresh.notified() => {
+                // Asked early: still keep the minimum spacing from the last fetch (tokens
+                // naming unknown keys must not turn into a fetch each).
+                tokio::time::sleep_until(fetched_at + REFETCH_AT_MOST_EVERY.min(wait)).await;
+            }
         }
-    }
-}
-
-/// Completes once no one but this task holds the set.
-async fn dropped(set: &Weak<RemoteKeySet>) {
-    loop {
-        if set.strong_count() <= 1 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

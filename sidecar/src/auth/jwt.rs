@@ -140,7 +140,7 @@ impl Issuer {
             )));
         };
         if let Some(key_alg) = jwk.common.key_algorithm
-            && format!("{key_alg:?}") != format!("{alg:?}")
+            && key_alg != alg.into()
         {
             return Err(refused(format!(
                 "key {:?} is for {key_alg:?}, the token is signed with {alg:?}",
