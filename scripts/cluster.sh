@@ -15,6 +15,9 @@
 # DIR/kubeconfig (cluster-admin) and DIR/ready, and runs until interrupted or until the process
 # that started it exits; everything it started stops with it. `make cluster` runs it in the
 # foreground; the tests start it per test binary.
+#
+# SIGUSR1 restarts kube-apiserver (SIGKILL, then the same command line; etcd keeps the data):
+# a fault the tests inject. Once it is ready again, DIR/apiserver-restarts holds how many times.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -62,7 +65,7 @@ build
 DIR="${DIR:-$ROOT/.cache/cluster}"
 mkdir -p "$DIR"
 DIR="$(cd "$DIR" && pwd)"
-rm -rf "$DIR/pki" "$DIR/etcd" "$DIR/ready" "$DIR"/*.log "$DIR"/*.kubeconfig "$DIR/kubeconfig"
+rm -rf "$DIR/pki" "$DIR/etcd" "$DIR/ready" "$DIR/apiserver-restarts" "$DIR"/*.log "$DIR"/*.kubeconfig "$DIR/kubeconfig"
 mkdir -p "$DIR/pki"
 
 PIDS=()
@@ -97,6 +100,10 @@ stop() {
 }
 trap stop EXIT
 trap 'exit 0' INT TERM
+# Acted on by the loop at the end (bash runs a trap between commands; the loop sleeps 1 s).
+RESTART_APISERVER=""
+API_RESTARTS=0
+trap 'RESTART_APISERVER=1' USR1
 
 remove_pods
 ip link del "$BRIDGE" 2>/dev/null || true
@@ -179,35 +186,43 @@ PIDS+=($!)
 
 # --enable-aggregator-routing: an APIService's Service has no ClusterIP anyone routes here (no
 # kube-proxy), so the aggregator dials the address in the Service's EndpointSlice instead.
-"$CACHE/kube-apiserver" \
-  --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
-  --bind-address "$API_HOST" --advertise-address "$API_HOST" --secure-port "$API_PORT" \
-  --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
-  --client-ca-file "$PKI/ca.crt" \
-  --service-account-issuer https://kubernetes.default.svc \
-  --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
-  --authorization-mode RBAC \
-  --service-cluster-ip-range 10.96.0.0/16 \
-  --allow-privileged=true \
-  --requestheader-client-ca-file "$PKI/front-proxy-ca.crt" \
-  --requestheader-allowed-names front-proxy-client \
-  --requestheader-username-headers X-Remote-User \
-  --requestheader-group-headers X-Remote-Group \
-  --requestheader-extra-headers-prefix X-Remote-Extra- \
-  --proxy-client-cert-file "$PKI/front-proxy-client.crt" --proxy-client-key-file "$PKI/front-proxy-client.key" \
-  --enable-aggregator-routing=true \
-  --v 1 >"$DIR/kube-apiserver.log" 2>&1 &
-PIDS+=($!)
+start_apiserver() {
+  "$CACHE/kube-apiserver" \
+    --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
+    --bind-address "$API_HOST" --advertise-address "$API_HOST" --secure-port "$API_PORT" \
+    --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
+    --client-ca-file "$PKI/ca.crt" \
+    --service-account-issuer https://kubernetes.default.svc \
+    --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
+    --authorization-mode RBAC \
+    --service-cluster-ip-range 10.96.0.0/16 \
+    --allow-privileged=true \
+    --requestheader-client-ca-file "$PKI/front-proxy-ca.crt" \
+    --requestheader-allowed-names front-proxy-client \
+    --requestheader-username-headers X-Remote-User \
+    --requestheader-group-headers X-Remote-Group \
+    --requestheader-extra-headers-prefix X-Remote-Extra- \
+    --proxy-client-cert-file "$PKI/front-proxy-client.crt" --proxy-client-key-file "$PKI/front-proxy-client.key" \
+    --enable-aggregator-routing=true \
+    --v 1 >>"$DIR/kube-apiserver.log" 2>&1 &
+  API_PID=$!
+}
+start_apiserver
+PIDS+=("$API_PID")
+API_INDEX=$((${#PIDS[@]} - 1))
 
 curl_api() { curl -sf --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key" "https://$API_HOST:$API_PORT$1"; }
-for _ in $(seq 1 300); do
-  curl_api /readyz >/dev/null 2>&1 && break
-  for pid in "${PIDS[@]}"; do
-    kill -0 "$pid" 2>/dev/null || { log "a server exited at start; last lines of its log:"; tail -n 20 "$DIR"/*.log >&2; exit 1; }
+await_apiserver() {
+  for _ in $(seq 1 300); do
+    curl_api /readyz >/dev/null 2>&1 && return
+    for pid in "${PIDS[@]}"; do
+      kill -0 "$pid" 2>/dev/null || { log "a server exited at start; last lines of its log:"; tail -n 20 "$DIR"/*.log >&2; exit 1; }
+    done
+    sleep 0.2
   done
-  sleep 0.2
-done
-curl_api /readyz >/dev/null || { log "kube-apiserver not ready after 60 s; see $DIR/kube-apiserver.log"; exit 1; }
+  curl_api /readyz >/dev/null || { log "kube-apiserver not ready after 60 s; see $DIR/kube-apiserver.log"; exit 1; }
+}
+await_apiserver
 
 "$CACHE/kube-controller-manager" \
   --kubeconfig "$DIR/controller-manager.kubeconfig" \
@@ -220,12 +235,30 @@ curl_api /readyz >/dev/null || { log "kube-apiserver not ready after 60 s; see $
   --v 1 >"$DIR/kube-controller-manager.log" 2>&1 &
 PIDS+=($!)
 
+# A crash, not a shutdown: no graceful close of connections or watches; then the same command
+# line, as a supervisor would start it again.
+restart_apiserver() {
+  log "restarting kube-apiserver (pid ${PIDS[API_INDEX]}): SIGKILL, then the same command line"
+  kill -9 "${PIDS[API_INDEX]}" 2>/dev/null || true
+  wait "${PIDS[API_INDEX]}" 2>/dev/null || true
+  start_apiserver
+  PIDS[API_INDEX]="$API_PID"
+  await_apiserver
+  API_RESTARTS=$((API_RESTARTS + 1))
+  echo "$API_RESTARTS" >"$DIR/apiserver-restarts"
+  log "kube-apiserver restarted (pid $API_PID) and ready"
+}
+
 cp "$DIR/admin.kubeconfig" "$DIR/kubeconfig"
 echo "$API_PORT" >"$DIR/ready"
 log "ready: KUBECONFIG=$DIR/kubeconfig (https://$API_HOST:$API_PORT); logs in $DIR"
 
 # Until interrupted, or until whoever started us (a test binary) is gone.
 while kill -0 "$WATCH_PID" 2>/dev/null; do
+  if [[ -n "$RESTART_APISERVER" ]]; then
+    RESTART_APISERVER=""
+    restart_apiserver
+  fi
   for pid in "${PIDS[@]}"; do
     kill -0 "$pid" 2>/dev/null || { log "server $pid exited; see the logs in $DIR"; exit 1; }
   done

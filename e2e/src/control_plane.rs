@@ -17,8 +17,8 @@ use kube::{Client, Config};
 /// A running control plane.
 pub struct ControlPlane {
     dir: PathBuf,
-    /// Held so the script lives as long as the test binary.
-    _script: Mutex<Child>,
+    /// Held so the script lives as long as the test binary; signalled to restart the API server.
+    script: Mutex<Child>,
 }
 
 static SHARED: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
@@ -73,13 +73,61 @@ impl ControlPlane {
         }
         Ok(Self {
             dir,
-            _script: Mutex::new(child),
+            script: Mutex::new(child),
         })
     }
 
     /// Where the script keeps certificates, kubeconfigs and the servers' logs.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Kills kube-apiserver (SIGKILL: every connection and watch cut, nothing drained) and
+    /// starts it again with the same command line, etcd keeping the data; returns once it is
+    /// ready again. Only this test binary's clients notice: each binary has a control plane
+    /// of its own.
+    pub async fn restart_apiserver(&self) -> anyhow::Result<()> {
+        let restarts = || {
+            std::fs::read_to_string(self.dir.join("apiserver-restarts"))
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+                .unwrap_or(0)
+        };
+        let before = restarts();
+        let script = self
+            .script
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .id();
+        // scripts/cluster.sh does the restart on SIGUSR1: it supervises the servers, and would
+        // take the API server exiting under it for a crash of the whole cluster.
+        let status = Command::new("kill")
+            .args(["-USR1", &script.to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -USR1 {script} failed: {status}");
+        // A cold start of kube-apiserver takes seconds; this only bounds a hang.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+        while restarts() <= before {
+            let exited = self
+                .script
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .try_wait()?;
+            if let Some(status) = exited {
+                bail!(
+                    "scripts/cluster.sh exited with {status} restarting kube-apiserver (its logs: {})",
+                    self.dir.display()
+                );
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "kube-apiserver was not ready again within 3 minutes (see {})",
+                    self.dir.join("kube-apiserver.log").display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(())
     }
 
     /// The cluster-admin kubeconfig.

@@ -16,8 +16,9 @@
 //! container would download over the closed network is linked into its `--out` path from the
 //! local file); the pod's service-account token is handed over as a `KUBECONFIG` (a bound token
 //! from the TokenRequest API) instead of the projected files of in-cluster config; a container
-//! that exits is not restarted; readiness is probed every 300 ms, not every `periodSeconds`;
-//! one container a pod.
+//! that exits is not restarted, unless a test asks for it in its namespace
+//! ([`Kubelet::restart_exited_containers`]); readiness is probed every 300 ms, not every
+//! `periodSeconds`; one container a pod.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -89,6 +90,8 @@ struct Running {
     terminating: bool,
     /// The kubelet has stopped noticing changes to this pod (see [`Kubelet::hold`]).
     held: bool,
+    /// How many times its container was started again after it exited.
+    restarts: u32,
 }
 
 struct Inner {
@@ -104,6 +107,8 @@ struct Inner {
     pods: Mutex<BTreeMap<(String, String), Running>>,
     terminations: Mutex<BTreeMap<(String, String), Termination>>,
     hosts: Mutex<String>,
+    /// Namespaces whose exited containers are started again.
+    restarting: Mutex<BTreeSet<String>>,
 }
 
 /// The running stand-in kubelet; stops its pods when dropped.
@@ -157,6 +162,7 @@ impl Kubelet {
             pods: Mutex::default(),
             terminations: Mutex::default(),
             hosts: Mutex::default(),
+            restarting: Mutex::default(),
         });
         let task = tokio::spawn({
             let inner = inner.clone();
@@ -211,6 +217,22 @@ impl Kubelet {
             .with_context(|| format!("pod {namespace}/{pod} is not running here"))?;
         running.held = true;
         Ok(())
+    }
+
+    /// From now on, starts the container of a pod of `namespace` again when it exits, as a
+    /// kubelet does under `restartPolicy: Always` (every Deployment's pods): for a process that
+    /// exits on purpose and counts on the restart, such as the operator on losing its Lease.
+    /// At once, without the kubelet's back-off; the restarted container gets a new address (a
+    /// kubelet keeps the pod's) and its output is appended to the pod's log.
+    pub fn restart_exited_containers(&self, namespace: &str) {
+        lock(&self.inner.restarting).insert(namespace.to_owned());
+    }
+
+    /// How many times a running pod's container was started again (its `restartCount`).
+    pub fn restarts(&self, namespace: &str, pod: &str) -> Option<u32> {
+        let pods = lock(&self.inner.pods);
+        pods.get(&(namespace.to_owned(), pod.to_owned()))
+            .map(|p| p.restarts)
     }
 
     /// How a deleted pod's container ended, once it has.
@@ -321,9 +343,35 @@ impl Inner {
         if !known {
             let running = self.run(pod).await?;
             lock(&self.pods).insert(key.clone(), running);
+        } else if let Some(restarts) = self.exited_to_restart(key) {
+            let mut running = self.run(pod).await?;
+            running.restarts = restarts + 1;
+            eprintln!(
+                "kubelet: restarted {}/{} (restart {})",
+                key.0, key.1, running.restarts
+            );
+            if let Some(old) = lock(&self.pods).insert(key.clone(), running) {
+                remove_netns(&old.netns);
+            }
         }
         self.probe(key).await;
         self.report(api, pod, key).await
+    }
+
+    /// The restart count of a pod whose container exited and is to be started again, if so.
+    fn exited_to_restart(&self, key: &(String, String)) -> Option<u32> {
+        if !lock(&self.restarting).contains(&key.0) {
+            return None;
+        }
+        let mut pods = lock(&self.pods);
+        let running = pods.get_mut(key)?;
+        if running.terminating || running.held {
+            return None;
+        }
+        if running.exited.is_none() {
+            running.exited = running.child.try_wait().ok().flatten();
+        }
+        running.exited.map(|_| running.restarts)
     }
 
     /// Starts a pod's container in a network namespace of its own.
@@ -463,7 +511,11 @@ impl Inner {
         }
         start.push_str("exec \"$@\"\n");
         std::fs::write(root.join("start.sh"), start)?;
-        let log = std::fs::File::create(root.join("log"))?;
+        // Appended: a restarted container's output follows the one before it.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(root.join("log"))?;
         let child = Command::new("ip")
             .args(["netns", "exec", &netns, "sh"])
             .arg(root.join("start.sh"))
@@ -495,6 +547,7 @@ impl Inner {
             started: k8s_openapi::jiff::Timestamp::now().to_string(),
             terminating: false,
             held: false,
+            restarts: 0,
         })
     }
 
@@ -575,7 +628,7 @@ impl Inner {
                 "containerStatuses": [{
                     "name": container.map(|c| c.name.as_str()).unwrap_or_default(),
                     "image": container.and_then(|c| c.image.as_deref()).unwrap_or_default(),
-                    "ready": running.ready, "restartCount": 0,
+                    "ready": running.ready, "restartCount": running.restarts,
                     "imageID": "", "started": running.exited.is_none(),
                     "state": state,
                 }],

@@ -61,6 +61,10 @@ const BREAKER_POLL: Duration = Duration::from_secs(60);
 /// First and longest error backoff.
 const BACKOFF_MIN: Duration = Duration::from_secs(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// First and longest pause of the model controller's watches after a watch error (see
+/// [`WatchBackoff`]).
+const WATCH_BACKOFF_MIN: Duration = Duration::from_millis(200);
+const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Reconciles that run at once unless configured otherwise (`--reconcile-concurrency`). A cold
 /// start lists every model and queues each; unbounded, every reconcile would hold its observed
 /// objects and desired state at the same time, and send its requests to the API server at once.
@@ -413,7 +417,8 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         Api::<InferenceModel>::all(client.clone()),
         watcher::Config::default().any_semantic(),
     )
-    .with_config(config);
+    .with_config(config)
+    .trigger_backoff(WatchBackoff::default());
     // A policy change (or deletion) reconciles every model of its namespace: the ones it
     // targets now and the ones it targeted before (the mapper cannot know those).
     let store = controller.store();
@@ -473,12 +478,49 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         .for_each(|result| async move {
             match result {
                 Ok((obj, _)) => debug!(model = %obj.name, "reconciled"),
+                // Not a reconcile's: no error_policy sees it, and while a watch fails the
+                // operator misses changes.
+                Err(kube::runtime::controller::Error::QueueError(error)) => {
+                    warn!(%error, "watch failed; retrying")
+                }
                 Err(error) => {
                     debug!(%error, "reconcile error (counted and logged by error_policy)")
                 }
             }
         });
     futures::join!(models, policies);
+}
+
+/// The pause after a watch error, for all of the model controller's watches at once: kube merges
+/// every watch of a controller (the models, the policies, seven kinds of children) into one
+/// stream with one backoff, which pauses them all. Its default (client-go's for one watch: 0.8 s
+/// doubling to 30 s, reset by the next event) grows with every error of any watch, so an API
+/// server restart, which cuts all eleven at once (then each re-watch may answer 410 Gone),
+/// paused every watch for several minutes after the API server was back: children deleted or
+/// overwritten meanwhile stayed so until the model's resync. Capped at 1 s, all the watches
+/// together retry about once a second while the API server is down (eleven client-go
+/// reflectors at their 30 s cap retry about as often) and resume within seconds after.
+#[derive(Debug, Default)]
+struct WatchBackoff {
+    failures: u32,
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let delay = WATCH_BACKOFF_MIN
+            .saturating_mul(1 << self.failures.min(8))
+            .min(WATCH_BACKOFF_MAX);
+        self.failures = self.failures.saturating_add(1);
+        Some(delay)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
 }
 
 /// Renders what [`reconcile`] would apply for one model without a cluster (`render`): with the

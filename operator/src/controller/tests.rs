@@ -525,3 +525,16 @@ fn subset_ignores_server_defaults_but_not_changed_values() {
     ));
     assert!(!is_subset(&desired, &json!({"a": 1, "b": [{"x": 1}]})));
 }
+
+/// The watches' shared pause stays short however many watch errors come in a row (an API
+/// server restart cuts every watch at once), and starts over after an event.
+#[test]
+fn the_shared_watch_backoff_is_capped_at_a_second_and_resets() {
+    use kube::runtime::utils::Backoff as _;
+    let mut backoff = super::WatchBackoff::default();
+    let delays: Vec<u128> = backoff.by_ref().take(30).map(|d| d.as_millis()).collect();
+    assert_eq!(&delays[..4], &[200, 400, 800, 1000]);
+    assert!(delays[4..].iter().all(|&d| d == 1000), "{delays:?}");
+    backoff.reset();
+    assert_eq!(backoff.next().map(|d| d.as_millis()), Some(200));
+}
