@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 export SLUICE_TEST_MODEL ?= $(abspath $(MODEL))
 export SLUICE_TEST_PYTHON ?= $(abspath $(PY))
 
-.PHONY: demo test test-vendor model crds lint bench bench-anchor bench-http bench-connections bench-cache bench-breaker bench-limits bench-operator render e2e cluster cluster-servers images images-from-host test-images build-cuda test-cuda gpu-stage gpu-check venv fmt test-py test-chart chart-crds argocd-cm-patch
+.PHONY: demo test test-vendor model crds lint fuzz soak chaos bench bench-anchor bench-http bench-connections bench-cache bench-breaker bench-limits bench-operator render e2e cluster cluster-servers images images-from-host test-images build-cuda test-cuda gpu-stage gpu-check venv fmt test-py test-chart chart-crds argocd-cm-patch
 
 ## model: fetch the embedded default model once into $(MODEL_DIR)
 model: $(MODEL)
@@ -171,6 +171,27 @@ bench-anchor: model venv
 bench-http: model
 	$(CARGO) build --release -p sluice-sidecar
 	SIDECAR_BIN=$(BIN_DIR)/release/sluice-sidecar MODEL=$(abspath $(MODEL)) VENV=$(VENV) scripts/bench-http.sh
+
+## fuzz: every parser that reads outside bytes under libFuzzer, FUZZ_SECONDS each (default 60);
+## prints executions, crashes and the slowest input per target (scripts/fuzz.sh)
+FUZZ_SECONDS ?= 60
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz.sh
+
+## soak: a sidecar driven at many times its rate limits for SOAK_SECONDS (default 600) while its
+## config is reloaded every 3 s; admitted vs limit per key and window, server vs client counts,
+## gauges and resident memory (sidecar/benches/soak.rs)
+SOAK_SECONDS ?= 600
+soak: model
+	SOAK_SECONDS=$(SOAK_SECONDS) $(CARGO) bench --profile dev --workspace --bench soak
+
+## chaos: sidecars killed, cut off and slowed mid-stream (sidecar/tests/chaos.rs); the operator
+## through API server restarts, write conflicts and a stolen lease (e2e/tests/apiserver_faults.rs).
+## Both also run in `make test`.
+chaos: model venv cluster-servers
+	$(CARGO) build --workspace --bins
+	$(CARGO) test -p sluice-sidecar --test chaos -- --nocapture
+	$(CARGO) test -p sluice-e2e --test apiserver_faults -- --nocapture
 
 ## bench-connections: what 2,000 idle connections cost (open files, RSS), /readyz latency while
 ## the API port is flooded past its limit, and how long silent, half-sent and stalled requests

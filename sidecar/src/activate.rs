@@ -281,6 +281,7 @@ async fn hold(activator: Arc<Activator>, req: Request<Incoming>) -> Response<Res
         prompt_tokens: 0,
         // Until the serving pod's own request timeout has passed too (it answers 503 itself).
         deadline: hold_until + Duration::from_secs(u64::from(REQUEST_TIMEOUT_SECS)),
+        timeout: activator.hold_timeout + Duration::from_secs(u64::from(REQUEST_TIMEOUT_SECS)),
         drain_cut: None,
         caller: None,
     };

@@ -23,6 +23,7 @@ pub mod cli;
 pub mod engine;
 pub mod error;
 pub mod forward;
+pub mod heap;
 pub mod http;
 pub mod limits;
 pub mod memory_limit;

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[(&str, &str)] = &[
     (
         "foundation",
-        "crate error usage readiness memory_limit open_files cache",
+        "crate error usage readiness memory_limit open_files heap cache",
     ),
     (
         "decisions and the engine, no HTTP answers",

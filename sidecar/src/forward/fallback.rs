@@ -155,8 +155,13 @@ impl Fallback {
                     status = res.status().as_u16(),
                     "sent to the fallback model"
                 );
-                let mut res =
-                    relay::relay(res, reservation, out.prompt_tokens, out.drain_cut.clone());
+                let mut res = relay::relay(
+                    res,
+                    reservation,
+                    out.prompt_tokens,
+                    out.drain_cut.clone(),
+                    Some((out.deadline, out.timeout)),
+                );
                 if let Ok(v) = HeaderValue::from_str(&route.model) {
                     res.headers_mut().insert(FALLBACK_HEADER, v);
                 }

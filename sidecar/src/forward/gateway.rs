@@ -103,6 +103,7 @@ impl Gateway {
             request_id,
             prompt_tokens: 0,
             deadline: deadline.at,
+            timeout: deadline.timeout,
             drain_cut: Some(deadline.drain_cut.clone()),
             caller: None,
         };
@@ -131,7 +132,14 @@ impl Gateway {
                 let status = res.status().as_u16();
                 tracing::debug!(model = %target.name, status, "sent on to the model named");
                 // Nothing to settle: the target admitted (and charges) the request.
-                let mut res = relay::relay(res, Box::new(NoReservation), 0, out.drain_cut.clone());
+                let deadline = Some((out.deadline, out.timeout));
+                let mut res = relay::relay(
+                    res,
+                    Box::new(NoReservation),
+                    0,
+                    out.drain_cut.clone(),
+                    deadline,
+                );
                 res.extensions_mut().insert(OtherModel);
                 Ok(res)
             }

@@ -21,6 +21,8 @@ pub mod fallback;
 pub mod gateway;
 mod relay;
 
+pub use self::relay::UsageScan;
+
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, header};
@@ -59,8 +61,10 @@ pub struct Outbound<'a> {
     pub request_id: &'a str,
     /// Prompt tokens counted at the entry pod (usage when the response reports none).
     pub prompt_tokens: usize,
-    /// When the request times out.
+    /// When the request times out (also ending a relayed answer still running then).
     pub deadline: TokioInstant,
+    /// The request's timeout (for the error at `deadline`).
+    pub timeout: Duration,
     /// Ends a relayed answer at the end of the drain's grace period (`None`: never).
     pub drain_cut: Option<DrainCut>,
     /// The caller the entry pod identified, which a signed forward names in
@@ -233,7 +237,7 @@ impl Forwarder {
 /// Relays a response to a request sent on unsigned ([`Forwarder::send_unsigned`]): the pod
 /// that answered admitted it, so there is nothing to settle here.
 pub fn relay_as_is(res: Response<Incoming>) -> Response<ResponseBody> {
-    relay::relay(res, Box::new(NoReservation), 0, None)
+    relay::relay(res, Box::new(NoReservation), 0, None, None)
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -285,6 +289,7 @@ pub async fn dispatch(
                     reservation,
                     out.prompt_tokens,
                     out.drain_cut.clone(),
+                    Some((out.deadline, out.timeout)),
                 )));
             }
             Err(error) => {
@@ -448,6 +453,7 @@ mod tests {
             request_id: "id-1",
             prompt_tokens: 3,
             deadline: TokioInstant::now() + Duration::from_secs(5),
+            timeout: Duration::from_secs(5),
             drain_cut: None,
             caller: None,
         };
@@ -556,6 +562,7 @@ mod tests {
             request_id: "id-2",
             prompt_tokens: 3,
             deadline: TokioInstant::now() + Duration::from_secs(5),
+            timeout: Duration::from_secs(5),
             drain_cut: None,
             caller: None,
         };

@@ -7,12 +7,14 @@ use std::{
     pin::Pin,
     sync::{Mutex, PoisonError},
     task::{Context, Poll, ready},
+    time::Duration,
 };
 
 use http::{HeaderMap, HeaderName, Response, header};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use prometheus_client::metrics::counter::Counter;
+use tokio::time::{Instant as TokioInstant, Sleep};
 
 use crate::{
     admit::{Outcome, Reservation},
@@ -25,16 +27,19 @@ use crate::{
     usage::Usage,
 };
 
-/// Largest non-streaming response body kept (besides relaying it) to read its `usage`.
+/// Largest non-streaming response body, or streamed event, kept (besides relaying it) to read
+/// its `usage`.
 const MAX_SCANNED_JSON: usize = 1 << 20;
 
 /// The response of another variant, relayed: status and end-to-end headers as they came, the
-/// body frame by frame.
+/// body frame by frame, ended at `deadline` (when the request times out, and its timeout for
+/// the error) if it is still running then.
 pub(super) fn relay(
     res: Response<Incoming>,
     reservation: Box<dyn Reservation>,
     prompt_tokens: usize,
     drain_cut: Option<DrainCut>,
+    deadline: Option<(TokioInstant, Duration)>,
 ) -> Response<ResponseBody> {
     let (mut parts, body) = res.into_parts();
     let mut headers = HeaderMap::with_capacity(parts.headers.len());
@@ -59,6 +64,7 @@ pub(super) fn relay(
             let wait: DrainWait = Box::pin(async move { cut.wait().await });
             (Mutex::new(wait), count)
         }),
+        timeout: deadline.map(|(at, after)| (Box::pin(tokio::time::sleep_until(at)), after)),
     };
     Response::from_parts(parts, body.boxed())
 }
@@ -77,6 +83,11 @@ struct RelayBody {
     /// Resolves when the drain's grace period is over (in a mutex only so the body is `Sync`),
     /// and the counter of answers it ended.
     cut: Option<(Mutex<DrainWait>, Counter)>,
+    /// Fires when the request times out, and the timeout (for the error). Without it a variant
+    /// gone silent mid-answer (its network down, its process frozen) would hold the client and
+    /// the reservation until TCP gives up on the connection, many minutes later: nothing else
+    /// reads a deadline once the response's headers have come.
+    timeout: Option<(Pin<Box<Sleep>>, Duration)>,
 }
 
 /// Resolves when the drain's grace period is over.
@@ -111,17 +122,42 @@ impl RelayBody {
         self.finished = true;
         tracing::warn!("grace period over; forwarded answer ended");
         self.settle(Outcome::Failed);
+        Some(self.end_with(&ApiError::Draining))
+    }
+
+    /// When the request times out, ends the answer as [`Self::poll_cut`] does, with a timeout
+    /// error. `None` until then.
+    fn poll_timeout(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Option<Option<Result<Frame<Bytes>, Infallible>>> {
+        let (sleep, after) = self.timeout.as_mut()?;
+        if sleep.as_mut().poll(cx).is_pending() {
+            return None;
+        }
+        let error = ApiError::Timeout(*after);
+        self.timeout = None;
+        self.finished = true;
+        tracing::warn!("the request timed out while a forwarded answer was relayed; ended");
+        self.settle(Outcome::Failed);
+        Some(self.end_with(&error))
+    }
+
+    /// The last frame of an answer ended early with `error`: a stream's error event and
+    /// `[DONE]` (after the end of an event cut in two, so the error parses); none for a JSON
+    /// body, which is ended short.
+    fn end_with(&self, error: &ApiError) -> Option<Result<Frame<Bytes>, Infallible>> {
         if !self.scan.sse {
-            return Some(None);
+            return None;
         }
         let mut bytes = if self.scan.mid_event() {
             b"\n\n".to_vec()
         } else {
             Vec::new()
         };
-        bytes.extend_from_slice(&sse::data_event(&ApiError::Draining.body()));
+        bytes.extend_from_slice(&sse::data_event(&error.body()));
         bytes.extend_from_slice(sse::DONE);
-        Some(Some(Ok(Frame::data(Bytes::from(bytes)))))
+        Some(Ok(Frame::data(Bytes::from(bytes))))
     }
 
     /// Settles once; returns whether this call did.
@@ -156,6 +192,9 @@ impl Body for RelayBody {
             return Poll::Ready(None);
         }
         if let Some(ended) = this.poll_cut(cx) {
+            return Poll::Ready(ended);
+        }
+        if let Some(ended) = this.poll_timeout(cx) {
             return Poll::Ready(ended);
         }
         match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
@@ -216,8 +255,10 @@ impl Drop for RelayBody {
 }
 
 /// Reads token usage off a relayed response: the `usage` object when the upstream sends one,
-/// else the counted prompt plus one token per streamed content chunk.
-struct UsageScan {
+/// else the counted prompt plus one token per streamed content chunk. Public for the fuzzer
+/// (`fuzz/`): it parses bytes another pod sent.
+#[derive(Debug)]
+pub struct UsageScan {
     sse: bool,
     prompt_tokens: usize,
     buf: Vec<u8>,
@@ -227,7 +268,8 @@ struct UsageScan {
 }
 
 impl UsageScan {
-    fn new(sse: bool, prompt_tokens: usize) -> Self {
+    /// A scan of an SSE (`sse`) or JSON response to a request of `prompt_tokens`.
+    pub fn new(sse: bool, prompt_tokens: usize) -> Self {
         Self {
             sse,
             prompt_tokens,
@@ -238,7 +280,8 @@ impl UsageScan {
         }
     }
 
-    fn feed(&mut self, data: &[u8]) {
+    /// Reads the next chunk of the body, as it arrived.
+    pub fn feed(&mut self, data: &[u8]) {
         if !self.sse {
             if self.buf.len() + data.len() <= MAX_SCANNED_JSON {
                 self.buf.extend_from_slice(data);
@@ -247,7 +290,17 @@ impl UsageScan {
             }
             return;
         }
+        // Only a chunk that ends an event is worth splitting (rescanning the buffer on every
+        // chunk of a long event would be quadratic); an event over the bound is no chunk of
+        // ours and is dropped unread (the tail left of it is no `data:` event either).
+        let scanned = self.buf.len().saturating_sub(1);
         self.buf.extend_from_slice(data);
+        if find(&self.buf[scanned..], b"\n\n").is_none() {
+            if self.buf.len() > MAX_SCANNED_JSON {
+                self.buf.clear();
+            }
+            return;
+        }
         let (reported, deltas) = (&mut self.reported, &mut self.deltas);
         sse::split_events(&mut self.buf, |json| {
             if json == sse::DONE_PAYLOAD {
@@ -262,11 +315,12 @@ impl UsageScan {
     }
 
     /// Whether the stream relayed so far stops in the middle of an event.
-    fn mid_event(&self) -> bool {
+    pub fn mid_event(&self) -> bool {
         self.sse && !self.buf.is_empty()
     }
 
-    fn usage(&mut self) -> Usage {
+    /// The usage of the response read so far.
+    pub fn usage(&mut self) -> Usage {
         if !self.sse && !self.overflow && self.reported.is_none() {
             self.reported = parse_usage(&self.buf);
         }
@@ -363,6 +417,15 @@ mod tests {
         // Without a usage chunk: counted prompt, one token per content chunk.
         let mut scan = UsageScan::new(true, 3);
         let cut = find(stream, b"data: {\"choices\":[]").unwrap();
+        scan.feed(&stream[..cut]);
+        assert_eq!(scan.usage(), Usage::new(3, 2));
+        // An event over the bound, sent a byte at a time, is dropped; the next ones still count.
+        let mut scan = UsageScan::new(true, 3);
+        scan.feed(b"data: {\"choices\":[{\"x\":\"");
+        for _ in 0..MAX_SCANNED_JSON {
+            scan.feed(b"a");
+        }
+        scan.feed(b"\"}]}\n\n");
         scan.feed(&stream[..cut]);
         assert_eq!(scan.usage(), Usage::new(3, 2));
         // JSON bodies.

@@ -28,7 +28,14 @@ use crate::{
 const OTHER_ROUTE: &str = "other";
 
 /// Routes one API request. Never fails: every error becomes an OpenAI error response.
-pub async fn api(state: Arc<AppState>, req: Request<Incoming>) -> Response<ResponseBody> {
+///
+/// Not an `async fn`: the request is counted from the moment hyper hands it over, and hyper
+/// drops the future unpolled when the client's end closes as the request arrives (a request sent
+/// whole, then the connection closed), which an `async fn` would not notice at all.
+pub fn api(
+    state: Arc<AppState>,
+    req: Request<Incoming>,
+) -> impl Future<Output = Response<ResponseBody>> + Send + 'static {
     let started = Instant::now();
     let id = request_id(req.headers());
     let route: &'static str = match req.uri().path() {
@@ -59,13 +66,27 @@ pub async fn api(state: Arc<AppState>, req: Request<Incoming>) -> Response<Respo
         sluice.variant = tracing::field::Empty,
     );
     sluice_telemetry::set_parent(&span, req.headers());
-    // hyper drops this future when the client goes away before the answer: still counted.
-    let mut unanswered = Unanswered {
-        state: &state,
+    // hyper drops the answer's future when the client goes away before the answer: still
+    // counted.
+    let unanswered = Unanswered {
+        state: state.clone(),
         route,
         span: span.clone(),
         counted: false,
     };
+    answer(state, req, id, started, span, unanswered)
+}
+
+/// The answer to a request [`api`] has taken in.
+async fn answer(
+    state: Arc<AppState>,
+    req: Request<Incoming>,
+    id: String,
+    started: Instant,
+    span: tracing::Span,
+    mut unanswered: Unanswered,
+) -> Response<ResponseBody> {
+    let route = unanswered.route;
     let mut res = async {
         let res = match handle(&state, route, req, &id, started).await {
             Ok(res) => res,
@@ -138,20 +159,20 @@ pub async fn api(state: Arc<AppState>, req: Request<Incoming>) -> Response<Respo
 
 /// Counts a request whose client left before it was answered (hyper dropped the handler) under
 /// 499, as a request abandoned mid-body is.
-struct Unanswered<'a> {
-    state: &'a AppState,
+struct Unanswered {
+    state: Arc<AppState>,
     route: &'static str,
     span: tracing::Span,
     /// Set once the answer is counted.
     counted: bool,
 }
 
-impl Drop for Unanswered<'_> {
+impl Drop for Unanswered {
     fn drop(&mut self) {
         if self.counted {
             return;
         }
-        let state = self.state;
+        let state = &self.state;
         state.metrics.record_request(
             self.route,
             state.router.local_variant(),

@@ -100,7 +100,13 @@ pub struct Connections {
 struct OpenCount {
     total: usize,
     per_client: HashMap<IpAddr, usize>,
+    /// The most connections open at once since the heap was last trimmed.
+    peak: usize,
 }
+
+/// A burst of at least this many connections has its memory given back once it subsides to an
+/// eighth of its peak ([`crate::heap`]).
+const TRIM_AFTER_CONNECTIONS: usize = 512;
 
 /// An admitted connection's place in the count; given back when it is dropped.
 #[derive(Debug)]
@@ -149,6 +155,7 @@ impl Connections {
             *from_peer += 1;
         }
         open.total += 1;
+        open.peak = open.peak.max(open.total);
         self.open_gauge.inc();
         Ok(Permit {
             connections: self.clone(),
@@ -235,6 +242,11 @@ impl Drop for Permit {
             }
         }
         c.open_gauge.dec();
+        if open.peak >= TRIM_AFTER_CONNECTIONS && open.total * 8 <= open.peak {
+            open.peak = open.total;
+            drop(open);
+            crate::heap::release_free_memory();
+        }
     }
 }
 

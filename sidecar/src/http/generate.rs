@@ -132,6 +132,7 @@ pub async fn generate(
         request_id: id,
         prompt_tokens: prompt.len(),
         deadline: deadline.at,
+        timeout: deadline.timeout,
         drain_cut: Some(deadline.drain_cut.clone()),
         caller: Some(&caller),
     };

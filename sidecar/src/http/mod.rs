@@ -172,9 +172,11 @@ pub async fn serve<S, F, Fut>(
         let service = hyper::service::service_fn(move |req| {
             // Before the future: the request is in flight from the moment hyper has its head.
             let in_flight = activity.begin();
-            let state = state.clone();
+            // Also before the future: hyper may drop it unpolled (the client's end closed as the
+            // request came), and the handler counts what it was handed.
+            let answer = handler(state.clone(), req);
             async move {
-                let res = handler(state, req).await;
+                let res = answer.await;
                 Ok::<_, Infallible>(res.map(|body| Guarded::new(body, in_flight)))
             }
         });

@@ -44,6 +44,10 @@ struct State {
     key_files: KeyFiles,
 }
 
+/// The largest key file read: a mounted Secret or ConfigMap holds at most 1 MiB, and a path
+/// that names something endless (`/dev/zero`) must fail, not fill the memory.
+const MAX_KEY_FILE_BYTES: u64 = 8 << 20;
+
 /// Files read with a config: (path, contents).
 type KeyFiles = Vec<(String, Vec<u8>)>;
 
@@ -211,7 +215,7 @@ impl Reloader {
             }
         };
         for (path, seen) in &files {
-            match std::fs::read(path) {
+            match read_key_file(path) {
                 Ok(bytes) if bytes == *seen => {}
                 Ok(_) => {
                     // A rejected file leaves the old keys in force (and is counted) like a bad
@@ -219,7 +223,7 @@ impl Reloader {
                     if self.apply("key file", &text).is_err() {
                         let mut state = self.state();
                         for (path, seen) in &mut state.key_files {
-                            if let Ok(bytes) = std::fs::read(&*path) {
+                            if let Ok(bytes) = read_key_file(path) {
                                 *seen = bytes;
                             }
                         }
@@ -236,8 +240,23 @@ impl Reloader {
 
 /// Reads the file at `path` (the field `what` names it), remembering it in `files`.
 fn read_file(what: &str, path: &str, files: &mut KeyFiles) -> Result<Vec<u8>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{what} {path}: {e}"))?;
+    let bytes = read_key_file(path).map_err(|e| format!("{what} {path}: {e}"))?;
     files.push((path.to_owned(), bytes.clone()));
+    Ok(bytes)
+}
+
+/// Reads a key file, refusing one over [`MAX_KEY_FILE_BYTES`].
+fn read_key_file(path: &str) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_KEY_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_KEY_FILE_BYTES {
+        return Err(std::io::Error::other(format!(
+            "larger than {MAX_KEY_FILE_BYTES} bytes"
+        )));
+    }
     Ok(bytes)
 }
 
