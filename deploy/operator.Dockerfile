@@ -22,6 +22,7 @@ COPY operator ./operator
 COPY sidecar ./sidecar
 COPY e2e ./e2e
 COPY telemetry ./telemetry
+COPY fuzz ./fuzz
 # Patched upstream crates ([patch.crates-io] in Cargo.toml).
 COPY vendor ./vendor
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

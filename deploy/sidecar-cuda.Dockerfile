@@ -31,6 +31,7 @@ COPY operator ./operator
 COPY sidecar ./sidecar
 COPY e2e ./e2e
 COPY telemetry ./telemetry
+COPY fuzz ./fuzz
 # Patched upstream crates ([patch.crates-io] in Cargo.toml).
 COPY vendor ./vendor
 # The engine's build scripts read one architecture from CUDA_COMPUTE_CAP (there is no GPU to ask);
