@@ -53,26 +53,6 @@ fn addr(sidecar: &Sidecar) -> String {
     sidecar.api.trim_start_matches("http://").to_owned()
 }
 
-async fn metrics(sidecar: &Sidecar) -> String {
-    get(&format!("{}/metrics", sidecar.admin)).await.unwrap().1
-}
-
-/// Waits (at most [`HANG`]) until metric `name` reads `value`.
-async fn wait_for_metric(sidecar: &Sidecar, name: &str, value: f64) {
-    let deadline = tokio::time::Instant::now() + HANG;
-    loop {
-        let text = metrics(sidecar).await;
-        if metric(&text, name) == Some(value) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{name} never read {value}:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The test process holds 10,000 sockets at once.
 fn raise_open_file_limit() {
     let mut limit = libc::rlimit {
@@ -132,8 +112,12 @@ async fn abuse_gets_bounded_answers_and_leaves_descriptors_and_memory_flat() {
     clients_vanishing_at_every_stage(&sidecar).await;
 
     // Everything settled: no request in flight, no connection held, and still serving.
-    wait_for_metric(&sidecar, "sluice_requests_in_flight", 0.0).await;
-    wait_for_metric(&sidecar, "sluice_connections_open{listener=\"api\"}", 0.0).await;
+    sidecar
+        .wait_for_metric("sluice_requests_in_flight", 0.0)
+        .await;
+    sidecar
+        .wait_for_metric("sluice_connections_open{listener=\"api\"}", 0.0)
+        .await;
     sidecar.chat_once().await;
     // The descriptors are back at once; the memory the connections' buffers took once the heap
     // is trimmed, in the background, after the burst (crate::heap).
@@ -306,7 +290,7 @@ async fn idle_connections(sidecar: &Sidecar, count: usize) {
         StatusCode::OK,
         "probes must answer under 10,000 idle connections"
     );
-    let text = metrics(sidecar).await;
+    let text = sidecar.metrics().await;
     let open = metric(&text, "sluice_connections_open{listener=\"api\"}").unwrap();
     let refused = metric(
         &text,
@@ -316,7 +300,9 @@ async fn idle_connections(sidecar: &Sidecar, count: usize) {
     eprintln!("{count} idle connections: {open} held, {refused} refused so far");
     assert!(open <= 4096.0, "{open} connections held");
     drop(idle);
-    wait_for_metric(sidecar, "sluice_connections_open{listener=\"api\"}", 0.0).await;
+    sidecar
+        .wait_for_metric("sluice_connections_open{listener=\"api\"}", 0.0)
+        .await;
 }
 
 /// A client going away mid-head, after the head, mid-body, before the answer's head, before the
@@ -328,7 +314,7 @@ async fn clients_vanishing_at_every_stage(sidecar: &Sidecar) {
             metric(text, "sluice_generations_cancelled_total").unwrap_or(0.0),
         )
     };
-    let (gone_before, cancelled_before) = counts(&metrics(sidecar).await);
+    let (gone_before, cancelled_before) = counts(&sidecar.metrics().await);
     let body = serde_json::to_vec(&counting_stream(&sidecar.name)).unwrap();
     let head = format!(
         "POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
@@ -384,8 +370,10 @@ async fn clients_vanishing_at_every_stage(sidecar: &Sidecar) {
     // Requests left before their answer began count under 499 (a head cut short is no
     // request); streams left after their 200 went out count as 200, as in Envoy's and nginx's
     // logs, and their generation is cancelled. Nothing stays in flight.
-    wait_for_metric(sidecar, "sluice_requests_in_flight", 0.0).await;
-    let text = metrics(sidecar).await;
+    sidecar
+        .wait_for_metric("sluice_requests_in_flight", 0.0)
+        .await;
+    let text = sidecar.metrics().await;
     let (gone, cancelled) = counts(&text);
     let (gone, cancelled) = (gone - gone_before, cancelled - cancelled_before);
     eprintln!("left before the answer (499): {gone}; generations cancelled: {cancelled}");

@@ -30,9 +30,9 @@ use std::{
 };
 
 use common::*;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
+use http::StatusCode;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use serde_json::{Value, json};
 use sluice_sidecar::{model::convert::Quant, route::VARIANT_HEADER};
 
@@ -145,30 +145,6 @@ async fn pods(name: &str, canary_weight: u32, extra: &[&str]) -> Pods {
     }
 }
 
-/// POSTs `body` to `url` with `key` as bearer token and `headers`; the response with its body
-/// unread, or the connection error.
-async fn send(
-    url: &str,
-    key: Option<&str>,
-    headers: &[(&str, &str)],
-    body: &Value,
-) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
-    let mut req = Request::builder()
-        .method(Method::POST)
-        .uri(url)
-        .header("content-type", "application/json");
-    if let Some(key) = key {
-        req = req.header("authorization", format!("Bearer {key}"));
-    }
-    for (name, value) in headers {
-        req = req.header(*name, *value);
-    }
-    let req = req
-        .body(Full::new(Bytes::from(serde_json::to_vec(body).unwrap())))
-        .unwrap();
-    client().request(req).await
-}
-
 /// A short greedy completion (`stream` or not).
 fn short(max_tokens: u32, stream: bool) -> Value {
     json!({
@@ -203,7 +179,7 @@ async fn victim_stream_via_canary(pods: &Pods) -> (Vec<u8>, Incoming) {
     let url = format!("{}{COMPLETIONS}", pods.entry.api);
     let res = bounded(
         "the victim's stream",
-        send(
+        try_post_as(
             &url,
             Some(VICTIM),
             &[(PIN, "canary")],
@@ -260,7 +236,7 @@ async fn victim_admitted_again(entry: &Sidecar) -> String {
     let url = format!("{}{COMPLETIONS}", entry.api);
     let res = bounded(
         "the victim's next request",
-        send(&url, Some(VICTIM), &[], &counting_stream("smollm2")),
+        try_post_as(&url, Some(VICTIM), &[], &counting_stream("smollm2")),
     )
     .await
     .unwrap();
@@ -301,7 +277,7 @@ async fn request(entry: &Sidecar, headers: &[(&str, &str)], body: &Value) -> (En
     let started = Instant::now();
     let url = format!("{}{COMPLETIONS}", entry.api);
     let ended = bounded("a request through the entry", async {
-        let res = match send(&url, None, headers, body).await {
+        let res = match try_post_as(&url, None, headers, body).await {
             Ok(res) => res,
             Err(e) => return Ended::Failed(format!("connection: {e}")),
         };
@@ -463,7 +439,7 @@ async fn entry_killed_mid_forward() {
     // A new request to the dead entry is refused at once.
     let refused = bounded(
         "a request to the dead entry",
-        send(
+        try_post_as(
             &format!("{}{COMPLETIONS}", pods.entry.api),
             None,
             &[],

@@ -53,27 +53,6 @@ fn post_head(path: &str, content_length: usize) -> String {
     )
 }
 
-async fn metrics(sidecar: &Sidecar) -> String {
-    get(&format!("{}/metrics", sidecar.admin)).await.unwrap().1
-}
-
-/// Waits (at most [`HANG`]) until the sidecar's metric `name` reads `value`: what the server
-/// counts after a connection closes lands a moment after the client sees it.
-async fn wait_for_metric(sidecar: &Sidecar, name: &str, value: f64) {
-    let deadline = tokio::time::Instant::now() + HANG;
-    loop {
-        let text = metrics(sidecar).await;
-        if metric(&text, name) == Some(value) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{name} never read {value}:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_slow_and_trickling_clients_are_cut() {
     let mut sidecar = Sidecar::spawn(&[
@@ -159,7 +138,7 @@ async fn silent_slow_and_trickling_clients_are_cut() {
     let raw = String::from_utf8_lossy(&out);
     assert_eq!(status_and_json(&raw).0, 408, "{raw}");
 
-    let text = metrics(&sidecar).await;
+    let text = sidecar.metrics().await;
     let timed_out = |reason: &str| {
         metric(
             &text,
@@ -211,7 +190,7 @@ async fn a_connection_flood_is_refused_and_probes_still_answer() {
     // The probes answer while the API port is full.
     let (status, body) = get(&format!("{}/readyz", sidecar.admin)).await.unwrap();
     assert_eq!((status, body.as_str()), (StatusCode::OK, "ready\n"));
-    let text = metrics(&sidecar).await;
+    let text = sidecar.metrics().await;
     assert_eq!(
         metric(&text, "sluice_connections_open{listener=\"api\"}"),
         Some(16.0),
@@ -229,7 +208,9 @@ async fn a_connection_flood_is_refused_and_probes_still_answer() {
 
     // Once the flood is gone, requests are served again.
     drop(flood);
-    wait_for_metric(&sidecar, "sluice_connections_open{listener=\"api\"}", 0.0).await;
+    sidecar
+        .wait_for_metric("sluice_connections_open{listener=\"api\"}", 0.0)
+        .await;
     sidecar.chat_once().await;
 }
 
@@ -243,7 +224,9 @@ async fn one_client_may_hold_only_its_share_of_connections() {
         TcpStream::connect(&api).await.unwrap(),
         TcpStream::connect(&api).await.unwrap(),
     ];
-    wait_for_metric(&sidecar, "sluice_connections_open{listener=\"api\"}", 2.0).await;
+    sidecar
+        .wait_for_metric("sluice_connections_open{listener=\"api\"}", 2.0)
+        .await;
     // A third is refused, naming the per-client limit.
     let mut third = TcpStream::connect(&api).await.unwrap();
     let raw = read_to_close(&mut third).await;
@@ -257,7 +240,7 @@ async fn one_client_may_hold_only_its_share_of_connections() {
             .contains("from one client"),
         "{raw}"
     );
-    let text = metrics(&sidecar).await;
+    let text = sidecar.metrics().await;
     assert_eq!(
         metric(
             &text,
@@ -323,9 +306,7 @@ async fn bodies_must_be_json_and_requests_left_by_their_client_count_as_499() {
         .unwrap();
     assert_eq!(read_to_close(&mut h2).await, "");
 
-    wait_for_metric(
-        &sidecar,
-        "sluice_requests_total{route=\"/v1/chat/completions\",variant=\"default\",status=\"499\"}",
+    sidecar.wait_for_metric("sluice_requests_total{route=\"/v1/chat/completions\",variant=\"default\",status=\"499\"}",
         1.0,
     )
     .await;

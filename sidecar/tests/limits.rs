@@ -156,10 +156,6 @@ fn h<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
         .unwrap()
 }
 
-async fn metrics(sidecar: &Sidecar) -> String {
-    get(&format!("{}/metrics", sidecar.admin)).await.unwrap().1
-}
-
 async fn is_ready(sidecar: &Sidecar) -> bool {
     get(&format!("{}/readyz", sidecar.admin))
         .await
@@ -169,7 +165,7 @@ async fn is_ready(sidecar: &Sidecar) -> bool {
 async fn wait_metric(sidecar: &Sidecar, name: &str, want: f64) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let text = metrics(sidecar).await;
+        let text = sidecar.metrics().await;
         if metric(&text, name) == Some(want) {
             return;
         }
@@ -187,7 +183,7 @@ async fn rate_limits_end_to_end() {
     let mut sidecar = Sidecar::spawn(&["--config", dir.path().to_str().unwrap()]);
     sidecar.wait_ready().await;
     let url = format!("{}/v1/chat/completions", sidecar.api);
-    let m = metrics(&sidecar).await;
+    let m = sidecar.metrics().await;
     assert_eq!(
         metric(&m, "sluice_config_generation"),
         Some(1.0),
@@ -238,7 +234,7 @@ async fn rate_limits_end_to_end() {
     );
 
     // --- a token budget below prompt + max_tokens refuses before any generation ---
-    let before = metrics(&sidecar).await;
+    let before = sidecar.metrics().await;
     let (status, headers, body) = call(&url, Some("budget-key"), &chat("Say hi", 200)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(body["error"]["code"], "request_too_large");
@@ -255,7 +251,7 @@ async fn rate_limits_end_to_end() {
         !headers.contains_key("retry-after"),
         "waiting would not help"
     );
-    let after = metrics(&sidecar).await;
+    let after = sidecar.metrics().await;
     for name in [
         "sluice_prompt_tokens_total",
         "sluice_completion_tokens_total",
@@ -366,7 +362,7 @@ async fn rate_limits_end_to_end() {
     assert!(sidecar.log().contains("config applied"));
 
     // --- an invalid edit keeps the old limits and bumps the error counter ---
-    let m = metrics(&sidecar).await;
+    let m = sidecar.metrics().await;
     assert_eq!(
         metric(&m, "sluice_config_reload_errors_total"),
         Some(0.0),
@@ -376,7 +372,7 @@ async fn rate_limits_end_to_end() {
         &config(3, 100, "").replace("requestsPerMinute: 2", "requestsPerMinute: -2"),
     );
     wait_metric(&sidecar, "sluice_config_reload_errors_total", 1.0).await;
-    let m = metrics(&sidecar).await;
+    let m = sidecar.metrics().await;
     assert_eq!(
         metric(&m, "sluice_config_generation"),
         Some(2.0),
@@ -404,7 +400,7 @@ async fn rate_limits_end_to_end() {
         let (status, _, body) = call(&url, Some("shadow-key"), &chat("Say hi", 2)).await;
         assert_eq!(status, StatusCode::OK, "{body}");
     }
-    let m = metrics(&sidecar).await;
+    let m = sidecar.metrics().await;
     assert_eq!(
         metric(&m, "sluice_ratelimit_shadow_total{rule=\"t/shadow\"}"),
         Some(2.0),
@@ -480,14 +476,14 @@ async fn without_a_valid_config_the_sidecar_is_not_ready_unless_unlimited_is_all
     assert_eq!(status, StatusCode::OK, "served without limits: {body}");
     // The strict one loads the model but stays unready, and says why.
     let deadline = Instant::now() + Duration::from_secs(120);
-    while metric(&metrics(&strict).await, "sluice_model_load_seconds").unwrap_or(0.0) == 0.0 {
+    while metric(&strict.metrics().await, "sluice_model_load_seconds").unwrap_or(0.0) == 0.0 {
         assert!(Instant::now() < deadline, "{}", strict.log());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (status, body) = get(&format!("{}/readyz", strict.admin)).await.unwrap();
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(body.contains("config"), "{body}");
-    let m = metrics(&strict).await;
+    let m = strict.metrics().await;
     assert_eq!(
         metric(&m, "sluice_config_reload_errors_total"),
         Some(1.0),

@@ -45,24 +45,20 @@ async fn chats(sidecar: &Sidecar, first: usize, count: usize, concurrency: usize
     }
 }
 
-async fn metrics(sidecar: &Sidecar) -> String {
-    get(&format!("{}/metrics", sidecar.admin)).await.unwrap().1
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resident_memory_levels_off_with_default_flags() {
     let mut sidecar = Sidecar::spawn(&[]);
     sidecar.wait_ready().await;
     let pid = sidecar.child.id();
     // The engine's own warm-up request at load already looked the cache up once.
-    let at_ready = metrics(&sidecar).await;
+    let at_ready = sidecar.metrics().await;
 
     // Warm-up: the cache fills (16 entries by default) and the allocator finds its size.
     chats(&sidecar, 0, 50, CONCURRENCY).await;
     let warm = rss_anon(pid);
     chats(&sidecar, 50, 250, CONCURRENCY).await;
     let after = rss_anon(pid);
-    let text = metrics(&sidecar).await;
+    let text = sidecar.metrics().await;
     eprintln!(
         "RssAnon: {} MB after 50 requests, {} MB after 300",
         warm >> 20,
@@ -142,7 +138,7 @@ async fn the_budget_the_operator_renders_is_the_one_enforced() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut sidecar = Sidecar::spawn(&args);
     sidecar.wait_ready().await;
-    let text = metrics(&sidecar).await;
+    let text = sidecar.metrics().await;
     assert_eq!(
         metric(&text, "sluice_prefix_cache_limit_bytes"),
         Some((128u64 << 20) as f64),

@@ -38,10 +38,6 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
-async fn metrics(sidecar: &Sidecar) -> String {
-    get(&format!("{}/metrics", sidecar.admin)).await.unwrap().1
-}
-
 fn count(metrics: &str, name: &str) -> f64 {
     metric(metrics, name).unwrap_or(0.0)
 }
@@ -98,7 +94,7 @@ async fn repeated_greedy_requests_are_answered_from_the_cache() {
     assert!(headers.get("x-sluice-cache").is_none());
     let first: Value = serde_json::from_str(&first).unwrap();
     assert!(first["usage"].get("cached").is_none(), "{first}");
-    let generated = tokens(&metrics(&sidecar).await);
+    let generated = tokens(&sidecar.metrics().await);
     assert!(generated >= 1.0);
 
     // Again, spelled differently (field order, an explicit default): from the cache, the
@@ -143,7 +139,7 @@ async fn repeated_greedy_requests_are_answered_from_the_cache() {
         first["choices"][0]["message"]["content"].as_str().unwrap()
     );
     assert_eq!(usage["cached"], true, "{body}");
-    let m = metrics(&sidecar).await;
+    let m = sidecar.metrics().await;
     assert_eq!(tokens(&m), generated, "no generation for hits");
     assert_eq!(count(&m, "sluice_response_cache_hits_total"), 2.0, "{m}");
 
@@ -156,7 +152,7 @@ async fn repeated_greedy_requests_are_answered_from_the_cache() {
     }
 
     // Identical requests arriving together: one generation between them.
-    let before = metrics(&sidecar).await;
+    let before = sidecar.metrics().await;
     let together = chat("Count to five.", 0.0, false);
     let answers = futures::future::join_all((0..4).map(|_| post(&url, "carol", &together))).await;
     let texts: Vec<Value> = answers
@@ -167,7 +163,7 @@ async fn repeated_greedy_requests_are_answered_from_the_cache() {
         })
         .collect();
     assert!(texts.iter().all(|t| *t == texts[0]), "{texts:?}");
-    let after = metrics(&sidecar).await;
+    let after = sidecar.metrics().await;
     let delta = |name: &str| count(&after, name) - count(&before, name);
     assert_eq!(delta("sluice_response_cache_misses_total"), 1.0, "{after}");
     assert_eq!(
@@ -194,7 +190,7 @@ async fn repeated_greedy_requests_are_answered_from_the_cache() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    let m = metrics(&sidecar).await;
+    let m = sidecar.metrics().await;
     assert_eq!(
         count(&m, "sluice_response_cache_bytes"),
         0.0,

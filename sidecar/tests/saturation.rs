@@ -23,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Sidecar, TempDir, counting_stream, get, metric, post_as, read_json};
+use common::{Sidecar, TempDir, counting_stream, metric, post_as, read_json};
 use http::{HeaderMap, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -154,15 +154,11 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
         .unwrap()
 }
 
-async fn metrics(sidecar: &Sidecar) -> String {
-    get(&format!("{}/metrics", sidecar.admin)).await.unwrap().1
-}
-
 /// Waits until every metric of `want` has its value (bounded: a failure names what it saw).
 async fn wait_metrics(sidecar: &Sidecar, want: &[(&str, f64)]) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let text = metrics(sidecar).await;
+        let text = sidecar.metrics().await;
         if want.iter().all(|(name, v)| metric(&text, name) == Some(*v)) {
             return;
         }
@@ -207,7 +203,7 @@ async fn the_real_sidecar_sheds_the_free_tier_at_the_engines_concurrency() {
         &engine.to_string(),
     ]);
     sidecar.wait_ready().await;
-    let m = metrics(&sidecar).await;
+    let m = sidecar.metrics().await;
     assert_eq!(
         metric(&m, "sluice_config_generation"),
         Some(config.generation as f64),
@@ -247,7 +243,7 @@ async fn the_real_sidecar_sheds_the_free_tier_at_the_engines_concurrency() {
         ],
     )
     .await;
-    let shed_before = metric(&metrics(&sidecar).await, SHED).unwrap_or(0.0);
+    let shed_before = metric(&sidecar.metrics().await, SHED).unwrap_or(0.0);
 
     // A paid (Critical) request is admitted at the mark: it waits in the engine's queue.
     let paid = tokio::spawn({
@@ -255,7 +251,7 @@ async fn the_real_sidecar_sheds_the_free_tier_at_the_engines_concurrency() {
         async move { call(&url, PAID_KEY, &short()).await }
     });
     let deadline = Instant::now() + Duration::from_secs(60);
-    while metric(&metrics(&sidecar).await, "sluice_queue_depth") != Some(1.0) {
+    while metric(&sidecar.metrics().await, "sluice_queue_depth") != Some(1.0) {
         if paid.is_finished() {
             let (status, _, body) = paid.await.unwrap();
             panic!("the paid request was answered {status} instead of queued: {body}");
@@ -269,7 +265,7 @@ async fn the_real_sidecar_sheds_the_free_tier_at_the_engines_concurrency() {
     }
 
     // What the mark is compared with: the eight streams and the queued request.
-    let m = metrics(&sidecar).await;
+    let m = sidecar.metrics().await;
     assert_eq!(
         metric(&m, "sluice_ratelimit_in_flight"),
         Some(full + 1.0),
@@ -292,7 +288,7 @@ async fn the_real_sidecar_sheds_the_free_tier_at_the_engines_concurrency() {
     assert_eq!(header(&headers, "retry-after"), "1");
     assert_eq!(header(&headers, "retry-after-ms"), "1000");
     assert_eq!(header(&headers, "x-sluice-rule"), SATURATION_RULE);
-    let m = metrics(&sidecar).await;
+    let m = sidecar.metrics().await;
     assert_eq!(metric(&m, SHED), Some(shed_before + 1.0), "{m}");
     assert_eq!(
         metric(&m, "sluice_queue_depth"),
@@ -321,6 +317,6 @@ async fn the_real_sidecar_sheds_the_free_tier_at_the_engines_concurrency() {
     // Below the mark again, the free tier is served; nothing more was shed.
     let (status, _, body) = call(&url, FREE_KEY, &short()).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let m = metrics(&sidecar).await;
+    let m = sidecar.metrics().await;
     assert_eq!(metric(&m, SHED), Some(shed_before + 1.0), "{m}");
 }

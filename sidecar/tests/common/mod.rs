@@ -209,6 +209,28 @@ impl Sidecar {
         assert_eq!(status, StatusCode::OK, "{body}");
     }
 
+    /// Its `/metrics` page.
+    pub async fn metrics(&self) -> String {
+        get(&format!("{}/metrics", self.admin)).await.unwrap().1
+    }
+
+    /// Waits (at most a minute) until its metric `name` reads `value`: what the server counts
+    /// after a connection closes lands a moment after the client sees it.
+    pub async fn wait_for_metric(&self, name: &str, value: f64) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = self.metrics().await;
+            if metric(&text, name) == Some(value) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} never read {value}:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Sends SIGTERM.
     pub fn sigterm(&self) {
         let status = Command::new("kill")
@@ -270,6 +292,16 @@ pub async fn post_as(
     extra: &[(&str, &str)],
     body: &serde_json::Value,
 ) -> http::Response<Incoming> {
+    try_post_as(url, key, extra, body).await.unwrap()
+}
+
+/// [`post_as`], or the client's error where no answer came (a server killed, a connection cut).
+pub async fn try_post_as(
+    url: &str,
+    key: Option<&str>,
+    extra: &[(&str, &str)],
+    body: &serde_json::Value,
+) -> Result<http::Response<Incoming>, hyper_util::client::legacy::Error> {
     let mut req = Request::builder()
         .method(Method::POST)
         .uri(url)
@@ -283,7 +315,7 @@ pub async fn post_as(
     let req = req
         .body(Full::new(Bytes::from(serde_json::to_vec(body).unwrap())))
         .unwrap();
-    client().request(req).await.unwrap()
+    client().request(req).await
 }
 
 /// A response read whole: status, headers and the JSON body.
