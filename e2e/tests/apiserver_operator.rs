@@ -401,40 +401,52 @@ async fn scenario(c: &Cluster) -> anyhow::Result<()> {
     };
     let reconciles = |text: &str| http::sum(text, "sluice_operator_reconciles_total");
     let applies = |text: &str| http::sum(text, "sluice_operator_applies_total");
-    let before = metrics(leader_ip(&first_leader)?).await?;
-    let writes_before = operator_writes(admin, models).await?;
     let model_names: Vec<String> = ims
         .list(&ListParams::default())
         .await?
         .iter()
         .map(|m| m.name_any())
         .collect();
-    for name in &model_names {
-        let poke = json!({"metadata": {"annotations": {"e2e.sluice.dev/poke": "1"}}});
-        ims.patch(name, &PatchParams::default(), &Patch::Merge(&poke))
-            .await?;
-    }
-    let target = reconciles(&before) + model_names.len() as f64;
-    wait::until(
-        "a reconcile of every model after the poke",
-        MINUTE,
-        || async {
-            let now = metrics(leader_ip(&first_leader)?).await?;
-            Ok((reconciles(&now) >= target).then_some(now))
-        },
-    )
-    .await
-    .map(|after| {
-        assert_eq!(
-            applies(&after),
-            applies(&before),
-            "an unchanged second pass applied something"
+    // A pod turning Ready between two passes legitimately changes a ConfigMap's weights, so a
+    // pass that wrote is retried; a hot loop writes on every pass and fails all of them.
+    let mut passes_that_wrote = Vec::new();
+    for pass in 1..=3 {
+        let before = metrics(leader_ip(&first_leader)?).await?;
+        let writes_before = operator_writes(admin, models).await?;
+        for name in &model_names {
+            let poke =
+                json!({"metadata": {"annotations": {"e2e.sluice.dev/poke": pass.to_string()}}});
+            ims.patch(name, &PatchParams::default(), &Patch::Merge(&poke))
+                .await?;
+        }
+        let target = reconciles(&before) + model_names.len() as f64;
+        let after = wait::until(
+            "a reconcile of every model after the poke",
+            MINUTE,
+            || async {
+                let now = metrics(leader_ip(&first_leader)?).await?;
+                Ok((reconciles(&now) >= target).then_some(now))
+            },
         )
-    })?;
-    assert_eq!(
-        operator_writes(admin, models).await?,
-        writes_before,
-        "an unchanged second pass changed the operator's managed fields"
+        .await?;
+        let writes_after = operator_writes(admin, models).await?;
+        let changed: Vec<&String> = writes_after
+            .iter()
+            .filter(|(k, v)| writes_before.get(*k) != Some(*v))
+            .map(|(k, _)| k)
+            .collect();
+        if applies(&after) == applies(&before) && changed.is_empty() {
+            passes_that_wrote.clear();
+            break;
+        }
+        passes_that_wrote.push(format!(
+            "pass {pass}: {} applies, changed {changed:?}",
+            applies(&after) - applies(&before)
+        ));
+    }
+    ensure!(
+        passes_that_wrote.is_empty(),
+        "every pass over an unchanged cluster wrote something: {passes_that_wrote:?}"
     );
 
     // An autoscaler's scale through the scale subresource is not reverted.
