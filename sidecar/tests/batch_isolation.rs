@@ -17,11 +17,12 @@ const PROMPTS: [&str; 3] = [
     "Describe the deep ocean.",
 ];
 
-async fn answer(url: &str, prompt: &str) -> (usize, String, Vec<f64>) {
+/// A greedy chat's prompt tokens, text and log-probabilities.
+async fn answer(url: &str, prompt: &str, max_tokens: u64) -> (usize, String, Vec<f64>) {
     let body = json!({
         "model": "smollm2",
         "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": 32,
+        "max_tokens": max_tokens,
         "temperature": 0,
         "logprobs": true,
     });
@@ -48,7 +49,7 @@ async fn concurrent_answers_are_the_answers_alone() {
     let url = format!("{}/v1/chat/completions", sidecar.api);
     let mut alone = Vec::new();
     for prompt in PROMPTS {
-        alone.push(answer(&url, prompt).await);
+        alone.push(answer(&url, prompt, 32).await);
     }
     let lengths: Vec<usize> = alone.iter().map(|a| a.0).collect();
     assert!(
@@ -58,7 +59,7 @@ async fn concurrent_answers_are_the_answers_alone() {
     let distinct: std::collections::BTreeSet<&str> = alone.iter().map(|a| a.1.as_str()).collect();
     assert_eq!(distinct.len(), PROMPTS.len(), "distinct answers: {alone:?}");
     for round in 0..3 {
-        let together = join_all(PROMPTS.map(|p| answer(&url, p))).await;
+        let together = join_all(PROMPTS.map(|p| answer(&url, p, 32))).await;
         for (i, (got, want)) in together.iter().zip(&alone).enumerate() {
             assert_eq!(
                 got.1, want.1,
@@ -69,6 +70,59 @@ async fn concurrent_answers_are_the_answers_alone() {
                 got.2, want.2,
                 "round {round}: {:?}: other log-probabilities in a batch",
                 PROMPTS[i]
+            );
+        }
+    }
+}
+
+/// Prompts of different lengths and answer lengths: the scheduler runs one length at a time
+/// and parks the others, and the short answers finish while the long one is parked.
+const UNEVEN: [(&str, u64); 3] = [
+    (
+        "Write a short story about a dragon who guards a library.",
+        32,
+    ),
+    ("Hi.", 3),
+    ("Name three colours of the rainbow.", 8),
+];
+
+/// A request the scheduler parked mid-answer, after its prompt started from the prefix cache,
+/// gets its answer alone. Upstream's scheduler made parked sequences prompts again once nothing
+/// else ran, and prefilled them whole on top of the KV cache they already had: the model then
+/// read its context twice and answered something else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_requests_get_their_answers_alone() {
+    let mut sidecar = Sidecar::spawn(&[]);
+    sidecar.wait_ready().await;
+    let url = format!("{}/v1/chat/completions", sidecar.api);
+    // Sixteen other chats (the cache's entries) between runs, so that every prompt below starts
+    // from the template's system turn in the cache, never from its own earlier answer.
+    let flush = |round: usize| {
+        let url = url.clone();
+        async move {
+            for i in 0..16 {
+                answer(&url, &format!("Flush {round}-{i}."), 1).await;
+            }
+        }
+    };
+    flush(0).await;
+    let mut alone = Vec::new();
+    for (prompt, max_tokens) in UNEVEN {
+        alone.push(answer(&url, prompt, max_tokens).await);
+    }
+    for round in 1..=3 {
+        flush(round).await;
+        let together = join_all(UNEVEN.map(|(p, n)| answer(&url, p, n))).await;
+        for (i, (got, want)) in together.iter().zip(&alone).enumerate() {
+            assert_eq!(
+                got.1, want.1,
+                "round {round}: {:?} answered differently beside the others",
+                UNEVEN[i].0
+            );
+            assert_eq!(
+                got.2, want.2,
+                "round {round}: {:?}: other log-probabilities beside the others",
+                UNEVEN[i].0
             );
         }
     }

@@ -157,3 +157,94 @@ async fn a_budget_that_is_not_a_byte_size_stops_the_start_with_the_reason() {
         "{log}"
     );
 }
+
+/// Sequences the cache has taken in since the start: each one either is held or was evicted
+/// (the prompts here are distinct, so no entry replaces another).
+fn sequences_cached(text: &str) -> f64 {
+    let value = |name| metric(text, name).unwrap_or_else(|| panic!("no {name} in\n{text}"));
+    value("sluice_prefix_cache_entries") + value("sluice_prefix_cache_evictions_total")
+}
+
+/// Concurrent requests of different lengths, some ending in their prompt step: each finished
+/// request is cached once, holding the positions it wrote. Upstream's engine set every
+/// sequence that ran its prompt step running again, so one that had already finished there
+/// (`max_tokens: 1`) decoded once more and was cached a second time; and its scheduler made
+/// the decoding sequences it had parked prompts again, which, after a prefix-cache hit,
+/// prefilled the whole sequence again on top of its own KV cache. Entries grew to hold several
+/// sequences' positions and resident memory grew by gigabytes in the soak.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_is_cached_once_with_the_positions_it_wrote() {
+    let mut sidecar = Sidecar::spawn(&[]);
+    sidecar.wait_ready().await;
+    let url = format!("{}/v1/chat/completions", sidecar.api);
+    let chat = |prompt: String, max_tokens: u64| {
+        let url = url.clone();
+        let body = json!({
+            "model": "smollm2",
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        });
+        async move {
+            let (status, body) = post_json(&url, &body).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            body["usage"]["prompt_tokens"].as_u64().unwrap() as f64
+        }
+    };
+    let wait_for_sequences = |target: f64| {
+        let sidecar = &sidecar;
+        async move {
+            for _ in 0..3000 {
+                let text = sidecar.metrics().await;
+                if sequences_cached(&text) >= target {
+                    return text;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            panic!("the cache never took in {target} sequences");
+        }
+    };
+
+    // One request alone: the size of one cached position.
+    let before = sidecar.metrics().await;
+    let prompt_tokens = chat("Say one word.".into(), 1).await;
+    let alone = wait_for_sequences(sequences_cached(&before) + 1.0).await;
+    let bytes = |text: &str| metric(text, "sluice_prefix_cache_bytes").unwrap();
+    let position_bytes = (bytes(&alone) - bytes(&before)) / prompt_tokens;
+    assert!(position_bytes > 0.0, "{alone}");
+
+    // Rounds of 8 at once, prompts of five lengths, half of them ending in the prompt step.
+    let mut requests = 0.0;
+    let mut longest: f64 = 0.0;
+    for round in 0..5 {
+        let prompts = (0..8).map(|i| {
+            let n = round * 8 + i;
+            let prompt = format!("Request {n}: {}name a colour.", "please ".repeat(n % 5));
+            chat(prompt, 1 + 2 * (n as u64 % 2))
+        });
+        for tokens in futures::future::join_all(prompts).await {
+            longest = longest.max(tokens);
+            requests += 1.0;
+        }
+    }
+    // A last request alone: the engine has stepped every sequence before it by its end.
+    chat("Say one more word.".into(), 1).await;
+    requests += 1.0;
+    let target = sequences_cached(&alone) + requests;
+    wait_for_sequences(target).await;
+    let text = sidecar.metrics().await;
+    assert_eq!(
+        sequences_cached(&text),
+        target,
+        "{requests} requests were cached this many times\n{text}"
+    );
+    let entries = metric(&text, "sluice_prefix_cache_entries").unwrap();
+    // The prompt and at most two generated tokens (the last one is never written).
+    let most = entries * position_bytes * (longest + 2.0);
+    assert!(
+        bytes(&text) <= most,
+        "{entries} entries hold {} bytes, more than {most}: \
+         entries of {longest}-token prompts hold more positions than they wrote\n{text}",
+        bytes(&text)
+    );
+}

@@ -493,9 +493,16 @@ impl Engine {
                                 SeqStepType::OneShot => {
                                     seq.set_state(SequenceState::Done(StopReason::GeneratedImage))
                                 }
-                                SeqStepType::PromptAndDecode => {
+                                // sluice: only a sequence still running goes on to decode.
+                                // Upstream set every prompt sequence running, so one that
+                                // finished in its prompt step (`max_tokens: 1`, an immediate
+                                // EOS) came back: it decoded again, was cached again, and once
+                                // parked by the scheduler was prefilled again on top of its own
+                                // cache.
+                                SeqStepType::PromptAndDecode if seq.is_prompt() => {
                                     seq.set_state(SequenceState::RunningCompletion)
                                 }
+                                SeqStepType::PromptAndDecode => {}
                             }
                             let now = SystemTime::now()
                                 .duration_since(UNIX_EPOCH)
