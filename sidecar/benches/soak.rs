@@ -9,7 +9,7 @@
 //! took effect (the generation gauge) and every answer it got (key, sent, received, status).
 //!
 //! Afterwards it checks, and prints:
-//! - per key and 30-s window, the requests admitted (200) never exceed what a token bucket could
+//! - per key and 30-s window (a table of the windows), the requests admitted (200) never exceed what a token bucket could
 //!   admit: the capacity in force when the window opens, plus every raise inside it, plus the
 //!   refill at the highest rate possibly in force (a reload's exact instant is only known to lie
 //!   between the write and the gauge showing it). Only answers sent and received inside the
@@ -372,6 +372,7 @@ fn check_windows(
     let mut worst: (f64, usize, Duration, usize, f64) = (0.0, 0, Duration::ZERO, 0, 0.0);
     let mut windows = 0;
     let mut from = Duration::ZERO;
+    println!("window | most a key may be admitted | admitted per key: fewest, most | all keys");
     while from + WINDOW <= ran {
         let to = from + WINDOW;
         let bound = most_admissible(applied, from, to);
@@ -381,6 +382,14 @@ fn check_windows(
                 admitted[a.key] += 1;
             }
         }
+        println!(
+            "[{:>3.0} s, {:>3.0} s) | {bound:>5.1} | {:>3}, {:>3} | {:>4}",
+            from.as_secs_f64(),
+            to.as_secs_f64(),
+            admitted.iter().min().unwrap_or(&0),
+            admitted.iter().max().unwrap_or(&0),
+            admitted.iter().sum::<usize>()
+        );
         for (k, n) in admitted.iter().enumerate() {
             windows += 1;
             let ratio = *n as f64 / bound;
