@@ -162,21 +162,6 @@ async fn is_ready(sidecar: &Sidecar) -> bool {
         .is_ok_and(|(s, _)| s == StatusCode::OK)
 }
 
-async fn wait_metric(sidecar: &Sidecar, name: &str, want: f64) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let text = sidecar.metrics().await;
-        if metric(&text, name) == Some(want) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} never became {want}:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limits_end_to_end() {
     let mut dir = ConfigDir::new("e2e", &config(1, 1, ""));
@@ -339,7 +324,9 @@ async fn rate_limits_end_to_end() {
     long_body.frame().await.unwrap().unwrap();
     dir.swap(&config(2, 100, ""));
     let edited = Instant::now();
-    wait_metric(&sidecar, "sluice_config_generation", 2.0).await;
+    sidecar
+        .wait_for_metric("sluice_config_generation", 2.0)
+        .await;
     let took = edited.elapsed();
     eprintln!("the edited config was in force {took:?} after the edit");
     assert!(
@@ -371,7 +358,9 @@ async fn rate_limits_end_to_end() {
     dir.write_in_place(
         &config(3, 100, "").replace("requestsPerMinute: 2", "requestsPerMinute: -2"),
     );
-    wait_metric(&sidecar, "sluice_config_reload_errors_total", 1.0).await;
+    sidecar
+        .wait_for_metric("sluice_config_reload_errors_total", 1.0)
+        .await;
     let m = sidecar.metrics().await;
     assert_eq!(
         metric(&m, "sluice_config_generation"),
@@ -414,7 +403,9 @@ async fn rate_limits_end_to_end() {
     let keys = dir.file("keys.yaml", "- key: good-key\n  tenant: good-key\n");
     let with_keys = format!("identity:\n  keysFile: {}", keys.display());
     dir.swap(&config(4, 100, &with_keys));
-    wait_metric(&sidecar, "sluice_config_generation", 4.0).await;
+    sidecar
+        .wait_for_metric("sluice_config_generation", 4.0)
+        .await;
     let (status, headers, body) = call(&url, Some("sk-not-a-real-key"), &chat("Say hi", 2)).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     assert_eq!(body["error"]["code"], "invalid_api_key");
