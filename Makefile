@@ -44,7 +44,7 @@ test: model venv test-py cluster-servers
 
 ## test-vendor: the unit tests of our patches to the vendored engine (vendor/README.md)
 test-vendor:
-	$(CARGO) test -p mistralrs-core --lib -- prefix_cacher gguf::content::mapped_tests attention::backends::cpu
+	$(CARGO) test -p mistralrs-core --lib -- prefix_cacher gguf::content::mapped_tests attention::backends::cpu kv_cache::ragged_tests
 
 ## lint: formatting, clippy, CRD freshness
 lint:

@@ -75,8 +75,9 @@ async fn concurrent_answers_are_the_answers_alone() {
     }
 }
 
-/// Prompts of different lengths and answer lengths: the scheduler runs one length at a time
-/// and parks the others, and the short answers finish while the long one is parked.
+/// Prompts of different lengths and answer lengths: the engine prefills them one at a time
+/// (parking the others), decodes them in one ragged batch, each row its own length, and the
+/// short answers finish while the long one goes on.
 const UNEVEN: [(&str, u64); 3] = [
     (
         "Write a short story about a dragon who guards a library.",
@@ -86,10 +87,11 @@ const UNEVEN: [(&str, u64); 3] = [
     ("Name three colours of the rainbow.", 8),
 ];
 
-/// A request the scheduler parked mid-answer, after its prompt started from the prefix cache,
-/// gets its answer alone. Upstream's scheduler made parked sequences prompts again once nothing
-/// else ran, and prefilled them whole on top of the KV cache they already had: the model then
-/// read its context twice and answered something else.
+/// Requests of different lengths decoded together, after their prompts started from the prefix
+/// cache, get their answers alone: the padding of the ragged batch stays out of every row's
+/// attention. (Upstream's scheduler parked all but one length mid-answer, made the parked
+/// sequences prompts again once nothing else ran, and prefilled them whole on top of the KV
+/// cache they already had: the model then read its context twice and answered something else.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parked_requests_get_their_answers_alone() {
     let mut sidecar = Sidecar::spawn(&[]);

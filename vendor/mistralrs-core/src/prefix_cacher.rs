@@ -94,12 +94,15 @@ fn kv_bytes(cache: &[Option<KvCache>]) -> usize {
 
 /// sluice: a sequence's KV cache as the prefix cache keeps it: its own copy of the positions
 /// written so far. A finished sequence's tensors are views of its capacity (grown in blocks of
-/// 512 positions) and, after a batched step, of the whole batch's tensors: keeping the views
-/// kept all of that alive.
+/// `NormalCache::CACHE_GROW_SIZE` positions) and, after a batched step, of the whole batch's
+/// tensors: keeping the views kept all of that alive.
 fn compact(layer: &KvCache) -> Result<KvCache> {
     let single = |c: &SingleCache| -> Result<SingleCache> {
         let all_data = match &c.all_data {
-            Some(data) => Some(data.narrow(c.dim, 0, c.current_seq_len)?.force_contiguous()?),
+            Some(data) => Some(
+                data.narrow(c.dim, 0, c.current_seq_len)?
+                    .force_contiguous()?,
+            ),
             None => None,
         };
         Ok(SingleCache {
@@ -108,6 +111,7 @@ fn compact(layer: &KvCache) -> Result<KvCache> {
             current_seq_len: c.current_seq_len,
             max_seq_len: c.max_seq_len,
             capacity_seq_len: c.current_seq_len,
+            row_lens: Vec::new(),
         })
     };
     // A sliding window wraps around its capacity: kept whole, in storage of its own.
@@ -130,9 +134,9 @@ fn compact(layer: &KvCache) -> Result<KvCache> {
 }
 
 /// sluice: a cached layer rewound to `len` positions, with the capacity a sequence of `len`
-/// positions has when it never left the engine (`len` rounded up to the 512-position blocks
-/// caches grow by). Sequences are batched by length, and a batch's caches must have one
-/// capacity; the compacted copy has exactly its length.
+/// positions has when it never left the engine (`len` rounded up to the blocks caches grow by,
+/// `NormalCache::CACHE_GROW_SIZE`), so that it batches with the sequences of its length without
+/// a copy into a ragged batch; the compacted copy has exactly its length.
 fn restore(layer: &KvCache, len: usize) -> Result<KvCache> {
     let single = |c: &SingleCache| -> Result<SingleCache> {
         let capacity = len
@@ -155,6 +159,7 @@ fn restore(layer: &KvCache, len: usize) -> Result<KvCache> {
             current_seq_len: len,
             max_seq_len: c.max_seq_len,
             capacity_seq_len: capacity,
+            row_lens: Vec::new(),
         })
     };
     Ok(match layer {
@@ -260,7 +265,9 @@ impl PrefixCacheManagerV2 {
     /// sluice: publishes what the cache holds.
     fn publish(&self) {
         self.meter.bytes.store(self.bytes, Ordering::Relaxed);
-        self.meter.entries.store(self.caches.len(), Ordering::Relaxed);
+        self.meter
+            .entries
+            .store(self.caches.len(), Ordering::Relaxed);
     }
 
     fn paged_recurrent_capacity(&self) -> usize {
@@ -579,8 +586,10 @@ mod tests {
 
     use candle_core::{DType, Device, IndexOp, Tensor};
 
-    use super::{compact, kv_bytes, CacheElement, MatchingCache, PrefixCacheManagerV2, PrefixCacheMeter};
-    use crate::kv_cache::{KvCache, RotatingCache, SingleCache};
+    use super::{
+        compact, kv_bytes, CacheElement, MatchingCache, PrefixCacheManagerV2, PrefixCacheMeter,
+    };
+    use crate::kv_cache::{KvCache, NormalCache, RotatingCache, SingleCache};
 
     fn make_cache_tensor(len: usize) -> candle_core::Result<Tensor> {
         Tensor::zeros((1, 1, len, 1), DType::F32, &Device::Cpu)
@@ -727,8 +736,14 @@ mod tests {
         else {
             panic!("normal caches")
         };
-        let (before, after) = (before.all_data.as_ref().unwrap(), after.all_data.as_ref().unwrap());
-        let written = before.i((.., .., ..10, ..))?.flatten_all()?.to_vec1::<f32>()?;
+        let (before, after) = (
+            before.all_data.as_ref().unwrap(),
+            after.all_data.as_ref().unwrap(),
+        );
+        let written = before
+            .i((.., .., ..10, ..))?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         assert_eq!(after.flatten_all()?.to_vec1::<f32>()?, written);
         // A later write to the sequence's cache does not reach the kept copy.
         before.slice_set(&Tensor::full(99f32, (1, 1, 1, 2), &Device::Cpu)?, 2, 0)?;
@@ -773,7 +788,9 @@ mod tests {
         // An entry larger than the whole budget is not kept, and evicts nothing.
         cacher.insert(key(300, 40), entry(40)?);
         assert_eq!(cacher.caches.len(), 2);
-        assert!(cacher.search_for_matching_cache(&[300, 301, 7], None, None, None)?.is_none());
+        assert!(cacher
+            .search_for_matching_cache(&[300, 301, 7], None, None, None)?
+            .is_none());
         assert_eq!(meter.misses(), 1);
         Ok(())
     }
@@ -783,8 +800,12 @@ mod tests {
     {
         let mut cacher = PrefixCacheManagerV2::new(4, false, false, Arc::default());
         cacher.insert(key(0, 10), entry(10)?);
-        let Some(MatchingCache::Normal { normal, offset, toks, .. }) =
-            cacher.search_for_matching_cache(&[0, 1, 2, 3, 4, 5, 6, 50, 51], None, None, None)?
+        let Some(MatchingCache::Normal {
+            normal,
+            offset,
+            toks,
+            ..
+        }) = cacher.search_for_matching_cache(&[0, 1, 2, 3, 4, 5, 6, 50, 51], None, None, None)?
         else {
             panic!("expected a hit")
         };
@@ -792,9 +813,10 @@ mod tests {
         let Some(KvCache::Normal { k, .. }) = &normal[0] else {
             panic!("a normal cache")
         };
-        assert_eq!((k.current_seq_len, k.capacity_seq_len), (7, 512));
+        let block = NormalCache::CACHE_GROW_SIZE;
+        assert_eq!((k.current_seq_len, k.capacity_seq_len), (7, block));
         let data = k.all_data.as_ref().unwrap();
-        assert_eq!(data.dims(), &[1, 1, 512, 2]);
+        assert_eq!(data.dims(), &[1, 1, block, 2]);
         assert_eq!(
             data.i((0, 0, ..7, 0))?.to_vec1::<f32>()?,
             vec![0., 1., 2., 3., 4., 5., 6.]

@@ -220,6 +220,8 @@ impl Engine {
         // Configure prefix caching on the scheduler based on the global no_prefix_cache flag
         // This ensures PagedAttention prefix caching respects the same setting
         get_mut_arcmutex!(scheduler).set_prefix_caching_enabled(!no_prefix_cache);
+        let ragged_decode = !no_kv_cache && get_mut_arcmutex!(pipeline).supports_ragged_decode();
+        get_mut_arcmutex!(scheduler).set_ragged_decode(ragged_decode);
 
         let has_paged_attention = get_mut_arcmutex!(scheduler).kv_cache_manager().is_some();
 

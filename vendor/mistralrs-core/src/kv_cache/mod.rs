@@ -1,6 +1,6 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor, D};
 
 use crate::{
     get_mut_arcmutex,
@@ -125,6 +125,14 @@ impl KvCache {
         Ok((k, v))
     }
 
+    /// sluice: each row's length when this is a ragged decode batch (rows of different lengths).
+    pub fn row_lens(&self) -> Option<&[usize]> {
+        match self {
+            Self::Normal { k, .. } if !k.row_lens.is_empty() => Some(&k.row_lens),
+            _ => None,
+        }
+    }
+
     pub fn current_seq_len(&self) -> usize {
         match self {
             Self::Normal { k, .. } => k.current_seq_len(),
@@ -200,8 +208,10 @@ pub enum NormalCacheType {
 }
 
 impl NormalCache {
-    /// The number of tokens to grow the cache by
-    pub const CACHE_GROW_SIZE: usize = 512;
+    /// The number of tokens to grow the cache by. sluice: 128, upstream 512: each sequence's
+    /// cache starts at this capacity, so a short chat held 512 positions (23 MB on the demo
+    /// model) for the ~150 it wrote. Growing copies the cache, once per 128 positions.
+    pub const CACHE_GROW_SIZE: usize = 128;
 
     pub fn new(len: usize, max_seq_len: usize) -> Arc<Mutex<Self>> {
         Arc::new(Mutex::new(Self(vec![
@@ -258,6 +268,113 @@ impl NormalCache {
     }
 }
 
+/// sluice: one layer's cache for a decode batch whose sequences have different lengths (or
+/// capacities); `None` when they are uniform (upstream's path, which copies whole capacities)
+/// or not plain caches. Upstream batched only sequences of one length, so under concurrency
+/// most decode steps ran a handful of sequences.
+fn ragged_batch(seqs: &mut [&mut Sequence], layer: usize, draft: bool) -> Result<Option<KvCache>> {
+    let mut rows = Vec::with_capacity(seqs.len());
+    for seq in seqs.iter_mut() {
+        let cache = if draft {
+            seq.normal_draft_cache()
+        } else {
+            seq.normal_cache()
+        };
+        let Some(Some(KvCache::Normal { k, v })) = cache.get(layer) else {
+            return Ok(None);
+        };
+        rows.push((k.clone(), v.clone()));
+    }
+    let uniform = |c: &SingleCache| {
+        c.current_seq_len == rows[0].0.current_seq_len
+            && c.capacity_seq_len == rows[0].0.capacity_seq_len
+    };
+    if rows.iter().all(|(k, _)| uniform(k)) {
+        return Ok(None);
+    }
+    ragged_cache(&rows)
+}
+
+/// sluice: the rows' caches (each one sequence's) as one batch. Each row gets only the
+/// positions its sequence wrote, copied one KV head at a time; the rest of the row is padding
+/// that `ragged_decode_mask` hides from the attention. `None` unless every row is a plain
+/// (batch, heads, positions, head size) cache of one sequence.
+fn ragged_cache(rows: &[(SingleCache, SingleCache)]) -> Result<Option<KvCache>> {
+    let mut lens = Vec::with_capacity(rows.len());
+    let mut capacity = 0;
+    for (k, v) in rows {
+        match (&k.all_data, &v.all_data) {
+            (Some(data), Some(_)) if k.dim == 2 && data.dim(0)? == 1 => {
+                lens.push(k.current_seq_len);
+                capacity = capacity.max(data.dim(2)?);
+            }
+            _ => return Ok(None),
+        }
+    }
+    let batch =
+        |row_cache: fn(&(SingleCache, SingleCache)) -> &SingleCache| -> Result<SingleCache> {
+            let first = row_cache(&rows[0]);
+            let template = first.all_data.as_ref().unwrap();
+            let mut dims = template.dims().to_vec();
+            dims[0] = rows.len();
+            dims[2] = capacity;
+            let data = Tensor::zeros(dims, template.dtype(), template.device())?;
+            for (row, cache) in rows.iter().map(row_cache).enumerate() {
+                let src = cache.all_data.as_ref().unwrap();
+                for head in 0..src.dim(1)? {
+                    data.narrow(0, row, 1)?.narrow(1, head, 1)?.slice_set(
+                        &src.narrow(1, head, 1)?
+                            .narrow(2, 0, cache.current_seq_len)?,
+                        2,
+                        0,
+                    )?;
+                }
+            }
+            let longest = lens.iter().copied().max().unwrap_or(0);
+            Ok(SingleCache {
+                all_data: Some(data),
+                dim: first.dim,
+                current_seq_len: longest,
+                max_seq_len: first.max_seq_len,
+                capacity_seq_len: capacity,
+                row_lens: if lens.iter().all(|&l| l == longest) {
+                    Vec::new()
+                } else {
+                    lens.clone()
+                },
+            })
+        };
+    Ok(Some(KvCache::Normal {
+        k: batch(|(k, _)| k)?,
+        v: batch(|(_, v)| v)?,
+    }))
+}
+
+/// sluice: the attention mask of a ragged decode batch (`SingleCache::row_lens`): each row
+/// sees its own positions and the new one, and its padding gets -inf (which the CPU attention
+/// skips, so each row's result is what it is alone). `None` when the batch is uniform.
+pub fn ragged_decode_mask(
+    cache: &[KvCache],
+    seq_len: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    let Some(lens) = cache.iter().find_map(KvCache::row_lens) else {
+        return Ok(None);
+    };
+    if seq_len != 1 {
+        candle_core::bail!("a ragged batch only decodes, one position per step");
+    }
+    let kv_len = lens.iter().copied().max().unwrap_or(0) + seq_len;
+    let mut mask = vec![f32::NEG_INFINITY; lens.len() * kv_len];
+    for (row, len) in lens.iter().enumerate() {
+        mask[row * kv_len..row * kv_len + len + seq_len].fill(0.0);
+    }
+    Tensor::from_vec(mask, (lens.len(), 1, 1, kv_len), device)?
+        .to_dtype(dtype)
+        .map(Some)
+}
+
 pub struct NormalCacheManager;
 
 impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCacheManager {
@@ -269,6 +386,8 @@ impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCa
     ) {
         let mut new_k_cache = Vec::new();
         let mut new_v_cache = Vec::new();
+        let mut ragged: Vec<Option<KvCache>> =
+            vec![None; pipeline.get_metadata().num_hidden_layers];
 
         for layer in 0..pipeline.get_metadata().num_hidden_layers {
             // Preallocate combined k and v caches across all sequences, avoiding Tensor::cat copies
@@ -299,6 +418,14 @@ impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCa
                     }
                 }
             };
+            // sluice: sequences of different lengths (or capacities) decode in one batch: each
+            // row holds its own positions, the rest is padding (`SingleCache::row_lens`).
+            if let Some(batch) = ragged_batch(seqs, layer, modify_draft_cache).unwrap() {
+                new_k_cache.push(None);
+                new_v_cache.push(None);
+                ragged[layer] = Some(batch);
+                continue;
+            }
             // Build dims for batched cache
             let mut dims_k = first_k.dims().to_vec();
             let mut dims_v = first_v.dims().to_vec();
@@ -342,6 +469,10 @@ impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCa
         let mut caches = Vec::new();
         for (layer_idx, (k_cache, v_cache)) in new_k_cache.into_iter().zip(new_v_cache).enumerate()
         {
+            if let Some(batch) = ragged[layer_idx].take() {
+                caches.push(batch);
+                continue;
+            }
             // Use this for the various parameters. Assumes all seqs are from one model.
             let Some(cache_ref) = seq0_cache[layer_idx].as_ref() else {
                 let mut cache = pipeline.cache().normal().0[layer_idx].clone();
@@ -363,6 +494,7 @@ impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCa
                             current_seq_len: template_cache_csl,
                             max_seq_len: template_cache_msl,
                             capacity_seq_len: template_cache_capsl,
+                            row_lens: Vec::new(),
                         },
                         v: SingleCache {
                             all_data: v_cache.map(|x| x.contiguous().unwrap()),
@@ -370,6 +502,7 @@ impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCa
                             current_seq_len: template_cache_csl,
                             max_seq_len: template_cache_msl,
                             capacity_seq_len: template_cache_capsl,
+                            row_lens: Vec::new(),
                         },
                     });
                 }
@@ -453,20 +586,28 @@ impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCa
                         k: cache_k,
                         v: cache_v,
                     } => {
+                        // sluice: a row of a ragged batch has its own length.
+                        let len = cache_k
+                            .row_lens
+                            .get(seq_i)
+                            .copied()
+                            .unwrap_or(cache_k.current_seq_len);
                         *seq_cache = Some(KvCache::Normal {
                             k: SingleCache {
                                 all_data: Some(k),
                                 dim: cache_k.dim,
-                                current_seq_len: cache_k.current_seq_len,
+                                current_seq_len: len,
                                 max_seq_len: cache_k.max_seq_len,
                                 capacity_seq_len: cache_k.capacity_seq_len,
+                                row_lens: Vec::new(),
                             },
                             v: SingleCache {
                                 all_data: Some(v),
                                 dim: cache_v.dim,
-                                current_seq_len: cache_v.current_seq_len,
+                                current_seq_len: len,
                                 max_seq_len: cache_v.max_seq_len,
                                 capacity_seq_len: cache_v.capacity_seq_len,
+                                row_lens: Vec::new(),
                             },
                         });
                     }
@@ -611,6 +752,7 @@ impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCa
                             current_seq_len: 0,
                             max_seq_len: template_cache_msl,
                             capacity_seq_len: k_cache.dims()[template_cache_dim],
+                            row_lens: Vec::new(),
                         },
                         v: SingleCache {
                             all_data: Some(v_cache.zeros_like().unwrap()),
@@ -618,6 +760,7 @@ impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCa
                             current_seq_len: 0,
                             max_seq_len: template_cache_msl,
                             capacity_seq_len: k_cache.dims()[template_cache_dim],
+                            row_lens: Vec::new(),
                         },
                     };
                     *layer = cache;
@@ -1194,5 +1337,105 @@ impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for HybridCa
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod ragged_tests {
+    use super::*;
+    use crate::attention::SdpaParams;
+    use crate::layers::Sdpa;
+
+    fn values(n: usize, salt: f32) -> Vec<f32> {
+        (0..n).map(|i| (i as f32 * 0.37 + salt).sin()).collect()
+    }
+
+    fn tensor(dims: (usize, usize, usize, usize), salt: f32) -> Result<Tensor> {
+        Tensor::from_vec(
+            values(dims.0 * dims.1 * dims.2 * dims.3, salt),
+            dims,
+            &Device::Cpu,
+        )
+    }
+
+    /// sluice: sequences of different lengths and capacities decoding in one ragged batch get,
+    /// row by row and step by step, exactly the attention each gets alone, bit for bit: the
+    /// rows end inside and across the attention's 16-position tiles.
+    #[test]
+    fn ragged_decode_rows_are_the_sequences_alone() -> Result<()> {
+        let (kv_heads, heads, d) = (2, 4, 8);
+        let lens = [5, 17, 40];
+        let sdpa = SdpaParams {
+            softmax_scale: 1.0 / (d as f32).sqrt(),
+            softcap: None,
+            n_kv_groups: heads / kv_heads,
+            sliding_window: None,
+            sinks: None,
+        };
+        let mut alone = Vec::new();
+        for (i, &len) in lens.iter().enumerate() {
+            let mut cache = KvCache::new_normal(2, 4096, 512 * (i + 1));
+            let salt = i as f32;
+            cache.append(
+                &tensor((1, kv_heads, len, d), salt)?,
+                &tensor((1, kv_heads, len, d), salt + 0.5)?,
+            )?;
+            alone.push(cache);
+        }
+        let rows: Vec<_> = alone
+            .iter()
+            .map(|c| match c {
+                KvCache::Normal { k, v } => (k.clone(), v.clone()),
+                _ => unreachable!(),
+            })
+            .collect();
+        let mut batch = ragged_cache(&rows)?.unwrap();
+        assert_eq!(batch.row_lens(), Some(&lens[..]));
+        let b = lens.len();
+        for step in 0..3 {
+            let salt = 10.0 + step as f32;
+            let q = tensor((b, heads, 1, d), salt)?;
+            let (new_k, new_v) = (
+                tensor((b, kv_heads, 1, d), salt + 0.25)?,
+                tensor((b, kv_heads, 1, d), salt + 0.75)?,
+            );
+            let mask =
+                ragged_decode_mask(std::slice::from_ref(&batch), 1, DType::F32, &Device::Cpu)?;
+            let (k, v) = batch.append(&new_k, &new_v)?;
+            let got = Sdpa.run_attention(&q, &k, &v, mask.as_ref(), None, &sdpa)?;
+            for (i, cache) in alone.iter_mut().enumerate() {
+                let (k, v) = cache.append(&new_k.narrow(0, i, 1)?, &new_v.narrow(0, i, 1)?)?;
+                let want = Sdpa.run_attention(&q.narrow(0, i, 1)?, &k, &v, None, None, &sdpa)?;
+                assert_eq!(
+                    got.narrow(0, i, 1)?.flatten_all()?.to_vec1::<f32>()?,
+                    want.flatten_all()?.to_vec1::<f32>()?,
+                    "step {step}, sequence {i} ({} positions)",
+                    lens[i] + step + 1
+                );
+            }
+        }
+        let lens_now: Vec<usize> = lens.iter().map(|l| l + 3).collect();
+        assert_eq!(batch.row_lens(), Some(&lens_now[..]));
+        Ok(())
+    }
+
+    /// sluice: sequences of one length batch as upstream does, without padding or a mask.
+    #[test]
+    fn uniform_rows_need_no_mask() -> Result<()> {
+        let rows: Vec<_> = (0..2)
+            .map(|_| {
+                let mut cache = KvCache::new_normal(2, 4096, 512);
+                cache.append(&tensor((1, 2, 7, 8), 0.0)?, &tensor((1, 2, 7, 8), 1.0)?)?;
+                Ok(match cache {
+                    KvCache::Normal { k, v } => (k, v),
+                    _ => unreachable!(),
+                })
+            })
+            .collect::<Result<_>>()?;
+        let batch = ragged_cache(&rows)?.unwrap();
+        assert_eq!(batch.row_lens(), None);
+        assert_eq!(batch.current_seq_len(), 7);
+        assert!(ragged_decode_mask(&[batch], 1, DType::F32, &Device::Cpu)?.is_none());
+        Ok(())
     }
 }

@@ -704,6 +704,12 @@ impl CacheManagerMixin for GGUFPipeline {
             self.reset_non_granular_state()
         }
     }
+    fn supports_ragged_decode(&self) -> bool {
+        // The CPU attention skips the padding; the flash-attention kernels take no mask.
+        matches!(self.model, Model::Llama(_))
+            && self.device().is_cpu()
+            && self.metadata.cache_config.is_none()
+    }
     fn cache(&self) -> &EitherCache {
         match self.model {
             Model::Llama(ref model) => &model.cache,

@@ -88,10 +88,10 @@ pub use multimodal::{MultimodalLoader, MultimodalLoaderBuilder, MultimodalSpecif
 pub use normal::{NormalLoader, NormalLoaderBuilder, NormalSpecificConfig};
 pub(crate) use paths::{get_chat_template, get_model_paths, get_xlora_paths};
 pub use paths::{AdapterPaths, LoraAdapterPaths};
+pub use processing::PromptTokenizer;
 pub(crate) use processing::{
     apply_chat_template, BasicProcessor, MessagesAction, Processor, ProcessorCreator,
 };
-pub use processing::PromptTokenizer;
 use rand_isaac::Isaac64Rng;
 pub use speculative::{SpeculativeConfig, SpeculativeLoader, SpeculativePipeline};
 pub use speech::{SpeechLoader, SpeechPipeline};
@@ -212,6 +212,11 @@ pub trait CacheManagerMixin {
         load_preallocated_cache: bool,
     );
     fn cache(&self) -> &EitherCache;
+    /// sluice: whether the model masks the padding of a decode batch whose sequences have
+    /// different lengths (`kv_cache::ragged_decode_mask`), so the scheduler may batch them.
+    fn supports_ragged_decode(&self) -> bool {
+        false
+    }
 }
 
 pub trait MetadataMixin {

@@ -72,7 +72,48 @@ pub trait BucketingManager<Backer: FcfsBacker>: Send + Sync {
 // Bucket by that metric for images because if we are not a prompt, then this doesn't apply
 type BucketKey = (usize, bool, usize);
 
-struct FixedBucketingManager;
+struct FixedBucketingManager {
+    /// sluice: the pipeline decodes sequences of different lengths in one batch
+    /// (`Scheduler::set_ragged_decode`).
+    ragged_decode: bool,
+}
+
+/// sluice: the buckets when decode batches may be ragged. Every decoding sequence runs each
+/// step, whatever its length, and with them the prompts of one bucket: the one holding the
+/// oldest waiting request, so prompts are admitted first come, first served. A new request
+/// thus waits for one step per request ahead of it, and a decoding one never waits for more
+/// than one prefill. Upstream ran one length bucket per step: under concurrency, most decode
+/// steps ran a few sequences, and a prompt waited behind every bucket of higher priority.
+fn ragged_buckets<Backer: FcfsBacker>(
+    running: Vec<Sequence>,
+    mut waiting: Backer,
+) -> BucketedSeqs<Backer> {
+    let (mut decoding, prompts): (Vec<_>, Vec<_>) =
+        running.into_iter().partition(|seq| seq.is_completion());
+    let first_prompt = prompts
+        .iter()
+        .min_by_key(|seq| *seq.id())
+        .map(|seq| bucket_key(seq));
+    for seq in prompts {
+        if Some(bucket_key(&seq)) == first_prompt {
+            decoding.push(seq);
+        } else {
+            waiting.add(seq.add_urgency());
+        }
+    }
+    BucketedSeqs {
+        running: decoding.into_iter().map(Sequence::reset_urgency).collect(),
+        waiting,
+    }
+}
+
+fn bucket_key(seq: &Sequence) -> BucketKey {
+    (
+        seq.len(),
+        seq.images().is_some() && seq.is_prompt(),
+        seq.token_offset(),
+    )
+}
 
 impl<Backer: FcfsBacker> BucketingManager<Backer> for FixedBucketingManager {
     /// Move the sequences into buckets, and run the ones with the shortest lengths.
@@ -84,6 +125,9 @@ impl<Backer: FcfsBacker> BucketingManager<Backer> for FixedBucketingManager {
         mut waiting: Backer,
         discrete: bool,
     ) -> BucketedSeqs<Backer> {
+        if self.ragged_decode {
+            return ragged_buckets(running, waiting);
+        }
         // Now, get the sequences with the smallest sequence lengths, and allow them to catch up.
         let mut seq_buckets: HashMap<BucketKey, Vec<Sequence>> = HashMap::new();
         let mut seq_priorities: HashMap<BucketKey, f64> = HashMap::new();
@@ -180,7 +224,9 @@ pub struct DefaultScheduler<Backer: FcfsBacker> {
 impl<Backer: FcfsBacker> DefaultScheduler<Backer> {
     pub fn new(method: DefaultSchedulerMethod) -> Self {
         let bucketing_manager: Box<dyn BucketingManager<_>> = match method {
-            DefaultSchedulerMethod::Fixed(_) => Box::new(FixedBucketingManager),
+            DefaultSchedulerMethod::Fixed(_) => Box::new(FixedBucketingManager {
+                ragged_decode: false,
+            }),
         };
         Self {
             running: Vec::new(),
@@ -355,5 +401,10 @@ impl Scheduler for DefaultScheduler<VecDeque<Sequence>> {
     }
     fn set_prefix_caching_enabled(&mut self, _enabled: bool) {
         // DefaultScheduler doesn't use PagedAttention prefix caching
+    }
+    fn set_ragged_decode(&mut self, enabled: bool) {
+        self.bucketing_manager = Box::new(FixedBucketingManager {
+            ragged_decode: enabled,
+        });
     }
 }

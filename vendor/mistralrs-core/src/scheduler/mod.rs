@@ -69,4 +69,8 @@ pub trait Scheduler: Send + Sync {
     /// Set whether prefix caching is enabled. Called by Engine after creation
     /// to synchronize with the global no_prefix_cache setting.
     fn set_prefix_caching_enabled(&mut self, enabled: bool);
+
+    /// sluice: whether the pipeline decodes sequences of different lengths in one batch
+    /// (`CacheManagerMixin::supports_ragged_decode`). Called by Engine after creation.
+    fn set_ragged_decode(&mut self, _enabled: bool) {}
 }

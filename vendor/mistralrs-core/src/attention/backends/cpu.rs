@@ -495,6 +495,17 @@ where
                                 }
                             }
                         }
+                        let mask_delta = mask_info
+                            .as_ref()
+                            .map(|mask| slope * mask.value(b_i, h_i, 0, kv_pos))
+                            .unwrap_or(0.0);
+                        // sluice: a masked position (a ragged batch's padding) is skipped. Its
+                        // weight is exactly 0, so the sums are what they are without it, bit
+                        // for bit; computed, a tile that starts masked gave exp(-inf - -inf),
+                        // a NaN.
+                        if mask_delta == f32::NEG_INFINITY {
+                            continue;
+                        }
                         // ---------- dot(Q,K) ----------
                         let k_base = b_i * kstride[0] + kv_pos * kstride[1] + k_head * kstride[2];
                         let k_row = &k_data[k_base..k_base + d];
@@ -504,10 +515,6 @@ where
                         if logit_softcap != 0.0 {
                             s_val = logit_softcap * (s_val / logit_softcap).tanh();
                         }
-                        let mask_delta = mask_info
-                            .as_ref()
-                            .map(|mask| slope * mask.value(b_i, h_i, 0, kv_pos))
-                            .unwrap_or(0.0);
                         s_val += mask_delta;
 
                         // -------- tile-local softmax ----------
@@ -760,8 +767,16 @@ mod tests {
                 .collect()
         };
         let q = Tensor::from_vec(values(b * h * d, 0.1), (b, 1, h, d), &Device::Cpu)?;
-        let k = Tensor::from_vec(values(b * kv_len * h * d, 0.7), (b, kv_len, h, d), &Device::Cpu)?;
-        let v = Tensor::from_vec(values(b * kv_len * h * d, 1.3), (b, kv_len, h, d), &Device::Cpu)?;
+        let k = Tensor::from_vec(
+            values(b * kv_len * h * d, 0.7),
+            (b, kv_len, h, d),
+            &Device::Cpu,
+        )?;
+        let v = Tensor::from_vec(
+            values(b * kv_len * h * d, 1.3),
+            (b, kv_len, h, d),
+            &Device::Cpu,
+        )?;
         let sdpa = SdpaParams {
             softmax_scale: 1.0 / (d as f32).sqrt(),
             softcap: None,
@@ -772,7 +787,13 @@ mod tests {
         let batched = run_flash_attn_cpu::<f32>(&q, &k, &v, None, &sdpa)?;
         for i in 0..b {
             let (qi, ki, vi) = (q.narrow(0, i, 1)?, k.narrow(0, i, 1)?, v.narrow(0, i, 1)?);
-            let alone = run_flash_attn_cpu::<f32>(&qi.contiguous()?, &ki.contiguous()?, &vi.contiguous()?, None, &sdpa)?;
+            let alone = run_flash_attn_cpu::<f32>(
+                &qi.contiguous()?,
+                &ki.contiguous()?,
+                &vi.contiguous()?,
+                None,
+                &sdpa,
+            )?;
             let got = batched.narrow(0, i, 1)?.flatten_all()?.to_vec1::<f32>()?;
             assert_eq!(got, alone.flatten_all()?.to_vec1::<f32>()?, "sequence {i}");
             // Naive attention of sequence i.
@@ -780,7 +801,10 @@ mod tests {
             let kn = ki.permute((0, 2, 1, 3))?.reshape((h, kv_len, d))?;
             let vn = vi.permute((0, 2, 1, 3))?.reshape((h, kv_len, d))?;
             let logits = (qn.matmul(&kn.transpose(1, 2)?)? * sdpa.softmax_scale as f64)?;
-            let naive = softmax(&logits, D::Minus1)?.matmul(&vn)?.flatten_all()?.to_vec1::<f32>()?;
+            let naive = softmax(&logits, D::Minus1)?
+                .matmul(&vn)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
             for (a, n) in got.iter().zip(&naive) {
                 assert!((a - n).abs() < EPS, "sequence {i}: {a} vs {n}");
             }
