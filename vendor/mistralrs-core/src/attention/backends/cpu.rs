@@ -77,27 +77,43 @@ static FLASH_ATTN_POOL: LazyLock<ThreadPool> = LazyLock::new(|| {
         .expect("Failed to build custom Rayon thread‑pool for flash‑attention")
 });
 
-const DOT_CHUNK: usize = 4;
+/// sluice: lanes of the dot product's independent sums (one AVX2 register of f32).
+const DOT_LANES: usize = 8;
 
 /// Size (in KV positions) processed by each inner‑tile job.
 const TILE_KV: usize = 16;
 
-/// Unrolled dot‑product that works purely in `f32`.
+/// Dot product in `f32`. sluice: in `DOT_LANES` independent sums, added up in a fixed order at
+/// the end, which the compiler turns into SIMD. Upstream's single running sum was a chain of
+/// dependent scalar adds: in a 1,000-token prompt's prefill on the demo model, 23% of the time.
+/// The order depends only on the length, so a row's result never depends on its batch.
 #[inline]
 fn vec_dot_f32<T: UpcastF32 + Copy>(a: &[T], b: &[T]) -> f32 {
-    let mut sum = 0f32;
-    let chunks = a.len() / DOT_CHUNK;
-    for i in 0..chunks {
-        let i_chunk = i * DOT_CHUNK;
-        sum += a[i_chunk].to_f32() * b[i_chunk].to_f32()
-            + a[i_chunk + 1].to_f32() * b[i_chunk + 1].to_f32()
-            + a[i_chunk + 2].to_f32() * b[i_chunk + 2].to_f32()
-            + a[i_chunk + 3].to_f32() * b[i_chunk + 3].to_f32();
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut lanes = [0f32; DOT_LANES];
+    let (a_blocks, b_blocks) = (a.chunks_exact(DOT_LANES), b.chunks_exact(DOT_LANES));
+    let (a_rest, b_rest) = (a_blocks.remainder(), b_blocks.remainder());
+    for (x, y) in a_blocks.zip(b_blocks) {
+        for j in 0..DOT_LANES {
+            lanes[j] += x[j].to_f32() * y[j].to_f32();
+        }
     }
-    for i in (chunks * DOT_CHUNK)..a.len() {
-        sum += a[i].to_f32() * b[i].to_f32();
+    let mut sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+    for (x, y) in a_rest.iter().zip(b_rest) {
+        sum += x.to_f32() * y.to_f32();
     }
     sum
+}
+
+/// sluice: `acc += row * weight`, over slices, so that the compiler vectorizes it (indexing
+/// `v_data[base + i]` kept a bounds check in the loop).
+#[inline]
+fn add_scaled<T: UpcastF32 + Copy>(acc: &mut [f32], row: &[T], weight: f32) {
+    for (a, v) in acc.iter_mut().zip(row) {
+        *a += v.to_f32() * weight;
+    }
 }
 
 #[inline]
@@ -533,9 +549,7 @@ where
 
                         // -------- add V ----------
                         let v_base = b_i * vstride[0] + kv_pos * vstride[1] + v_head * vstride[2];
-                        for d_i in 0..dv {
-                            vkq[d_i] += v_data[v_base + d_i].to_f32() * vs;
-                        }
+                        add_scaled(vkq, &v_data[v_base..v_base + dv], vs);
 
                         s = s * ms + vs;
                     }
@@ -667,7 +681,20 @@ where
                 let q_base = b_i * qstride[0] + q_pos * qstride[1] + h_i * qstride[2];
                 let q_row = &q_data[q_base..q_base + d];
 
-                for kv_pos in 0..kv_len {
+                // sluice: the common mask, a causal (q_len, kv_len) matrix, is read by row, and
+                // the loop stops after the row's last unmasked position (the rest were skipped
+                // one by one, each after a lookup of its mask value).
+                let mask_row = mask_info
+                    .as_ref()
+                    .filter(|mask| mask.dims == [q_len, kv_len])
+                    .map(|mask| &mask.data[q_pos * kv_len..(q_pos + 1) * kv_len]);
+                let kv_end = mask_row.map_or(kv_len, |row| {
+                    row.iter()
+                        .rposition(|&x| x != f32::NEG_INFINITY)
+                        .map_or(0, |last| last + 1)
+                });
+
+                for kv_pos in 0..kv_end {
                     // -------- ping‑pong prefetch of next KV row --------
                     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
                     {
@@ -685,10 +712,11 @@ where
                     }
                     // ----------------------------------------------------
                     // Mask (optional)
-                    let mv = mask_info
-                        .as_ref()
-                        .map(|mask| slope * mask.value(b_i, h_i, q_pos, kv_pos))
-                        .unwrap_or(0.0);
+                    let mv = match (mask_row, &mask_info) {
+                        (Some(row), _) => slope * row[kv_pos],
+                        (None, Some(mask)) => slope * mask.value(b_i, h_i, q_pos, kv_pos),
+                        (None, None) => 0.0,
+                    };
                     if mv == f32::NEG_INFINITY {
                         continue;
                     }
@@ -725,9 +753,7 @@ where
 
                     // V row (strided) as f32
                     let v_base = b_i * vstride[0] + kv_pos * vstride[1] + v_head * vstride[2];
-                    for d_i in 0..dv {
-                        vkq[d_i] += v_data[v_base + d_i].to_f32() * vs;
-                    }
+                    add_scaled(&mut vkq, &v_data[v_base..v_base + dv], vs);
 
                     s = s * ms + vs;
                 }
@@ -810,6 +836,87 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    /// sluice: a prompt's causal mask as a (q_len, kv_len) matrix, read by row and cut at each
+    /// row's last unmasked position, gives the general mask path's results bit for bit (the
+    /// same mask broadcast to four dimensions), and naive causal attention's.
+    #[test]
+    fn causal_rows_match_the_general_mask_path() -> CandleResult<()> {
+        let (b, h, d, q_len, past) = (2, 3, 12, 21, 5);
+        let kv_len = past + q_len;
+        let values = |n: usize, salt: f32| -> Vec<f32> {
+            (0..n).map(|i| (i as f32 * 0.29 + salt).cos()).collect()
+        };
+        let q = Tensor::from_vec(
+            values(b * q_len * h * d, 0.2),
+            (b, q_len, h, d),
+            &Device::Cpu,
+        )?;
+        let k = Tensor::from_vec(
+            values(b * kv_len * h * d, 0.9),
+            (b, kv_len, h, d),
+            &Device::Cpu,
+        )?;
+        let v = Tensor::from_vec(
+            values(b * kv_len * h * d, 1.7),
+            (b, kv_len, h, d),
+            &Device::Cpu,
+        )?;
+        let causal: Vec<f32> = (0..q_len)
+            .flat_map(|i| {
+                (0..kv_len).map(move |j| {
+                    if j <= past + i {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(causal, (q_len, kv_len), &Device::Cpu)?;
+        let mask4 = mask.broadcast_as((b, h, q_len, kv_len))?.contiguous()?;
+        let sdpa = SdpaParams {
+            softmax_scale: 1.0 / (d as f32).sqrt(),
+            softcap: None,
+            n_kv_groups: 1,
+            sliding_window: None,
+            sinks: None,
+        };
+        let rows = run_flash_attn_cpu::<f32>(&q, &k, &v, Some(&mask), &sdpa)?;
+        let general = run_flash_attn_cpu::<f32>(&q, &k, &v, Some(&mask4), &sdpa)?;
+        let rows = rows.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(rows, general.flatten_all()?.to_vec1::<f32>()?);
+        let (qn, kn, vn) = (
+            q.permute((0, 2, 1, 3))?,
+            k.permute((0, 2, 1, 3))?.contiguous()?,
+            v.permute((0, 2, 1, 3))?.contiguous()?,
+        );
+        let logits = (qn.contiguous()?.matmul(&kn.t()?)? * sdpa.softmax_scale as f64)?
+            .broadcast_add(&mask)?;
+        let naive = softmax(&logits, D::Minus1)?
+            .matmul(&vn)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        for (a, n) in rows.iter().zip(&naive) {
+            assert!((a - n).abs() < EPS, "{a} vs {n}");
+        }
+        Ok(())
+    }
+
+    /// sluice: the lane-wise dot product is the dot product, remainders included.
+    #[test]
+    fn vec_dot_f32_sums_every_term() {
+        for n in [1, 7, 8, 9, 64, 67] {
+            let a: Vec<f32> = (0..n).map(|i| i as f32 * 0.5 - 3.0).collect();
+            let b: Vec<f32> = (0..n).map(|i| 1.0 - i as f32 * 0.25).collect();
+            let want: f64 = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (*x as f64) * (*y as f64))
+                .sum();
+            assert!((vec_dot_f32(&a, &b) as f64 - want).abs() < 1e-3, "n = {n}");
+        }
     }
 
     #[test]
