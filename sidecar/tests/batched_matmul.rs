@@ -75,3 +75,27 @@ fn every_row_of_a_batch_gets_what_it_gets_alone() {
         }
     }
 }
+
+/// The AVX2 quantizer of the activations (`quantize_row_q8_1`, patched in from llama.cpp with
+/// the scalar rounding) gives the scalar code's blocks, bit for bit: values that scale to exact
+/// halves (where AVX's own rounding, half to even, would differ), a zero block and extremes.
+#[test]
+fn activations_quantize_as_the_scalar_code_does() {
+    use candle_core::quantized::k_quants::{BlockQ8_1, GgmlType, QK8_1};
+    let blocks = 6;
+    let mut xs = values(blocks * QK8_1, 7);
+    // Block 1: max 127, so each value is its own scaled value: the halves stay halves.
+    for (j, x) in xs[QK8_1..2 * QK8_1].iter_mut().enumerate() {
+        *x = if j == 0 { 127.0 } else { j as f32 * 0.5 - 8.0 };
+    }
+    xs[2 * QK8_1..3 * QK8_1].fill(0.0);
+    xs[3 * QK8_1] = -1e30;
+    xs[4 * QK8_1 + 5] = 1e-30;
+    let mut fast = vec![BlockQ8_1::zeros(); blocks];
+    let mut scalar = vec![BlockQ8_1::zeros(); blocks];
+    BlockQ8_1::from_float(&xs, &mut fast);
+    BlockQ8_1::from_float_unopt(&xs, &mut scalar);
+    for (b, (f, s)) in fast.iter().zip(&scalar).enumerate() {
+        assert_eq!(format!("{f:?}"), format!("{s:?}"), "block {b}");
+    }
+}

@@ -762,6 +762,22 @@ impl GgmlType for BlockQ8_1 {
             ys.len(),
             Self::BLCK_SIZE
         );
+        #[cfg(target_feature = "avx2")]
+        return super::avx::quantize_row_q8_1(xs, ys);
+        #[allow(unreachable_code)]
+        Self::from_float_unopt(xs, ys)
+    }
+
+    fn to_float(_xs: &[Self], _ys: &mut [f32]) {
+        unimplemented!("no support for vec-dot on Q8_1")
+    }
+}
+
+impl BlockQ8_1 {
+    /// The scalar `quantize_row_q8_1`; sluice: kept for the CPUs without AVX2, and public as
+    /// the reference the AVX2 version is tested against (`sidecar/tests/batched_matmul.rs`).
+    #[doc(hidden)]
+    pub fn from_float_unopt(xs: &[f32], ys: &mut [Self]) {
         for (i, ys) in ys.iter_mut().enumerate() {
             let mut amax = 0f32;
             let xs = &xs[i * Self::BLCK_SIZE..(i + 1) * Self::BLCK_SIZE];
@@ -781,10 +797,6 @@ impl GgmlType for BlockQ8_1 {
             }
             ys.s = f16::from_f32(sum as f32) * ys.d;
         }
-    }
-
-    fn to_float(_xs: &[Self], _ys: &mut [f32]) {
-        unimplemented!("no support for vec-dot on Q8_1")
     }
 }
 
