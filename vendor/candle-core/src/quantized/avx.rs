@@ -40,6 +40,27 @@ pub(crate) unsafe fn bytes_from_nibbles_32(rsi: *const u8) -> __m256i {
     _mm256_and_si256(low_mask, bytes)
 }
 
+/// sluice: the f32 value of every f16, indexed by its bits (256 KiB, computed at compile time),
+/// as llama.cpp's `ggml_table_f32_f16`. A block scale then converts with two loads, where
+/// `vcvtph2ps` and the move into a vector register take the shuffle port that the kernels'
+/// unpacking and broadcasts need: that port bounded the Q8_0 and Q4_0 loops.
+static F32_OF_F16: [f32; 1 << 16] = {
+    let mut table = [0f32; 1 << 16];
+    let mut bits = 0;
+    while bits < table.len() {
+        table[bits] = f16::from_bits(bits as u16).to_f32_const();
+        bits += 1;
+    }
+    table
+};
+
+/// sluice: `h` in f32, exactly `f16::to_f32`, read from [`F32_OF_F16`].
+#[inline(always)]
+fn f16_to_f32(h: f16) -> f32 {
+    // SAFETY: the table has an entry for every u16.
+    unsafe { *F32_OF_F16.get_unchecked(h.to_bits() as usize) }
+}
+
 #[inline(always)]
 pub(crate) unsafe fn mul_sum_i8_pairs_float(x: __m256i, y: __m256i) -> __m256 {
     let ax = _mm256_sign_epi8(x, x);
@@ -56,7 +77,7 @@ pub(crate) fn vec_dot_q4_0_q8_0(n: usize, xs: &[BlockQ4_0], ys: &[BlockQ8_0]) ->
     unsafe {
         let mut acc = _mm256_setzero_ps();
         for (x, y) in xs.iter().zip(ys.iter()) {
-            let d = _mm256_set1_ps(f16::to_f32(x.d) * f16::to_f32(y.d));
+            let d = _mm256_set1_ps(f16_to_f32(x.d) * f16_to_f32(y.d));
             let bx = bytes_from_nibbles_32(x.qs.as_ptr());
             let off = _mm256_set1_epi8(8);
             let bx = _mm256_sub_epi8(bx, off);
@@ -77,7 +98,7 @@ pub(crate) fn vec_dot_q8_0_q8_0(n: usize, xs: &[BlockQ8_0], ys: &[BlockQ8_0]) ->
     unsafe {
         let mut acc = _mm256_setzero_ps();
         for (x, y) in xs.iter().zip(ys.iter()) {
-            let d = _mm256_set1_ps(f16::to_f32(x.d) * f16::to_f32(y.d));
+            let d = _mm256_set1_ps(f16_to_f32(x.d) * f16_to_f32(y.d));
             let bx = _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i);
             let by = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
             let q = mul_sum_i8_pairs_float(bx, by);
@@ -105,7 +126,7 @@ pub(crate) fn vec_dot_rows_q4_0_q8_0<const R: usize>(
             |b| {
                 let x = &xs[b];
                 let bx = _mm256_sub_epi8(bytes_from_nibbles_32(x.qs.as_ptr()), off);
-                (bx, f16::to_f32(x.d))
+                (bx, f16_to_f32(x.d))
             },
             ys,
         )
@@ -128,7 +149,7 @@ pub(crate) fn vec_dot_rows_q8_0_q8_0<const R: usize>(
                 let x = &xs[b];
                 (
                     _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i),
-                    f16::to_f32(x.d),
+                    f16_to_f32(x.d),
                 )
             },
             ys,
@@ -155,27 +176,40 @@ pub(crate) fn vec_dot_rows_q4_1_q8_1<const R: usize>(
     ys: [&[BlockQ8_1]; R],
 ) -> [f32; R] {
     debug_assert!(n.is_multiple_of(QK8_0), "vec_dot_rows_q4_1_q8_1: {n}");
+    let blocks = n / QK8_0;
+    assert!(xs.len() >= blocks && ys.iter().all(|y| y.len() >= blocks));
     unsafe {
         let mut acc = [_mm256_setzero_ps(); R];
-        let mut summs = [0f32; R];
-        for (b, x) in xs.iter().enumerate().take(n / QK8_0) {
-            let (dx, mx) = (f16::to_f32(x.d), f16::to_f32(x.m));
+        // Lane 1 adds up each block's `m * s` in block order, as llama.cpp's scalar `summs`
+        // does (lane 0 gets the `d` products, unused).
+        let mut summs = [_mm_setzero_ps(); R];
+        for b in 0..blocks {
+            let x = xs.get_unchecked(b);
+            let dm = f16_pair_to_f32(x as *const BlockQ4_1 as *const u8);
             let qx = bytes_from_nibbles_32(x.qs.as_ptr());
-            for ((acc, summs), y) in acc.iter_mut().zip(summs.iter_mut()).zip(ys.iter()) {
-                let y = &y[b];
-                // `d` and `s` sit side by side: one conversion for both.
-                let ds = _mm_cvtph_ps(_mm_cvtsi32_si128(
-                    (y.d.to_bits() as u32 | (y.s.to_bits() as u32) << 16) as i32,
-                ));
-                let (dy, sy) = (_mm_cvtss_f32(ds), _mm_cvtss_f32(_mm_movehdup_ps(ds)));
-                *summs += mx * sy;
-                let d = _mm256_set1_ps(dx * dy);
+            for r in 0..R {
+                let y = ys[r].get_unchecked(b);
+                // [d * d', m * s']: the scalar products, one instruction for both.
+                let products = _mm_mul_ps(dm, f16_pair_to_f32(y as *const BlockQ8_1 as *const u8));
+                summs[r] = _mm_add_ps(summs[r], products);
                 let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
-                *acc = _mm256_fmadd_ps(d, mul_sum_us8_pairs_float(qx, qy), *acc);
+                acc[r] = _mm256_fmadd_ps(
+                    _mm256_broadcastss_ps(products),
+                    mul_sum_us8_pairs_float(qx, qy),
+                    acc[r],
+                );
             }
         }
-        std::array::from_fn(|r| hsum_float_8(acc[r]) + summs[r])
+        std::array::from_fn(|r| hsum_float_8(acc[r]) + _mm_cvtss_f32(_mm_movehdup_ps(summs[r])))
     }
+}
+
+/// sluice: the two f16 at `p` (a block's scale and its minimum or sum, side by side) in lanes 0
+/// and 1, zeros above: one load and one conversion, where converting each alone took a shuffle
+/// port that the unpacking of the nibbles needs too.
+#[inline(always)]
+unsafe fn f16_pair_to_f32(p: *const u8) -> __m128 {
+    _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()))
 }
 
 /// sluice: llama.cpp's `quantize_row_q8_1` (AVX2) for the activations of Q4_1 matmuls, with
@@ -242,14 +276,15 @@ unsafe fn vec_dot_rows<const R: usize>(
     weight: impl Fn(usize) -> (__m256i, f32),
     ys: [&[BlockQ8_0]; R],
 ) -> [f32; R] {
+    assert!(ys.iter().all(|y| y.len() >= blocks));
     let mut acc = [_mm256_setzero_ps(); R];
     for b in 0..blocks {
         let (bx, dx) = weight(b);
         // |x|, as mul_sum_i8_pairs_float takes it: once per weight block instead of per row.
         let ax = _mm256_sign_epi8(bx, bx);
         for (acc, y) in acc.iter_mut().zip(ys.iter()) {
-            let y = &y[b];
-            let d = _mm256_set1_ps(dx * f16::to_f32(y.d));
+            let y = y.get_unchecked(b);
+            let d = _mm256_set1_ps(dx * f16_to_f32(y.d));
             let by = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
             let q = mul_sum_us8_pairs_float(ax, _mm256_sign_epi8(by, bx));
             *acc = _mm256_fmadd_ps(d, q, *acc);

@@ -12,31 +12,8 @@ use rayon::ThreadPool;
 use std::sync::LazyLock;
 use std::{f32, iter::Sum};
 
-// Optional hardware prefetch for ping‑pong style scheduling.
-#[cfg(target_arch = "x86_64")]
-use core::arch::x86_64::_mm_prefetch;
-
-// --- portable wrapper around architecture‑specific prefetch -------------
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn prefetch(addr: *const u8) {
-    _mm_prefetch(addr as *const i8, core::arch::x86_64::_MM_HINT_T0);
-}
-
-#[cfg(target_arch = "aarch64")]
-#[inline(always)]
-unsafe fn prefetch(addr: *const u8) {
-    core::arch::asm!(
-        "prfm pldl1keep, [{0}]",
-        in(reg) addr,
-        options(readonly, nostack, preserves_flags)
-    );
-}
-
-#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-#[inline(always)]
-unsafe fn prefetch(_addr: *const u8) {}
-// -----------------------------------------------------------------------
+// sluice: upstream's prefetch of the next K and V rows went with its one-position-at-a-time
+// loops; a block of scores reads the K rows in order, which the hardware prefetches.
 
 use crate::attention::SdpaParams;
 
@@ -89,6 +66,11 @@ const TILE_KV: usize = 16;
 /// The order depends only on the length, so a row's result never depends on its batch.
 #[inline]
 fn vec_dot_f32<T: UpcastF32 + Copy>(a: &[T], b: &[T]) -> f32 {
+    T::dot(a, b)
+}
+
+#[inline]
+fn dot_in_lanes<T: UpcastF32 + Copy>(a: &[T], b: &[T]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let mut lanes = [0f32; DOT_LANES];
@@ -113,6 +95,74 @@ fn vec_dot_f32<T: UpcastF32 + Copy>(a: &[T], b: &[T]) -> f32 {
 fn add_scaled<T: UpcastF32 + Copy>(acc: &mut [f32], row: &[T], weight: f32) {
     for (a, v) in acc.iter_mut().zip(row) {
         *a += v.to_f32() * weight;
+    }
+}
+
+/// sluice: key positions whose scores are computed before their softmax weights (a block of
+/// exponentials vectorizes; upstream took them one by one through libm's `expf`: 13% of a
+/// 1,000-token prompt's prefill on the demo model).
+const SCORE_BLOCK: usize = 32;
+
+/// sluice: folds one block of scores (a masked position's is -inf) into the running softmax of
+/// a query: `m` the largest score so far, `s` the sum of `e^(score - m)`, `vkq` the V rows
+/// weighted so. The running sums are rescaled once per block, not once per new maximum.
+/// `v_row(j)` is the V row of the block's `j`-th position. A masked position weighs exactly 0 and
+/// is skipped: the sums are what they are without it, bit for bit.
+#[inline]
+fn fold_scores<'v, T: UpcastF32 + Copy + 'v>(
+    (vkq, s, m): (&mut [f32], &mut f32, &mut f32),
+    scores: &mut [f32],
+    v_row: impl Fn(usize) -> &'v [T],
+) {
+    let block_max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    if block_max == f32::NEG_INFINITY {
+        return;
+    }
+    if block_max > *m {
+        // The first block: m = -inf, the sums are 0 and stay 0.
+        let rescale = exp_non_positive(*m - block_max);
+        for v in vkq.iter_mut() {
+            *v *= rescale;
+        }
+        *s *= rescale;
+        *m = block_max;
+    }
+    for score in scores.iter_mut() {
+        *score = exp_non_positive(*score - *m);
+    }
+    for (j, &weight) in scores.iter().enumerate() {
+        if weight != 0.0 {
+            add_scaled(vkq, v_row(j), weight);
+            *s += weight;
+        }
+    }
+}
+
+/// sluice: `e^x` for `x <= 0` (a score less the largest), within 2 ulp of `f32::exp`, in
+/// arithmetic the compiler vectorizes over a block of scores (Cephes' `expf`: `x = n ln 2 + r`,
+/// `e^r` by a polynomial, `2^n` from the exponent bits). Below -87, where `e^x` is subnormal or
+/// 0, and for -inf, it is 0: no subnormal ever reaches the sums.
+#[inline(always)]
+fn exp_non_positive(x: f32) -> f32 {
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let clamped = x.max(-87.0);
+    let n = (clamped * LOG2_E + 0.5).floor();
+    let r = clamped - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 0.166_666_65;
+    p = p * r + 0.5;
+    let e_r = p * r * r + r + 1.0;
+    // n is in [-126, 0]: a normal power of two.
+    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < -87.0 {
+        0.0
+    } else {
+        e_r * two_n
     }
 }
 
@@ -281,14 +331,55 @@ impl DowncastF32 for bf16 {
 
 /// Up‑cast helper: convert any supported element type to `f32` once so that the
 /// hot kernels can run entirely in `f32` and only down‑cast when writing out.
-pub trait UpcastF32 {
+pub trait UpcastF32: Sized + Copy {
     fn to_f32(self) -> f32;
+
+    /// sluice: [`vec_dot_f32`], which a type may compute with SIMD of its own, in the same
+    /// order.
+    #[inline]
+    fn dot(a: &[Self], b: &[Self]) -> f32 {
+        dot_in_lanes(a, b)
+    }
 }
 
 impl UpcastF32 for f32 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
+    }
+
+    /// sluice: AVX2's 8 lanes are `DOT_LANES`' 8 sums, added up in their order (what the
+    /// compiler made of the generic loop took 4 lanes and two shuffles per 4 products).
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+    #[inline]
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        use core::arch::x86_64::*;
+        const _: () = assert!(DOT_LANES == 8);
+        let n = a.len().min(b.len());
+        let blocks = n / DOT_LANES;
+        // SAFETY: every load reads 8 floats below `blocks * 8 <= n`, inside both slices.
+        let mut sum = unsafe {
+            let mut lanes = _mm256_setzero_ps();
+            for i in 0..blocks {
+                let x = _mm256_loadu_ps(a.as_ptr().add(i * DOT_LANES));
+                let y = _mm256_loadu_ps(b.as_ptr().add(i * DOT_LANES));
+                lanes = _mm256_add_ps(lanes, _mm256_mul_ps(x, y));
+            }
+            // [l0 + l4, l1 + l5, l2 + l6, l3 + l7], then (t0 + t1) + (t2 + t3).
+            let t = _mm_add_ps(
+                _mm256_castps256_ps128(lanes),
+                _mm256_extractf128_ps::<1>(lanes),
+            );
+            let pairs = _mm_hadd_ps(t, t);
+            _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)))
+        };
+        for (x, y) in a[blocks * DOT_LANES..n]
+            .iter()
+            .zip(&b[blocks * DOT_LANES..n])
+        {
+            sum += x * y;
+        }
+        sum
     }
 }
 
@@ -495,64 +586,34 @@ where
                     let mut s = 0f32;
                     let mut m = f32::NEG_INFINITY;
 
-                    for kv_pos in start..end {
-                        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-                        {
-                            // One‑step look‑ahead prefetch of the next K and V rows.
-                            let next_pos = kv_pos + 1;
-                            if next_pos < end {
-                                let next_k_base =
-                                    b_i * kstride[0] + next_pos * kstride[1] + k_head * kstride[2];
-                                let next_v_base =
-                                    b_i * vstride[0] + next_pos * vstride[1] + v_head * vstride[2];
-                                unsafe {
-                                    prefetch(k_data.as_ptr().add(next_k_base) as *const u8);
-                                    prefetch(v_data.as_ptr().add(next_v_base) as *const u8);
-                                }
-                            }
-                        }
+                    // sluice: the tile's scores, then their weights (see `fold_scores`). A
+                    // masked position (a ragged batch's padding) weighs exactly 0, so the sums
+                    // are what they are without it, bit for bit; upstream's per-position
+                    // softmax, computed on it, gave a tile that starts masked
+                    // exp(-inf - -inf), a NaN.
+                    let mut scores = [0f32; TILE_KV];
+                    let scores = &mut scores[..end - start];
+                    for (score, kv_pos) in scores.iter_mut().zip(start..end) {
                         let mask_delta = mask_info
                             .as_ref()
                             .map(|mask| slope * mask.value(b_i, h_i, 0, kv_pos))
                             .unwrap_or(0.0);
-                        // sluice: a masked position (a ragged batch's padding) is skipped. Its
-                        // weight is exactly 0, so the sums are what they are without it, bit
-                        // for bit; computed, a tile that starts masked gave exp(-inf - -inf),
-                        // a NaN.
                         if mask_delta == f32::NEG_INFINITY {
+                            *score = f32::NEG_INFINITY;
                             continue;
                         }
-                        // ---------- dot(Q,K) ----------
                         let k_base = b_i * kstride[0] + kv_pos * kstride[1] + k_head * kstride[2];
-                        let k_row = &k_data[k_base..k_base + d];
-
-                        let mut s_val = vec_dot_f32(q_row, k_row) * scale;
-
+                        let mut s_val = vec_dot_f32(q_row, &k_data[k_base..k_base + d]) * scale;
                         if logit_softcap != 0.0 {
                             s_val = logit_softcap * (s_val / logit_softcap).tanh();
                         }
-                        s_val += mask_delta;
-
-                        // -------- tile-local softmax ----------
-                        let m_old = m;
-                        let mut ms = 1.0;
-                        let mut vs = 1.0;
-                        if s_val > m {
-                            m = s_val;
-                            ms = (m_old - m).exp();
-                            for v in vkq.iter_mut() {
-                                *v *= ms;
-                            }
-                        } else {
-                            vs = (s_val - m).exp();
-                        }
-
-                        // -------- add V ----------
-                        let v_base = b_i * vstride[0] + kv_pos * vstride[1] + v_head * vstride[2];
-                        add_scaled(vkq, &v_data[v_base..v_base + dv], vs);
-
-                        s = s * ms + vs;
+                        *score = s_val + mask_delta;
                     }
+                    fold_scores((vkq, &mut s, &mut m), scores, |j| {
+                        let kv_pos = start + j;
+                        let v_base = b_i * vstride[0] + kv_pos * vstride[1] + v_head * vstride[2];
+                        &v_data[v_base..v_base + dv]
+                    });
 
                     unsafe {
                         *((scratch_s_ptr as *mut f32).add(base_s as usize)) = s;
@@ -694,68 +755,38 @@ where
                         .map_or(0, |last| last + 1)
                 });
 
-                for kv_pos in 0..kv_end {
-                    // -------- ping‑pong prefetch of next KV row --------
-                    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-                    {
-                        let next_pos = kv_pos + 1;
-                        if next_pos < kv_len {
-                            let next_k_base =
-                                b_i * kstride[0] + next_pos * kstride[1] + k_head * kstride[2];
-                            let next_v_base =
-                                b_i * vstride[0] + next_pos * vstride[1] + v_head * vstride[2];
-                            unsafe {
-                                prefetch(k_data.as_ptr().add(next_k_base) as *const u8);
-                                prefetch(v_data.as_ptr().add(next_v_base) as *const u8);
-                            }
+                // sluice: a block of scores, then their weights (see `fold_scores`).
+                let mut scores = [0f32; SCORE_BLOCK];
+                let mut scale_applied = scale;
+                if logit_softcap != 0.0 {
+                    scale_applied /= logit_softcap;
+                }
+                for block_start in (0..kv_end).step_by(SCORE_BLOCK) {
+                    let block = block_start..(block_start + SCORE_BLOCK).min(kv_end);
+                    let scores = &mut scores[..block.len()];
+                    for (score, kv_pos) in scores.iter_mut().zip(block.clone()) {
+                        let mv = match (mask_row, &mask_info) {
+                            (Some(row), _) => slope * row[kv_pos],
+                            (None, Some(mask)) => slope * mask.value(b_i, h_i, q_pos, kv_pos),
+                            (None, None) => 0.0,
+                        };
+                        if mv == f32::NEG_INFINITY {
+                            *score = f32::NEG_INFINITY;
+                            continue;
                         }
-                    }
-                    // ----------------------------------------------------
-                    // Mask (optional)
-                    let mv = match (mask_row, &mask_info) {
-                        (Some(row), _) => slope * row[kv_pos],
-                        (None, Some(mask)) => slope * mask.value(b_i, h_i, q_pos, kv_pos),
-                        (None, None) => 0.0,
-                    };
-                    if mv == f32::NEG_INFINITY {
-                        continue;
-                    }
-
-                    // K row
-                    let k_base = b_i * kstride[0] + kv_pos * kstride[1] + k_head * kstride[2];
-                    let k_row = &k_data[k_base..k_base + d];
-
-                    // dot(Q, K)
-                    let mut s_val = vec_dot_f32(q_row, k_row);
-                    let mut scale_applied = scale;
-                    if logit_softcap != 0.0 {
-                        scale_applied /= logit_softcap;
-                    }
-                    s_val *= scale_applied;
-                    if logit_softcap != 0.0 {
-                        s_val = logit_softcap * s_val.tanh();
-                    }
-                    s_val += mv;
-
-                    // online softmax
-                    let m_old = m;
-                    let mut ms = 1.0f32;
-                    let mut vs = 1.0f32;
-                    if s_val > m {
-                        m = s_val;
-                        ms = (m_old - m).exp();
-                        for v in vkq.iter_mut() {
-                            *v *= ms;
+                        let k_base = b_i * kstride[0] + kv_pos * kstride[1] + k_head * kstride[2];
+                        let mut s_val = vec_dot_f32(q_row, &k_data[k_base..k_base + d]);
+                        s_val *= scale_applied;
+                        if logit_softcap != 0.0 {
+                            s_val = logit_softcap * s_val.tanh();
                         }
-                    } else {
-                        vs = (s_val - m).exp();
+                        *score = s_val + mv;
                     }
-
-                    // V row (strided) as f32
-                    let v_base = b_i * vstride[0] + kv_pos * vstride[1] + v_head * vstride[2];
-                    add_scaled(&mut vkq, &v_data[v_base..v_base + dv], vs);
-
-                    s = s * ms + vs;
+                    fold_scores((&mut vkq, &mut s, &mut m), scores, |j| {
+                        let kv_pos = block.start + j;
+                        let v_base = b_i * vstride[0] + kv_pos * vstride[1] + v_head * vstride[2];
+                        &v_data[v_base..v_base + dv]
+                    });
                 }
 
                 // final normalisation + downcast
@@ -905,6 +936,24 @@ mod tests {
     }
 
     /// sluice: the lane-wise dot product is the dot product, remainders included.
+    /// sluice: the softmax's exponential is `f32::exp` within 2 ulp over the scores it gets
+    /// (at most 0), exactly 1 at 0, and exactly 0 where `e^x` would be subnormal or 0.
+    #[test]
+    fn exp_non_positive_is_exp_within_2_ulp() {
+        assert_eq!(exp_non_positive(0.0), 1.0);
+        for x in [-87.5f32, -100.0, -1e30, f32::NEG_INFINITY] {
+            assert_eq!(exp_non_positive(x), 0.0, "e^{x}");
+        }
+        let mut worst = 0f32;
+        for i in 0..=870_000 {
+            let x = -(i as f32) * 1e-4;
+            let (got, want) = (exp_non_positive(x), x.exp());
+            let ulps = (got - want).abs() / (want * f32::EPSILON);
+            worst = worst.max(ulps);
+        }
+        assert!(worst <= 2.0, "worst error {worst} ulp");
+    }
+
     #[test]
     fn vec_dot_f32_sums_every_term() {
         for n in [1, 7, 8, 9, 64, 67] {
@@ -916,6 +965,22 @@ mod tests {
                 .map(|(x, y)| (*x as f64) * (*y as f64))
                 .sum();
             assert!((vec_dot_f32(&a, &b) as f64 - want).abs() < 1e-3, "n = {n}");
+        }
+    }
+
+    /// sluice: f32's SIMD dot product sums in the generic loop's order, bit for bit.
+    #[test]
+    fn f32_dot_is_the_generic_dot() {
+        for n in [1, 7, 8, 9, 63, 64, 67, 128] {
+            let a: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32).sin() * 3.1)
+                .collect();
+            let b: Vec<f32> = (0..n).map(|i| ((i * 53 % 97) as f32).cos() / 0.7).collect();
+            assert_eq!(
+                vec_dot_f32(&a, &b).to_bits(),
+                dot_in_lanes(&a, &b).to_bits(),
+                "n = {n}"
+            );
         }
     }
 
