@@ -350,6 +350,58 @@ fn ragged_cache(rows: &[(SingleCache, SingleCache)]) -> Result<Option<KvCache>> 
     }))
 }
 
+/// sluice: row `row` of a batch's plain cache (`k`, `v`) as its sequence's own cache: the row's
+/// views of the batch's storage (no copy), at the row's own length (a ragged batch's rows have
+/// their own).
+fn batch_row(
+    (k, v): (&SingleCache, &SingleCache),
+    (k_row, v_row): (Tensor, Tensor),
+    row: usize,
+) -> KvCache {
+    let len = k.row_lens.get(row).copied().unwrap_or(k.current_seq_len);
+    let single = |cache: &SingleCache, data: Tensor| SingleCache {
+        all_data: Some(data),
+        dim: cache.dim,
+        current_seq_len: len,
+        max_seq_len: cache.max_seq_len,
+        capacity_seq_len: cache.capacity_seq_len,
+        row_lens: Vec::new(),
+    };
+    KvCache::Normal {
+        k: single(k, k_row),
+        v: single(v, v_row),
+    }
+}
+
+/// sluice: each sequence's cache of `layer` becomes its row of `batch` (a plain cache, one row
+/// per sequence, in order).
+fn point_rows_at(
+    seqs: &mut [&mut Sequence],
+    layer: usize,
+    batch: &KvCache,
+    draft: bool,
+) -> Result<()> {
+    let KvCache::Normal { k, v } = batch else {
+        return Ok(());
+    };
+    let (Some(k_data), Some(v_data)) = (&k.all_data, &v.all_data) else {
+        return Ok(());
+    };
+    let rows = k_data
+        .chunk(seqs.len(), 0)?
+        .into_iter()
+        .zip(v_data.chunk(seqs.len(), 0)?);
+    for (row, (seq, views)) in seqs.iter_mut().zip(rows).enumerate() {
+        let cache = if draft {
+            seq.normal_draft_cache()
+        } else {
+            seq.normal_cache()
+        };
+        cache[layer] = Some(batch_row((k, v), views, row));
+    }
+    Ok(())
+}
+
 /// sluice: the attention mask of a ragged decode batch (`SingleCache::row_lens`): each row
 /// sees its own positions and the new one, and its padding gets -inf (which the CPU attention
 /// skips, so each row's result is what it is alone). `None` when the batch is uniform.
@@ -421,6 +473,13 @@ impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCa
             // sluice: sequences of different lengths (or capacities) decode in one batch: each
             // row holds its own positions, the rest is padding (`SingleCache::row_lens`).
             if let Some(batch) = ragged_batch(seqs, layer, modify_draft_cache).unwrap() {
+                // The sequences' layer and the pipeline's become the new batch now, not after
+                // the step (`clone_out_cache`), so that the batch this one replaces is freed
+                // layer by layer: until then both were held, twice every sequence's KV cache.
+                point_rows_at(seqs, layer, &batch, modify_draft_cache).unwrap();
+                if let Some(pipeline_layer) = pipeline.cache().normal().0.get_mut(layer) {
+                    *pipeline_layer = batch.clone();
+                }
                 new_k_cache.push(None);
                 new_v_cache.push(None);
                 ragged[layer] = Some(batch);
@@ -586,30 +645,7 @@ impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCa
                         k: cache_k,
                         v: cache_v,
                     } => {
-                        // sluice: a row of a ragged batch has its own length.
-                        let len = cache_k
-                            .row_lens
-                            .get(seq_i)
-                            .copied()
-                            .unwrap_or(cache_k.current_seq_len);
-                        *seq_cache = Some(KvCache::Normal {
-                            k: SingleCache {
-                                all_data: Some(k),
-                                dim: cache_k.dim,
-                                current_seq_len: len,
-                                max_seq_len: cache_k.max_seq_len,
-                                capacity_seq_len: cache_k.capacity_seq_len,
-                                row_lens: Vec::new(),
-                            },
-                            v: SingleCache {
-                                all_data: Some(v),
-                                dim: cache_v.dim,
-                                current_seq_len: len,
-                                max_seq_len: cache_v.max_seq_len,
-                                capacity_seq_len: cache_v.capacity_seq_len,
-                                row_lens: Vec::new(),
-                            },
-                        });
+                        *seq_cache = Some(batch_row((cache_k, cache_v), (k, v), seq_i));
                     }
                     KvCache::Rotating {
                         k: cache_k,
