@@ -132,15 +132,20 @@ impl Sdpa {
             let v = v.transpose(1, 2)?;
 
             if q.device().is_cpu() {
-                match q.dtype() {
-                    DType::F32 => {
-                        return cpu::run_flash_attn_cpu::<f32>(&q, &k, &v, mask, sdpa_params);
+                use half::{bf16, f16};
+                // sluice: the KV cache may hold f16 under f32 queries (see `quantized_llama`).
+                match (q.dtype(), k.dtype()) {
+                    (DType::F32, DType::F32) => {
+                        return cpu::run_flash_attn_cpu::<f32, f32>(&q, &k, &v, mask, sdpa_params);
                     }
-                    DType::F16 => {
-                        return cpu::run_flash_attn_cpu::<half::f16>(&q, &k, &v, mask, sdpa_params)
+                    (DType::F32, DType::F16) => {
+                        return cpu::run_flash_attn_cpu::<f32, f16>(&q, &k, &v, mask, sdpa_params);
                     }
-                    DType::BF16 => {
-                        return cpu::run_flash_attn_cpu::<half::bf16>(
+                    (DType::F16, DType::F16) => {
+                        return cpu::run_flash_attn_cpu::<f16, f16>(&q, &k, &v, mask, sdpa_params)
+                    }
+                    (DType::BF16, DType::BF16) => {
+                        return cpu::run_flash_attn_cpu::<bf16, bf16>(
                             &q,
                             &k,
                             &v,

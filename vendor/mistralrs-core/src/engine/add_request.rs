@@ -490,7 +490,7 @@ impl Engine {
                 let n_tokens = prompt_tokens.len();
                 let required_blocks = n_tokens.div_ceil(NormalCache::CACHE_GROW_SIZE);
                 let max_seq_len = required_blocks * NormalCache::CACHE_GROW_SIZE;
-                let dtype = metadata.activation_dtype;
+                let dtype = metadata.kv_cache_dtype;
                 let mut layer_caches = Vec::with_capacity(model_metadata.num_layers());
                 for layer_idx in 0..model_metadata.num_layers() {
                     if !needs_preallocated_cache

@@ -240,6 +240,7 @@ impl Loader for DiffusionLoader {
                 kind: self.kind.clone(),
                 no_kv_cache: true, // NOTE(EricLBuehler): no cache for these.
                 activation_dtype: dtype,
+                kv_cache_dtype: dtype,
                 sliding_window: None,
                 cache_config: None,
                 cache_engine: None,

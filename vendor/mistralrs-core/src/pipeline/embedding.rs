@@ -630,6 +630,7 @@ impl Loader for EmbeddingLoader {
                 kind: ModelKind::Normal,
                 no_kv_cache: true, // NOTE(EricLBuehler): no cache for these.
                 activation_dtype: dtype,
+                kv_cache_dtype: dtype,
                 sliding_window: None,
                 cache_config: None,
                 cache_engine: None,

@@ -372,6 +372,10 @@ impl Loader for GGMLLoader {
             .as_ref()
             .and_then(GenerationConfig::generation_defaults);
         let eos = calculate_eos_tokens(&chat_template, gen_conf.as_ref(), &tokenizer);
+        let kv_cache_dtype = match &model {
+            Model::Llama(llama) => QLlama::kv_cache_dtype(internal_dtype, &llama.device),
+            Model::XLoraLlama(_) => internal_dtype,
+        };
         Ok(Arc::new(Mutex::new(GGMLPipeline {
             model,
             tokenizer: tokenizer.into(),
@@ -394,6 +398,7 @@ impl Loader for GGMLLoader {
                 kind: self.kind.clone(),
                 is_xlora,
                 activation_dtype: internal_dtype,
+                kv_cache_dtype,
                 sliding_window: None,
                 cache_config: None,
                 cache_engine: None,

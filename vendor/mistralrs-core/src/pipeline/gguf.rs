@@ -600,6 +600,10 @@ impl Loader for GGUFLoader {
             .as_ref()
             .and_then(GenerationConfig::generation_defaults);
         let eos = calculate_eos_tokens(&chat_template, gen_conf.as_ref(), &tokenizer);
+        let kv_cache_dtype = match &model {
+            Model::Llama(llama) => QLlama::kv_cache_dtype(internal_dtype, &llama.device),
+            _ => internal_dtype,
+        };
         Ok(Arc::new(Mutex::new(GGUFPipeline {
             model,
             tokenizer: tokenizer.into(),
@@ -625,6 +629,7 @@ impl Loader for GGUFLoader {
                 kind: self.kind.clone(),
                 is_xlora,
                 activation_dtype: internal_dtype,
+                kv_cache_dtype,
                 sliding_window: None,
                 cache_config,
                 cache_engine,

@@ -155,6 +155,9 @@ pub struct GeneralMetadata {
     // TODO: Replace is_xlora queries to check via kind instead:
     pub is_xlora: bool,
     pub activation_dtype: DType,
+    /// sluice: the dtype the model's KV cache holds, which the engine preallocates a prompt's
+    /// cache in: the activations', except a GGUF llama's on the CPU (`kv_cache_dtype` there).
+    pub kv_cache_dtype: DType,
     pub sliding_window: Option<usize>,
     // PagedAttention stuff
     pub cache_config: Option<CacheConfig>,

@@ -912,6 +912,7 @@ impl Loader for MultimodalLoader {
                 no_kv_cache: false,
                 no_prefix_cache: !self.inner.supports_prefix_cacher(&config),
                 activation_dtype: dtype,
+                kv_cache_dtype: dtype,
                 sliding_window,
                 cache_config,
                 cache_engine,

@@ -1008,6 +1008,7 @@ impl Loader for NormalLoader {
                 kind: self.kind.clone(),
                 is_xlora,
                 activation_dtype: dtype,
+                kv_cache_dtype: dtype,
                 sliding_window,
                 cache_config,
                 cache_engine,
