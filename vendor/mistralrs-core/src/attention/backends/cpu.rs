@@ -85,9 +85,15 @@ fn dot_in_lanes<K: UpcastF32 + Copy>(a: &[f32], b: &[K]) -> f32 {
             lanes[j] += x[j] * y[j].to_f32();
         }
     }
-    let mut sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+    let sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
         + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-    for (x, y) in a_rest.iter().zip(b_rest) {
+    dot_tail(sum, a_rest, b_rest)
+}
+
+/// The tail of a dot product past its last `DOT_LANES` elements, added to `sum` in order.
+#[inline(always)]
+fn dot_tail<K: UpcastF32>(mut sum: f32, q: &[f32], k: &[K]) -> f32 {
+    for (x, y) in q.iter().zip(k) {
         sum += x * y.to_f32();
     }
     sum
@@ -115,6 +121,20 @@ fn dot_rows<'k, K: UpcastF32 + 'k>(q: &[f32], k_row: impl Fn(usize) -> &'k [K], 
     }
     for (j, dot) in groups.into_remainder().iter_mut().enumerate() {
         *dot = vec_dot_f32(q, k_row(done + j));
+    }
+}
+
+/// sluice: [`add_scaled`] of each row `rows(j)` whose weight is not 0, in order.
+#[inline]
+fn add_scaled_each<'v, V: UpcastF32 + Copy + 'v>(
+    acc: &mut [f32],
+    rows: impl Fn(usize) -> &'v [V],
+    weights: &[f32],
+) {
+    for (j, &weight) in weights.iter().enumerate() {
+        if weight != 0.0 {
+            add_scaled(acc, rows(j), weight);
+        }
     }
 }
 
@@ -383,11 +403,7 @@ pub trait UpcastF32: Sized + Copy {
     where
         Self: 'v,
     {
-        for (j, &weight) in weights.iter().enumerate() {
-            if weight != 0.0 {
-                add_scaled(acc, rows(j), weight);
-            }
-        }
+        add_scaled_each(acc, rows, weights)
     }
 }
 
@@ -453,7 +469,7 @@ impl UpcastF32 for f16 {
     target_feature = "f16c"
 ))]
 mod simd {
-    use super::{add_scaled, UpcastF32, DOT_LANES};
+    use super::{add_scaled_each, dot_tail, UpcastF32, DOT_LANES};
     use core::arch::x86_64::*;
     use half::f16;
 
@@ -478,15 +494,6 @@ mod simd {
         unsafe fn load8(p: *const f16) -> __m256 {
             _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
         }
-    }
-
-    /// The tail of a dot product past its last 8 elements, added to `sum` in order.
-    #[inline(always)]
-    fn dot_tail<K: UpcastF32>(mut sum: f32, q: &[f32], k: &[K]) -> f32 {
-        for (x, y) in q.iter().zip(k) {
-            sum += x * y.to_f32();
-        }
-        sum
     }
 
     /// `dot_in_lanes`: the 8 lanes summed as `((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l7))`.
@@ -598,11 +605,7 @@ mod simd {
             }
         }
         let rest = chunks * ACC_LEN;
-        for (j, &weight) in weights.iter().enumerate() {
-            if weight != 0.0 {
-                add_scaled(&mut acc[rest..n], &rows(j)[rest..n], weight);
-            }
-        }
+        add_scaled_each(&mut acc[rest..n], |j| &rows(j)[rest..n], weights);
     }
 }
 
