@@ -67,7 +67,9 @@ const Q_TILE: usize = 8;
 /// added up in a fixed order at the end, which the compiler turns into SIMD. Upstream's single
 /// running sum was a chain of dependent scalar adds: in a 1,000-token prompt's prefill on the
 /// demo model, 23% of the time. The order depends only on the length, so a row's result never
-/// depends on its batch.
+/// depends on its batch. Each product is added with a fused multiply-add (one rounding, one
+/// instruction on x86-64-v3 and aarch64), here and in [`add_scaled`]: a separate multiply and
+/// add was twice the arithmetic the prompt attention is bound by.
 #[inline]
 fn vec_dot_f32<K: UpcastF32 + Copy>(q: &[f32], k: &[K]) -> f32 {
     K::dot_f32(q, k)
@@ -82,7 +84,7 @@ fn dot_in_lanes<K: UpcastF32 + Copy>(a: &[f32], b: &[K]) -> f32 {
     let (a_rest, b_rest) = (a_blocks.remainder(), b_blocks.remainder());
     for (x, y) in a_blocks.zip(b_blocks) {
         for j in 0..DOT_LANES {
-            lanes[j] += x[j] * y[j].to_f32();
+            lanes[j] = x[j].mul_add(y[j].to_f32(), lanes[j]);
         }
     }
     let sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
@@ -94,46 +96,83 @@ fn dot_in_lanes<K: UpcastF32 + Copy>(a: &[f32], b: &[K]) -> f32 {
 #[inline(always)]
 fn dot_tail<K: UpcastF32>(mut sum: f32, q: &[f32], k: &[K]) -> f32 {
     for (x, y) in q.iter().zip(k) {
-        sum += x * y.to_f32();
+        sum = x.mul_add(y.to_f32(), sum);
     }
     sum
 }
 
-/// sluice: `dots[j] = q · k_row(j)` ([`vec_dot_f32`], bit for bit), 8 keys at a time: their
-/// sums are added up together (see `UpcastF32::dot_f32_x8`).
-#[inline]
-fn dot_rows<'k, K: UpcastF32 + 'k>(q: &[f32], k_row: impl Fn(usize) -> &'k [K], dots: &mut [f32]) {
-    let done = dots.len() / 8 * 8;
-    let mut groups = dots.chunks_exact_mut(8);
-    for (g, group) in (&mut groups).enumerate() {
-        let at = g * 8;
-        let rows = [
-            k_row(at),
-            k_row(at + 1),
-            k_row(at + 2),
-            k_row(at + 3),
-            k_row(at + 4),
-            k_row(at + 5),
-            k_row(at + 6),
-            k_row(at + 7),
-        ];
-        group.copy_from_slice(&K::dot_f32_x8(q, rows));
+/// sluice: consecutive rows of one head of a K or V tensor: row `j` is the `len` elements
+/// `j * stride` into `data`. The kernels check once that the rows they read lie inside `data`
+/// (a closure that sliced each row cost a multiply and a bounds check per row and read: a fifth
+/// of the prompt attention's time).
+#[derive(Clone, Copy)]
+pub(crate) struct HeadRows<'a, E> {
+    data: &'a [E],
+    stride: usize,
+    len: usize,
+}
+
+impl<'a, E> HeadRows<'a, E> {
+    /// The rows of head `head` of sequence `seq` in a (batch, position, head, element) tensor.
+    fn of_head(data: &'a [E], strides: &[usize], len: usize, seq: usize, head: usize) -> Self {
+        Self {
+            data: &data[seq * strides[0] + head * strides[2]..],
+            stride: strides[1],
+            len,
+        }
     }
-    for (j, dot) in groups.into_remainder().iter_mut().enumerate() {
-        *dot = vec_dot_f32(q, k_row(done + j));
+
+    #[inline]
+    fn row(&self, j: usize) -> &'a [E] {
+        &self.data[j * self.stride..][..self.len]
+    }
+
+    /// The rows from row `j` on.
+    #[inline]
+    fn from_row(&self, j: usize) -> Self {
+        Self {
+            data: &self.data[j * self.stride..],
+            ..*self
+        }
+    }
+
+    /// Each row's elements from `first` on.
+    #[inline]
+    fn from_column(&self, first: usize) -> Self {
+        Self {
+            data: &self.data[first..],
+            len: self.len - first,
+            ..*self
+        }
+    }
+
+    /// Whether rows `0..count` lie inside `data`.
+    #[inline]
+    fn holds(&self, count: usize) -> bool {
+        count == 0 || (count - 1) * self.stride + self.len <= self.data.len()
     }
 }
 
-/// sluice: [`add_scaled`] of each row `rows(j)` whose weight is not 0, in order.
+/// sluice: `dots[j] = q · keys.row(j)` ([`vec_dot_f32`], bit for bit), 8 keys at a time: their
+/// sums are added up together (see `UpcastF32::dot_f32_x8`).
 #[inline]
-fn add_scaled_each<'v, V: UpcastF32 + Copy + 'v>(
-    acc: &mut [f32],
-    rows: impl Fn(usize) -> &'v [V],
-    weights: &[f32],
-) {
+fn dot_rows<K: UpcastF32>(q: &[f32], keys: HeadRows<K>, dots: &mut [f32]) {
+    let done = dots.len() / 8 * 8;
+    let mut groups = dots.chunks_exact_mut(8);
+    for (g, group) in (&mut groups).enumerate() {
+        group.copy_from_slice(&K::dot_f32_x8(q, keys.from_row(g * 8)));
+    }
+    for (j, dot) in groups.into_remainder().iter_mut().enumerate() {
+        *dot = vec_dot_f32(q, keys.row(done + j));
+    }
+}
+
+/// sluice: [`add_scaled`] of each row `rows.row(j)` whose weight is not 0, in order.
+#[inline]
+fn add_scaled_each<V: UpcastF32 + Copy>(acc: &mut [f32], rows: HeadRows<V>, weights: &[f32]) {
     for (j, &weight) in weights.iter().enumerate() {
         if weight != 0.0 {
-            add_scaled(acc, rows(j), weight);
+            add_scaled(acc, rows.row(j), weight);
         }
     }
 }
@@ -143,7 +182,7 @@ fn add_scaled_each<'v, V: UpcastF32 + Copy + 'v>(
 #[inline]
 fn add_scaled<V: UpcastF32 + Copy>(acc: &mut [f32], row: &[V], weight: f32) {
     for (a, v) in acc.iter_mut().zip(row) {
-        *a += v.to_f32() * weight;
+        *a = v.to_f32().mul_add(weight, *a);
     }
 }
 
@@ -155,15 +194,15 @@ const SCORE_BLOCK: usize = 32;
 /// sluice: folds one block of scores (a masked position's is -inf) into the running softmax of
 /// a query: `m` the largest score so far, `s` the sum of `e^(score - m)`, `vkq` the V rows
 /// weighted so. The running sums are rescaled once per block, not once per new maximum.
-/// `v_row(j)` is the V row of the block's `j`-th position. A masked position weighs exactly 0 and
-/// is skipped: the sums are what they are without it, bit for bit.
+/// `values.row(j)` is the V row of the block's `j`-th position. A masked position weighs exactly 0
+/// and is skipped: the sums are what they are without it, bit for bit.
 #[inline]
-fn fold_scores<'v, T: UpcastF32 + Copy + 'v>(
+fn fold_scores<T: UpcastF32 + Copy>(
     (vkq, s, m): (&mut [f32], &mut f32, &mut f32),
     scores: &mut [f32],
-    v_row: impl Fn(usize) -> &'v [T],
+    values: HeadRows<T>,
 ) {
-    let block_max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let block_max = max_of(scores);
     if block_max == f32::NEG_INFINITY {
         return;
     }
@@ -179,10 +218,50 @@ fn fold_scores<'v, T: UpcastF32 + Copy + 'v>(
     for score in scores.iter_mut() {
         *score = exp_non_positive(*score - *m);
     }
-    T::add_scaled_rows(vkq, v_row, scores);
+    T::add_scaled_rows(vkq, values, scores);
     // A weight of 0 adds nothing: `s` is positive (or +0), and `s + 0.0` is `s`.
     for &weight in scores.iter() {
         *s += weight;
+    }
+}
+
+/// sluice: the largest of `xs` (-inf if empty), in 8 lanes that vectorize: one running maximum
+/// was a chain of dependent compares and blends. A maximum is the same whatever the order.
+#[inline]
+fn max_of(xs: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = xs.chunks_exact(8);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane = lane.max(x);
+        }
+    }
+    lanes
+        .iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+}
+
+/// sluice: a prompt's scores of one query scaled (and soft-capped: `scale` is then divided by
+/// `softcap`) and masked: `-inf` where `slope * mask` is, else `score * scale + slope * mask`.
+/// Without branches, so that it vectorizes: a block's scores one by one, each with its mask
+/// lookup and branch, took a tenth of the prompt attention's time.
+#[inline]
+fn scale_and_mask(scores: &mut [f32], mask: &[f32], slope: f32, scale: f32, softcap: f32) {
+    let mask = &mask[..scores.len()];
+    if softcap != 0.0 {
+        for (score, &m) in scores.iter_mut().zip(mask) {
+            let mv = slope * m;
+            let capped = softcap * (*score * scale).tanh() + mv;
+            *score = if mv == f32::NEG_INFINITY { mv } else { capped };
+        }
+    } else {
+        for (score, &m) in scores.iter_mut().zip(mask) {
+            let mv = slope * m;
+            let scaled = *score * scale + mv;
+            *score = if mv == f32::NEG_INFINITY { mv } else { scaled };
+        }
     }
 }
 
@@ -389,31 +468,29 @@ pub trait UpcastF32: Sized + Copy {
         dot_in_lanes(q, k)
     }
 
-    /// sluice: [`Self::dot_f32`] of `q` and each of 8 key rows, bit for bit.
+    /// sluice: [`Self::dot_f32`] of `q` and each of the first 8 rows of `k`, bit for bit.
     #[inline]
-    fn dot_f32_x8(q: &[f32], k: [&[Self]; 8]) -> [f32; 8] {
-        k.map(|k| Self::dot_f32(q, k))
+    fn dot_f32_x8(q: &[f32], k: HeadRows<Self>) -> [f32; 8] {
+        std::array::from_fn(|j| Self::dot_f32(q, k.row(j)))
     }
 
-    /// sluice: `acc += rows(j) * weights[j]` for each `j` in order whose weight is not 0: each
-    /// element gets the products and sums of [`add_scaled`] one row at a time, which a type may
-    /// compute with SIMD of its own.
+    /// sluice: `acc += rows.row(j) * weights[j]` for each `j` in order whose weight is not 0:
+    /// each element gets the products and sums of [`add_scaled`] one row at a time, which a type
+    /// may compute with SIMD of its own.
     #[inline]
-    fn add_scaled_rows<'v>(acc: &mut [f32], rows: impl Fn(usize) -> &'v [Self], weights: &[f32])
-    where
-        Self: 'v,
-    {
+    fn add_scaled_rows(acc: &mut [f32], rows: HeadRows<Self>, weights: &[f32]) {
         add_scaled_each(acc, rows, weights)
     }
 }
 
-/// sluice: a row type's `UpcastF32` kernels from `simd` where AVX2 and F16C are compiled in.
+/// sluice: a row type's `UpcastF32` kernels from `simd` where AVX2, F16C and FMA are compiled in.
 macro_rules! simd_kernels {
     ($t:ty) => {
         #[cfg(all(
             target_arch = "x86_64",
             target_feature = "avx2",
-            target_feature = "f16c"
+            target_feature = "f16c",
+            target_feature = "fma"
         ))]
         #[inline]
         fn dot_f32(q: &[f32], k: &[$t]) -> f32 {
@@ -423,20 +500,22 @@ macro_rules! simd_kernels {
         #[cfg(all(
             target_arch = "x86_64",
             target_feature = "avx2",
-            target_feature = "f16c"
+            target_feature = "f16c",
+            target_feature = "fma"
         ))]
         #[inline]
-        fn dot_f32_x8(q: &[f32], k: [&[$t]; 8]) -> [f32; 8] {
+        fn dot_f32_x8(q: &[f32], k: HeadRows<$t>) -> [f32; 8] {
             simd::dot_x8(q, k)
         }
 
         #[cfg(all(
             target_arch = "x86_64",
             target_feature = "avx2",
-            target_feature = "f16c"
+            target_feature = "f16c",
+            target_feature = "fma"
         ))]
         #[inline]
-        fn add_scaled_rows<'v>(acc: &mut [f32], rows: impl Fn(usize) -> &'v [$t], weights: &[f32]) {
+        fn add_scaled_rows(acc: &mut [f32], rows: HeadRows<$t>, weights: &[f32]) {
             simd::add_scaled_rows(acc, rows, weights)
         }
     };
@@ -466,10 +545,11 @@ impl UpcastF32 for f16 {
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
-    target_feature = "f16c"
+    target_feature = "f16c",
+    target_feature = "fma"
 ))]
 mod simd {
-    use super::{add_scaled_each, dot_tail, UpcastF32, DOT_LANES};
+    use super::{add_scaled_each, dot_tail, HeadRows, UpcastF32, DOT_LANES};
     use core::arch::x86_64::*;
     use half::f16;
 
@@ -507,7 +587,7 @@ mod simd {
             for i in 0..blocks {
                 let x = _mm256_loadu_ps(q.as_ptr().add(i * DOT_LANES));
                 let y = K::load8(k.as_ptr().add(i * DOT_LANES));
-                lanes = _mm256_add_ps(lanes, _mm256_mul_ps(x, y));
+                lanes = _mm256_fmadd_ps(x, y, lanes);
             }
             // [l0 + l4, l1 + l5, l2 + l6, l3 + l7], then (t0 + t1) + (t2 + t3).
             let t = _mm_add_ps(
@@ -523,18 +603,20 @@ mod simd {
     /// [`dot`] of `q` and 8 key rows at once. The 8 keys' lanes are added up together, in
     /// each key's order: about 2 shuffles and adds per key, where one key alone takes 5.
     #[inline]
-    pub(super) fn dot_x8<K: Load8>(q: &[f32], k: [&[K]; 8]) -> [f32; 8] {
-        let n = k.iter().fold(q.len(), |n, k| n.min(k.len()));
+    pub(super) fn dot_x8<K: Load8>(q: &[f32], k: HeadRows<K>) -> [f32; 8] {
+        assert!(k.holds(8));
+        let n = q.len().min(k.len);
         let blocks = n / DOT_LANES;
         let mut sums = [0f32; 8];
-        // SAFETY: every load reads 8 elements below `blocks * 8 <= n`, inside every slice.
+        // SAFETY: every load reads 8 elements below `blocks * 8 <= n` of `q` or of one of the
+        // first 8 rows of `k`, which lie inside `k.data`.
         unsafe {
             let mut lanes = [_mm256_setzero_ps(); 8];
             for i in 0..blocks {
                 let x = _mm256_loadu_ps(q.as_ptr().add(i * DOT_LANES));
-                for (lane, k) in lanes.iter_mut().zip(&k) {
-                    let y = K::load8(k.as_ptr().add(i * DOT_LANES));
-                    *lane = _mm256_add_ps(*lane, _mm256_mul_ps(x, y));
+                for (r, lane) in lanes.iter_mut().enumerate() {
+                    let y = K::load8(k.data.as_ptr().add(r * k.stride + i * DOT_LANES));
+                    *lane = _mm256_fmadd_ps(x, y, *lane);
                 }
             }
             // Key j's halves added: [t_j | t_j+1] with t = [l0 + l4, l1 + l5, l2 + l6, l3 + l7].
@@ -557,8 +639,12 @@ mod simd {
                 *sum = out[(j % 2) * 4 + j / 2];
             }
         }
-        for (sum, k) in sums.iter_mut().zip(&k) {
-            *sum = dot_tail(*sum, &q[blocks * DOT_LANES..n], &k[blocks * DOT_LANES..n]);
+        for (j, sum) in sums.iter_mut().enumerate() {
+            *sum = dot_tail(
+                *sum,
+                &q[blocks * DOT_LANES..n],
+                &k.row(j)[blocks * DOT_LANES..n],
+            );
         }
         sums
     }
@@ -571,19 +657,14 @@ mod simd {
     /// `add_scaled_rows` with the accumulators in registers across the rows: the generic
     /// loop's `acc` went through memory, a load and a store per 8 elements per row.
     #[inline]
-    pub(super) fn add_scaled_rows<'v, V: Load8 + 'v>(
-        acc: &mut [f32],
-        rows: impl Fn(usize) -> &'v [V],
-        weights: &[f32],
-    ) {
-        let n = (0..weights.len())
-            .filter(|&j| weights[j] != 0.0)
-            .fold(acc.len(), |n, j| n.min(rows(j).len()));
+    pub(super) fn add_scaled_rows<V: Load8>(acc: &mut [f32], rows: HeadRows<V>, weights: &[f32]) {
+        assert!(rows.holds(weights.len()));
+        let n = acc.len().min(rows.len);
         let chunks = n / ACC_LEN;
         for c in 0..chunks {
             let at = c * ACC_LEN;
             // SAFETY: every load and store touches elements `at..at + ACC_LEN`, below `n`,
-            // inside `acc` and every row read.
+            // inside `acc` and rows `0..weights.len()`, which lie inside `rows.data`.
             unsafe {
                 let mut regs = [_mm256_setzero_ps(); ACC_VECTORS];
                 for (r, reg) in regs.iter_mut().enumerate() {
@@ -593,10 +674,11 @@ mod simd {
                     if weight == 0.0 {
                         continue;
                     }
-                    let (row, w) = (rows(j).as_ptr().add(at), _mm256_set1_ps(weight));
+                    let row = rows.data.as_ptr().add(j * rows.stride + at);
+                    let w = _mm256_set1_ps(weight);
                     for (r, reg) in regs.iter_mut().enumerate() {
                         let v = V::load8(row.add(r * DOT_LANES));
-                        *reg = _mm256_add_ps(*reg, _mm256_mul_ps(v, w));
+                        *reg = _mm256_fmadd_ps(v, w, *reg);
                     }
                 }
                 for (r, reg) in regs.iter().enumerate() {
@@ -605,7 +687,9 @@ mod simd {
             }
         }
         let rest = chunks * ACC_LEN;
-        add_scaled_each(&mut acc[rest..n], |j| &rows(j)[rest..n], weights);
+        if rest < n {
+            add_scaled_each(&mut acc[rest..n], rows.from_column(rest), weights);
+        }
     }
 }
 
@@ -830,15 +914,9 @@ where
                     // exp(-inf - -inf), a NaN.
                     let mut scores = [0f32; TILE_KV];
                     let scores = &mut scores[..end - start];
-                    dot_rows(
-                        q_row,
-                        |j| {
-                            let k_base =
-                                b_i * kstride[0] + (start + j) * kstride[1] + k_head * kstride[2];
-                            &k_data[k_base..k_base + d]
-                        },
-                        scores,
-                    );
+                    let keys = HeadRows::of_head(k_data, kstride, d, b_i, k_head);
+                    let values = HeadRows::of_head(v_data, vstride, dv, b_i, v_head);
+                    dot_rows(q_row, keys.from_row(start), scores);
                     for (score, kv_pos) in scores.iter_mut().zip(start..end) {
                         let mask_delta = mask_info
                             .as_ref()
@@ -854,11 +932,7 @@ where
                         }
                         *score = s_val + mask_delta;
                     }
-                    fold_scores((vkq, &mut s, &mut m), scores, |j| {
-                        let kv_pos = start + j;
-                        let v_base = b_i * vstride[0] + kv_pos * vstride[1] + v_head * vstride[2];
-                        &v_data[v_base..v_base + dv]
-                    });
+                    fold_scores((vkq, &mut s, &mut m), scores, values.from_row(start));
 
                     unsafe {
                         *((scratch_s_ptr as *mut f32).add(base_s as usize)) = s;
@@ -1003,14 +1077,8 @@ where
                 };
                 let k_head = h_i / rk2;
                 let v_head = h_i / rv2;
-                let k_row = |kv_pos: usize| {
-                    let k_base = b_i * kstride[0] + kv_pos * kstride[1] + k_head * kstride[2];
-                    &k_data[k_base..k_base + d]
-                };
-                let v_row = |kv_pos: usize| {
-                    let v_base = b_i * vstride[0] + kv_pos * vstride[1] + v_head * vstride[2];
-                    &v_data[v_base..v_base + dv]
-                };
+                let keys = HeadRows::of_head(k_data, kstride, d, b_i, k_head);
+                let values = HeadRows::of_head(v_data, vstride, dv, b_i, v_head);
                 let row_of = |q_pos: usize| match &mask_rows {
                     Some(rows) => (Some(rows[q_pos].0), rows[q_pos].1),
                     None => (None, kv_len),
@@ -1043,28 +1111,24 @@ where
                                 let q_base =
                                     b_i * qstride[0] + q_pos * qstride[1] + h_i * qstride[2];
                                 let q_row = &q_data[q_base..q_base + d];
-                                dot_rows(q_row, |j| k_row(block.start + j), scores);
-                                for (score, kv_pos) in scores.iter_mut().zip(block.clone()) {
-                                    let mv = match (mask_row, &mask_info) {
-                                        (Some(row), _) => slope * row[kv_pos],
-                                        (None, Some(mask)) => {
-                                            slope * mask.value(b_i, h_i, q_pos, kv_pos)
+                                dot_rows(q_row, keys.from_row(block.start), scores);
+                                let mut looked_up = [0f32; SCORE_BLOCK];
+                                let mask = match (mask_row, &mask_info) {
+                                    (Some(row), _) => &row[block.clone()],
+                                    (None, Some(mask)) => {
+                                        for (m, kv_pos) in looked_up.iter_mut().zip(block.clone()) {
+                                            *m = mask.value(b_i, h_i, q_pos, kv_pos);
                                         }
-                                        (None, None) => 0.0,
-                                    };
-                                    if mv == f32::NEG_INFINITY {
-                                        *score = f32::NEG_INFINITY;
-                                        continue;
+                                        &looked_up[..]
                                     }
-                                    let mut s_val = *score * scale_applied;
-                                    if logit_softcap != 0.0 {
-                                        s_val = logit_softcap * s_val.tanh();
-                                    }
-                                    *score = s_val + mv;
-                                }
-                                fold_scores((vkq, &mut sums[r], &mut maxima[r]), scores, |j| {
-                                    v_row(block.start + j)
-                                });
+                                    (None, None) => &looked_up[..],
+                                };
+                                scale_and_mask(scores, mask, slope, scale_applied, logit_softcap);
+                                fold_scores(
+                                    (vkq, &mut sums[r], &mut maxima[r]),
+                                    scores,
+                                    values.from_row(block.start),
+                                );
                             }
                         }
 
@@ -1312,13 +1376,32 @@ mod tests {
                         .collect()
                 })
                 .collect();
-            f16::add_scaled_rows(&mut simd, |j| &rows[j], &weights);
+            let flat = padded_rows(&rows);
+            f16::add_scaled_rows(&mut simd, rows_of(&flat, n), &weights);
             for (row, &weight) in rows.iter().zip(&weights) {
                 if weight != 0.0 {
                     add_scaled(&mut generic, row, weight);
                 }
             }
             assert_eq!(simd, generic, "n = {n}");
+        }
+    }
+
+    /// sluice: `rows` one after the other, each followed by `ROW_PADDING` elements that no
+    /// kernel may read (NaN), as rows of a head are in a tensor of several heads.
+    fn padded_rows<E: Copy + num_traits::Float>(rows: &[Vec<E>]) -> Vec<E> {
+        rows.iter()
+            .flat_map(|row| row.iter().copied().chain([E::nan(); ROW_PADDING]))
+            .collect()
+    }
+
+    const ROW_PADDING: usize = 3;
+
+    fn rows_of<E>(flat: &[E], len: usize) -> HeadRows<'_, E> {
+        HeadRows {
+            data: flat,
+            stride: len + ROW_PADDING,
+            len,
         }
     }
 
@@ -1335,14 +1418,14 @@ mod tests {
                         .collect()
                 })
                 .collect();
-            let got = f32::dot_f32_x8(&q, std::array::from_fn(|j| keys[j].as_slice()));
+            let got = f32::dot_f32_x8(&q, rows_of(&padded_rows(&keys), n));
             let want: Vec<u32> = keys.iter().map(|k| dot_in_lanes(&q, k).to_bits()).collect();
             assert_eq!(got.map(f32::to_bits).to_vec(), want, "f32, n = {n}");
             let keys: Vec<Vec<f16>> = keys
                 .iter()
                 .map(|k| k.iter().map(|&x| f16::from_f32(x)).collect())
                 .collect();
-            let got = f16::dot_f32_x8(&q, std::array::from_fn(|j| keys[j].as_slice()));
+            let got = f16::dot_f32_x8(&q, rows_of(&padded_rows(&keys), n));
             let want: Vec<u32> = keys.iter().map(|k| dot_in_lanes(&q, k).to_bits()).collect();
             assert_eq!(got.map(f32::to_bits).to_vec(), want, "f16, n = {n}");
         }
@@ -1363,7 +1446,8 @@ mod tests {
                 })
                 .collect();
             let (mut simd, mut generic) = (acc0.clone(), acc0);
-            f32::add_scaled_rows(&mut simd, |j| &rows[j], &weights);
+            let flat = padded_rows(&rows);
+            f32::add_scaled_rows(&mut simd, rows_of(&flat, n), &weights);
             for (row, &weight) in rows.iter().zip(&weights) {
                 if weight != 0.0 {
                     add_scaled(&mut generic, row, weight);
