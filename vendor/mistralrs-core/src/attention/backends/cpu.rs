@@ -10,7 +10,7 @@ use rayon::ThreadPool;
 
 #[cfg(target_os = "macos")]
 use std::sync::LazyLock;
-use std::{f32, iter::Sum};
+use std::{f32, iter::Sum, ops::Range};
 
 // sluice: upstream's prefetch of the next K and V rows went with its one-position-at-a-time
 // loops; a block of scores reads the K rows in order, which the hardware prefetches.
@@ -243,10 +243,20 @@ fn max_of(xs: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, |a, &b| a.max(b))
 }
 
-/// sluice: a prompt's scores of one query scaled (and soft-capped: `scale` is then divided by
-/// `softcap`) and masked: `-inf` where `slope * mask` is, else `score * scale + slope * mask`.
+/// sluice: the scale `scale_and_mask` takes: `scale`, divided by `softcap` where there is one.
+fn scale_before_softcap(scale: f32, softcap: f32) -> f32 {
+    if softcap != 0.0 {
+        scale / softcap
+    } else {
+        scale
+    }
+}
+
+/// sluice: a block of one query's scores scaled (and soft-capped: `scale` is then divided by
+/// `softcap`, see `scale_before_softcap`) and masked: `-inf` where `slope * mask` is, else `score * scale + slope * mask`.
 /// Without branches, so that it vectorizes: a block's scores one by one, each with its mask
-/// lookup and branch, took a tenth of the prompt attention's time.
+/// lookup and branch, took a tenth of the prompt attention's time. Decode and prompts share it,
+/// so a soft-capped model's scores are computed one way in both.
 #[inline]
 fn scale_and_mask(scores: &mut [f32], mask: &[f32], slope: f32, scale: f32, softcap: f32) {
     let mask = &mask[..scores.len()];
@@ -430,6 +440,13 @@ impl<'a> MaskInfo<'a> {
             *self.data.get(idx).unwrap_or(&0.0)
         } else {
             0.0
+        }
+    }
+
+    /// sluice: `out[j]` = the mask value of query `q_pos` at key position `kv.start + j`.
+    fn fill(&self, b_i: usize, h_i: usize, q_pos: usize, kv: Range<usize>, out: &mut [f32]) {
+        for (m, kv_pos) in out.iter_mut().zip(kv) {
+            *m = self.value(b_i, h_i, q_pos, kv_pos);
         }
     }
 }
@@ -873,6 +890,7 @@ where
         (Some(data), Some(dims)) => Some(MaskInfo { data, dims, b, h }),
         _ => None,
     };
+    let scale_applied = scale_before_softcap(scale, logit_softcap);
 
     attention_pool(|| {
         (0..kv_tiles).into_par_iter().for_each(|tile_idx| {
@@ -917,21 +935,11 @@ where
                     let keys = HeadRows::of_head(k_data, kstride, d, b_i, k_head);
                     let values = HeadRows::of_head(v_data, vstride, dv, b_i, v_head);
                     dot_rows(q_row, keys.from_row(start), scores);
-                    for (score, kv_pos) in scores.iter_mut().zip(start..end) {
-                        let mask_delta = mask_info
-                            .as_ref()
-                            .map(|mask| slope * mask.value(b_i, h_i, 0, kv_pos))
-                            .unwrap_or(0.0);
-                        if mask_delta == f32::NEG_INFINITY {
-                            *score = f32::NEG_INFINITY;
-                            continue;
-                        }
-                        let mut s_val = *score * scale;
-                        if logit_softcap != 0.0 {
-                            s_val = logit_softcap * (s_val / logit_softcap).tanh();
-                        }
-                        *score = s_val + mask_delta;
+                    let mut mask = [0f32; TILE_KV];
+                    if let Some(info) = &mask_info {
+                        info.fill(b_i, h_i, 0, start..end, &mut mask);
                     }
+                    scale_and_mask(scores, &mask, slope, scale_applied, logit_softcap);
                     fold_scores((vkq, &mut s, &mut m), scores, values.from_row(start));
 
                     unsafe {
@@ -1054,10 +1062,7 @@ where
             rows
         });
 
-    let mut scale_applied = scale;
-    if logit_softcap != 0.0 {
-        scale_applied /= logit_softcap;
-    }
+    let scale_applied = scale_before_softcap(scale, logit_softcap);
 
     // sluice: a tile of `Q_TILE` consecutive queries of one sequence and head goes through the
     // keys together, block by block: each block's K and V rows are read from memory once for
@@ -1116,9 +1121,7 @@ where
                                 let mask = match (mask_row, &mask_info) {
                                     (Some(row), _) => &row[block.clone()],
                                     (None, Some(mask)) => {
-                                        for (m, kv_pos) in looked_up.iter_mut().zip(block.clone()) {
-                                            *m = mask.value(b_i, h_i, q_pos, kv_pos);
-                                        }
+                                        mask.fill(b_i, h_i, q_pos, block.clone(), &mut looked_up);
                                         &looked_up[..]
                                     }
                                     (None, None) => &looked_up[..],
